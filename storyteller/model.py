@@ -1,0 +1,178 @@
+"""The Show-and-Tell decoder: image feature -> LSTM state, then an LSTM language model.
+
+    feature (B, F) --Dropout--Linear--tanh--> h0, c0 (L, B, H)       # the image sets the LSTM state
+    tokens  (B, T) --Embedding(E)--Dropout--> LSTM(H, L layers) --Dropout--Linear--> logits (.., V)
+
+Why the image goes into the state rather than as the first input word (Vinyals et al. feed it as
+x_{-1}): it costs no extra time step, the embedding space holds words only, and every decoding
+step (greedy, beam) starts from one ready state; the original project used h0 = Linear(feature)
+too. We also initialise c0 from the image (the original left c0 = 0), which gives the cell memory
+the image from step 0.
+
+Hub layout (through ``huggingface_hub.PyTorchModelHubMixin``): ``config.json`` (every init
+argument, including the backbone spec with its preprocessing), ``model.safetensors`` and our own
+``vocab.json``. Loading is strict: a missing or unexpected tensor, or a vocabulary whose size does
+not match the config, is an error.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from huggingface_hub import PyTorchModelHubMixin
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from .vocab import Vocabulary
+
+VOCAB_FILE = "vocab.json"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+State = tuple[torch.Tensor, torch.Tensor]
+
+
+class ShowAndTell(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="neural-storyteller",
+    tags=["image-captioning", "show-and-tell", "lstm"],
+    pipeline_tag="image-to-text",
+    license="mit",
+):
+    """LSTM caption decoder conditioned on a pooled CNN feature.
+
+    Args:
+        vocab_size: number of token ids (special tokens included); must equal ``len(vocab)``.
+        feature_dim: size of the image feature (2048 for ResNet50, 1280 for EfficientNet-Lite0).
+        embed_dim: word embedding size.
+        hidden_dim: LSTM hidden size.
+        num_layers: stacked LSTM layers.
+        dropout: dropout on the image feature, the embeddings, between LSTM layers and before the
+            output layer (0 disables it).
+        backbone: the CNN that makes the features, as a JSON-able spec (name, weights,
+            preprocessing); stored in ``config.json`` so the app rebuilds the same transform.
+        extra: free-form JSON metadata (e.g. training dataset, metrics).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        feature_dim: int = 2048,
+        embed_dim: int = 512,
+        hidden_dim: int = 512,
+        num_layers: int = 1,
+        dropout: float = 0.0,
+        backbone: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        if vocab_size < 5:
+            raise ValueError(f"vocab_size must cover the 4 special tokens and a word, got {vocab_size}")
+        self.vocab_size, self.feature_dim = vocab_size, feature_dim
+        self.embed_dim, self.hidden_dim, self.num_layers = embed_dim, hidden_dim, num_layers
+        self.backbone = backbone
+        self.extra = extra or {}
+        self.vocab: Vocabulary | None = None  # attached by from_pretrained / the trainer
+
+        self.feature_dropout = nn.Dropout(dropout)
+        self.init_h = nn.Linear(feature_dim, num_layers * hidden_dim)
+        self.init_c = nn.Linear(feature_dim, num_layers * hidden_dim)
+        self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=Vocabulary.pad_id)
+        self.embed_dropout = nn.Dropout(dropout)
+        self.lstm = nn.LSTM(embed_dim, hidden_dim, num_layers, batch_first=True,
+                            dropout=dropout if num_layers > 1 else 0.0)
+        self.out_dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(hidden_dim, vocab_size)
+
+    # -- the two primitives every decoder uses -----------------------------------------------------
+    def init_state(self, features: torch.Tensor) -> State:
+        """(B, F) image features -> LSTM state (h, c), each (num_layers, B, hidden_dim)."""
+        x = self.feature_dropout(features.to(self.init_h.weight.dtype))
+        B = x.shape[0]
+        h = torch.tanh(self.init_h(x)).view(B, self.num_layers, self.hidden_dim).transpose(0, 1)
+        c = torch.tanh(self.init_c(x)).view(B, self.num_layers, self.hidden_dim).transpose(0, 1)
+        return h.contiguous(), c.contiguous()
+
+    def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """One decoder step. tokens (B,) -> log-probabilities (B, V) and the new state."""
+        x = self.embed_dropout(self.embed(tokens)).unsqueeze(1)  # (B, 1, E)
+        out, state = self.lstm(x, state)  # out (B, 1, H)
+        logits = self.head(self.out_dropout(out[:, 0]))  # (B, V)
+        return torch.log_softmax(logits.float(), dim=-1), state
+
+    # -- teacher-forced training -----------------------------------------------------------------
+    def forward(self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced logits over packed sequences, so padding costs no compute.
+
+        Args:
+            features: (B, F) image features.
+            captions: (B, T) token ids ``<start> w1 .. wn <end> <pad>..``.
+            lengths: (B,) number of real tokens per row, ``<start>`` and ``<end>`` included.
+
+        Returns:
+            ``(logits, targets)``: logits (N, V) for the N = sum(lengths - 1) predicted positions, and
+            their target ids (N,), both in the packed (time-major) order.
+        """
+        lengths = lengths.to("cpu", torch.int64)
+        inputs, targets = captions[:, :-1], captions[:, 1:]  # predict token t+1 from tokens <= t
+        steps = lengths - 1
+        packed_in = pack_padded_sequence(self.embed_dropout(self.embed(inputs)), steps, batch_first=True, enforce_sorted=False)
+        packed_tgt = pack_padded_sequence(targets, steps, batch_first=True, enforce_sorted=False)
+        out, _ = self.lstm(packed_in, self.init_state(features))
+        logits = self.head(self.out_dropout(out.data))  # (N, V): only real positions
+        return logits, packed_tgt.data
+
+    # -- Hub persistence -------------------------------------------------------------------------
+    def _save_pretrained(self, save_directory: Path) -> None:
+        if self.vocab is None:
+            raise ValueError("attach a vocabulary (model.vocab = Vocabulary(...)) before save_pretrained")
+        if len(self.vocab) != self.vocab_size:
+            raise ValueError(f"vocabulary has {len(self.vocab)} tokens but the model has vocab_size={self.vocab_size}")
+        super()._save_pretrained(save_directory)
+        self.vocab.save(Path(save_directory) / VOCAB_FILE)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision: str | None = None, cache_dir=None, force_download: bool = False,
+                         local_files_only: bool = False, token=None, map_location: str = "cpu", strict: bool = True,
+                         **model_kwargs):
+        # Our own loader rather than the mixin's: strict by default (the mixin's strict=False would leave
+        # missing tensors random), safetensors only (no pickle fallback), and vocab.json checked against config.
+        import safetensors.torch
+
+        hub = dict(revision=revision, cache_dir=cache_dir, force_download=force_download,
+                   local_files_only=local_files_only, token=token)
+        config_path = _resolve_file(model_id, CONFIG_FILE, **hub)  # raises a clear error if absent
+        if "vocab_size" not in model_kwargs:
+            raise ValueError(f"{model_id}: {config_path.name} has no 'vocab_size'; not a Neural Storyteller model")
+        vocab = Vocabulary.load(_resolve_file(model_id, VOCAB_FILE, **hub))
+        if len(vocab) != model_kwargs["vocab_size"]:
+            raise ValueError(f"{model_id}: {VOCAB_FILE} has {len(vocab)} tokens but {CONFIG_FILE} says "
+                             f"vocab_size={model_kwargs['vocab_size']}; the vocabulary does not belong to these weights")
+        model = cls(**model_kwargs)
+        weights = _resolve_file(model_id, WEIGHTS_FILE, **hub)
+        try:
+            safetensors.torch.load_model(model, str(weights), strict=strict, device=map_location)
+        except (RuntimeError, ValueError) as e:  # shape mismatch, missing/unexpected tensors, corrupt file
+            raise ValueError(f"{model_id}: {WEIGHTS_FILE} does not match {CONFIG_FILE}: {e}") from None
+        model.vocab = vocab
+        return model.eval()
+
+
+def _resolve_file(model_id: str, filename: str, **hub_kwargs) -> Path:
+    """A file of a local model folder, or downloaded from the Hub repo ``model_id``."""
+    local = Path(model_id)
+    if local.is_dir():
+        path = local / filename
+        if not path.is_file():
+            raise FileNotFoundError(f"{model_id} is missing {filename}")
+        return path
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(repo_id=model_id, filename=filename, **hub_kwargs))
+
+
+def read_config(model_dir: str | Path) -> dict:
+    """The ``config.json`` of a local model folder, as a dict."""
+    return json.loads((Path(model_dir) / CONFIG_FILE).read_text())
