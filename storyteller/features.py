@@ -1,0 +1,351 @@
+"""The on-disk feature cache: one pooled CNN feature per image, with its id, split and captions.
+
+    DIR/manifest.json  {"format": "storyteller-features", "version": 1, "complete": true, "count": N,
+                        "feature_dim": D, "dtype": "float16", "backbone": <spec>, "dataset": {...},
+                        "versions": {...}}
+    DIR/features.npy   (N, D) float16, memory-mapped on open (np.load(mmap_mode="r", allow_pickle=False))
+    DIR/index.jsonl    N lines {"id": str, "split": str, "captions": [str, ...]}, row order of features.npy
+
+``manifest.json`` is written last (atomically, via os.replace), so a folder without it is an
+unfinished extraction and ``FeatureCache.open`` refuses it. ``ChunkedCacheWriter`` is the resumable
+writer behind ``python -m train extract``: it writes chunks into ``DIR/.partial/`` and assembles the
+three files only when every chunk is done.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT, VERSION = "storyteller-features", 1
+MANIFEST, FEATURES, INDEX, PARTIAL = "manifest.json", "features.npy", "index.jsonl", ".partial"
+DTYPE = np.float16
+
+
+class FeatureCacheError(ValueError):
+    """A feature cache that is missing, unfinished, corrupt, or made with another backbone."""
+
+
+def _canon(obj: Any) -> Any:
+    """JSON round trip, so tuples/lists and ints/floats compare as they will after saving."""
+    return json.loads(json.dumps(obj))
+
+
+def _backbone_key(spec: dict[str, Any]) -> dict[str, Any]:
+    # What makes two features comparable: the network, its weights and the exact preprocessing.
+    return _canon({k: spec.get(k) for k in ("name", "weights", "preprocessing")})
+
+
+def check_backbone(found: dict[str, Any], expect: str | dict[str, Any], where: str = "feature cache") -> None:
+    """Raise ``FeatureCacheError`` naming both specs unless ``found`` matches ``expect``.
+
+    Args:
+        found: the spec stored with the features.
+        expect: a backbone name (its pretrained spec) or a spec dict.
+        where: what holds ``found``, for the message.
+    """
+    if isinstance(expect, str):
+        from .backbones import backbone_spec
+
+        expect = backbone_spec(expect)
+    a, b = _backbone_key(found), _backbone_key(expect)
+    if a != b:
+        diff = [k for k in a if a[k] != b[k]]
+        raise FeatureCacheError(f"{where} was made with backbone {json.dumps(a)} but {json.dumps(b)} was expected "
+                                f"(differs in: {', '.join(diff)}); re-extract the features with that backbone")
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape the features, recorded in every manifest."""
+    import PIL
+    import timm
+    import torch
+    import torchvision
+
+    from . import __version__
+
+    return {"storyteller": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "timm": timm.__version__, "numpy": np.__version__, "pillow": PIL.__version__}
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _index_line(id_: str, split: str, captions: list[str]) -> str:
+    return json.dumps({"id": id_, "split": split, "captions": list(captions)}, ensure_ascii=False) + "\n"
+
+
+class FeatureCache:
+    """A finished feature cache, opened read-only with the features memory-mapped.
+
+    Attributes:
+        features: (N, D) float16 memmap.
+        ids, splits, captions: per-row metadata in row order.
+        manifest: the parsed manifest.json; ``backbone`` is its backbone spec.
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any], features: np.ndarray,
+                 ids: list[str], splits: list[str], captions: list[list[str]]):
+        self.path, self.manifest, self.features = path, manifest, features
+        self.ids, self.splits, self.captions = ids, splits, captions
+        self.backbone: dict[str, Any] = manifest["backbone"]
+        self.feature_dim: int = int(manifest["feature_dim"])
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, expect_backbone: str | dict[str, Any] | None = None) -> "FeatureCache":
+        """Open and validate a cache folder.
+
+        Args:
+            path: the cache folder.
+            expect_backbone: a backbone name or spec the features must come from; None skips the check.
+        """
+        path = Path(path)
+        mpath = path / MANIFEST
+        if not mpath.is_file():
+            hint = (" An unfinished extraction is in .partial/: rerun the same extract command to finish it."
+                    if (path / PARTIAL).is_dir() else "")
+            what = "does not exist" if not path.exists() else f"has no {MANIFEST}, so it is not a finished feature cache"
+            raise FeatureCacheError(f"{path} {what}.{hint}")
+        try:
+            manifest = json.loads(mpath.read_text())
+        except json.JSONDecodeError as e:
+            raise FeatureCacheError(f"{mpath} is not valid JSON: {e}") from None
+        if manifest.get("format") != FORMAT:
+            raise FeatureCacheError(f"{mpath}: format {manifest.get('format')!r} is not {FORMAT!r}")
+        if manifest.get("version") != VERSION:
+            raise FeatureCacheError(f"{mpath}: version {manifest.get('version')!r}; this code reads version {VERSION}")
+        if manifest.get("complete") is not True:
+            raise FeatureCacheError(f"{path}: manifest says the cache is incomplete; rerun the extraction")
+        if expect_backbone is not None:
+            check_backbone(manifest["backbone"], expect_backbone, where=str(path))
+        count, dim = int(manifest["count"]), int(manifest["feature_dim"])
+
+        try:
+            features = np.load(path / FEATURES, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as e:  # missing, truncated ("mmap length is greater than file size"), bad header
+            raise FeatureCacheError(f"{path / FEATURES} cannot be read ({e}); the cache is corrupt, re-extract it") from None
+        if features.shape != (count, dim) or features.dtype != DTYPE:
+            raise FeatureCacheError(f"{path / FEATURES} holds {features.dtype} {features.shape}, manifest says "
+                                    f"{np.dtype(DTYPE)} ({count}, {dim}); the cache is corrupt, re-extract it")
+
+        ids, splits, captions = [], [], []
+        with open(path / INDEX, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                try:
+                    row = json.loads(line)
+                    id_, split, caps = str(row["id"]), str(row["split"]), list(row["captions"])
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise FeatureCacheError(f"{path / INDEX} line {n} is not a valid index row ({e!r}): {line[:200]!r}") from None
+                ids.append(id_)
+                splits.append(split)
+                captions.append(caps)
+        if len(ids) != count:
+            raise FeatureCacheError(f"{path / INDEX} has {len(ids)} rows but {FEATURES} and the manifest have {count}; "
+                                    "the cache is corrupt, re-extract it")
+        return cls(path, manifest, features, ids, splits, captions)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def split_names(self) -> list[str]:
+        """The splits present, in order of first appearance."""
+        return list(dict.fromkeys(self.splits))
+
+    def split(self, name: str) -> np.ndarray:
+        """Row indices (int64) of one split.
+
+        Args:
+            name: e.g. ``"train"``, ``"validation"``, ``"test"``.
+        """
+        rows = np.array([i for i, s in enumerate(self.splits) if s == name], dtype=np.int64)
+        if len(rows) == 0:
+            raise FeatureCacheError(f"{self.path} has no split {name!r}; splits present: {self.split_names()}")
+        return rows
+
+    def __repr__(self) -> str:
+        counts = {s: self.splits.count(s) for s in self.split_names()}
+        return f"FeatureCache({str(self.path)!r}, backbone={self.backbone['name']!r}, dim={self.feature_dim}, splits={counts})"
+
+
+def _validate_rows(features: np.ndarray, ids: list[str], splits: list[str], captions: list[list[str]]) -> None:
+    if features.ndim != 2:
+        raise ValueError(f"features must be (N, D), got shape {features.shape}")
+    n = features.shape[0]
+    if not (len(ids) == len(splits) == len(captions) == n):
+        raise ValueError(f"features has {n} rows but ids/splits/captions have {len(ids)}/{len(splits)}/{len(captions)}")
+    if len(set(ids)) != n:
+        raise ValueError("ids must be unique")
+    for i, caps in enumerate(captions):
+        if isinstance(caps, str) or not all(isinstance(c, str) for c in caps):
+            raise ValueError(f"captions[{i}] must be a list of str, got {caps!r}")
+    if not np.isfinite(features).all():
+        raise ValueError("features contain NaN or inf")
+
+
+def _finish(path: Path, count: int, feature_dim: int, backbone: dict[str, Any], dataset: dict[str, Any] | None) -> None:
+    # features.npy and index.jsonl are already in place; the manifest goes last and makes the cache valid.
+    manifest = {"format": FORMAT, "version": VERSION, "complete": True, "count": count, "feature_dim": feature_dim,
+                "dtype": np.dtype(DTYPE).name, "backbone": _canon(backbone), "dataset": _canon(dataset or {}),
+                "versions": library_versions()}
+    _write_json_atomic(path / MANIFEST, manifest)
+
+
+def _invalidate(path: Path) -> None:
+    # Drop the manifest before touching the data files, so no reader sees a half-replaced cache as valid.
+    (path / MANIFEST).unlink(missing_ok=True)
+
+
+def write_feature_cache(path: str | os.PathLike, features: np.ndarray, ids: list[str], splits: list[str],
+                        captions: list[list[str]], backbone: dict[str, Any], dataset: dict[str, Any] | None = None) -> None:
+    """Write a whole cache at once (tests and small data); replaces any cache already at ``path``.
+
+    Args:
+        path: the cache folder (created).
+        features: (N, D) features, any float dtype; stored as float16.
+        ids, splits, captions: per-row metadata, N each; ids unique.
+        backbone: the spec of the backbone that made the features.
+        dataset: JSON-able description of how the rows were made.
+    """
+    features = np.asarray(features)
+    _validate_rows(features, ids, splits, captions)
+    if not {"name", "weights", "feature_dim", "preprocessing"} <= set(backbone):
+        raise ValueError(f"backbone must be a spec with name, weights, feature_dim, preprocessing; got keys {sorted(backbone)}")
+    if int(backbone["feature_dim"]) != features.shape[1]:
+        raise ValueError(f"features have dim {features.shape[1]} but backbone {backbone['name']!r} has {backbone['feature_dim']}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    _invalidate(path)
+    tmp = path / (FEATURES + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, features.astype(DTYPE), allow_pickle=False)
+    os.replace(tmp, path / FEATURES)
+    tmp = path / (INDEX + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(_index_line(i, s, c) for i, s, c in zip(ids, splits, captions))
+    os.replace(tmp, path / INDEX)
+    _finish(path, features.shape[0], features.shape[1], backbone, dataset)
+
+
+class ChunkedCacheWriter:
+    """Resumable writer: fixed-size chunks in ``DIR/.partial/``, assembled at the end.
+
+    ``.partial/job.json`` records what the chunks are made of (backbone, dataset, chunk size, row
+    count); a rerun with the same job continues after the last finished chunk, a different job is
+    refused rather than mixed. Chunk k holds rows ``[k * chunk_size, (k + 1) * chunk_size)``; its
+    ``.npy`` is renamed into place before its ``.jsonl``, so a chunk counts as done only when both exist.
+
+    Args:
+        path: the cache folder.
+        backbone: spec of the backbone making the features.
+        dataset: JSON-able description of the rows (source, splits, limit...).
+        count: total number of rows.
+        chunk_size: rows per chunk.
+    """
+
+    def __init__(self, path: str | os.PathLike, backbone: dict[str, Any], dataset: dict[str, Any],
+                 count: int, chunk_size: int):
+        if chunk_size < 1 or count < 1:
+            raise ValueError(f"need count >= 1 and chunk_size >= 1, got {count} and {chunk_size}")
+        self.path, self.partial = Path(path), Path(path) / PARTIAL
+        self.backbone, self.count, self.chunk_size = backbone, count, chunk_size
+        self.feature_dim = int(backbone["feature_dim"])
+        self.num_chunks = -(-count // chunk_size)
+        self.job = _canon({"backbone": backbone, "dataset": dataset, "count": count, "chunk_size": chunk_size,
+                           "feature_dim": self.feature_dim})
+        job_file = self.partial / "job.json"
+        if job_file.is_file():
+            old = json.loads(job_file.read_text())
+            if old != self.job:
+                diff = [k for k in self.job if old.get(k) != self.job[k]]
+                raise FeatureCacheError(f"{self.partial} holds an unfinished extraction with different settings "
+                                        f"(differs in: {', '.join(diff)}); rerun with the same arguments to resume, "
+                                        f"or delete {self.partial} to start over")
+        else:
+            self.partial.mkdir(parents=True, exist_ok=True)
+            _write_json_atomic(job_file, self.job)
+        _invalidate(self.path)  # an old finished cache here is being replaced
+        self.done_chunks = 0  # finished chunks, contiguous from chunk 0
+        while self.done_chunks < self.num_chunks and self._chunk_done(self.done_chunks):
+            self.done_chunks += 1
+
+    def _chunk_paths(self, k: int) -> tuple[Path, Path]:
+        return self.partial / f"chunk_{k:05d}.npy", self.partial / f"chunk_{k:05d}.jsonl"
+
+    def _chunk_done(self, k: int) -> bool:
+        npy, jsonl = self._chunk_paths(k)
+        return npy.is_file() and jsonl.is_file()
+
+    def chunk_rows(self, k: int) -> range:
+        """Row numbers covered by chunk ``k``."""
+        return range(k * self.chunk_size, min((k + 1) * self.chunk_size, self.count))
+
+    def done_ids(self) -> list[str]:
+        """Ids of the rows in finished chunks, to check a resumed run sees the same data in the same order."""
+        ids = []
+        for k in range(self.done_chunks):
+            ids += [json.loads(line)["id"] for line in self._chunk_paths(k)[1].read_text(encoding="utf-8").splitlines()]
+        return ids
+
+    def write_chunk(self, k: int, features: np.ndarray, ids: list[str], splits: list[str], captions: list[list[str]]) -> None:
+        """Write chunk ``k`` (must be the next one).
+
+        Args:
+            k: chunk number, equal to ``done_chunks``.
+            features: (len(chunk_rows(k)), D) features.
+            ids, splits, captions: the rows' metadata.
+        """
+        if k != self.done_chunks:
+            raise ValueError(f"chunk {k} written out of order; next is {self.done_chunks}")
+        features = np.asarray(features)
+        _validate_rows(features, ids, splits, captions)
+        if features.shape != (len(self.chunk_rows(k)), self.feature_dim):
+            raise ValueError(f"chunk {k} needs shape {(len(self.chunk_rows(k)), self.feature_dim)}, got {features.shape}")
+        npy, jsonl = self._chunk_paths(k)
+        with open(npy.with_suffix(".npy.tmp"), "wb") as f:
+            np.save(f, features.astype(DTYPE), allow_pickle=False)
+        os.replace(npy.with_suffix(".npy.tmp"), npy)
+        jsonl.with_suffix(".jsonl.tmp").write_text("".join(_index_line(*r) for r in zip(ids, splits, captions)), encoding="utf-8")
+        os.replace(jsonl.with_suffix(".jsonl.tmp"), jsonl)
+        self.done_chunks += 1
+
+    def finalize(self, dataset: dict[str, Any] | None = None) -> FeatureCache:
+        """Assemble the finished chunks into features.npy + index.jsonl, write the manifest, drop .partial.
+
+        Args:
+            dataset: description for the manifest; defaults to the job's.
+        """
+        if self.done_chunks != self.num_chunks:
+            raise FeatureCacheError(f"only {self.done_chunks} of {self.num_chunks} chunks are done")
+        tmp_npy, tmp_idx = self.path / (FEATURES + ".tmp"), self.path / (INDEX + ".tmp")
+        # Stream chunk by chunk into a memmapped .npy, so assembling never holds all features in RAM.
+        out = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=DTYPE, shape=(self.count, self.feature_dim))
+        seen: set[str] = set()
+        with open(tmp_idx, "w", encoding="utf-8") as idx:
+            for k in range(self.num_chunks):
+                npy, jsonl = self._chunk_paths(k)
+                rows = self.chunk_rows(k)
+                chunk = np.load(npy, allow_pickle=False)
+                lines = jsonl.read_text(encoding="utf-8").splitlines(keepends=True)
+                if chunk.shape != (len(rows), self.feature_dim) or len(lines) != len(rows):
+                    raise FeatureCacheError(f"{npy.name}: {chunk.shape} features / {len(lines)} index rows, expected "
+                                            f"{len(rows)}; delete {self.partial} and rerun")
+                for line in lines:
+                    seen.add(json.loads(line)["id"])
+                out[rows.start:rows.stop] = chunk
+                idx.writelines(lines)
+        out.flush()
+        del out
+        if len(seen) != self.count:
+            raise FeatureCacheError(f"chunks hold {len(seen)} distinct ids for {self.count} rows; delete {self.partial} and rerun")
+        os.replace(tmp_npy, self.path / FEATURES)
+        os.replace(tmp_idx, self.path / INDEX)
+        _finish(self.path, self.count, self.feature_dim, self.backbone, self.job["dataset"] if dataset is None else dataset)
+        shutil.rmtree(self.partial)
+        return FeatureCache.open(self.path)
