@@ -9,6 +9,7 @@ Conventions shared by both:
   reaches ``max_len`` without ``<end>`` is cut there and still returned (``finished=False``), so a
   caption always comes back, also from a model that never emits ``<end>``.
 - ``<pad>`` and ``<start>`` are never emitted; ``<unk>`` is suppressed unless ``suppress_unk=False``.
+- ``<end>`` is allowed only after ``min_len`` words (default 1), so an empty caption never comes back.
 - ``no_repeat_ngram_size=n`` forbids any n-gram from appearing twice in one caption (3 = the usual
   trigram blocking; 0 disables).
 - ``log_prob`` is the sum of the emitted tokens' log-probabilities (``<end>`` included when emitted);
@@ -48,11 +49,13 @@ def _eval_mode(model: torch.nn.Module):
         model.train(was_training)
 
 
-def _check(features: torch.Tensor, max_len: int) -> None:
+def _check(features: torch.Tensor, max_len: int, min_len: int) -> None:
     if features.dim() != 2:
         raise ValueError(f"features must be (batch, feature_dim), got shape {tuple(features.shape)}")
     if max_len < 1:
         raise ValueError(f"max_len must be >= 1, got {max_len}")
+    if not 0 <= min_len <= max_len:
+        raise ValueError(f"min_len must be in 0..max_len, got min_len={min_len}, max_len={max_len}")
 
 
 def _live_step(model, tokens: torch.Tensor, state, live: torch.Tensor):
@@ -72,14 +75,17 @@ def _live_step(model, tokens: torch.Tensor, state, live: torch.Tensor):
     return logp, (h, c)
 
 
-def _mask(logp: torch.Tensor, history: torch.Tensor, suppress_unk: bool, no_repeat_ngram_size: int) -> torch.Tensor:
-    """Forbid special tokens and repeated n-grams. logp (N, V), history (N, t) emitted ids."""
+def _mask(logp: torch.Tensor, history: torch.Tensor, suppress_unk: bool, no_repeat_ngram_size: int,
+          min_len: int) -> torch.Tensor:
+    """Forbid special tokens, too-early <end> and repeated n-grams. logp (N, V), history (N, t) emitted ids."""
     logp = logp.clone()
     logp[:, Vocabulary.pad_id] = float("-inf")
     logp[:, Vocabulary.start_id] = float("-inf")
     if suppress_unk:
         logp[:, Vocabulary.unk_id] = float("-inf")
     n, t = no_repeat_ngram_size, history.shape[1]
+    if t < min_len:  # live sequences have emitted t words so far
+        logp[:, Vocabulary.end_id] = float("-inf")
     if n > 0 and t >= n:
         windows = history.unfold(1, n, 1)  # (N, t-n+1, n): every n-gram emitted so far
         prefix = history[:, t - n + 1:]  # (N, n-1): the tokens a new n-gram would start with
@@ -106,7 +112,7 @@ def _to_caption(vocab: Vocabulary, ids: list[int], log_prob: float, score: float
 
 @torch.inference_mode()
 def greedy_search(model, features: torch.Tensor, vocab: Vocabulary | None = None, max_len: int = 20,
-                  suppress_unk: bool = True, no_repeat_ngram_size: int = 0) -> list[Caption]:
+                  suppress_unk: bool = True, no_repeat_ngram_size: int = 0, min_len: int = 1) -> list[Caption]:
     """Caption a batch by taking the most likely token at every step.
 
     Args:
@@ -116,12 +122,13 @@ def greedy_search(model, features: torch.Tensor, vocab: Vocabulary | None = None
         max_len: most decoder steps per caption (``<end>`` included).
         suppress_unk: never emit ``<unk>``.
         no_repeat_ngram_size: forbid repeating any n-gram of this size (0: off).
+        min_len: fewest words before ``<end>`` is allowed.
 
     Returns:
         one :class:`Caption` per image, in input order.
     """
     vocab = vocab or model.vocab
-    _check(features, max_len)
+    _check(features, max_len, min_len)
     with _eval_mode(model):
         B, dev = features.shape[0], features.device
         state = model.init_state(features)
@@ -131,7 +138,7 @@ def greedy_search(model, features: torch.Tensor, vocab: Vocabulary | None = None
         finished = torch.zeros(B, dtype=torch.bool, device=dev)
         for _ in range(max_len):
             logp, state = _live_step(model, tokens, state, ~finished)
-            logp = _mask(logp, history, suppress_unk, no_repeat_ngram_size)
+            logp = _mask(logp, history, suppress_unk, no_repeat_ngram_size, min_len)
             nxt = logp.argmax(-1)  # (B,)
             nxt = torch.where(finished, Vocabulary.pad_id, nxt)
             log_prob += torch.where(finished, 0.0, logp.gather(1, nxt[:, None]).squeeze(1))
@@ -146,7 +153,7 @@ def greedy_search(model, features: torch.Tensor, vocab: Vocabulary | None = None
 @torch.inference_mode()
 def beam_search(model, features: torch.Tensor, vocab: Vocabulary | None = None, beam_size: int = 5,
                 max_len: int = 20, alpha: float = 0.0, n_best: int = 1, suppress_unk: bool = True,
-                no_repeat_ngram_size: int = 0) -> list[list[Caption]]:
+                no_repeat_ngram_size: int = 0, min_len: int = 1) -> list[list[Caption]]:
     """Caption a batch with beam search over images x beams in one decoder call per step.
 
     Finished hypotheses stay in their beam slot (continuing with ``<pad>`` at zero cost) and compete
@@ -163,12 +170,13 @@ def beam_search(model, features: torch.Tensor, vocab: Vocabulary | None = None, 
         n_best: captions returned per image (at most ``beam_size``), best first.
         suppress_unk: never emit ``<unk>``.
         no_repeat_ngram_size: forbid repeating any n-gram of this size (0: off; 3: trigram blocking).
+        min_len: fewest words before ``<end>`` is allowed.
 
     Returns:
         for each image, a list of up to ``n_best`` :class:`Caption`, sorted by score (descending).
     """
     vocab = vocab or model.vocab
-    _check(features, max_len)
+    _check(features, max_len, min_len)
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
     if not 1 <= n_best <= beam_size:
@@ -187,7 +195,7 @@ def beam_search(model, features: torch.Tensor, vocab: Vocabulary | None = None, 
         for t in range(max_len):
             live = ~finished & torch.isfinite(scores)
             logp, state = _live_step(model, tokens, state, live.view(-1))
-            logp = _mask(logp, history.view(B * K, t), suppress_unk, no_repeat_ngram_size)
+            logp = _mask(logp, history.view(B * K, t), suppress_unk, no_repeat_ngram_size, min_len)
             V = logp.shape[-1]
             logp = logp.view(B, K, V)
             # a finished hypothesis has one continuation, <pad>, at zero cost: it keeps its slot

@@ -1,0 +1,165 @@
+import itertools
+
+import pytest
+import torch
+
+from storyteller.decoding import beam_search, greedy_search
+from storyteller.model import ShowAndTell
+from storyteller.vocab import Vocabulary
+
+END = Vocabulary.end_id
+
+
+def make_model(words=("a", "dog", "cat", "runs", "on", "grass", "the"), seed=0, hidden=16):
+    torch.manual_seed(seed)
+    vocab = Vocabulary(list(words))
+    m = ShowAndTell(len(vocab), feature_dim=10, embed_dim=8, hidden_dim=hidden, num_layers=2, dropout=0.2)
+    with torch.no_grad():  # sharper distributions than the default init, so searches disagree
+        m.head.weight.mul_(8)
+    m.vocab = vocab
+    return m.eval()
+
+
+def seq_logprob(model, feature, tokens):
+    """log P(tokens | image) under the model, with the decoders' masking (<pad>, <start>, <unk> never emitted)."""
+    with torch.no_grad():
+        state = model.init_state(feature[None])
+        prev, total = torch.tensor([Vocabulary.start_id]), 0.0
+        for tok in tokens:
+            logp, state = model.step(prev, state)
+            total += float(logp[0, tok])
+            prev = torch.tensor([tok])
+    return total
+
+
+def brute_force(model, feature, max_len, alpha, min_len):
+    """Every caption the searches could return, with its length-normalised score."""
+    words = list(range(4, model.vocab_size))
+    out = []
+    for n in range(0, max_len + 1):
+        for ws in itertools.product(words, repeat=n):
+            if n < max_len and n >= min_len:
+                seq = list(ws) + [END]  # finished
+            elif n == max_len:
+                seq = list(ws)  # cut at max_len
+            else:
+                continue
+            lp = seq_logprob(model, feature, seq)
+            out.append((lp / (((5 + len(seq)) / 6) ** alpha), list(ws)))
+    return sorted(out, key=lambda x: -x[0])
+
+
+@pytest.mark.parametrize("alpha,min_len", [(0.0, 1), (0.7, 0), (1.5, 1)])
+def test_exhaustive_beam_finds_the_true_best_caption(alpha, min_len):
+    model = make_model(words=("a", "b"), seed=3)  # vocab of 6: 4 specials + 2 words
+    feats = torch.randn(3, 10)
+    max_len = 4
+    for b in range(3):
+        truth = brute_force(model, feats[b], max_len, alpha, min_len)
+        # every state the search can reach fits in a beam of 32: exhaustive
+        got = beam_search(model, feats[b:b + 1], beam_size=32, max_len=max_len, alpha=alpha, n_best=5,
+                          min_len=min_len)[0]
+        assert [c.tokens for c in got] == [ws for _, ws in truth[:5]]
+        assert [c.score for c in got] == pytest.approx([s for s, _ in truth[:5]], abs=1e-5)
+        # a narrow beam never beats the exhaustive optimum
+        narrow = beam_search(model, feats[b:b + 1], beam_size=2, max_len=max_len, alpha=alpha, min_len=min_len)[0][0]
+        assert narrow.score <= truth[0][0] + 1e-5
+
+
+def test_beam_of_one_is_exactly_greedy():
+    model = make_model()
+    feats = torch.randn(6, 10)
+    for kwargs in [{}, {"no_repeat_ngram_size": 2}, {"suppress_unk": False, "min_len": 0}]:
+        greedy = greedy_search(model, feats, max_len=12, **kwargs)
+        beam = beam_search(model, feats, beam_size=1, max_len=12, **kwargs)
+        assert [g.tokens for g in greedy] == [b[0].tokens for b in beam]
+        assert [g.log_prob for g in greedy] == pytest.approx([b[0].log_prob for b in beam], abs=1e-5)
+        assert [g.finished for g in greedy] == [b[0].finished for b in beam]
+
+
+def test_batch_gives_the_same_captions_as_one_image_at_a_time():
+    model = make_model()
+    feats = torch.randn(5, 10)
+    g_batch = greedy_search(model, feats, max_len=10)
+    b_batch = beam_search(model, feats, beam_size=4, max_len=10, alpha=0.6, n_best=3)
+    for i in range(5):
+        assert greedy_search(model, feats[i:i + 1], max_len=10)[0].tokens == g_batch[i].tokens
+        single = beam_search(model, feats[i:i + 1], beam_size=4, max_len=10, alpha=0.6, n_best=3)[0]
+        assert [c.tokens for c in single] == [c.tokens for c in b_batch[i]]
+
+
+def test_greedy_log_prob_is_the_sequence_log_probability():
+    model = make_model()
+    feats = torch.randn(3, 10)
+    for f, cap in zip(feats, greedy_search(model, feats, max_len=8)):
+        seq = cap.tokens + ([END] if cap.finished else [])
+        assert cap.log_prob == pytest.approx(seq_logprob(model, f, seq), abs=1e-5)
+
+
+def test_n_best_sorted_and_max_len_holds():
+    model = make_model()
+    feats = torch.randn(4, 10)
+    for max_len in (1, 3, 7):
+        for caps in beam_search(model, feats, beam_size=6, max_len=max_len, n_best=6, alpha=0.8):
+            assert 1 <= len(caps) <= 6
+            scores = [c.score for c in caps]
+            assert scores == sorted(scores, reverse=True)
+            assert all(len(c.tokens) <= max_len for c in caps)
+            assert len({tuple(c.tokens) for c in caps}) == len(caps)  # no duplicate hypotheses
+        assert all(len(c.tokens) <= max_len for c in greedy_search(model, feats, max_len=max_len))
+
+
+def test_a_model_that_never_ends_still_yields_captions():
+    model = make_model()
+    with torch.no_grad():
+        model.head.bias[END] = -1e4
+    feats = torch.randn(3, 10)
+    for cap in greedy_search(model, feats, max_len=6):
+        assert len(cap.tokens) == 6 and not cap.finished and cap.text
+    for caps in beam_search(model, feats, beam_size=4, max_len=6, n_best=2):
+        assert len(caps) == 2
+        assert all(len(c.tokens) == 6 and not c.finished and c.text for c in caps)
+
+
+def test_special_tokens_never_reach_the_text():
+    model = make_model()
+    with torch.no_grad():
+        model.head.bias[Vocabulary.unk_id] = 50.0  # the model wants <unk> everywhere
+        model.head.bias[Vocabulary.pad_id] = 40.0
+    feats = torch.randn(3, 10)
+    for cap in greedy_search(model, feats, max_len=5):
+        assert Vocabulary.unk_id not in cap.tokens and cap.text and "<" not in cap.text
+    for caps in beam_search(model, feats, beam_size=3, max_len=5, n_best=3):
+        for c in caps:
+            assert Vocabulary.unk_id not in c.tokens and "<" not in c.text
+
+
+def test_repeated_ngram_blocking():
+    model = make_model()
+    with torch.no_grad():
+        model.head.bias[5] = 30.0  # "dog dog dog ..." unless blocked
+    feats = torch.randn(2, 10)
+    assert greedy_search(model, feats, max_len=6)[0].tokens == [5] * 6
+    for n in (2, 3):
+        outs = [c.tokens for c in greedy_search(model, feats, max_len=8, no_repeat_ngram_size=n)]
+        outs += [c.tokens for caps in beam_search(model, feats, beam_size=3, max_len=8, n_best=3,
+                                                  no_repeat_ngram_size=n) for c in caps]
+        for toks in outs:
+            grams = [tuple(toks[i:i + n]) for i in range(len(toks) - n + 1)]
+            assert len(grams) == len(set(grams)), toks
+
+
+def test_decoding_restores_training_mode_and_validates_arguments():
+    model = make_model().train()
+    feats = torch.randn(2, 10)
+    a = greedy_search(model, feats, max_len=5)
+    assert model.training  # mode restored
+    assert [c.tokens for c in a] == [c.tokens for c in greedy_search(model, feats, max_len=5)]  # dropout was off
+    with pytest.raises(ValueError):
+        beam_search(model, feats, beam_size=0)
+    with pytest.raises(ValueError):
+        beam_search(model, feats, beam_size=2, n_best=3)
+    with pytest.raises(ValueError):
+        greedy_search(model, feats[0], max_len=5)
+    with pytest.raises(ValueError):
+        greedy_search(model, feats, max_len=0)
