@@ -1,0 +1,191 @@
+"""One safe image loader for the app, the CLI and training: anything a user may upload -> RGB PIL image.
+
+    load_image("photo.jpg")            # a path, bytes, a binary file object or a PIL image
+    -> PIL.Image.Image in mode "RGB", EXIF orientation applied
+
+What it guarantees, so no caller has to think about it again:
+
+- **Refuses, with** :class:`ImageError` **(a ValueError)**: files that are not images, truncated or
+  corrupt files, empty input, files over ``max_bytes``, and decompression bombs — the pixel count
+  is read from the header and checked against ``max_pixels`` *before* any pixel is decoded.
+- **Converts correctly**: CMYK; grayscale and 1-bit; palette images; transparency (RGBA, LA, PA,
+  P or RGB/L with a transparent colour) is composited on white, not dropped to black; 16-bit
+  (``I;16``) and 32-bit (``I``, ``F``) grayscale are *scaled* to 8 bits rather than clipped to
+  white; animated images (GIF, APNG, WebP) give their first frame; EXIF orientation is applied.
+- **Fast on big JPEGs** when asked: ``draft_size`` lets the JPEG decoder downscale by up to 8x
+  while keeping both sides at least that large (a 4000x3000 upload decodes at 500x375 for a 224
+  model input).
+
+Example::
+
+    python -c "from storyteller.images import load_image; print(load_image('examples/dog.jpg').size)"
+"""
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import BinaryIO, Union
+
+import numpy as np
+from PIL import Image, ImageOps
+
+__all__ = ["ImageError", "ImageSource", "load_image", "MAX_PIXELS", "MAX_BYTES"]
+
+MAX_PIXELS = 50_000_000  # 50 megapixels: a 48 MP phone photo passes, a 20000x20000 bomb does not
+MAX_BYTES = 64 * 1024 * 1024  # 64 MiB of encoded file
+_ORIENTATION = 0x0112  # EXIF tag
+
+ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, Image.Image]
+
+
+class ImageError(ValueError):
+    """The input is not an image we can caption; the message says why, in words for the user."""
+
+
+def load_image(src: ImageSource, *, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_BYTES,
+               draft_size: int | None = None) -> Image.Image:
+    """Open (or take) an image and return it as an 8-bit RGB PIL image, upright.
+
+    Args:
+        src: a file path, the encoded bytes, a binary file object, or a PIL image (not modified).
+        max_pixels: refuse images with more pixels than this (checked before decoding).
+        max_bytes: refuse encoded inputs larger than this.
+        draft_size: for JPEGs, allow the decoder to shrink the image by 2/4/8x as long as both
+            sides stay >= ``draft_size`` (None: full resolution).
+
+    Returns:
+        a new ``PIL.Image.Image`` in mode ``"RGB"``.
+
+    Raises:
+        ImageError: not an image, truncated/corrupt, too large, or an unsupported colour mode.
+    """
+    if isinstance(src, Image.Image):
+        _check_size(src.size, max_pixels)
+        img = src
+    else:
+        img = _open(_read_bytes(src, max_bytes), max_pixels, draft_size)
+    try:
+        img = _upright(img)
+        return _to_rgb(img, copy=img is src)
+    except ImageError:
+        raise
+    except Exception as e:  # a corrupt file can fail in many plugin-specific ways
+        raise ImageError(f"could not decode the image: {e}") from None
+
+
+def _read_bytes(src, max_bytes: int) -> bytes:
+    """The encoded bytes of a path / bytes / file object, refusing more than ``max_bytes``."""
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        data = bytes(src)
+    elif isinstance(src, (str, os.PathLike)):
+        path = Path(src)
+        if not path.is_file():
+            raise ImageError(f"no such image file: {path}")
+        if path.stat().st_size > max_bytes:
+            raise ImageError(f"{path.name} is {path.stat().st_size / 2**20:.0f} MiB; the limit is {max_bytes / 2**20:.0f} MiB")
+        data = path.read_bytes()
+    elif hasattr(src, "read"):
+        data = src.read(max_bytes + 1)
+        if isinstance(data, str):
+            raise ImageError("the file object was opened in text mode; open images with 'rb'")
+    else:
+        raise ImageError(f"expected a path, bytes, a binary file or a PIL image, got {type(src).__name__}")
+    if not data:
+        raise ImageError("the image file is empty")
+    if len(data) > max_bytes:
+        raise ImageError(f"the image file is over the {max_bytes / 2**20:.0f} MiB limit")
+    return data
+
+
+def _check_size(size: tuple[int, int], max_pixels: int) -> None:
+    w, h = size
+    if w < 1 or h < 1:
+        raise ImageError(f"the image has no pixels ({w}x{h})")
+    if w * h > max_pixels:
+        raise ImageError(f"the image is {w}x{h} = {w * h / 1e6:.0f} megapixels; the limit is "
+                         f"{max_pixels / 1e6:.0f} megapixels (this protects the server from decompression bombs)")
+
+
+def _open(data: bytes, max_pixels: int, draft_size: int | None) -> Image.Image:
+    """Decode the first frame of ``data``, checking the header's size before decoding pixels."""
+    try:
+        with warnings.catch_warnings():  # our own limit replaces Pillow's global one
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:  # over twice Pillow's global limit: refused before ours
+        raise ImageError(f"the image has more than {2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6:.0f} megapixels; the limit "
+                         f"is {max_pixels / 1e6:.0f} megapixels (this protects the server from decompression bombs)") from None
+    except Exception:  # UnidentifiedImageError, or a header so broken the plugin chokes on it
+        raise ImageError("the file is not an image (or is in a format Pillow cannot read)") from None
+    _check_size(img.size, max_pixels)
+    try:
+        if getattr(img, "n_frames", 1) > 1:
+            img.seek(0)  # animated: caption the first frame
+        if draft_size and img.format == "JPEG":
+            img.draft(None, (draft_size, draft_size))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img.load()
+    except Exception as e:  # "image file is truncated", broken Huffman data, ...
+        raise ImageError(f"the image file is truncated or corrupt ({e})") from None
+    return img
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation tag; an unreadable EXIF block leaves the image as stored."""
+    try:
+        if img.getexif().get(_ORIENTATION, 1) in (1, None):
+            return img
+        return ImageOps.exif_transpose(img)
+    except Exception:
+        return img
+
+
+def _has_alpha(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+
+
+def _to_rgb(img: Image.Image, copy: bool) -> Image.Image:
+    """Any Pillow mode -> RGB; ``copy`` forces a new image when the input is already RGB."""
+    mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return Image.fromarray(_gray_to_uint8(img), mode="L").convert("RGB")
+    if _has_alpha(img):
+        with warnings.catch_warnings():  # "Palette images with Transparency expressed in bytes ..."
+            warnings.simplefilter("ignore", UserWarning)
+            rgba = img.convert("RGBA")
+        out = Image.new("RGB", rgba.size, (255, 255, 255))
+        out.paste(rgba, mask=rgba.getchannel("A"))
+        return out
+    if mode == "RGB":
+        return img.copy() if copy else img
+    try:
+        return img.convert("RGB")  # L, 1, P, CMYK (Adobe-inverted CMYK JPEGs are handled by Pillow), YCbCr, HSV
+    except ValueError:
+        raise ImageError(f"unsupported colour mode {mode!r}") from None
+
+
+def _gray_to_uint8(img: Image.Image) -> np.ndarray:
+    """16/32-bit integer or float grayscale -> uint8, scaled (never clipped to white).
+
+    ``I;16`` uses the full 16-bit range (65535 -> 255). Mode ``I`` (32-bit) and ``F`` (float) carry
+    no range, so: values already in 0..255 (``I``) or 0..1 (``F``) keep that meaning, values within
+    0..65535 are read as 16-bit, anything else is stretched from its min to its max.
+    """
+    a = np.asarray(img).astype(np.float64)
+    if not np.isfinite(a).all():
+        a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if img.mode.startswith("I;16"):
+        scaled = a / 257.0
+    elif img.mode == "F" and lo >= 0 and hi <= 1:
+        scaled = a * 255.0
+    elif lo >= 0 and hi <= 255:
+        scaled = a
+    elif lo >= 0 and hi <= 65535:
+        scaled = a / 257.0
+    else:
+        scaled = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)

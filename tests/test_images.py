@@ -1,0 +1,206 @@
+"""storyteller.images.load_image: every awkward or hostile input either converts correctly or is refused
+with ImageError; each case is generated in tmp_path."""
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from storyteller.images import ImageError, load_image
+from tests.helpers_images import jpeg_bytes, photo_like, png_bomb, write_bad_inputs, write_odd_inputs
+
+
+def px(img: Image.Image, xy: tuple[int, int]) -> tuple[int, ...]:
+    return tuple(int(v) for v in img.getpixel(xy))
+
+
+def close(a, b, tol=12) -> bool:
+    return all(abs(int(x) - int(y)) <= tol for x, y in zip(a, b))
+
+
+# -- refusals ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, words", [
+    ("not_an_image.jpg", "not an image"),
+    ("empty.png", "empty"),
+    ("truncated.jpg", "truncated"),
+    ("bomb_20000x20000.png", "megapixels"),
+])
+def test_bad_files_are_refused_with_a_clear_message(tmp_path, name, words):
+    path = write_bad_inputs(tmp_path)[name]
+    with pytest.raises(ImageError, match=words):
+        load_image(path)
+    with pytest.raises(ImageError, match=words):  # same answer from bytes and from a file object
+        load_image(path.read_bytes())
+    with open(path, "rb") as f, pytest.raises(ImageError, match=words):
+        load_image(f)
+
+
+def test_image_error_is_a_value_error():
+    assert issubclass(ImageError, ValueError)
+
+
+def test_bomb_is_refused_from_the_header_before_decoding():
+    data = png_bomb(20000)
+    assert len(data) < 200_000  # 400 megapixels in ~50 KB
+    t = time.perf_counter()
+    with pytest.raises(ImageError, match="decompression bomb"):
+        load_image(data)
+    assert time.perf_counter() - t < 1.0  # decoding 400 MP would take many seconds and ~400 MB
+
+
+def test_our_pixel_limit_applies_below_pillows(tmp_path):
+    img = photo_like((300, 200))
+    with pytest.raises(ImageError, match="megapixels"):
+        load_image(jpeg_bytes(img), max_pixels=300 * 200 - 1)
+    assert load_image(jpeg_bytes(img), max_pixels=300 * 200).size == (300, 200)
+    with pytest.raises(ImageError, match="megapixels"):  # PIL images in memory are checked too
+        load_image(img, max_pixels=1000)
+
+
+def test_byte_limit_missing_file_text_mode_and_wrong_type(tmp_path):
+    data = jpeg_bytes(photo_like())
+    with pytest.raises(ImageError, match="limit"):
+        load_image(data, max_bytes=len(data) - 1)
+    p = tmp_path / "a.jpg"
+    p.write_bytes(data)
+    with pytest.raises(ImageError, match="limit"):
+        load_image(p, max_bytes=len(data) - 1)
+    with pytest.raises(ImageError, match="no such image file"):
+        load_image(tmp_path / "missing.jpg")
+    with open(p, "r", encoding="latin-1") as f, pytest.raises(ImageError, match="text mode"):
+        load_image(f)
+    with pytest.raises(ImageError, match="expected a path"):
+        load_image(12345)  # type: ignore[arg-type]
+
+
+def test_corrupt_png_data_is_refused(tmp_path):
+    buf = io.BytesIO()
+    photo_like((64, 64)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    mid = len(data) // 2
+    data[mid:mid + 64] = b"\xff" * 64  # smash the compressed pixel stream (CRC no longer matches)
+    with pytest.raises(ImageError):
+        load_image(bytes(data))
+
+
+# -- conversions ---------------------------------------------------------------------------------------
+def test_plain_jpeg_from_path_bytes_and_file(tmp_path):
+    p = tmp_path / "photo.jpg"
+    p.write_bytes(jpeg_bytes(photo_like((320, 240))))
+    for src in (p, str(p), p.read_bytes(), io.BytesIO(p.read_bytes())):
+        img = load_image(src)
+        assert img.mode == "RGB" and img.size == (320, 240)
+
+
+def test_cmyk_becomes_the_right_rgb(tmp_path):
+    img = load_image(write_odd_inputs(tmp_path)["cmyk.jpg"])
+    assert img.mode == "RGB"
+    assert close(px(img, (10, 10)), (200, 30, 30), tol=20)
+
+
+def test_rgba_is_composited_on_white(tmp_path):
+    img = load_image(write_odd_inputs(tmp_path)["rgba.png"])
+    assert img.mode == "RGB"
+    assert px(img, (10, 10)) == (0, 0, 255)  # opaque blue stays blue
+    assert px(img, (50, 10)) == (255, 255, 255)  # transparent black becomes white, not black
+
+
+def test_half_transparent_and_la_and_palette_transparency():
+    half = Image.new("RGBA", (8, 8), (0, 0, 255, 128))
+    assert close(px(load_image(half), (1, 1)), (127, 127, 255), tol=2)
+    la = Image.new("LA", (8, 8), (0, 0))  # transparent black
+    assert px(load_image(la), (1, 1)) == (255, 255, 255)
+    pal = Image.new("P", (8, 8), 1)
+    pal.putpalette([0, 255, 0] + [0, 0, 0] * 255)
+    pal.info["transparency"] = 1  # index 1 (black) is transparent
+    pal.paste(0, (0, 0, 4, 8))  # left half: index 0, opaque green
+    buf = io.BytesIO()
+    pal.save(buf, "GIF", transparency=1)
+    out = load_image(buf.getvalue())
+    assert px(out, (1, 1)) == (0, 255, 0) and px(out, (6, 1)) == (255, 255, 255)
+    rgb_key = Image.new("RGB", (8, 8), (10, 20, 30))  # PNG tRNS colour key
+    buf = io.BytesIO()
+    rgb_key.save(buf, "PNG", transparency=(10, 20, 30))
+    assert px(load_image(buf.getvalue()), (1, 1)) == (255, 255, 255)
+
+
+def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    src = Image.open(write_odd_inputs(tmp_path)["gray16.png"])
+    assert src.mode == "I;16"
+    img = load_image(tmp_path / "gray16.png")
+    row = [px(img, (x, 5))[0] for x in range(64)]
+    assert row[0] == 0 and row[-1] == 255
+    assert 110 <= row[32] <= 145  # mid-grey stays mid-grey (Pillow's own convert gives 255 here)
+    assert row == sorted(row) and len(set(row)) > 50
+    assert px(img, (32, 5))[0] == px(img, (32, 5))[1] == px(img, (32, 5))[2]
+
+
+def test_32_bit_grayscale(tmp_path):
+    wide = np.tile(np.linspace(0, 4_000_000, 64), (8, 1)).astype(np.int32)  # beyond 16 bits: stretched
+    buf = io.BytesIO()
+    Image.fromarray(wide, mode="I").save(buf, "TIFF")
+    img = load_image(buf.getvalue())
+    assert px(img, (0, 0))[0] == 0 and px(img, (63, 0))[0] == 255 and 100 < px(img, (32, 0))[0] < 155
+    i16 = Image.fromarray(np.full((8, 8), 32896, np.int32), mode="I")  # a 16-bit value held in mode I
+    assert px(load_image(i16), (0, 0))[0] == 128
+    f = Image.fromarray(np.full((8, 8), 0.5, np.float32), mode="F")  # float 0..1
+    assert px(load_image(f), (0, 0))[0] == 128
+    with pytest.warns(DeprecationWarning):  # Pillow writes mode I as a 16-bit PNG
+        Image.fromarray(np.full((8, 8), 40000, np.int32), mode="I").save(tmp_path / "i.png")
+    assert px(load_image(tmp_path / "i.png"), (0, 0))[0] == round(40000 / 257)
+
+
+def test_grayscale_and_1_bit(tmp_path):
+    img = load_image(write_odd_inputs(tmp_path)["gray.png"])
+    assert img.mode == "RGB"
+    r, g, b = px(img, (40, 3))
+    assert r == g == b and 150 < r < 170
+    one = Image.new("1", (8, 8), 1)
+    assert px(load_image(one), (0, 0)) == (255, 255, 255)
+
+
+def test_animated_gif_gives_the_first_frame(tmp_path):
+    img = load_image(write_odd_inputs(tmp_path)["animated.gif"])
+    assert img.mode == "RGB" and close(px(img, (5, 5)), (255, 0, 0), tol=5)
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    img.paste((0, 0, 255), (20, 0, 40, 20))  # stored: left red, right blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": the stored left edge becomes the top
+    out = load_image(jpeg_bytes(img, exif=exif.tobytes()))
+    assert out.size == (20, 40)
+    assert close(px(out, (10, 5)), (255, 0, 0), tol=30) and close(px(out, (10, 35)), (0, 0, 255), tol=30)
+
+
+def test_pil_input_is_not_modified():
+    rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    out = load_image(rgba)
+    assert rgba.mode == "RGBA" and px(rgba, (0, 0)) == (0, 0, 0, 0) and out.mode == "RGB"
+    rgb = Image.new("RGB", (8, 8), (1, 2, 3))
+    out = load_image(rgb)
+    assert out is not rgb
+    out.putpixel((0, 0), (9, 9, 9))
+    assert px(rgb, (0, 0)) == (1, 2, 3)
+
+
+def test_draft_size_shrinks_big_jpegs_but_keeps_both_sides_large_enough():
+    data = jpeg_bytes(photo_like((2000, 1500)))
+    full = load_image(data)
+    small = load_image(data, draft_size=224)
+    assert full.size == (2000, 1500)
+    assert small.size[0] < 2000 and min(small.size) >= 224
+    assert load_image(data, draft_size=5000).size == (2000, 1500)
+
+
+def test_real_photos_load_at_their_size(fullres_dir):
+    rows = [json.loads(line) for line in (fullres_dir / "metadata.jsonl").read_text().splitlines()[:5]]
+    for row in rows:
+        path = fullres_dir / row["file_name"]
+        img = load_image(path)
+        assert img.mode == "RGB" and img.size == Image.open(path).size
