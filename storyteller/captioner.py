@@ -1,0 +1,324 @@
+"""One way to load a captioner: ``load(name) -> Captioner``, a decoder plus the CNN it was trained with.
+
+    from storyteller.captioner import load
+    captioner = load("models/flickr8k-lite0")      # a local folder in the Hub layout, or a Hub repo id
+    captioner("photo.jpg")                          # -> "a dog runs through the grass"
+    results = captioner.caption([img1, img2], beam_size=5)   # one batch: greedy + beam, log-probs, timings
+
+Which model ``load()`` picks, first match wins: the ``name_or_path`` argument; the environment
+variable ``STORYTELLER_MODEL``; the bundled folder ``models/flickr8k-lite0/`` at the repository root.
+A Hub repo is fetched with ``snapshot_download`` (so ``HF_HUB_OFFLINE=1`` uses the local cache) and
+then loaded exactly like a folder. The backbone and its preprocessing come from the model's
+``config.json`` (``create_backbone(config["backbone"])``), so live features match the features the
+decoder was trained on. Every failure to load raises :class:`ModelLoadError` saying what to do.
+
+Example::
+
+    python -c "from storyteller.captioner import load; print(load('models/flickr8k-lite0')('examples/1.jpg'))"
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .decoding import Caption, beam_search, greedy_search
+from .images import ImageSource, load_image
+from .model import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, ShowAndTell
+
+__all__ = ["Captioner", "CaptionResult", "ModelLoadError", "load", "default_model", "DEFAULT_MODEL_DIR",
+           "MODEL_ENV_VAR", "MODEL_FILES"]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "flickr8k-lite0"
+MODEL_ENV_VAR = "STORYTELLER_MODEL"
+MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, VOCAB_FILE)  # what a model folder must hold
+OPTIONAL_FILES = ("evaluation.json", "README.md", "loss_curve.png")
+DECODING_DEFAULTS = {"beam_size": 5, "max_len": 20, "alpha": 0.0, "no_repeat_ngram_size": 0, "min_len": 1}
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be found or loaded; the message says what to pass instead."""
+
+
+@dataclass
+class CaptionResult:
+    """Greedy and beam captions of one image, with the timings of the batch it was captioned in.
+
+    ``beam`` holds the ``n_best`` best beam hypotheses, best first (empty when beam search was off);
+    ``greedy`` is None when greedy search was off. ``timings_ms`` has ``preprocess`` (decode +
+    resize + normalise), ``backbone``, ``greedy``, ``beam`` and ``total``, for the whole batch.
+    """
+
+    greedy: Caption | None
+    beam: list[Caption]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def best(self) -> Caption:
+        """The beam caption if beam search ran, else the greedy one."""
+        return self.beam[0] if self.beam else self.greedy  # type: ignore[return-value]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form: ``{"greedy": {...} | None, "beam": [{...}], "timings_ms": {...}}``."""
+        return {"greedy": asdict(self.greedy) if self.greedy else None, "beam": [asdict(c) for c in self.beam],
+                "timings_ms": dict(self.timings_ms)}
+
+
+class Captioner:
+    """A Show-and-Tell decoder with the frozen backbone (and preprocessing) it was trained on.
+
+    Build it with :func:`load`. Captioning runs under ``torch.inference_mode`` and changes no state,
+    so one Captioner can serve concurrent requests.
+
+    Args:
+        model: the decoder, with its vocabulary attached.
+        backbone: a ``storyteller.backbones.Backbone`` matching ``model.backbone``.
+        source: where the model came from (folder or repo id), for display.
+        revision: the Hub revision asked for, if any.
+        model_dir: the local folder holding the model files (a Hub snapshot for repo ids).
+    """
+
+    def __init__(self, model: ShowAndTell, backbone: torch.nn.Module, source: str, revision: str | None = None,
+                 model_dir: str | Path | None = None):
+        if getattr(backbone, "feature_dim", model.feature_dim) != model.feature_dim:
+            raise ModelLoadError(f"{source}: backbone gives {backbone.feature_dim}-d features but the decoder "
+                                 f"expects {model.feature_dim}")
+        self.model, self.backbone = model.eval(), backbone
+        self.transform = backbone.transform
+        self.source, self.revision = source, revision
+        self.model_dir = Path(model_dir) if model_dir else None
+        self.decoding = {**DECODING_DEFAULTS, **_decoding_hints(model.extra)}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """What the model is: source, backbone, sizes, and its recorded evaluation figures."""
+        spec = self.backbone.spec if hasattr(self.backbone, "spec") else (self.model.backbone or {})
+        m = self.model
+        return {"model": self.source, "revision": self.revision, "backbone": spec.get("name"),
+                "backbone_weights": spec.get("weights"), "feature_dim": m.feature_dim, "vocab_size": m.vocab_size,
+                "embed_dim": m.embed_dim, "hidden_dim": m.hidden_dim, "num_layers": m.num_layers,
+                "dataset": (m.extra or {}).get("dataset"), "metrics": (m.extra or {}).get("metrics") or {},
+                "evaluations": _read_evaluations(self.model_dir), "decoding": dict(self.decoding)}
+
+    @torch.inference_mode()
+    def caption(self, images: Sequence[ImageSource], beam_size: int | None = None, max_len: int | None = None,
+                alpha: float | None = None, n_best: int = 1, greedy: bool = True, beam: bool = True,
+                no_repeat_ngram_size: int | None = None, draft_size: int | None = None) -> list[CaptionResult]:
+        """Caption a list of images in one batch.
+
+        Args:
+            images: PIL images, paths, bytes or binary files (each goes through ``load_image``).
+            beam_size: beam width (default 5, or the model's recorded decoding setting).
+            max_len: most decoder steps per caption, ``<end>`` included (default 20).
+            alpha: beam length-normalisation exponent (0 ranks by raw log-probability).
+            n_best: beam hypotheses returned per image (1..beam_size).
+            greedy: run greedy search.
+            beam: run beam search.
+            no_repeat_ngram_size: forbid repeating n-grams of this size (0: off).
+            draft_size: let JPEG decoding shrink big photos while both sides stay >= this (None: the
+                backbone's resize size, which loses nothing since the transform shrinks to it anyway).
+
+        Returns:
+            one :class:`CaptionResult` per image, in input order.
+
+        Raises:
+            ImageError: an input is not a usable image (nothing is captioned then).
+            ValueError: bad decoding settings.
+        """
+        d = self.decoding
+        beam_size = d["beam_size"] if beam_size is None else int(beam_size)
+        max_len = d["max_len"] if max_len is None else int(max_len)
+        alpha = d["alpha"] if alpha is None else float(alpha)
+        ngram = d["no_repeat_ngram_size"] if no_repeat_ngram_size is None else int(no_repeat_ngram_size)
+        if not (greedy or beam):
+            raise ValueError("nothing to do: greedy and beam are both off")
+        if len(images) == 0:
+            return []
+        if beam and not 1 <= n_best <= beam_size:
+            raise ValueError(f"n_best must be in 1..beam_size={beam_size}, got {n_best}")
+        if draft_size is None:
+            draft_size = int(getattr(self.transform, "preprocessing", {}).get("resize", 0)) or None
+        min_len = min(d["min_len"], max_len)
+
+        t0 = time.perf_counter()
+        pils = [load_image(im, draft_size=draft_size) for im in images]
+        pixels = torch.stack([self.transform(im) for im in pils]).to(self.device)
+        t1 = time.perf_counter()
+        features = self.backbone(pixels)
+        t2 = time.perf_counter()
+        kw = dict(max_len=max_len, no_repeat_ngram_size=ngram, min_len=min_len)
+        greedy_caps = greedy_search(self.model, features, **kw) if greedy else [None] * len(pils)
+        t3 = time.perf_counter()
+        beam_caps = (beam_search(self.model, features, beam_size=beam_size, alpha=alpha, n_best=n_best, **kw)
+                     if beam else [[] for _ in pils])
+        t4 = time.perf_counter()
+        timings = {"preprocess": (t1 - t0) * 1e3, "backbone": (t2 - t1) * 1e3, "greedy": (t3 - t2) * 1e3,
+                   "beam": (t4 - t3) * 1e3, "total": (t4 - t0) * 1e3}
+        return [CaptionResult(g, b, dict(timings)) for g, b in zip(greedy_caps, beam_caps)]
+
+    def __call__(self, image: ImageSource, **kwargs: Any) -> str:
+        """The best caption of one image (beam search with the default settings).
+
+        Args:
+            image: a PIL image, path, bytes or binary file.
+            kwargs: passed to :meth:`caption`.
+        """
+        return self.caption([image], greedy=False, **kwargs)[0].best.text
+
+    def __repr__(self) -> str:
+        return (f"Captioner(model={self.source!r}, backbone={self.info['backbone']!r}, "
+                f"vocab_size={self.model.vocab_size}, device={self.device})")
+
+
+def _backbone_name(config: dict[str, Any]) -> str | None:
+    spec = config.get("backbone")
+    return spec.get("name") if isinstance(spec, dict) else spec
+
+
+def _decoding_hints(extra: dict[str, Any] | None) -> dict[str, Any]:
+    """Decoding settings a model may recommend in ``config["extra"]["decoding"]`` (known keys only)."""
+    hints = (extra or {}).get("decoding")
+    if not isinstance(hints, dict):
+        return {}
+    return {k: type(v)(hints[k]) for k, v in DECODING_DEFAULTS.items() if isinstance(hints.get(k), (int, float))}
+
+
+def _read_evaluations(model_dir: Path | None) -> list[dict[str, Any]]:
+    if model_dir is None:
+        return []
+    try:
+        from .card import read_evaluations
+
+        return read_evaluations(model_dir)
+    except Exception:  # no card module, or an unreadable evaluation.json: show no figures rather than fail
+        return []
+
+
+def default_model() -> str:
+    """The model ``load()`` uses with no argument: ``$STORYTELLER_MODEL``, else the bundled folder.
+
+    Raises:
+        ModelLoadError: neither is set / present.
+    """
+    env = os.environ.get(MODEL_ENV_VAR, "").strip()
+    if env:
+        return env
+    if DEFAULT_MODEL_DIR.is_dir():
+        return str(DEFAULT_MODEL_DIR)
+    raise ModelLoadError(
+        f"no model given and no bundled model at {DEFAULT_MODEL_DIR}. Pass one: a local folder with "
+        f"{', '.join(MODEL_FILES)} (e.g. made by `python -m train fit`) or a Hugging Face Hub repo id, as "
+        f"load('user/model') in Python, --model user/model on the command line, or the environment variable "
+        f"{MODEL_ENV_VAR}=user/model.")
+
+
+def _looks_like_path(name: str) -> bool:
+    """True for names that cannot be Hub repo ids (``user/model``), so they must have meant a folder."""
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or name.endswith("/")
+
+
+def resolve_model_dir(name_or_path: str, revision: str | None = None) -> Path:
+    """A local folder holding the model's files: the folder itself, or a Hub snapshot (downloaded or cached).
+
+    Args:
+        name_or_path: a local folder or a Hub repo id (``"user/model"``).
+        revision: Hub branch, tag or commit (repo ids only).
+
+    Raises:
+        ModelLoadError: no such folder, no such repo/revision, or no network and nothing cached.
+    """
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        missing = [f for f in MODEL_FILES if not (local / f).is_file()]
+        if missing:
+            raise ModelLoadError(f"model folder {local} is missing {', '.join(missing)}; a model folder needs "
+                                 f"{', '.join(MODEL_FILES)} (written by ShowAndTell.save_pretrained)")
+        return local
+    if local.exists():
+        raise ModelLoadError(f"{local} is a file; pass the model folder that holds {', '.join(MODEL_FILES)}")
+    if _looks_like_path(name_or_path):
+        raise ModelLoadError(f"no model folder at {local.resolve()} (and it is not a Hub repo id like 'user/model')")
+
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, HFValidationError, LocalEntryNotFoundError,
+                                        OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
+
+    at = f" at revision {revision!r}" if revision else ""
+    offline_hint = (f"Without network, set HF_HUB_OFFLINE=1 and use a copy in the Hugging Face cache "
+                    f"(download it once with `hf download {name_or_path}`), or pass a local model folder.")
+    try:
+        path = snapshot_download(repo_id=name_or_path, revision=revision,
+                                 allow_patterns=list(MODEL_FILES) + list(OPTIONAL_FILES))
+    except HFValidationError as e:
+        raise ModelLoadError(f"{name_or_path!r} is neither a local folder nor a valid Hub repo id ({e})") from None
+    except GatedRepoError:
+        raise ModelLoadError(f"Hub repo {name_or_path} is gated: accept its terms on huggingface.co and log in "
+                             f"(`hf auth login` or HF_TOKEN)") from None
+    except RepositoryNotFoundError:
+        raise ModelLoadError(f"no Hub model repo {name_or_path!r} (or it is private: log in with `hf auth login` "
+                             f"or set HF_TOKEN), and no local folder of that name") from None
+    except RevisionNotFoundError:
+        raise ModelLoadError(f"Hub repo {name_or_path} has no revision {revision!r}") from None
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
+        raise ModelLoadError(f"{name_or_path!r} is not a local folder ({local.resolve()} does not exist), and the "
+                             f"Hugging Face Hub could not be reached for it{at} with nothing in the local cache "
+                             f"({type(e).__name__}). {offline_hint}") from None
+    except Exception as e:  # other HTTP errors (HfHubHTTPError), proxy/connection failures, disk errors
+        raise ModelLoadError(f"could not download {name_or_path}{at} from the Hub: {type(e).__name__}: {e}. "
+                             f"{offline_hint}") from None
+    path = Path(path)
+    missing = [f for f in MODEL_FILES if not (path / f).is_file()]
+    if missing:
+        raise ModelLoadError(f"Hub repo {name_or_path}{at} is not a Neural Storyteller model: it has no "
+                             f"{', '.join(missing)}")
+    return path
+
+
+def load(name_or_path: str | os.PathLike | None = None, revision: str | None = None,
+         device: str | torch.device = "cpu") -> Captioner:
+    """Load a captioner: the decoder, its vocabulary, and the backbone named in its config.
+
+    Args:
+        name_or_path: a local model folder (``config.json`` + ``model.safetensors`` + ``vocab.json``)
+            or a Hub repo id. Default: ``$STORYTELLER_MODEL``, else the bundled
+            ``models/flickr8k-lite0/``.
+        revision: Hub branch, tag or commit to load (repo ids only).
+        device: where to run (``"cpu"``, ``"cuda"``...).
+
+    Returns:
+        a ready :class:`Captioner` in eval mode.
+
+    Raises:
+        ModelLoadError: the model cannot be found, downloaded or loaded; the message says why.
+    """
+    from .backbones import create_backbone
+
+    source = str(name_or_path) if name_or_path is not None else default_model()
+    model_dir = resolve_model_dir(source, revision)
+    try:
+        config = json.loads((model_dir / CONFIG_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{source}: unreadable {CONFIG_FILE} ({e})") from None
+    if not isinstance(config, dict) or not config.get("backbone"):
+        raise ModelLoadError(f"{source}: {CONFIG_FILE} names no backbone, so the image features cannot be "
+                             f"computed; re-export the model with its backbone spec (ShowAndTell(..., backbone=spec))")
+    try:
+        model = ShowAndTell.from_pretrained(str(model_dir))
+    except (ValueError, OSError, TypeError) as e:  # vocab/config/weights mismatch, missing file, bad config keys
+        raise ModelLoadError(f"{source}: cannot load the decoder: {e}") from None
+    try:
+        backbone = create_backbone(config["backbone"], device=device)
+    except (ValueError, TypeError, KeyError, RuntimeError) as e:
+        raise ModelLoadError(f"{source}: cannot build its backbone {_backbone_name(config)!r}: {e}") from None
+    return Captioner(model.to(device), backbone, source=source, revision=revision, model_dir=model_dir)

@@ -1,0 +1,296 @@
+"""storyteller.captioner: load() from a folder, the env var, or a (cached, offline) Hub repo; captioning in
+one batch; and a clear ModelLoadError for every way loading can fail. No test touches the network."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import httpx2
+import pytest
+import torch
+from PIL import Image
+
+import storyteller.captioner as captioner_mod
+from storyteller.captioner import Captioner, CaptionResult, ModelLoadError, load
+from storyteller.decoding import beam_search, greedy_search
+from storyteller.images import ImageError
+from storyteller.vocab import SPECIAL_TOKENS
+from tests.helpers_images import photo_like, write_bad_inputs, write_odd_inputs
+from tests.helpers_models import put_in_hub_cache, save_test_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return save_test_model(tmp_path_factory.mktemp("model") / "tiny-lite0")
+
+
+@pytest.fixture(scope="module")
+def cap(model_dir) -> Captioner:
+    return load(str(model_dir))
+
+
+@pytest.fixture
+def offline_hub(monkeypatch, tmp_path):
+    """huggingface_hub in offline mode with an empty cache in tmp_path: no call can reach the network."""
+    import huggingface_hub.constants as c
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def assert_clean(text: str) -> None:
+    assert isinstance(text, str) and text.strip()
+    assert not any(tok in text for tok in SPECIAL_TOKENS), text
+
+
+# -- captioning ----------------------------------------------------------------------------------------
+def test_caption_a_batch_returns_greedy_beam_and_timings(cap):
+    images = [photo_like((500, 333), seed=1), photo_like((333, 500), seed=2)]
+    results = cap.caption(images, beam_size=4, max_len=12, n_best=3)
+    assert len(results) == 2 and all(isinstance(r, CaptionResult) for r in results)
+    for r in results:
+        assert_clean(r.greedy.text)
+        assert len(r.beam) == 3 and all(len(c.tokens) <= 12 for c in r.beam)
+        assert [c.score for c in r.beam] == sorted((c.score for c in r.beam), reverse=True)
+        for c in (r.greedy, *r.beam):
+            assert_clean(c.text)
+            assert c.log_prob < 0
+        assert r.best is r.beam[0]
+        assert set(r.timings_ms) == {"preprocess", "backbone", "greedy", "beam", "total"}
+        assert all(v >= 0 for v in r.timings_ms.values())
+        assert r.timings_ms["total"] >= r.timings_ms["backbone"]
+    d = results[0].to_dict()
+    assert json.loads(json.dumps(d)) == d and d["greedy"]["text"] == results[0].greedy.text
+
+
+def test_caption_uses_the_configured_backbone_and_preprocessing(cap):
+    """Same result as the hand-wired pipeline: backbone from config.json -> its transform -> searches."""
+    img = photo_like((400, 300), seed=3)
+    assert cap.backbone.spec["name"] == "efficientnet_lite0" and cap.backbone.spec["weights"] is not None
+    assert cap.transform.preprocessing == cap.model.backbone["preprocessing"]
+    features = cap.backbone.encode([img])
+    want_greedy = greedy_search(cap.model, features, max_len=10)[0].text
+    want_beam = beam_search(cap.model, features, beam_size=3, max_len=10)[0][0].text
+    got = cap.caption([img], beam_size=3, max_len=10)[0]
+    assert got.greedy.text == want_greedy and got.beam[0].text == want_beam
+
+
+def test_batch_gives_the_same_captions_as_one_by_one(cap):
+    images = [photo_like((320, 240), seed=s) for s in range(3)]
+    batch = cap.caption(images, beam_size=3, max_len=10)
+    for img, r in zip(images, batch):
+        one = cap.caption([img], beam_size=3, max_len=10)[0]
+        assert one.greedy.text == r.greedy.text and one.beam[0].text == r.beam[0].text
+
+
+def test_inputs_can_be_paths_bytes_files_and_odd_modes(cap, tmp_path):
+    p = tmp_path / "p.jpg"
+    photo_like((300, 200), seed=4).save(p, quality=90)
+    with open(p, "rb") as f:
+        results = cap.caption([p, str(p), p.read_bytes(), f], beam=False, max_len=8)
+    assert len({r.greedy.text for r in results}) == 1 and results[0].beam == []
+    assert results[0].best is results[0].greedy
+    odd = write_odd_inputs(tmp_path / "odd")
+    for r in cap.caption(list(odd.values()), max_len=8):
+        assert_clean(r.greedy.text)
+
+
+def test_call_returns_the_best_caption(cap):
+    img = photo_like(seed=5)
+    assert cap(img, max_len=8) == cap.caption([img], max_len=8)[0].beam[0].text
+
+
+def test_bad_images_and_settings_raise_clear_errors(cap, tmp_path):
+    bad = write_bad_inputs(tmp_path)
+    for path in bad.values():
+        with pytest.raises(ImageError):
+            cap.caption([photo_like(), path])
+    with pytest.raises(ValueError, match="n_best"):
+        cap.caption([photo_like()], beam_size=2, n_best=3)
+    with pytest.raises(ValueError, match="both off"):
+        cap.caption([photo_like()], greedy=False, beam=False)
+    with pytest.raises(ValueError, match="max_len"):
+        cap.caption([photo_like()], max_len=0)
+    assert cap.caption([]) == []
+    assert_clean(cap.caption([photo_like()], max_len=5)[0].greedy.text)  # still fine afterwards
+
+
+def test_real_photos(cap, fullres_dir):
+    rows = [json.loads(line) for line in (fullres_dir / "metadata.jsonl").read_text().splitlines()[:4]]
+    results = cap.caption([fullres_dir / r["file_name"] for r in rows], beam_size=5)
+    assert len(results) == 4
+    for r in results:
+        assert_clean(r.greedy.text) and assert_clean(r.beam[0].text)
+
+
+def test_info_shows_backbone_metrics_and_evaluations(tmp_path):
+    d = save_test_model(tmp_path / "m", extra={"metrics": {"bleu4": 0.2, "cider": 0.5, "split": "validation"},
+                                               "decoding": {"beam_size": 3, "alpha": 0.7}})
+    ev = {"evaluations": [{"dataset_name": "flickr8k", "split": "validation", "num_images": 1000,
+                           "methods": {"greedy": {"bleu4": 0.21, "cider": 0.52}, "beam3": {"beam": 3, "bleu4": 0.23}}}]}
+    (d / "evaluation.json").write_text(json.dumps(ev))
+    c = load(d)
+    info = c.info
+    assert info["backbone"] == "efficientnet_lite0" and info["feature_dim"] == 1280
+    assert info["metrics"]["bleu4"] == 0.2 and info["evaluations"][0]["methods"]["greedy"]["cider"] == 0.52
+    assert c.decoding["beam_size"] == 3 and c.decoding["alpha"] == 0.7  # the model's recorded decoding settings
+    assert len(c.caption([photo_like()], n_best=3)[0].beam) == 3  # default beam 3 from config
+    assert "efficientnet_lite0" in repr(c)
+
+
+# -- where the model comes from --------------------------------------------------------------------
+def test_env_var_overrides_the_default(monkeypatch, model_dir, tmp_path):
+    monkeypatch.setattr(captioner_mod, "DEFAULT_MODEL_DIR", tmp_path / "no-bundled-model")
+    monkeypatch.setenv("STORYTELLER_MODEL", str(model_dir))
+    assert captioner_mod.default_model() == str(model_dir)
+    c = load()
+    assert c.source == str(model_dir)
+
+
+def test_bundled_folder_is_the_default(monkeypatch, model_dir):
+    monkeypatch.delenv("STORYTELLER_MODEL", raising=False)
+    monkeypatch.setattr(captioner_mod, "DEFAULT_MODEL_DIR", model_dir)
+    assert captioner_mod.default_model() == str(model_dir)
+
+
+def test_no_model_anywhere_says_how_to_pass_one(monkeypatch, tmp_path):
+    monkeypatch.delenv("STORYTELLER_MODEL", raising=False)
+    monkeypatch.setattr(captioner_mod, "DEFAULT_MODEL_DIR", tmp_path / "models" / "flickr8k-lite0")
+    with pytest.raises(ModelLoadError) as e:
+        load()
+    msg = str(e.value)
+    assert "flickr8k-lite0" in msg and "--model" in msg and "STORYTELLER_MODEL" in msg and "repo id" in msg
+
+
+def test_cached_hub_repo_loads_offline(offline_hub, model_dir):
+    snap = put_in_hub_cache(model_dir, offline_hub, "someone/tiny-captioner")
+    c = load("someone/tiny-captioner")
+    assert c.source == "someone/tiny-captioner" and c.model_dir == snap
+    assert_clean(c(photo_like(), max_len=6))
+
+
+def test_hub_repo_not_cached_while_offline(offline_hub):
+    with pytest.raises(ModelLoadError) as e:
+        load("someone/not-downloaded")
+    msg = str(e.value)
+    assert "HF_HUB_OFFLINE" in msg and "local" in msg and "someone/not-downloaded" in msg
+
+
+def test_hub_revision_not_cached_while_offline(offline_hub, model_dir):
+    put_in_hub_cache(model_dir, offline_hub, "someone/tiny-captioner")
+    with pytest.raises(ModelLoadError, match="revision 'v2'"):
+        load("someone/tiny-captioner", revision="v2")
+
+
+def _http_error(cls, status: int):
+    response = httpx2.Response(status, request=httpx2.Request("GET", "https://huggingface.co/api/models/x"))
+    return cls("mocked", response=response)
+
+
+@pytest.mark.parametrize("error, words", [
+    ("RepositoryNotFoundError", "no Hub model repo"),
+    ("GatedRepoError", "gated"),
+    ("RevisionNotFoundError", "no revision"),
+])
+def test_hub_errors_become_clear_messages(monkeypatch, error, words):
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    exc = _http_error(getattr(errors, error), 404)
+
+    def fake_snapshot_download(**kwargs):
+        raise exc
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    with pytest.raises(ModelLoadError, match=words):
+        load("someone/does-not-exist", revision="v9")
+
+
+def test_hub_repo_without_model_files(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    (snap / "README.md").write_text("# not a model")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kw: str(snap))
+    with pytest.raises(ModelLoadError, match="not a Neural Storyteller model"):
+        load("someone/a-dataset-card")
+
+
+def test_invalid_names(tmp_path):
+    with pytest.raises(ModelLoadError, match="no model folder"):
+        load(str(tmp_path / "nope"))
+    with pytest.raises(ModelLoadError, match="no model folder"):
+        load("./models/nope")
+    (tmp_path / "f.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match="is a file"):
+        load(tmp_path / "f.json")
+
+
+# -- broken model folders ----------------------------------------------------------------------------
+@pytest.fixture
+def broken(model_dir, tmp_path) -> Path:
+    d = tmp_path / "broken"
+    shutil.copytree(model_dir, d)
+    return d
+
+
+@pytest.mark.parametrize("missing", ["config.json", "model.safetensors", "vocab.json"])
+def test_folder_missing_a_file(broken, missing):
+    (broken / missing).unlink()
+    with pytest.raises(ModelLoadError, match=f"missing {missing}"):
+        load(broken)
+
+
+def test_vocabulary_that_does_not_match_the_config(broken):
+    vocab = json.loads((broken / "vocab.json").read_text())
+    vocab["itos"] = vocab["itos"][:-2]
+    (broken / "vocab.json").write_text(json.dumps(vocab))
+    with pytest.raises(ModelLoadError, match="vocab"):
+        load(broken)
+
+
+def test_weights_that_do_not_match_the_config(broken):
+    config = json.loads((broken / "config.json").read_text())
+    config["hidden_dim"] = 48
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="does not match"):
+        load(broken)
+
+
+def test_config_without_a_backbone(broken):
+    config = json.loads((broken / "config.json").read_text())
+    del config["backbone"]
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="no backbone"):
+        load(broken)
+
+
+def test_config_with_an_unknown_backbone_or_bad_json(broken):
+    config = json.loads((broken / "config.json").read_text())
+    config["backbone"]["name"] = "vgg99"
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="vgg99"):
+        load(broken)
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="unreadable"):
+        load(broken)
+
+
+def test_backbone_feature_size_must_match_the_decoder(cap):
+    class Wrong(torch.nn.Module):
+        feature_dim = 7
+        transform = None
+
+    with pytest.raises(ModelLoadError, match="7-d"):
+        Captioner(cap.model, Wrong(), source="x")
+
+
+def test_captioner_accepts_pil_without_touching_it(cap):
+    img = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    cap.caption([img], max_len=4)
+    assert img.mode == "RGBA"
