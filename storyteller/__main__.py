@@ -1,0 +1,144 @@
+"""Command line: caption image files with a Neural Storyteller model.
+
+    python -m storyteller caption [--model M] [--revision R] [--beam K] [--max-len N] [--alpha A]
+                                  [--n-best N] [--json] [--batch-size B] [--device D] IMAGE...
+    python -m storyteller info [--model M] [--revision R]
+
+``caption`` prints one line per image, in input order: ``IMAGE<TAB>beam caption<TAB>greedy caption``
+(with ``--json``: one JSON object per line with ``image``, ``beam``, ``beam_size``, ``greedy`` and
+their log-probabilities). An image that cannot be read gets an error line (on stderr; with
+``--json`` an object with ``"error"`` on stdout) and the others are still captioned. Exit status:
+0 if every image was captioned, 1 if some failed, 2 if the model could not be loaded.
+``--model`` takes a local model folder or a Hub repo id; without it, ``$STORYTELLER_MODEL`` or the
+bundled ``models/flickr8k-lite0/``. ``info`` prints the model's backbone, sizes and scores as JSON.
+
+Example::
+
+    python -m storyteller caption --model models/flickr8k-lite0 --beam 5 examples/*.jpg
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m storyteller", description="Neural Storyteller image captioning.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def model_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--model", default=None,
+                        help="local model folder or Hub repo id (default: $STORYTELLER_MODEL, else models/flickr8k-lite0)")
+        sp.add_argument("--revision", default=None, help="Hub branch, tag or commit (repo ids only)")
+        sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+
+    c = sub.add_parser("caption", help="caption image files")
+    model_args(c)
+    c.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, GIF, WebP, ...)")
+    c.add_argument("--beam", type=int, default=None, metavar="K", help="beam width (default: the model's, else 5)")
+    c.add_argument("--max-len", type=int, default=None, metavar="N", help="most words per caption (default 20)")
+    c.add_argument("--alpha", type=float, default=None, help="beam length normalisation (0: raw log-probability)")
+    c.add_argument("--n-best", type=int, default=1, metavar="N", help="with --json, list the N best beam captions")
+    c.add_argument("--batch-size", type=int, default=16, metavar="B", help="images per batch (default 16)")
+    c.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    i = sub.add_parser("info", help="print the model's backbone, sizes and scores as JSON")
+    model_args(i)
+    return p
+
+
+def _caption_record(path: str, result: Any, beam_size: int, n_best: int) -> dict[str, Any]:
+    best = result.beam[0]
+    rec = {"image": path, "beam": best.text, "beam_log_prob": round(best.log_prob, 4),
+           "beam_score": round(best.score, 4), "beam_size": beam_size, "greedy": result.greedy.text,
+           "greedy_log_prob": round(result.greedy.log_prob, 4),
+           "timings_ms": {k: round(v, 1) for k, v in result.timings_ms.items()}}
+    if n_best > 1:
+        rec["n_best"] = [{"caption": c.text, "log_prob": round(c.log_prob, 4), "score": round(c.score, 4)}
+                         for c in result.beam]
+    return rec
+
+
+def _cmd_caption(args: argparse.Namespace, captioner: Any) -> int:
+    from .images import ImageError, load_image
+
+    beam_size = args.beam if args.beam is not None else captioner.decoding["beam_size"]
+    settings = dict(beam_size=beam_size, max_len=args.max_len, alpha=args.alpha, n_best=args.n_best)
+    draft = int(getattr(captioner.transform, "preprocessing", {}).get("resize", 0)) or None
+    failed = 0
+
+    def report_error(path: str, message: str) -> None:
+        nonlocal failed
+        failed += 1
+        if args.json:
+            print(json.dumps({"image": path, "error": message}), flush=True)
+        else:
+            print(f"{path}\terror: {message}", file=sys.stderr, flush=True)
+
+    pending: list[tuple[str, Any]] = []  # (path, decoded image) waiting for a batch
+
+    def flush() -> None:
+        if not pending:
+            return
+        results = captioner.caption([img for _, img in pending], **settings)
+        for (path, _), r in zip(pending, results):
+            if args.json:
+                print(json.dumps(_caption_record(path, r, beam_size, args.n_best)), flush=True)
+            else:
+                print(f"{path}\t{r.beam[0].text}\t{r.greedy.text}", flush=True)
+        pending.clear()
+
+    for path in args.images:
+        try:
+            pending.append((path, load_image(path, draft_size=draft)))
+        except ImageError as e:
+            flush()  # keep output in input order
+            report_error(path, str(e))
+            continue
+        if len(pending) >= args.batch_size:
+            flush()
+    flush()
+    return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status.
+
+    Args:
+        argv: arguments without the program name (default: ``sys.argv[1:]``).
+    """
+    args = _parser().parse_args(argv)
+    if args.command == "caption":
+        if args.beam is not None and args.beam < 1:
+            _parser().error("--beam must be >= 1")
+        if args.max_len is not None and args.max_len < 1:
+            _parser().error("--max-len must be >= 1")
+        if args.batch_size < 1:
+            _parser().error("--batch-size must be >= 1")
+        if args.n_best < 1 or (args.beam is not None and args.n_best > args.beam):
+            _parser().error("--n-best must be in 1..--beam")
+
+    from .captioner import ModelLoadError, load
+
+    try:
+        captioner = load(args.model, revision=args.revision, device=args.device)
+    except ModelLoadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.command == "info":
+        print(json.dumps(captioner.info, indent=2, default=str))
+        return 0
+    try:
+        return _cmd_caption(args, captioner)
+    except ValueError as e:  # decoding settings the model rejects (e.g. --n-best above its default beam)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

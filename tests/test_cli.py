@@ -1,0 +1,121 @@
+"""python -m storyteller: plain and JSON output, a bad file gets its own error line while the others are
+still captioned, exit status, and loading a cached Hub repo offline (a real subprocess)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from storyteller.__main__ import main
+from storyteller.vocab import SPECIAL_TOKENS
+from tests.helpers_images import photo_like, write_bad_inputs
+from tests.helpers_models import put_in_hub_cache, save_test_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return save_test_model(tmp_path_factory.mktemp("cli") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> list[Path]:
+    d = tmp_path_factory.mktemp("photos")
+    paths = []
+    for i, size in enumerate([(500, 333), (333, 500), (640, 480)]):
+        paths.append(d / f"photo{i}.jpg")
+        photo_like(size, seed=i).save(paths[-1], quality=90)
+    return paths
+
+
+def clean(text: str) -> bool:
+    return bool(text.strip()) and not any(t in text for t in SPECIAL_TOKENS)
+
+
+def test_plain_output_one_line_per_image(model_dir, photos, capsys):
+    assert main(["caption", "--model", str(model_dir), "--beam", "3", "--max-len", "8", *map(str, photos)]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert len(lines) == 3 and err == ""
+    for line, path in zip(lines, photos):
+        image, beam, greedy = line.split("\t")
+        assert image == str(path) and clean(beam) and clean(greedy)
+        assert len(beam.split()) <= 8
+
+
+def test_json_output_and_a_bad_file_in_the_middle(model_dir, photos, tmp_path, capsys):
+    bad = write_bad_inputs(tmp_path)
+    args = [str(photos[0]), str(bad["truncated.jpg"]), str(photos[1]), str(bad["bomb_20000x20000.png"]),
+            str(tmp_path / "missing.jpg"), str(photos[2])]
+    status = main(["caption", "--model", str(model_dir), "--json", "--beam", "4", "--n-best", "2",
+                   "--batch-size", "2", *args])
+    assert status == 1  # not all succeeded
+    out, _ = capsys.readouterr()
+    recs = [json.loads(line) for line in out.splitlines()]
+    assert [r["image"] for r in recs] == args  # input order kept across batches and errors
+    ok = [r for r in recs if "error" not in r]
+    errors = {r["image"]: r["error"] for r in recs if "error" in r}
+    assert len(ok) == 3 and len(errors) == 3
+    assert "truncated" in errors[str(bad["truncated.jpg"])]
+    assert "megapixels" in errors[str(bad["bomb_20000x20000.png"])]
+    assert "no such image file" in errors[str(tmp_path / "missing.jpg")]
+    for r in ok:
+        assert r["beam_size"] == 4 and clean(r["beam"]) and clean(r["greedy"])
+        assert r["beam_log_prob"] < 0 and r["greedy_log_prob"] < 0
+        assert len(r["n_best"]) == 2 and r["n_best"][0]["caption"] == r["beam"]
+        assert {"preprocess", "backbone", "greedy", "beam"} <= set(r["timings_ms"])
+
+
+def test_plain_mode_errors_go_to_stderr(model_dir, photos, tmp_path, capsys):
+    bad = write_bad_inputs(tmp_path)["not_an_image.jpg"]
+    assert main(["caption", "--model", str(model_dir), "--max-len", "5", str(bad), str(photos[0])]) == 1
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 1 and out.startswith(str(photos[0]))
+    assert err.startswith(f"{bad}\terror: ") and "not an image" in err
+
+
+def test_model_errors_exit_2_with_a_message(tmp_path, photos, capsys, monkeypatch):
+    assert main(["caption", "--model", str(tmp_path / "nope"), str(photos[0])]) == 2
+    assert "no model folder" in capsys.readouterr().err
+    import storyteller.captioner as c
+
+    monkeypatch.delenv("STORYTELLER_MODEL", raising=False)
+    monkeypatch.setattr(c, "DEFAULT_MODEL_DIR", tmp_path / "models" / "flickr8k-lite0")
+    assert main(["caption", str(photos[0])]) == 2
+    err = capsys.readouterr().err
+    assert "--model" in err and "STORYTELLER_MODEL" in err
+
+
+def test_bad_arguments_are_usage_errors(model_dir, photos):
+    for bad in (["--beam", "0"], ["--max-len", "0"], ["--beam", "2", "--n-best", "3"], ["--batch-size", "0"]):
+        with pytest.raises(SystemExit) as e:
+            main(["caption", "--model", str(model_dir), *bad, str(photos[0])])
+        assert e.value.code == 2
+
+
+def test_info(model_dir, capsys):
+    assert main(["info", "--model", str(model_dir)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["backbone"] == "efficientnet_lite0" and info["metrics"]["bleu4"] == 0.123
+
+
+def test_subprocess_offline_hub_repo_from_the_cache(model_dir, photos, tmp_path):
+    """The real entry point in a fresh process, loading a Hub repo id from the cache with HF_HUB_OFFLINE=1."""
+    cache = tmp_path / "hub"
+    put_in_hub_cache(model_dir, cache, "someone/tiny-captioner")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "PYTHONPATH": str(REPO)}
+    env.pop("STORYTELLER_MODEL", None)
+    run = subprocess.run([sys.executable, "-m", "storyteller", "caption", "--model", "someone/tiny-captioner",
+                          "--json", "--max-len", "6", str(photos[0])],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180)
+    assert run.returncode == 0, run.stderr
+    rec = json.loads(run.stdout)
+    assert rec["image"] == str(photos[0]) and clean(rec["beam"])
+    run = subprocess.run([sys.executable, "-m", "storyteller", "caption", "--model", "someone/not-cached", str(photos[0])],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180)
+    assert run.returncode == 2 and "HF_HUB_OFFLINE" in run.stderr and "Traceback" not in run.stderr
