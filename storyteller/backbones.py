@@ -162,14 +162,14 @@ class Backbone(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised pixels -> (B, feature_dim) float32 pooled features.
 
-        On CUDA this runs channels_last under bf16 (or fp16) autocast; the cache extractor and the
-        app's ``encode`` both come through here, so they compute features the same way.
+        Runs channels_last (faster convolutions on CPU, oneDNN, and on CUDA tensor cores) and on CUDA
+        under bf16 (or fp16) autocast; the cache extractor and the app's ``encode`` both come through
+        here, so they compute features the same way.
         """
         if pixels.ndim != 4 or pixels.shape[1] != 3:
             raise ValueError(f"expected pixels of shape (B, 3, H, W), got {tuple(pixels.shape)}")
         amp = _autocast_dtype(pixels.device)
-        if amp is not None:
-            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
         with torch.autocast(pixels.device.type, dtype=amp, enabled=amp is not None):
             feats = self.trunk(pixels)
         return feats.float()
@@ -265,7 +265,7 @@ def create_backbone(name_or_spec: str | dict[str, Any], pretrained: bool = True,
             used as stored. A spec with ``"weights": null`` means random weights.
         pretrained: False gives seeded random weights (no files, no downloads) and ``weights: None``
             in the resulting spec.
-        device: where the module lives; on CUDA it is converted to channels_last.
+        device: where the module lives.
     """
     if isinstance(name_or_spec, str):
         spec = backbone_spec(name_or_spec)
@@ -286,8 +286,5 @@ def create_backbone(name_or_spec: str | dict[str, Any], pretrained: bool = True,
         raise TypeError(f"name_or_spec must be a str or dict, got {type(name_or_spec).__name__}")
     if not pretrained:
         spec["weights"] = None
-    device = torch.device(device)
-    backbone = Backbone(_build_trunk(spec["name"], pretrained), spec).to(device)
-    if device.type == "cuda":
-        backbone = backbone.to(memory_format=torch.channels_last)
-    return backbone
+    # channels_last: measured 1.2-1.6x faster forwards on this project's 2-core CPU (bench/bench_extract.py).
+    return Backbone(_build_trunk(spec["name"], pretrained), spec).to(torch.device(device), memory_format=torch.channels_last)

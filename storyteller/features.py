@@ -40,6 +40,11 @@ def _backbone_key(spec: dict[str, Any]) -> dict[str, Any]:
     return _canon({k: spec.get(k) for k in ("name", "weights", "preprocessing")})
 
 
+def same_backbone(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """True when two backbone specs give comparable features (same name, weights and preprocessing)."""
+    return _backbone_key(a) == _backbone_key(b)
+
+
 def check_backbone(found: dict[str, Any], expect: str | dict[str, Any], where: str = "feature cache") -> None:
     """Raise ``FeatureCacheError`` naming both specs unless ``found`` matches ``expect``.
 

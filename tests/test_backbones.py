@@ -1,0 +1,134 @@
+"""Backbones: specs, transforms, frozen forward, offline EfficientNet-Lite0 weights, clear download errors."""
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from storyteller import backbones
+from storyteller.backbones import Backbone, backbone_spec, build_transform, create_backbone, list_backbones
+
+TINY = {"resize": 40, "crop": 32, "interpolation": "bilinear", "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
+
+
+def test_known_specs_are_json_and_complete():
+    assert list_backbones() == ["efficientnet_lite0", "resnet50"]
+    for name in list_backbones():
+        spec = backbone_spec(name)
+        assert json.loads(json.dumps(spec)) == spec
+        assert set(spec) == {"name", "weights", "feature_dim", "preprocessing"}
+        assert spec["preprocessing"]["crop"] == 224
+    r50 = backbone_spec("resnet50")["preprocessing"]
+    assert (r50["resize"], r50["interpolation"], r50["mean"]) == (232, "bilinear", [0.485, 0.456, 0.406])
+    lite = backbone_spec("efficientnet_lite0")
+    assert lite["feature_dim"] == 1280 and lite["preprocessing"]["mean"] == lite["preprocessing"]["std"] == [0.5] * 3
+
+
+def test_unknown_name_lists_known():
+    with pytest.raises(ValueError, match="efficientnet_lite0, resnet50"):
+        create_backbone("vgg16", pretrained=False)
+    with pytest.raises(ValueError, match="unknown backbone"):
+        backbone_spec("vgg16")
+
+
+def test_transform_shapes_values_and_pickle():
+    t = build_transform(TINY)
+    for mode, size in [("RGB", (80, 50)), ("L", (50, 90)), ("RGBA", (33, 33)), ("P", (64, 48))]:
+        x = t(Image.new(mode, size))
+        assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    gray = t(Image.new("RGB", (60, 40), (128, 128, 128)))
+    expected = (128 / 255 - torch.tensor(TINY["mean"])) / torch.tensor(TINY["std"])
+    torch.testing.assert_close(gray[:, 5, 5], expected)
+    again = pickle.loads(pickle.dumps(t))  # DataLoader workers under spawn receive it pickled
+    assert again == t and torch.equal(again(Image.new("RGB", (50, 50), (9, 99, 199))), t(Image.new("RGB", (50, 50), (9, 99, 199))))
+
+
+def test_transform_rejects_bad_preprocessing():
+    with pytest.raises(ValueError, match="interpolation"):
+        build_transform({**TINY, "interpolation": "lanczos9"})
+    with pytest.raises(ValueError, match="keys"):
+        build_transform({k: v for k, v in TINY.items() if k != "std"})
+    with pytest.raises(ValueError, match="crop <= resize"):
+        build_transform({**TINY, "crop": 64})
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet50"])
+def test_forward_is_frozen_pooled_float32(name):
+    b = create_backbone({**backbone_spec(name), "preprocessing": TINY}, pretrained=False)
+    assert isinstance(b, Backbone) and b.spec["weights"] is None and b.feature_dim == backbone_spec(name)["feature_dim"]
+    b.train()  # a training loop's model.train() must not switch BatchNorm to batch statistics
+    assert not b.training and not any(p.requires_grad for p in b.parameters())
+    out = b.encode([Image.new("RGB", (50, 40), (200, 10, 10)), Image.new("L", (30, 70), 90)])
+    assert out.shape == (2, b.feature_dim) and out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert not torch.allclose(out[0], out[1])  # different images, different features
+    with pytest.raises(ValueError, match="B, 3, H, W"):
+        b(torch.zeros(3, 32, 32))
+
+
+def test_spec_round_trip_rebuilds_same_backbone():
+    b = create_backbone({**backbone_spec("efficientnet_lite0"), "preprocessing": TINY}, pretrained=False)
+    spec = json.loads(json.dumps(b.spec))  # as stored in a model's config.json
+    again = create_backbone(spec)
+    assert again.spec == b.spec and again.transform == b.transform and again.transform != build_transform({**TINY, "crop": 31})
+    img = [Image.new("RGB", (45, 41), (10, 120, 30))]
+    torch.testing.assert_close(again.encode(img), b.encode(img))  # seeded random weights: reproducible
+    with pytest.raises(ValueError, match="unknown weights"):
+        create_backbone({**spec, "weights": "imagenet21k"})
+    with pytest.raises(ValueError, match="feature_dim"):
+        create_backbone({**spec, "feature_dim": 512})
+
+
+def test_resnet50_download_failure_is_clear(monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(RuntimeError, match="resnet50-11ad3fa6.pth.*efficientnet_lite0"):
+        create_backbone("resnet50")
+
+
+def test_lite0_weights_map_shape_for_shape_or_fail(monkeypatch):
+    sd = backbones._lite0_state_dict()
+    assert len(sd) == 296 and sd["classifier.weight"].shape == (1000, 1280)
+    real_load = torch.load
+
+    def drifted(*args, **kwargs):  # one tensor with a wrong shape must stop the load
+        state = real_load(*args, **kwargs)
+        state["_conv_head.weight"] = torch.zeros(1280, 321, 1, 1)
+        return state
+
+    monkeypatch.setattr(torch, "load", drifted)
+    with pytest.raises(RuntimeError, match="_conv_head.weight.*conv_head.weight"):
+        backbones._lite0_state_dict()
+
+
+def test_lite0_offline_weights_recognise_dogs(flickr8k_dir):
+    """The shipped weights are real ImageNet weights: dog photos' top-5 classes hold a dog breed (151-268).
+
+    Photos: the first 8 validation images whose 5 captions all say "dog" (singular; "three dogs on a
+    hill" shots are legitimately read as other animals). Random weights score ~1 of 8 here.
+    """
+    folder = flickr8k_dir / "validation"
+    photos = []
+    for line in (folder / "metadata.jsonl").open():
+        row = json.loads(line)
+        if all(re.search(r"\bdog\b", c.lower()) for c in row["captions"]):
+            photos.append(Image.open(folder / row["file_name"]))
+        if len(photos) == 8:
+            break
+    sd = backbones._lite0_state_dict()
+    for pretrained, least in [(True, 7), (False, 0)]:
+        feats = create_backbone("efficientnet_lite0", pretrained=pretrained).encode(photos)  # (8, 1280) pre-logits
+        logits = feats @ sd["classifier.weight"].T + sd["classifier.bias"]  # (8, 1000) ImageNet logits
+        top5 = logits.topk(5, dim=1).indices.numpy()
+        hits = int(np.any((top5 >= 151) & (top5 <= 268), axis=1).sum())
+        if pretrained:
+            assert hits >= least, f"only {hits}/8 dog photos have a dog breed in their top-5 classes: {top5.tolist()}"
+        else:
+            assert hits <= 4, f"random weights found dogs in {hits}/8 photos; the test cannot tell real weights apart"
