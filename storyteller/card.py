@@ -1,0 +1,239 @@
+"""The model card (README.md) of an exported model folder, for the Hugging Face Hub.
+
+``write_model_card(model_dir)`` renders everything from the folder itself:
+
+- ``config.json``: backbone spec (name, weights, preprocessing), decoder sizes, and ``extra`` as
+  written by ``python -m train fit``: ``dataset`` (the feature cache's dataset description),
+  ``training`` (epochs, best epoch, hyperparameters) and ``metrics`` (best validation figures);
+- ``vocab.json``: vocabulary size;
+- ``evaluation.json`` if present (``python -m train evaluate --write-to-model``): one results table
+  per evaluated dataset/split, and example captions;
+- ``loss_curve.png`` if present, shown in the card.
+
+The front matter carries library_name, tags, license, datasets (when the source is a Hub dataset
+id), pipeline_tag image-to-text and a model-index with the scores, so the Hub shows them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+EVALUATION_FILE = "evaluation.json"
+CARD_FILE = "README.md"
+METRIC_COLUMNS = [("bleu1", "BLEU-1"), ("bleu2", "BLEU-2"), ("bleu3", "BLEU-3"), ("bleu4", "BLEU-4"),
+                  ("cider", "CIDEr-D")]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def read_evaluations(model_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The evaluations stored in ``model_dir/evaluation.json`` (empty list if there is none).
+
+    Args:
+        model_dir: a model folder.
+    """
+    path = Path(model_dir) / EVALUATION_FILE
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    return list(data.get("evaluations", []))
+
+
+def _dataset_label(dataset: Any) -> tuple[str, str | None]:
+    """(human-readable name, Hub dataset id or None) of config extra's ``dataset`` entry."""
+    kind = None
+    if isinstance(dataset, str):
+        source = dataset
+    elif isinstance(dataset, dict):  # the feature cache's description: {"source", "kind": hub|imagefolder|parquet, ...}
+        source = str(dataset.get("source") or dataset.get("name") or "")
+        kind = dataset.get("kind")
+    else:
+        source = ""
+    if not source:
+        return "unknown dataset", None
+    is_hub = kind == "hub" if kind else bool(_HUB_ID.match(source)) and not Path(source).exists()
+    hub = source if is_hub else None
+    name = hub or Path(source.rstrip("/")).name or source
+    return name, hub
+
+
+def _fmt(value: Any, digits: int = 4, key: str = "") -> str:
+    if isinstance(value, float) and key == "images_per_s":
+        return f"{value:.1f}"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return "-" if value is None else str(value)
+
+
+def _metrics_table(rows: list[tuple[str, dict[str, Any]]], extra_cols: list[tuple[str, str]]) -> str:
+    cols = METRIC_COLUMNS + extra_cols
+    head = "| decoding | " + " | ".join(label for _, label in cols) + " |"
+    sep = "|---" * (len(cols) + 1) + "|"
+    body = ["| " + name + " | " + " | ".join(_fmt(m.get(k), key=k) for k, _ in cols) + " |" for name, m in rows]
+    return "\n".join([head, sep, *body])
+
+
+def _method_label(key: str, metrics: dict[str, Any]) -> str:
+    beam = metrics.get("beam")
+    if key == "greedy" or beam == 1:
+        return "greedy"
+    return f"beam {beam}" if beam else key
+
+
+def _front_matter(config: dict[str, Any], evaluations: list[dict[str, Any]], name: str, license: str) -> str:
+    from huggingface_hub import EvalResult, ModelCardData
+
+    extra = config.get("extra") or {}
+    ds_name, hub_id = _dataset_label(extra.get("dataset"))
+    results = []
+    for ev in evaluations:  # evaluate's figures first: they are the measured ones
+        for key, m in ev.get("methods", {}).items():
+            for metric, label in (("bleu4", "BLEU-4"), ("cider", "CIDEr-D")):
+                if m.get(metric) is not None:
+                    results.append(EvalResult(task_type="image-to-text", dataset_type=hub_id or ds_name,
+                                              dataset_name=ev.get("dataset_name", ds_name), dataset_split=ev.get("split"),
+                                              metric_type="bleu" if metric == "bleu4" else "cider",
+                                              metric_name=f"{label} ({_method_label(key, m)})",
+                                              metric_value=round(float(m[metric]), 4)))
+    train_metrics = extra.get("metrics") or {}
+    if not results:  # no evaluation.json: the validation figures of training
+        for metric, label in (("bleu4", "BLEU-4"), ("cider", "CIDEr-D")):
+            if train_metrics.get(metric) is not None:
+                results.append(EvalResult(task_type="image-to-text", dataset_type=hub_id or ds_name, dataset_name=ds_name,
+                                          dataset_split=train_metrics.get("split"),
+                                          metric_type="bleu" if metric == "bleu4" else "cider",
+                                          metric_name=f"{label} (greedy)", metric_value=round(float(train_metrics[metric]), 4)))
+    backbone = (config.get("backbone") or {}).get("name")
+    data = ModelCardData(library_name="neural-storyteller", license=license, pipeline_tag="image-to-text",
+                         tags=["image-captioning", "show-and-tell", "lstm", *([backbone] if backbone else [])],
+                         datasets=[hub_id] if hub_id else None, metrics=["bleu", "cider"],
+                         model_name=name, eval_results=results or None)
+    return data.to_yaml()
+
+
+def write_model_card(model_dir: str | os.PathLike, *, repo_id: str | None = None,
+                     examples: list[dict[str, Any]] | None = None, license: str = "mit") -> Path:
+    """Write ``model_dir/README.md`` (atomically) from the folder's config, evaluation and plot.
+
+    Args:
+        model_dir: a folder written by ``ShowAndTell.save_pretrained`` (config.json, vocab.json...).
+        repo_id: the Hub repo the card is for (e.g. ``"user/storyteller-flickr8k"``); used as the
+            model name and in the loading snippet. Default: a name made of dataset and backbone, loaded by path.
+        examples: example captions to show, each ``{"id": str, "references": [str, ...],
+            "captions": {"greedy": str, "beam 3": str, ...}, "image": optional path relative to
+            model_dir}``. Default: the examples of the first evaluation in evaluation.json, if any.
+        license: the card's license identifier.
+
+    Returns:
+        the path of the written README.md.
+    """
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    extra = config.get("extra") or {}
+    evaluations = read_evaluations(model_dir)
+    if examples is None:
+        examples = next((ev["examples"] for ev in evaluations if ev.get("examples")), [])
+    ds_name, hub_id = _dataset_label(extra.get("dataset"))
+    backbone = config.get("backbone") or {}
+    name = repo_id or re.sub(r"[^\w.-]+", "-", f"neural-storyteller-{ds_name}-{backbone.get('name', 'cnn')}").strip("-")
+    load_from = repo_id or "path/to/this/folder"
+    pre = backbone.get("preprocessing") or {}
+    training = extra.get("training") or {}
+    train_metrics = extra.get("metrics") or {}
+    vocab_size = config.get("vocab_size")
+
+    out = ["---", _front_matter(config, evaluations, name, license).rstrip(), "---", "", f"# {name}", ""]
+    out += [f"A Show-and-Tell image captioner: a frozen ImageNet **{backbone.get('name', 'CNN')}** turns a photo into "
+            f"one pooled {backbone.get('feature_dim', config.get('feature_dim'))}-d feature, which sets the initial state "
+            f"of an LSTM language model ({config.get('num_layers')} layer(s), hidden {config.get('hidden_dim')}, "
+            f"embeddings {config.get('embed_dim')}, {vocab_size} tokens) that writes the caption word by word. "
+            f"Trained with Neural Storyteller on **{ds_name}**.", ""]
+
+    out += ["## Results", ""]
+    for ev in evaluations:
+        rows = [(_method_label(k, m), m) for k, m in ev.get("methods", {}).items()]
+        out += [f"**{ev.get('dataset_name', ds_name)}**, split `{ev.get('split')}`, {ev.get('num_images')} images, "
+                f"max {ev.get('max_len')} words, length-normalisation alpha {ev.get('alpha')} "
+                f"({'cached features' if ev.get('features') else 'features computed from the photos'}):", "",
+                _metrics_table(rows, [("mean_length", "mean length"), ("vocab_used", "distinct words"),
+                                      ("images_per_s", "images/s")]), ""]
+    if train_metrics:
+        out += [f"Best validation epoch during training (split `{train_metrics.get('split')}`, "
+                f"{train_metrics.get('decoding', 'greedy')}):", "",
+                _metrics_table([("greedy", train_metrics)], [("val_loss", "val loss")]), ""]
+    if not evaluations and not train_metrics:
+        out += ["No scores recorded in this folder.", ""]
+    out += ["BLEU and CIDEr-D are computed as coco-caption does (BLEU on a 0..1 scale, CIDEr-D x10), after the "
+            "project's tokenizer (lowercase, punctuation stripped).", ""]
+    if (model_dir / "loss_curve.png").is_file():
+        out += ["## Training curve", "", "![training and validation loss per epoch](loss_curve.png)", ""]
+
+    if examples:
+        methods = list(dict.fromkeys(k for ex in examples for k in ex.get("captions", {})))
+        show_images = any(ex.get("image") for ex in examples)
+        head = (["image"] if show_images else []) + ["id"] + [re.sub(r"^beam(\d+)$", r"beam \1", m) for m in methods] \
+            + ["references (first two)"]
+        out += ["## Example captions", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+        for ex in examples:
+            cells = [f"![{ex.get('id')}]({ex['image']})" if ex.get("image") else ""] if show_images else []
+            cells += [f"`{ex.get('id')}`"] + [_cell(ex.get("captions", {}).get(m, "")) for m in methods]
+            cells += ["<br>".join(_cell(r) for r in ex.get("references", [])[:2])]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+
+    out += ["## Model details", "",
+            f"- **Backbone**: `{backbone.get('name')}` (weights `{backbone.get('weights')}`), frozen; global average "
+            f"pooling gives a {backbone.get('feature_dim')}-d feature.",
+            f"- **Preprocessing**: resize the short side to {pre.get('resize')} ({pre.get('interpolation')}), "
+            f"centre crop {pre.get('crop')}x{pre.get('crop')}, scale to [0, 1], normalise with mean "
+            f"{pre.get('mean')} and std {pre.get('std')}. `config.json` stores this spec; "
+            f"`storyteller.backbones.create_backbone(model.backbone)` rebuilds the same network and transform.",
+            f"- **Decoder**: image feature -> Linear -> tanh -> LSTM initial state (h0, c0); word embeddings "
+            f"({config.get('embed_dim')}) -> LSTM ({config.get('num_layers')} x {config.get('hidden_dim')}) -> Linear over "
+            f"{vocab_size} tokens; dropout {config.get('dropout')}.",
+            f"- **Vocabulary**: `vocab.json`, {vocab_size} tokens including `<pad> <start> <end> <unk>`.", ""]
+
+    out += ["## Training data", ""]
+    out.append(f"- **Dataset**: {ds_name}" + (f" ([{hub_id}](https://huggingface.co/datasets/{hub_id}))" if hub_id else ""))
+    if training:
+        out.append(f"- **Splits**: trained on `{training.get('train_split')}` ({training.get('train_images')} images), "
+                   f"model selected on `{training.get('val_split')}` ({training.get('val_images')} images) by "
+                   f"{training.get('select')}; best epoch {training.get('best_epoch')} of {training.get('epochs_run')} run.")
+        hp = training.get("hyperparameters") or {}
+        if hp:
+            out.append("- **Hyperparameters**: " + ", ".join(f"{k} {v}" for k, v in hp.items()) + ".")
+    out.append("")
+
+    out += ["## How to use", "", "```python", "from PIL import Image", "",
+            "from storyteller import ShowAndTell, beam_search, greedy_search",
+            "from storyteller.backbones import create_backbone", "",
+            f'model = ShowAndTell.from_pretrained("{load_from}")  # config.json + model.safetensors + vocab.json',
+            "backbone = create_backbone(model.backbone)  # the CNN and preprocessing the decoder was trained with",
+            'features = backbone.encode([Image.open("photo.jpg")])  # (1, feature_dim)',
+            "print(greedy_search(model, features)[0].text)",
+            "print(beam_search(model, features, beam_size=3)[0][0].text)", "```", ""]
+
+    out += ["## Intended use", "",
+            "Short, literal English descriptions of everyday photos (people, animals, outdoor scenes) for demos, "
+            "teaching and as a baseline for captioning research. Not for accessibility-critical alt text without human "
+            "review, surveillance, or any decision about people.", ""]
+    out += ["## Limitations", "",
+            f"- It only knows the {vocab_size} tokens of its training captions and the kinds of scenes in {ds_name}; "
+            "other photos get plausible-sounding but often wrong captions.",
+            "- One pooled feature per image: counts, spatial relations and small objects are often wrong, and "
+            "captions tend to be generic (the most frequent phrasing wins).",
+            "- It inherits the biases of its training captions (e.g. gendered words guessed from appearance).",
+            "- Scores on a validation split used for model selection are optimistic; compare models on a held-out split.", ""]
+
+    path = model_dir / CARD_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(out), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _cell(text: str) -> str:
+    """Text made safe for one Markdown table cell."""
+    return str(text).replace("|", "\\|").replace("\n", " ")

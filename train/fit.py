@@ -1,0 +1,578 @@
+"""Train the Show-and-Tell decoder on a feature cache (teacher forcing over packed sequences).
+
+    python -m train fit --features feats/flickr8k-lite0 --out runs/flickr8k-lite0 --epochs 20
+    python -m train fit --features feats/flickr8k-lite0 --out runs/flickr8k-lite0 --resume   # after a kill
+    torchrun --nproc_per_node=2 -m train fit --features feats/flickr8k-lite0 --out runs/ddp    # DDP
+
+RUN_DIR gets: args.json (the resolved arguments), checkpoint.pt (after every epoch), metrics.jsonl
+(one JSON line per epoch), loss_curve.png, metric_curve.png, and at the end model/: the best epoch's
+weights in the Hub layout (config.json, model.safetensors, vocab.json) with loss_curve.png and a
+README.md model card.
+
+The loop, nanoGPT style: all features sit in memory as one float32 tensor (on the GPU when training
+there) and all captions as one padded id tensor, so a batch is two index operations, no DataLoader.
+An epoch visits every (image, caption) pair of the training split once, in an order drawn from a
+generator seeded by (seed, epoch); the dropout RNG is also reseeded from (seed, epoch, rank) at the
+start of each epoch. So epoch e does the same thing whether the run got there in one go or was
+killed and resumed, and a resumed CPU run ends with bit-identical weights.
+
+Under torchrun every rank takes every world_size-th batch of the same order (a few tail batches are
+dropped so that all ranks take the same number of steps); rank 0 alone validates, logs and writes.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from storyteller.decoding import greedy_search
+from storyteller.model import ShowAndTell
+from storyteller.vocab import SPECIAL_TOKENS, Vocabulary
+
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = "storyteller-fit-checkpoint-v1"
+# Arguments that may differ between a run and its --resume: they change nothing about the result.
+RESUME_MAY_DIFFER = {"resume", "stop_after_epochs", "num_threads", "progress"}
+SELECT_MODES = {"cider": "max", "bleu4": "max", "val_loss": "min"}
+
+
+# -- arguments -----------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train fit", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    io = p.add_argument_group("data and outputs")
+    io.add_argument("--features", required=True, help="feature cache folder written by `python -m train extract`")
+    io.add_argument("--out", required=True, help="run folder for args.json, checkpoint.pt, metrics, plots and model/")
+    io.add_argument("--train-split", default="train", help="split of the cache to train on")
+    io.add_argument("--val-split", default="validation", help="split used for validation loss, BLEU-4 and CIDEr-D")
+    io.add_argument("--max-val-images", type=int, default=0,
+                    help="validate on the first N images of the validation split only (0: all)")
+    io.add_argument("--resume", action="store_true",
+                    help="continue from RUN_DIR/checkpoint.pt if it exists (start fresh otherwise); "
+                         "the other arguments must match the run's args.json")
+    io.add_argument("--stop-after-epochs", type=int, default=0,
+                    help="leave after this many epochs of this invocation without exporting, as if killed "
+                         "(time-sliced jobs; --resume continues); 0: run to the end")
+
+    m = p.add_argument_group("model")
+    m.add_argument("--min-freq", type=int, default=5, help="words seen fewer times in the training captions become <unk>")
+    m.add_argument("--max-caption-words", type=int, default=30, help="training captions are cut to this many words")
+    m.add_argument("--embed-dim", type=int, default=512, help="word embedding size")
+    m.add_argument("--hidden-dim", type=int, default=512, help="LSTM hidden size")
+    m.add_argument("--num-layers", type=int, default=1, help="stacked LSTM layers")
+    m.add_argument("--dropout", type=float, default=0.5, help="dropout on feature, embeddings, between layers and before the head")
+
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--epochs", type=int, default=20, help="most epochs to train")
+    o.add_argument("--batch-size", type=int, default=256, help="captions per step (per process under torchrun)")
+    o.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of AdamW")
+    o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay")
+    o.add_argument("--schedule", choices=["cosine", "constant", "plateau"], default="cosine",
+                   help="learning-rate schedule: linear warmup then cosine decay to lr*min-lr-ratio, "
+                        "warmup then constant, or halve when the validation loss stops improving")
+    o.add_argument("--warmup-epochs", type=float, default=0.5, help="linear warmup length in epochs (cosine, constant)")
+    o.add_argument("--min-lr-ratio", type=float, default=0.05, help="cosine schedule: final lr as a fraction of --lr")
+    o.add_argument("--clip-grad", type=float, default=5.0, help="clip the gradient's global L2 norm to this (0: off)")
+    o.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the cross-entropy")
+    o.add_argument("--seed", type=int, default=0, help="seed of initialisation, batch order and dropout")
+
+    v = p.add_argument_group("validation and model selection")
+    v.add_argument("--select", choices=sorted(SELECT_MODES), default="cider",
+                   help="validation figure that picks the exported epoch and drives early stopping")
+    v.add_argument("--patience", type=int, default=5,
+                   help="stop after this many epochs without a better --select figure (0: never stop early)")
+    v.add_argument("--max-len", type=int, default=20, help="most decoding steps of the validation greedy captions")
+    v.add_argument("--eval-batch-size", type=int, default=500, help="images per greedy-decoding / val-loss batch")
+
+    r = p.add_argument_group("runtime")
+    r.add_argument("--device", default="auto", help="cpu, cuda, cuda:1... (auto: cuda when available; torchrun: cuda:LOCAL_RANK)")
+    r.add_argument("--amp", choices=["auto", "bf16", "off"], default="auto",
+                   help="bfloat16 autocast (auto: on for CUDA, off on CPU)")
+    r.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    r.add_argument("--progress", choices=["auto", "on", "off"], default="auto", help="tqdm bar per epoch (auto: when stderr is a terminal)")
+    return p
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+@dataclass
+class CaptionPairs:
+    """Every (image, caption) pair of a split, encoded once.
+
+    Attributes:
+        image: (P,) int64 row of each pair's image in the features tensor (on the training device).
+        tokens: (P, T) int64 ``<start> w.. <end> <pad>..`` ids (on the training device).
+        lengths: (P,) int64 real tokens per row, specials included (on the CPU: packing needs them there).
+    """
+
+    image: torch.Tensor
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def batch(self, features: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Pairs ``idx`` (B,) CPU -> features (B, F), captions (B, T_max of the batch), lengths (B,) CPU."""
+        lengths = self.lengths[idx]
+        idx_dev = idx.to(self.tokens.device, non_blocking=True)
+        captions = self.tokens[idx_dev, : int(lengths.max())]  # trim to the batch's longest caption
+        return features[self.image[idx_dev]], captions, lengths
+
+
+def encode_pairs(rows: np.ndarray, captions: list[list[str]], vocab: Vocabulary, max_words: int,
+                 device: torch.device | str = "cpu") -> CaptionPairs:
+    """Encode the captions of the images ``rows`` into one padded tensor.
+
+    Args:
+        rows: image rows of the feature cache.
+        captions: the cache's captions, indexed by row.
+        vocab: maps words to ids.
+        max_words: captions are cut to this many words (``<end>`` still closes them).
+        device: where ``image`` and ``tokens`` live.
+    """
+    image, seqs = [], []
+    for r in rows:
+        for c in captions[int(r)]:
+            ids = vocab.encode(c, add_special=False)[:max_words]
+            image.append(int(r))
+            seqs.append([Vocabulary.start_id, *ids, Vocabulary.end_id])
+    if not seqs:
+        raise ValueError("no captions in the selected rows")
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.int64)
+    tokens = torch.full((len(seqs), int(lengths.max())), Vocabulary.pad_id, dtype=torch.int64)
+    for i, s in enumerate(seqs):
+        tokens[i, : len(s)] = torch.tensor(s)
+    return CaptionPairs(torch.tensor(image, dtype=torch.int64).to(device), tokens.to(device), lengths)
+
+
+def epoch_order(num_pairs: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> list[torch.Tensor]:
+    """This rank's batches of epoch ``epoch``: index tensors (CPU int64) into the pairs.
+
+    The permutation depends on (seed, epoch) only, so a resumed run sees the same order. Under
+    ``world_size`` ranks, rank r takes batches r, r + W, r + 2W... of the shared order, and the
+    tail is trimmed so every rank takes the same number of steps (DDP would hang otherwise).
+
+    Args:
+        num_pairs: number of (image, caption) pairs.
+        batch_size: pairs per batch (the last batch of a single process may be smaller).
+        seed: the run's seed.
+        epoch: 0-based epoch.
+        rank: this process's rank.
+        world_size: number of processes.
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(num_pairs, generator=g)
+    batches = list(perm.split(batch_size))
+    if world_size > 1:
+        per_rank = len(batches) // world_size
+        if per_rank == 0:
+            raise ValueError(f"{num_pairs} pairs make {len(batches)} batches of {batch_size}: too few for {world_size} ranks")
+        batches = batches[rank: per_rank * world_size: world_size]
+    return batches
+
+
+# -- the training step (also timed by bench/gpu_train.py) -------------------------------------
+
+def caption_loss(model: torch.nn.Module, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
+                 label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
+    """Mean token cross-entropy of a teacher-forced batch, and the number of predicted tokens.
+
+    Args:
+        model: a ShowAndTell (or its DDP wrapper).
+        features: (B, F) image features.
+        captions: (B, T) padded ids.
+        lengths: (B,) CPU lengths, specials included.
+        label_smoothing: as in ``F.cross_entropy``.
+    """
+    logits, targets = model(features, captions, lengths)  # (N, V), (N,) over real positions only
+    # fp32 loss: under bf16 autocast the log-softmax over ~10k words needs the extra mantissa.
+    return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing), int(targets.numel())
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, features: torch.Tensor, captions: torch.Tensor,
+               lengths: torch.Tensor, *, amp_dtype: torch.dtype | None = None, clip_grad: float = 0.0,
+               label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
+    """One optimiser step on one batch; returns the detached loss and the number of target tokens.
+
+    Args:
+        model: a ShowAndTell in train mode (or its DDP wrapper).
+        optimizer: its optimiser.
+        features: (B, F) on the model's device.
+        captions: (B, T) on the model's device.
+        lengths: (B,) on the CPU.
+        amp_dtype: autocast dtype (torch.bfloat16) or None for full precision.
+        clip_grad: global gradient-norm clip (0: off).
+        label_smoothing: as in ``F.cross_entropy``.
+    """
+    with torch.autocast(features.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+        loss, n = caption_loss(model, features, captions, lengths, label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    optimizer.step()
+    return loss.detach(), n
+
+
+@torch.no_grad()
+def validation_loss(model: ShowAndTell, features: torch.Tensor, pairs: CaptionPairs, batch_size: int,
+                    amp_dtype: torch.dtype | None = None) -> float:
+    """Teacher-forced mean token cross-entropy over all pairs (no dropout, no label smoothing)."""
+    was_training = model.training
+    model.eval()
+    total, count = torch.zeros((), dtype=torch.float64, device=features.device), 0
+    for idx in torch.arange(len(pairs)).split(batch_size):
+        feats, caps, lengths = pairs.batch(features, idx)
+        with torch.autocast(features.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            loss, n = caption_loss(model, feats, caps, lengths)
+        total += loss.double() * n
+        count += n
+    model.train(was_training)
+    return float(total) / count
+
+
+def greedy_captions(model: ShowAndTell, features: torch.Tensor, rows: np.ndarray, vocab: Vocabulary, max_len: int,
+                    batch_size: int, amp_dtype: torch.dtype | None = None) -> list[str]:
+    """Batched greedy captions of the images ``rows`` of ``features``."""
+    out = []
+    for chunk in torch.as_tensor(rows).split(batch_size):
+        with torch.autocast(features.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            out += [c.text for c in greedy_search(model, features[chunk.to(features.device)], vocab, max_len=max_len)]
+    return out
+
+
+# -- schedule ------------------------------------------------------------------------------------
+
+def make_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, steps_per_epoch: int):
+    """The learning-rate schedule of ``--schedule``; cosine/constant step per batch, plateau per epoch."""
+    if args.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=1)
+    warmup = max(0, round(args.warmup_epochs * steps_per_epoch))
+    total = max(1, args.epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:  # multiplier of --lr after `step` optimiser steps
+        if step < warmup:
+            return (step + 1) / warmup
+        if args.schedule == "constant":
+            return 1.0
+        t = min(1.0, (step - warmup) / max(1, total - warmup))
+        return args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    # A closure, not a callable object: LambdaLR then saves no code in its state_dict (weights_only loads).
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# -- files ---------------------------------------------------------------------------------------
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """JSON to ``path`` via a temp file and ``os.replace`` (a reader never sees half a file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path: Path, ckpt: dict[str, Any]) -> None:
+    """torch.save of tensors and plain containers only (loadable with weights_only=True), atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` without unpickling any code."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a fit checkpoint (format {ckpt.get('format')!r})")
+    return ckpt
+
+
+def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    """metrics.jsonl (rewritten from the checkpoint's history, so it always matches it) and the two plots."""
+    tmp = run_dir / "metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
+    os.replace(tmp, run_dir / "metrics.jsonl")
+    from train.report import plot_curves
+
+    plot_curves(history, run_dir / "loss_curve.png", run_dir / "metric_curve.png")
+
+
+def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+# -- distributed ---------------------------------------------------------------------------------
+
+def setup_runtime(device_arg: str) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device); joins the process group when launched by torchrun with >1 process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_arg == "auto":
+        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(device_arg)
+        if device.type == "cuda" and world > 1 and device.index is None:
+            device = torch.device(f"cuda:{local}")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def _broadcast_flag(flag: bool, device: torch.device, world: int) -> bool:
+    if world == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.broadcast(t, 0)
+    return bool(t.item())
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+def _check_resume_args(run_dir: Path, args: argparse.Namespace) -> None:
+    path = run_dir / "args.json"
+    if not path.is_file():
+        return
+    old, new = json.loads(path.read_text()), vars(args)
+    diff = sorted(k for k in set(old) | set(new) if k not in RESUME_MAY_DIFFER and old.get(k) != new.get(k))
+    if diff:
+        raise SystemExit(f"--resume: arguments differ from {path}: "
+                         + ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
+                         + "; resume with the original arguments, or use a new --out")
+
+
+def _improved(value: float, best: float | None, select: str) -> bool:
+    if best is None:
+        return True
+    return value > best if SELECT_MODES[select] == "max" else value < best
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m train fit``: see the module docstring and ``--help``.
+
+    Args:
+        argv: command line without the program name; defaults to ``sys.argv[1:]``.
+    """
+    args = build_parser().parse_args(argv)
+    from storyteller.features import FeatureCache
+    from storyteller.metrics import evaluate_captions
+
+    rank, world, device = setup_runtime(args.device)
+    is_main = rank == 0
+    if args.num_threads > 0:
+        torch.set_num_threads(args.num_threads)
+    amp_dtype = torch.bfloat16 if args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda") else None
+    run_dir = Path(args.out)
+    ckpt_path = run_dir / CHECKPOINT
+    resume = args.resume and ckpt_path.is_file()
+    if resume:
+        _check_resume_args(run_dir, args)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / "args.json", vars(args))
+
+    # -- data: every feature in memory as float32, every caption encoded once --
+    cache = FeatureCache.open(args.features)
+    features = torch.from_numpy(np.asarray(cache.features, dtype=np.float32)).to(device)  # (N_images, F)
+    train_rows = cache.split(args.train_split)
+    val_rows = cache.split(args.val_split)
+    if args.max_val_images > 0:
+        val_rows = val_rows[: args.max_val_images]
+    ckpt = load_checkpoint(ckpt_path) if resume else None
+    if ckpt is not None:
+        vocab = Vocabulary(ckpt["vocab"][len(SPECIAL_TOKENS):])
+    else:
+        vocab = Vocabulary.build((c for r in train_rows for c in cache.captions[r]), min_freq=args.min_freq)
+    train_pairs = encode_pairs(train_rows, cache.captions, vocab, args.max_caption_words, device)
+    val_pairs = encode_pairs(val_rows, cache.captions, vocab, args.max_caption_words, device)
+    val_refs = [cache.captions[r] for r in val_rows]
+
+    # -- model, optimiser, schedule --
+    torch.manual_seed(args.seed)
+    model_kwargs = dict(vocab_size=len(vocab), feature_dim=cache.feature_dim, embed_dim=args.embed_dim,
+                        hidden_dim=args.hidden_dim, num_layers=args.num_layers, dropout=args.dropout)
+    model = ShowAndTell(**model_kwargs).to(device)
+    model.vocab = vocab
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    steps_per_epoch = len(epoch_order(len(train_pairs), args.batch_size, args.seed, 0, rank, world))
+    scheduler = make_scheduler(optimizer, args, steps_per_epoch)
+    start_epoch, history = 0, []
+    best = {"epoch": -1, "value": None, "metrics": {}, "model": None}
+    bad_epochs, stopped = 0, False
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        start_epoch, history, best = ckpt["epoch"], ckpt["history"], ckpt["best"]
+        bad_epochs, stopped = ckpt["bad_epochs"], ckpt["stopped"]
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if device.type == "cuda" and len(ckpt["rng"]["cuda"]):
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        if is_main:
+            print(f"resuming {run_dir} after epoch {start_epoch}", file=sys.stderr)
+    train_model = model
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if is_main:
+        print(f"fit: {len(train_rows)} train images / {len(train_pairs)} captions, {len(val_rows)} val images, "
+              f"vocab {len(vocab)}, {sum(p.numel() for p in model.parameters()):,} parameters, device {device}"
+              f"{f' x {world} ranks' if world > 1 else ''}, amp {amp_dtype}", file=sys.stderr)
+    show_bar = is_main and (args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty()))
+
+    # -- epochs --
+    epochs_this_run = 0
+    for epoch in range(start_epoch, args.epochs):
+        if stopped:
+            break
+        t0 = time.perf_counter()
+        model.train()
+        torch.manual_seed(args.seed * 1_000_003 + epoch * 1_009 + rank)  # dropout masks: a function of (seed, epoch, rank)
+        batches = epoch_order(len(train_pairs), args.batch_size, args.seed, epoch, rank, world)
+        total = torch.zeros((), dtype=torch.float64, device=device)  # token-weighted loss sum, no per-step sync
+        tokens = seen = 0
+        from tqdm import tqdm
+
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not show_bar, leave=False, file=sys.stderr)
+        for step, idx in enumerate(bar):
+            feats, caps, lengths = train_pairs.batch(features, idx)
+            loss, n = train_step(train_model, optimizer, feats, caps, lengths, amp_dtype=amp_dtype,
+                                 clip_grad=args.clip_grad, label_smoothing=args.label_smoothing)
+            if args.schedule != "plateau":
+                scheduler.step()
+            total += loss.double() * n
+            tokens += n
+            seen += len(idx)
+            if show_bar and step % 20 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        bar.close()
+        if world > 1:  # the logged training loss covers every rank's batches
+            agg = torch.stack([total, torch.tensor(float(tokens), dtype=torch.float64, device=device)])
+            dist.all_reduce(agg)
+            total, tokens = agg[0], int(agg[1])
+        train_loss = float(total) / tokens
+        train_seconds = time.perf_counter() - t0
+
+        stop = False
+        if is_main:
+            val_loss = validation_loss(model, features, val_pairs, args.eval_batch_size * 5, amp_dtype)
+            t1 = time.perf_counter()
+            hyps = greedy_captions(model, features, val_rows, vocab, args.max_len, args.eval_batch_size, amp_dtype)
+            scores = evaluate_captions(hyps, val_refs)
+            record = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
+                      **{k: scores[k] for k in ("bleu1", "bleu2", "bleu3", "bleu4", "cider")},
+                      "lr": optimizer.param_groups[0]["lr"], "train_seconds": round(train_seconds, 3),
+                      "captions_per_s": round(seen * world / train_seconds, 1),
+                      "decode_seconds": round(time.perf_counter() - t1, 3)}
+            if args.schedule == "plateau":
+                scheduler.step(val_loss)
+            value = record[args.select]
+            if _improved(value, best["value"], args.select):
+                best = {"epoch": epoch + 1, "value": value, "metrics": {k: record[k] for k in
+                        ("val_loss", "bleu1", "bleu2", "bleu3", "bleu4", "cider")}, "model": _cpu_state(model)}
+                bad_epochs = 0
+            else:
+                bad_epochs += 1
+            stopped = args.patience > 0 and bad_epochs >= args.patience
+            record["best_epoch"] = best["epoch"]
+            history.append(record)
+            save_checkpoint(ckpt_path, {
+                "format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "model": _cpu_state(model),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "best": best,
+                "bad_epochs": bad_epochs, "stopped": stopped, "history": history, "vocab": list(vocab.itos),
+                "args": vars(args), "model_kwargs": model_kwargs,
+                "rng": {"cpu": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.empty(0, dtype=torch.uint8)}})
+            write_metrics(run_dir, history)
+            print(f"epoch {epoch + 1}: train {train_loss:.4f}  val {val_loss:.4f}  BLEU-4 {scores['bleu4']:.4f}  "
+                  f"CIDEr-D {scores['cider']:.4f}  ({train_seconds:.1f}s, {record['captions_per_s']:.0f} captions/s)"
+                  f"{'  *' if best['epoch'] == epoch + 1 else ''}", file=sys.stderr)
+            if stopped:
+                print(f"early stop: no better {args.select} for {args.patience} epochs (best epoch {best['epoch']})", file=sys.stderr)
+        if world > 1:  # everyone learns whether rank 0 stopped, and plateau's new lr
+            stopped = _broadcast_flag(stopped, device, world)
+            if args.schedule == "plateau":
+                lr = torch.tensor([optimizer.param_groups[0]["lr"]], dtype=torch.float64, device=device)
+                dist.broadcast(lr, 0)
+                for g in optimizer.param_groups:
+                    g["lr"] = float(lr)
+        epochs_this_run += 1
+        if args.stop_after_epochs and epochs_this_run >= args.stop_after_epochs and epoch + 1 < args.epochs and not stopped:
+            if is_main:
+                print(f"stopping after {epochs_this_run} epochs as asked; continue with --resume", file=sys.stderr)
+            _finish_distributed(world)
+            return
+
+    if is_main:
+        export_best(run_dir, best, model_kwargs, vocab, cache, args, features, val_rows, val_refs, history)
+    _finish_distributed(world)
+
+
+def _finish_distributed(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def export_best(run_dir: Path, best: dict[str, Any], model_kwargs: dict[str, Any], vocab: Vocabulary, cache,
+                args: argparse.Namespace, features: torch.Tensor, val_rows: np.ndarray, val_refs: list[list[str]],
+                history: list[dict[str, Any]], num_examples: int = 5) -> Path:
+    """Write the best epoch's model to RUN_DIR/model/ (Hub layout, loss curve, model card), atomically.
+
+    Returns:
+        the model folder.
+    """
+    from storyteller.card import write_model_card
+
+    if best["model"] is None:
+        raise RuntimeError("no epoch finished, nothing to export")
+    training = {"epochs_run": len(history), "best_epoch": best["epoch"], "select": args.select,
+                "train_split": args.train_split, "val_split": args.val_split,
+                "train_images": int(len(cache.split(args.train_split))), "val_images": int(len(val_rows)),
+                "hyperparameters": {k: getattr(args, k) for k in (
+                    "min_freq", "max_caption_words", "batch_size", "lr", "weight_decay", "schedule", "warmup_epochs",
+                    "min_lr_ratio", "clip_grad", "label_smoothing", "dropout", "seed", "epochs", "patience")}}
+    metrics = {"split": args.val_split, "decoding": f"greedy, max_len {args.max_len}", **best["metrics"]}
+    model = ShowAndTell(**model_kwargs, backbone=copy.deepcopy(cache.backbone),
+                        extra={"dataset": cache.manifest.get("dataset", {}), "training": training, "metrics": metrics})
+    model.load_state_dict(best["model"])
+    model.vocab = vocab
+    model.eval()
+    rows = val_rows[:num_examples]
+    caps = greedy_captions(model, features.cpu(), rows, vocab, args.max_len, len(rows) or 1)
+    examples = [{"id": cache.ids[int(r)], "references": val_refs[i], "captions": {"greedy": caps[i]}}
+                for i, r in enumerate(rows)]
+
+    final, tmp, old = run_dir / "model", run_dir / "model.tmp", run_dir / "model.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if (run_dir / "loss_curve.png").is_file():
+        shutil.copyfile(run_dir / "loss_curve.png", tmp / "loss_curve.png")
+    write_model_card(tmp, examples=examples)
+    # Swap folders: a reader sees the old complete model or the new one, never a half-written one.
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    print(f"exported epoch {best['epoch']} ({args.select} {best['value']:.4f}) to {final}", file=sys.stderr)
+    return final
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Plots and small file helpers shared by ``train.fit`` and ``train.evaluate``.
+
+    python -m train.report runs/flickr8k-lite0/metrics.jsonl   # redraw the two curves of a run
+
+Plots use matplotlib's Agg backend (no display needed) and are written atomically.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _save_figure(fig, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def plot_curves(history: list[dict[str, Any]], loss_png: str | os.PathLike, metric_png: str | os.PathLike) -> None:
+    """Draw train/val loss and val BLEU-4 / CIDEr-D per epoch.
+
+    Args:
+        history: one dict per epoch with ``epoch``, ``train_loss``, ``val_loss``, ``bleu4``, ``cider``
+            (the lines of metrics.jsonl).
+        loss_png: output path of the loss curve.
+        metric_png: output path of the metric curve.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train (dropout on)")
+    ax.plot(epochs, [h["val_loss"] for h in history], "s-", label="validation")
+    best = [h for h in history if h.get("best_epoch") == h["epoch"]]
+    if best:
+        ax.axvline(best[-1]["epoch"], color="grey", ls=":", label=f"best epoch {best[-1]['epoch']}")
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("cross-entropy per token")
+    ax.set_title("Loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save_figure(fig, Path(loss_png))
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, [h["bleu4"] for h in history], "o-", color="tab:green", label="BLEU-4")
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("BLEU-4 (greedy)")
+    ax2 = ax.twinx()  # CIDEr-D lives on a 0..10 scale, BLEU-4 on 0..1
+    ax2.plot(epochs, [h["cider"] for h in history], "s-", color="tab:purple", label="CIDEr-D")
+    ax2.set_ylabel("CIDEr-D (greedy)")
+    lines = ax.get_lines() + ax2.get_lines()
+    ax.legend(lines, [ln.get_label() for ln in lines], loc="lower right")
+    ax.set_title("Validation captions")
+    ax.grid(alpha=0.3)
+    _save_figure(fig, Path(metric_png))
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Redraw loss_curve.png and metric_curve.png beside a metrics.jsonl.
+
+    Args:
+        argv: ``[path/to/metrics.jsonl]``.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        sys.exit("usage: python -m train.report RUN_DIR/metrics.jsonl")
+    path = Path(argv[0])
+    history = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    plot_curves(history, path.parent / "loss_curve.png", path.parent / "metric_curve.png")
+
+
+if __name__ == "__main__":
+    main()
