@@ -1,0 +1,162 @@
+"""app.py, served for real: ``python app.py --model <tiny model>`` in a subprocess on 127.0.0.1, called with
+gradio_client on real photos and on every kind of bad input; the server must keep answering."""
+from __future__ import annotations
+
+import base64
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+
+from storyteller.vocab import SPECIAL_TOKENS
+from tests.helpers_images import write_bad_inputs, write_odd_inputs
+from tests.helpers_models import save_test_model
+from tests.helpers_server import REPO, running_app
+
+EXAMPLES = sorted((REPO / "examples").glob("*.jpg"))
+BAD_MESSAGES = {"not_an_image.jpg": "not an image", "empty.png": "empty", "truncated.jpg": "truncated",
+                "bomb_20000x20000.png": "megapixels"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return save_test_model(tmp_path_factory.mktemp("app-model") / "tiny-lite0")
+
+
+@pytest.fixture(scope="module")
+def client(model_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("app-log") / "app.log"
+    with running_app(model_dir, log) as url:
+        yield Client(url, verbose=False, download_files=False)
+
+
+def check_result(result, beam_size: int) -> None:
+    greedy, greedy_lp, greedy_ms, beam, beam_lp, beam_ms, nbest, timing = result
+    for text in (greedy, beam):
+        assert isinstance(text, str) and text.strip(), result
+        assert not any(tok in text for tok in SPECIAL_TOKENS), text
+    assert greedy_lp < 0 and beam_lp < 0 and greedy_ms > 0 and beam_ms > 0
+    rows = nbest["data"]
+    assert 1 <= len(rows) <= beam_size and rows[0][1] == beam and rows[0][2] == pytest.approx(beam_lp, abs=1e-3)
+    assert "backbone" in timing and "beam search" in timing
+
+
+def real_photos(request) -> list[Path]:
+    """Up to three full-resolution Flickr8k photos where the shared data exists, else examples/."""
+    try:
+        d = request.getfixturevalue("fullres_dir")
+    except pytest.skip.Exception:
+        return EXAMPLES[:3]
+    rows = [json.loads(line) for line in (d / "metadata.jsonl").read_text().splitlines()[:3]]
+    return [d / r["file_name"] for r in rows]
+
+
+def test_api_has_the_caption_endpoint(client):
+    api = client.view_api(return_format="dict", print_info=False)
+    assert "/caption" in api["named_endpoints"]
+
+
+def test_real_photos_get_captions(client, request):
+    photos = real_photos(request)
+    assert photos, "no photos: examples/ is empty"
+    for path in photos:
+        check_result(client.predict(handle_file(str(path)), 5, 20, 0.0, api_name="/caption"), 5)
+
+
+def test_example_photos_get_captions(client):
+    assert 4 <= len(EXAMPLES) <= 6
+    for path in EXAMPLES[:2]:
+        check_result(client.predict(handle_file(str(path)), 3, 12, 0.5, api_name="/caption"), 3)
+
+
+@pytest.mark.parametrize("name", list(BAD_MESSAGES))
+def test_bad_input_is_a_clear_error_and_the_server_keeps_working(client, tmp_path, name):
+    path = write_bad_inputs(tmp_path)[name]
+    with pytest.raises(AppError) as e:
+        client.predict(handle_file(str(path)), 5, 20, 0.0, api_name="/caption")
+    assert BAD_MESSAGES[name] in str(e.value), str(e.value)
+    check_result(client.predict(handle_file(str(EXAMPLES[0])), 2, 8, 0.0, api_name="/caption"), 2)
+
+
+@pytest.mark.parametrize("name", ["cmyk.jpg", "rgba.png", "gray16.png", "gray.png", "animated.gif"])
+def test_unusual_images_are_captioned(client, tmp_path, name):
+    path = write_odd_inputs(tmp_path)[name]
+    check_result(client.predict(handle_file(str(path)), 3, 10, 0.0, api_name="/caption"), 3)
+
+
+def test_bad_settings_and_missing_image_are_errors(client):
+    photo = handle_file(str(EXAMPLES[0]))
+    for beam, max_len, alpha, words in [(0, 20, 0.0, "Beam width"), (11, 20, 0.0, "Beam width"),
+                                        (5, 0, 0.0, "Max length"), (5, 20, 9.0, "alpha")]:
+        with pytest.raises(AppError, match=words):
+            client.predict(photo, beam, max_len, alpha, api_name="/caption")
+    with pytest.raises(AppError, match="photo first"):
+        client.predict(None, 5, 20, 0.0, api_name="/caption")
+    check_result(client.predict(photo, 5, 20, 0.0, api_name="/caption"), 5)
+
+
+def test_missing_model_fails_at_start_with_one_clear_line(tmp_path):
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, str(REPO / "app.py"), "--model", str(tmp_path / "no-such-model")],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert run.returncode == 1
+    assert "cannot start" in run.stderr and "no model folder" in run.stderr and "Traceback" not in run.stderr
+
+
+# -- the pure helpers, in process ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def app_module(model_dir):
+    old = os.environ.get("STORYTELLER_MODEL")
+    os.environ["STORYTELLER_MODEL"] = str(model_dir)  # `gradio app.py` reload mode picks the model this way
+    try:
+        sys.modules.pop("app", None)
+        yield importlib.import_module("app")
+    finally:
+        sys.modules.pop("app", None)
+        if old is None:
+            os.environ.pop("STORYTELLER_MODEL", None)
+        else:
+            os.environ["STORYTELLER_MODEL"] = old
+
+
+def test_module_level_demo_and_event(app_module):
+    import gradio as gr
+
+    assert isinstance(app_module.demo, gr.Blocks)
+    fns = list(app_module.demo.fns.values())
+    caption = [f for f in fns if f.api_name == "caption"]
+    assert len(caption) == 1 and caption[0].preprocess is False  # our loader sees the raw upload
+    assert app_module.captioner.source == os.environ["STORYTELLER_MODEL"]
+
+
+def test_image_source_accepts_paths_filedata_and_data_urls(app_module):
+    import gradio as gr
+
+    assert app_module.image_source({"path": "/tmp/x.png", "url": None}) == "/tmp/x.png"
+    assert app_module.image_source("/tmp/y.jpg") == "/tmp/y.jpg"
+    data = base64.b64encode(b"\x89PNG....").decode()
+    assert app_module.image_source({"path": None, "url": f"data:image/png;base64,{data}"}) == b"\x89PNG...."
+    for bad in (None, {"path": None, "url": None}, {"path": None, "url": "data:image/png;base64,@@@"}):
+        with pytest.raises(gr.Error):
+            app_module.image_source(bad)
+
+
+def test_model_panel_shows_backbone_and_scores(app_module):
+    info = {"model": "me/m", "revision": "v1", "backbone": "efficientnet_lite0", "backbone_weights": "w",
+            "feature_dim": 1280, "vocab_size": 37, "embed_dim": 16, "hidden_dim": 32, "num_layers": 1,
+            "dataset": {"name": "flickr8k"}, "metrics": {"bleu4": 0.1, "cider": 0.2},
+            "evaluations": [{"dataset_name": "flickr8k", "split": "validation",
+                             "methods": {"greedy": {"bleu1": 0.55, "bleu4": 0.15, "cider": 0.4}}}]}
+    md = app_module.model_markdown(info)
+    assert "`me/m` @ `v1`" in md and "efficientnet_lite0" in md and "flickr8k" in md
+    assert "| flickr8k validation | greedy | 0.550 | 0.150 | 0.400 |" in md
+    info["evaluations"] = []
+    assert "| validation (during training) | greedy | - | 0.100 | 0.200 |" in app_module.model_markdown(info)
+    info["metrics"] = {}
+    assert "No evaluation figures" in app_module.model_markdown(info)
