@@ -1,0 +1,91 @@
+"""storyteller.card.write_model_card: Hub front matter, metric tables, curve, examples, usage."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+
+from storyteller.card import write_model_card
+from storyteller.model import ShowAndTell
+from storyteller.vocab import Vocabulary
+
+SPEC = {"name": "efficientnet_lite0", "weights": "w", "feature_dim": 8,
+        "preprocessing": {"resize": 256, "crop": 224, "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3}}
+TRAIN_METRICS = {"split": "validation", "decoding": "greedy, max_len 20", "val_loss": 2.5, "bleu1": 0.6,
+                 "bleu2": 0.4, "bleu3": 0.3, "bleu4": 0.2222, "cider": 0.5111}
+
+
+def save_model(path, dataset, metrics=TRAIN_METRICS):
+    torch.manual_seed(0)
+    vocab = Vocabulary(["a", "dog", "runs"])
+    m = ShowAndTell(len(vocab), feature_dim=8, embed_dim=4, hidden_dim=4, backbone=SPEC,
+                    extra={"dataset": dataset, "metrics": metrics,
+                           "training": {"train_split": "train", "train_images": 100, "val_split": "validation",
+                                        "val_images": 10, "select": "cider", "best_epoch": 3, "epochs_run": 5,
+                                        "hyperparameters": {"lr": 0.002}}})
+    m.vocab = vocab
+    m.save_pretrained(path)
+    return path
+
+
+def test_card_from_training_metrics(tmp_path):
+    d = save_model(tmp_path / "m", {"source": "/data/flickr8k", "kind": "imagefolder"})
+    path = write_model_card(d, repo_id="someone/storyteller-test")
+    text = path.read_text()
+    card = ModelCard.load(path)  # the Hub's own parser accepts the front matter
+    assert card.data.pipeline_tag == "image-to-text" and card.data.library_name == "neural-storyteller"
+    assert card.data.license == "mit" and "image-captioning" in card.data.tags
+    assert card.data.datasets is None  # a local folder is not a Hub dataset id
+    values = {r.metric_name: r.metric_value for r in card.data.eval_results}
+    assert values == {"BLEU-4 (greedy)": 0.2222, "CIDEr-D (greedy)": 0.5111}
+    assert card.data.model_name == "someone/storyteller-test"
+    assert "| greedy | 0.6000 | 0.4000 | 0.3000 | 0.2222 | 0.5111 | 2.5000 |" in text
+    assert 'ShowAndTell.from_pretrained("someone/storyteller-test")' in text
+    assert "flickr8k" in text and "centre crop 224x224" in text and "## Limitations" in text
+    assert "loss_curve.png" not in text  # no curve in the folder, no broken image link
+    assert "## Example captions" not in text
+
+
+def test_card_uses_evaluation_json_curve_and_examples(tmp_path):
+    d = save_model(tmp_path / "m", {"source": "nlphuji/flickr30k", "kind": "hub"})
+    (d / "loss_curve.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    evaluation = {"dataset": "nlphuji/flickr30k", "dataset_name": "nlphuji/flickr30k", "split": "test",
+                  "num_images": 1000, "max_len": 20, "alpha": 0.0, "features": None,
+                  "methods": {"greedy": {"beam": 1, "bleu1": 0.6, "bleu2": 0.4, "bleu3": 0.28, "bleu4": 0.19,
+                                         "cider": 0.41, "mean_length": 9.1, "vocab_used": 400, "images_per_s": 900.0},
+                              "beam3": {"beam": 3, "bleu1": 0.62, "bleu2": 0.42, "bleu3": 0.3, "bleu4": 0.21,
+                                        "cider": 0.45, "mean_length": 9.0, "vocab_used": 350, "images_per_s": 300.0}},
+                  "examples": [{"id": "1.jpg", "references": ["a dog runs", "a | dog"],
+                                "captions": {"greedy": "a dog", "beam3": "a dog runs"}, "image": "examples/1.jpg"}]}
+    (d / "evaluation.json").write_text(json.dumps({"format": "storyteller-evaluation-v1", "evaluations": [evaluation]}))
+    path = write_model_card(d)
+    text = path.read_text()
+    card = ModelCard.load(path)
+    assert card.data.datasets == ["nlphuji/flickr30k"]
+    values = {r.metric_name: r.metric_value for r in card.data.eval_results}
+    assert values == {"BLEU-4 (greedy)": 0.19, "CIDEr-D (greedy)": 0.41, "BLEU-4 (beam 3)": 0.21, "CIDEr-D (beam 3)": 0.45}
+    assert {r.dataset_split for r in card.data.eval_results} == {"test"}
+    assert "| beam 3 | 0.6200 | 0.4200 | 0.3000 | 0.2100 | 0.4500 | 9.0000 | 350 | 300.0 |" in text
+    assert "| greedy | 0.6000 | 0.4000 | 0.3000 | 0.2222 | 0.5111 | 2.5000 |" in text  # training figures still shown
+    assert "![training and validation loss per epoch](loss_curve.png)" in text
+    assert "![1.jpg](examples/1.jpg)" in text and "a dog runs" in text and "a \\| dog" in text  # pipe escaped
+    assert 'from_pretrained("path/to/this/folder")' in text
+
+
+def test_card_examples_argument_and_missing_extra(tmp_path):
+    torch.manual_seed(0)
+    vocab = Vocabulary(["a", "cat"])
+    m = ShowAndTell(len(vocab), feature_dim=8, embed_dim=4, hidden_dim=4)  # no backbone, no extra
+    m.vocab = vocab
+    m.save_pretrained(tmp_path / "bare")
+    text = write_model_card(tmp_path / "bare", examples=[{"id": "x", "references": ["a cat"],
+                                                           "captions": {"greedy": "a cat"}}]).read_text()
+    assert "No scores recorded" in text and "| `x` | a cat | a cat |" in text
+    assert ModelCard.load(tmp_path / "bare" / "README.md").data.eval_results is None
+
+
+def test_card_needs_a_model_folder(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        write_model_card(tmp_path)

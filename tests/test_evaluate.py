@@ -1,0 +1,142 @@
+"""python -m train evaluate: cached vs live features, metrics, report with thumbnails, evaluation.json."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from storyteller.backbones import create_backbone
+from storyteller.data import open_captioned_images
+from storyteller.decoding import beam_search, greedy_search
+from storyteller.features import FeatureCache
+from storyteller.metrics import evaluate_captions
+from storyteller.model import ShowAndTell
+from storyteller.vocab import Vocabulary
+from train import evaluate
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220)}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A 9-image imagefolder, its cache from a random-weights lite0, and an untrained model on that backbone."""
+    root = tmp_path_factory.mktemp("eval")
+    data = root / "data"
+    for split, n in (("train", 1), ("validation", 2)):
+        (data / split).mkdir(parents=True)
+        lines = []
+        for colour, rgb in COLOURS.items():
+            for k in range(n):
+                name = f"{split}{len(lines)}.png"
+                Image.new("RGB", (64, 48), rgb).save(data / split / name)
+                lines.append(json.dumps({"file_name": name, "captions": [f"a {colour} picture", f"all {colour}"]}))
+        (data / split / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    from train import extract
+
+    threads = torch.get_num_threads()
+    try:
+        extract.main(["--dataset", str(data), "--backbone", "efficientnet_lite0", "--random-weights", "--out",
+                      str(root / "feats"), "--workers", "0", "--threads", "1", "--quiet"])
+    finally:
+        torch.set_num_threads(threads)
+    cache = FeatureCache.open(root / "feats")
+    torch.manual_seed(0)
+    vocab = Vocabulary.build([c for caps in cache.captions for c in caps], min_freq=1)
+    model = ShowAndTell(len(vocab), feature_dim=cache.feature_dim, embed_dim=8, hidden_dim=16, backbone=cache.backbone)
+    model.vocab = vocab
+    model.save_pretrained(root / "model")
+    return root, data, cache
+
+
+def run(setup, tmp_path, *extra):
+    root, data, _ = setup
+    return evaluate.main(["--model", str(root / "model"), "--split", "validation", "--out", str(tmp_path / "e.json"),
+                          *extra])
+
+
+def test_cached_features_metrics_match_direct_decoding(setup, tmp_path):
+    root, _, cache = setup
+    result = run(setup, tmp_path, "--features", str(root / "feats"), "--beam", "1", "2", "--max-len", "6")
+    assert json.loads((tmp_path / "e.json").read_text()) == result
+    assert list(result["methods"]) == ["greedy", "beam2"] and result["num_images"] == 6
+    rows = cache.split("validation")
+    refs = [cache.captions[r] for r in rows]
+    model = ShowAndTell.from_pretrained(root / "model")
+    feats = torch.from_numpy(np.asarray(cache.features[rows], dtype=np.float32))
+    greedy = [c.text for c in greedy_search(model, feats, max_len=6)]
+    beam = [c[0].text for c in beam_search(model, feats, beam_size=2, max_len=6)]
+    for key, texts in (("greedy", greedy), ("beam2", beam)):
+        m = result["methods"][key]
+        for name, value in evaluate_captions(texts, refs).items():
+            assert m[name] == pytest.approx(value), (key, name)
+        assert m["mean_length"] == pytest.approx(np.mean([len(t.split()) for t in texts]))
+        assert m["vocab_used"] == len({w for t in texts for w in t.split()})
+        assert m["images_per_s"] > 0
+    assert [ex["captions"]["greedy"] for ex in result["examples"]] == \
+        [greedy[[cache.ids[r] for r in rows].index(ex["id"])] for ex in result["examples"]]
+
+
+def test_live_features_equal_the_cache(setup):
+    _, data, cache = setup
+    images = open_captioned_images(data, "validation")
+    live = evaluate.live_features(images, cache.backbone, torch.device("cpu"), batch_size=4, workers=0)
+    cached = torch.from_numpy(np.asarray(cache.features[cache.split("validation")], dtype=np.float32))
+    torch.testing.assert_close(live, cached, atol=2e-3, rtol=2e-3)  # the cache stores float16
+
+
+def test_live_run_with_limit(setup, tmp_path):
+    result = run(setup, tmp_path, "--dataset", str(setup[1]), "--beam", "1", "--limit", "2", "--examples", "1")
+    assert result["num_images"] == 2 and result["features"] is None
+    assert result["extraction"]["images_per_s"] > 0 and len(result["examples"]) == 1
+
+
+def test_cache_from_another_backbone_is_refused(setup, tmp_path):
+    root, _, cache = setup
+    other = dict(cache.backbone, preprocessing=dict(cache.backbone["preprocessing"], crop=200))
+    model = ShowAndTell.from_pretrained(root / "model")
+    model2 = ShowAndTell(model.vocab_size, feature_dim=model.feature_dim, embed_dim=8, hidden_dim=16, backbone=other)
+    model2.vocab = model.vocab
+    model2.save_pretrained(tmp_path / "other")
+    with pytest.raises(SystemExit, match="crop|preprocessing"):
+        evaluate.main(["--model", str(tmp_path / "other"), "--features", str(root / "feats"), "--out", str(tmp_path / "x.json")])
+
+
+def test_report_thumbnails_seeded_examples_and_write_to_model(setup, tmp_path):
+    root, data, _ = setup
+    model_dir = tmp_path / "model"
+    import shutil
+
+    shutil.copytree(root / "model", model_dir)
+    from storyteller.card import write_model_card
+
+    write_model_card(model_dir)
+    args = ["--model", str(model_dir), "--dataset", str(data), "--features", str(root / "feats"), "--beam", "1", "3",
+            "--examples", "3", "--seed", "7", "--out", str(tmp_path / "e.json"), "--report", str(tmp_path / "r" / "eval.md")]
+    result = evaluate.main(args + ["--write-to-model"])
+    again = evaluate.main(args + ["--write-to-model"])
+    assert [e["id"] for e in result["examples"]] == [e["id"] for e in again["examples"]]  # fixed seed
+    picks = {tuple(e["id"] for e in evaluate.main(args[:-4] + ["--seed", str(s), "--out", str(tmp_path / "s.json")])["examples"])
+             for s in range(4)}
+    assert len(picks) > 1  # the seed does choose the images
+
+    report = (tmp_path / "r" / "eval.md").read_text()
+    for ex in result["examples"]:
+        thumb = tmp_path / "r" / ex["thumbnail"]
+        with Image.open(thumb) as im:
+            assert im.format == "JPEG" and max(im.size) <= evaluate.THUMBNAIL_SIZE
+        assert f"]({ex['thumbnail']})" in report
+        assert ex["references"][0] in report and ex["captions"]["beam3"] in report
+    assert "| greedy |" in report and "| beam 3 |" in report
+
+    stored = json.loads((model_dir / "evaluation.json").read_text())["evaluations"]
+    assert len(stored) == 1 and stored[0]["split"] == "validation"  # the rerun replaced, not appended
+    assert all((model_dir / ex["image"]).is_file() for ex in stored[0]["examples"])
+    evaluate.main(args[:-2] + ["--split", "train", "--write-to-model"])
+    stored = json.loads((model_dir / "evaluation.json").read_text())["evaluations"]
+    assert [e["split"] for e in stored] == ["validation", "train"]
+    card = (model_dir / "README.md").read_text()
+    assert "split `train`" in card and "| beam 3 |" in card and "examples/" in card

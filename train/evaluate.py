@@ -1,0 +1,333 @@
+"""Score a trained model's captions on a dataset split, greedy and beam search, batched.
+
+    python -m train evaluate --model runs/flickr8k-lite0/model --dataset ../shared/data/flickr8k \\
+        --split validation --beam 1 3 5 --out runs/flickr8k-lite0/eval.json --report runs/flickr8k-lite0/eval.md
+    python -m train evaluate --model user/storyteller --features feats/flickr8k-lite0 --split validation \\
+        --beam 1 3 --out eval.json            # cached features (must come from the model's backbone)
+
+Beam 1 is greedy search. Features come from ``--features`` (a cache checked against the model's
+backbone spec) or are computed live from the photos with the model's own backbone and
+preprocessing. The JSON holds, per decoding method, every figure of ``evaluate_captions``
+(BLEU-1..4, CIDEr-D, unigram precision/recall/F1), the mean caption length in words, the number of
+distinct words used, and decoding images/s; plus a few examples drawn with ``--seed``. ``--report``
+writes the same as Markdown with thumbnails (JPEGs in a folder beside the report).
+``--write-to-model`` stores the result in the model folder's evaluation.json (and re-renders its
+README.md card), replacing an earlier evaluation of the same dataset and split.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from storyteller.decoding import beam_search, greedy_search
+from storyteller.model import ShowAndTell
+from storyteller.vocab import tokenize
+
+EVALUATION_FORMAT = "storyteller-evaluation-v1"
+THUMBNAIL_SIZE = 256
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train evaluate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="model folder (config.json, model.safetensors, vocab.json) or Hub repo id")
+    p.add_argument("--dataset", default=None,
+                   help="captioned images (Hub id, imagefolder or parquet); needed unless --features is given, "
+                        "and for the report's thumbnails")
+    p.add_argument("--features", default=None, help="feature cache to read instead of running the backbone")
+    p.add_argument("--split", default="validation", help="split to evaluate")
+    p.add_argument("--limit", type=int, default=0, help="evaluate the first N images of the split only (0: all)")
+    p.add_argument("--beam", type=int, nargs="+", default=[1, 3], help="beam sizes to run; 1 is greedy search")
+    p.add_argument("--alpha", type=float, default=0.0, help="beam search GNMT length-normalisation exponent")
+    p.add_argument("--max-len", type=int, default=20, help="most decoding steps per caption (<end> included)")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0, help="forbid repeating n-grams of this size (0: off)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per decoding / feature-extraction batch")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader processes decoding photos for live features")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
+    p.add_argument("--out", required=True, help="JSON file for the results")
+    p.add_argument("--report", default=None, help="Markdown report file (thumbnails go to a folder beside it)")
+    p.add_argument("--examples", type=int, default=5, help="random example images in the JSON and the report")
+    p.add_argument("--seed", type=int, default=0, help="seed that picks the example images")
+    p.add_argument("--write-to-model", action="store_true",
+                   help="also store the result in MODEL/evaluation.json and refresh MODEL/README.md (local folders only)")
+    return p
+
+
+# -- features ------------------------------------------------------------------------------------
+
+class _FirstImages:
+    """The first ``n`` images of a CaptionedImages, still decoded lazily (picklable for workers)."""
+
+    def __init__(self, base, n: int):
+        self.base, self.records, self.description = base, base.records[:n], base.description
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load_image(self, i: int):
+        return self.base.load_image(i)
+
+
+class _Pixels(torch.utils.data.Dataset):
+    """Images of a CaptionedImages as normalised pixel tensors (picklable for DataLoader workers)."""
+
+    def __init__(self, images, transform):
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.transform(self.images.load_image(i))
+
+
+@torch.inference_mode()
+def live_features(images, backbone_spec: dict[str, Any], device: torch.device, batch_size: int, workers: int) -> torch.Tensor:
+    """(N, F) float32 features of ``images`` (a CaptionedImages) from the model's own backbone.
+
+    Args:
+        images: the captioned images, in order.
+        backbone_spec: ``model.backbone``: network, weights and preprocessing.
+        device: where the backbone runs.
+        batch_size: images per forward.
+        workers: DataLoader processes decoding images.
+    """
+    from storyteller.backbones import create_backbone
+
+    backbone = create_backbone(backbone_spec, device=device)
+    loader = torch.utils.data.DataLoader(_Pixels(images, backbone.transform), batch_size=batch_size,
+                                         num_workers=workers, shuffle=False)
+    return torch.cat([backbone(pixels.to(device)).float() for pixels in loader])
+
+
+# -- decoding and scoring ------------------------------------------------------------------------
+
+def method_name(beam: int) -> str:
+    """``greedy`` for beam 1, ``beamK`` otherwise (the keys of the results)."""
+    return "greedy" if beam == 1 else f"beam{beam}"
+
+
+def decode_all(model: ShowAndTell, features: torch.Tensor, beam: int, *, max_len: int, alpha: float,
+               no_repeat_ngram_size: int, batch_size: int) -> list[str]:
+    """Captions of every row of ``features`` (N, F), in batches; beam 1 runs greedy search.
+
+    Args:
+        model: the decoder (its vocab attached).
+        features: (N, F) on the model's device.
+        beam: beam size.
+        max_len: most decoding steps.
+        alpha: length normalisation (beam > 1 only).
+        no_repeat_ngram_size: n-gram blocking (0: off).
+        batch_size: images per decoder batch.
+    """
+    texts = []
+    for chunk in features.split(batch_size):
+        if beam == 1:
+            texts += [c.text for c in greedy_search(model, chunk, max_len=max_len, no_repeat_ngram_size=no_repeat_ngram_size)]
+        else:
+            texts += [caps[0].text for caps in beam_search(model, chunk, beam_size=beam, max_len=max_len, alpha=alpha,
+                                                            no_repeat_ngram_size=no_repeat_ngram_size)]
+    return texts
+
+
+def caption_statistics(hypotheses: list[str]) -> dict[str, float]:
+    """Mean caption length in words and the number of distinct words over all captions."""
+    toks = [tokenize(h) for h in hypotheses]
+    return {"mean_length": float(np.mean([len(t) for t in toks])) if toks else 0.0,
+            "vocab_used": len({w for t in toks for w in t})}
+
+
+# -- outputs -------------------------------------------------------------------------------------
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _safe_name(id_: str) -> str:
+    """A file-name stem for an image id (``"train/0001.jpg"`` -> ``"train_0001"``)."""
+    stem = re.sub(r"\.(jpe?g|png|gif|webp|bmp|tiff?)$", "", id_, flags=re.IGNORECASE)
+    return re.sub(r"[^\w.-]", "_", stem)[:100] or "image"
+
+
+def save_thumbnail(image, path: Path) -> None:
+    """A small JPEG (longest side THUMBNAIL_SIZE) of a PIL image, written atomically."""
+    thumb = image.convert("RGB")
+    thumb.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    thumb.save(tmp, format="JPEG", quality=85)
+    os.replace(tmp, path)
+
+
+def render_report(result: dict[str, Any]) -> str:
+    """The Markdown report of one evaluation result (examples' ``thumbnail`` paths relative to the report)."""
+    cols = [("bleu1", "BLEU-1"), ("bleu2", "BLEU-2"), ("bleu3", "BLEU-3"), ("bleu4", "BLEU-4"), ("cider", "CIDEr-D"),
+            ("precision", "P"), ("recall", "R"), ("f1", "F1"), ("mean_length", "mean length"),
+            ("vocab_used", "distinct words"), ("images_per_s", "images/s")]
+    out = [f"# Evaluation of `{result['model']}`", "",
+           f"Dataset `{result['dataset']}`, split `{result['split']}`, {result['num_images']} images; "
+           f"features {'from cache `' + result['features'] + '`' if result['features'] else 'computed live'} "
+           f"(backbone `{(result.get('backbone') or {}).get('name')}`); max length {result['max_len']}, "
+           f"alpha {result['alpha']}.", "",
+           "| decoding | " + " | ".join(c for _, c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for key, m in result["methods"].items():
+        label = "greedy" if m["beam"] == 1 else f"beam {m['beam']}"
+        out.append(f"| {label} | " + " | ".join(f"{m[k]:.4f}" if isinstance(m[k], float) and k != "images_per_s"
+                                                   else f"{m[k]:.1f}" if isinstance(m[k], float) else str(m[k])
+                                                   for k, _ in cols) + " |")
+    out += ["", f"## Examples ({len(result['examples'])} random images, seed {result['seed']})", ""]
+    for ex in result["examples"]:
+        out += [f"### `{ex['id']}`", ""]
+        if ex.get("thumbnail"):
+            out += [f"![{ex['id']}]({ex['thumbnail']})", ""]
+        for key, text in ex["captions"].items():
+            out.append(f"- **{key}**: {text or '(empty)'}")
+        out += ["- **ground truth**:"] + [f"  - {r}" for r in ex["references"]] + [""]
+    return "\n".join(out)
+
+
+def update_model_evaluation(model_dir: Path, result: dict[str, Any], images: dict[str, Any] | None = None) -> Path:
+    """Store ``result`` in ``model_dir/evaluation.json`` (replacing one of the same dataset and split).
+
+    Args:
+        model_dir: local model folder.
+        result: one evaluation result as written to ``--out``.
+        images: example id -> PIL image; thumbnails are copied to ``model_dir/examples/`` for the card.
+    """
+    from storyteller.card import EVALUATION_FILE, read_evaluations, write_model_card
+
+    entry = json.loads(json.dumps(result))
+    for ex in entry["examples"]:
+        ex.pop("thumbnail", None)
+        if images and ex["id"] in images:
+            rel = f"examples/{_safe_name(ex['id'])}.jpg"
+            save_thumbnail(images[ex["id"]], model_dir / rel)
+            ex["image"] = rel
+    evaluations = [e for e in read_evaluations(model_dir)
+                   if (e.get("dataset"), e.get("split")) != (entry["dataset"], entry["split"])]
+    evaluations.append(entry)
+    _write_text_atomic(model_dir / EVALUATION_FILE,
+                       json.dumps({"format": EVALUATION_FORMAT, "evaluations": evaluations}, indent=1, ensure_ascii=False) + "\n")
+    if (model_dir / "README.md").is_file():
+        write_model_card(model_dir)
+    return model_dir / EVALUATION_FILE
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """``python -m train evaluate``: see the module docstring and ``--help``.
+
+    Args:
+        argv: command line without the program name; defaults to ``sys.argv[1:]``.
+
+    Returns:
+        the result dict written to ``--out``.
+    """
+    args = build_parser().parse_args(argv)
+    from storyteller.metrics import evaluate_captions
+
+    if args.features is None and args.dataset is None:
+        sys.exit("give --dataset (features computed live) or --features (a feature cache)")
+    if any(b < 1 for b in args.beam):
+        sys.exit(f"beam sizes must be >= 1, got {args.beam}")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    model = ShowAndTell.from_pretrained(args.model).to(device).eval()
+
+    images = None  # CaptionedImages of the split, when --dataset is given
+    if args.dataset is not None:
+        from storyteller.data import open_captioned_images
+
+        images = open_captioned_images(args.dataset, args.split)
+    extraction = None
+    if args.features is not None:
+        from storyteller.features import FeatureCache, FeatureCacheError
+
+        try:
+            cache = FeatureCache.open(args.features, expect_backbone=model.backbone) if model.backbone else FeatureCache.open(args.features)
+            rows = cache.split(args.split)
+        except FeatureCacheError as e:
+            sys.exit(str(e))
+        if args.limit > 0:
+            rows = rows[: args.limit]
+        ids = [cache.ids[r] for r in rows]
+        references = [cache.captions[r] for r in rows]
+        features = torch.from_numpy(np.asarray(cache.features[rows], dtype=np.float32)).to(device)  # (N, F)
+        dataset_desc = cache.manifest.get("dataset") or {}
+    else:
+        if model.backbone is None:
+            sys.exit(f"{args.model} has no backbone spec in its config.json; give --features from its feature cache")
+        if args.limit > 0:
+            images = _FirstImages(images, args.limit)
+        ids = [r.id for r in images.records]
+        references = [r.captions for r in images.records]
+        t0 = time.perf_counter()
+        features = live_features(images, model.backbone, device, args.batch_size, args.workers)
+        extraction = {"images_per_s": round(len(ids) / (time.perf_counter() - t0), 2)}
+        dataset_desc = images.description
+    if not ids:
+        sys.exit(f"no images in split {args.split!r}")
+
+    methods: dict[str, dict[str, Any]] = {}
+    captions: dict[str, list[str]] = {}
+    decode_all(model, features[:2], max(args.beam), max_len=2, alpha=0.0, no_repeat_ngram_size=0, batch_size=2)  # warm-up
+    for beam in dict.fromkeys(args.beam):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        texts = decode_all(model, features, beam, max_len=args.max_len, alpha=args.alpha,
+                           no_repeat_ngram_size=args.no_repeat_ngram_size, batch_size=args.batch_size)
+        seconds = time.perf_counter() - t0
+        key = method_name(beam)
+        captions[key] = texts
+        methods[key] = {"beam": beam, **evaluate_captions(texts, references), **caption_statistics(texts),
+                        "images_per_s": len(texts) / seconds}
+        print(f"{key}: BLEU-4 {methods[key]['bleu4']:.4f}  CIDEr-D {methods[key]['cider']:.4f}  "
+              f"({methods[key]['images_per_s']:.0f} images/s)", file=sys.stderr)
+
+    pick = sorted(random.Random(args.seed).sample(range(len(ids)), min(args.examples, len(ids))))
+    examples = [{"id": ids[i], "references": references[i], "captions": {k: captions[k][i] for k in captions}} for i in pick]
+    source = str(dataset_desc.get("source") or args.dataset or "")
+    result = {"format": EVALUATION_FORMAT, "model": args.model, "dataset": args.dataset or source,
+              "dataset_name": source if dataset_desc.get("kind") == "hub" else Path(source.rstrip("/")).name or source,
+              "split": args.split, "num_images": len(ids), "features": args.features,
+              "backbone": model.backbone, "max_len": args.max_len, "alpha": args.alpha,
+              "no_repeat_ngram_size": args.no_repeat_ngram_size, "extraction": extraction, "methods": methods,
+              "seed": args.seed, "examples": examples}
+
+    example_images = {}
+    if images is not None and examples:
+        index = {r.id: i for i, r in enumerate(images.records)}
+        example_images = {ex["id"]: images.load_image(index[ex["id"]]) for ex in examples if ex["id"] in index}
+    if args.report:
+        report = Path(args.report)
+        folder = report.with_name(report.stem + "_images")
+        for ex in examples:
+            if ex["id"] in example_images:
+                rel = f"{folder.name}/{_safe_name(ex['id'])}.jpg"
+                save_thumbnail(example_images[ex["id"]], report.parent / rel)
+                ex["thumbnail"] = rel
+        _write_text_atomic(report, render_report(result))
+    _write_text_atomic(Path(args.out), json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    if args.write_to_model:
+        if not Path(args.model).is_dir():
+            sys.exit(f"--write-to-model needs a local model folder; {args.model} is not one")
+        update_model_evaluation(Path(args.model), result, example_images)
+    return result
+
+
+if __name__ == "__main__":
+    main()
