@@ -108,15 +108,14 @@ def model_markdown(info: dict[str, Any]) -> str:
     return out
 
 
-def _examples() -> tuple[list[list[str]], list[str]]:
-    """Example photos and, as their labels, the first human caption from examples/captions.json."""
+def _examples() -> list[list[str]]:
+    """Rows ``[photo path, its first human caption]`` from examples/ and examples/captions.json."""
     try:
         captions = json.loads((EXAMPLES_DIR / "captions.json").read_text()).get("captions", {})
     except (OSError, ValueError):
         captions = {}
-    files = sorted(p for p in EXAMPLES_DIR.glob("*.jpg")) if EXAMPLES_DIR.is_dir() else []
-    labels = [f"human: {captions[p.name][0]}" if captions.get(p.name) else p.name for p in files]
-    return [[str(p)] for p in files], labels
+    files = sorted(EXAMPLES_DIR.glob("*.jpg")) if EXAMPLES_DIR.is_dir() else []
+    return [[str(p), (captions.get(p.name) or [""])[0].strip().rstrip(" .")] for p in files]
 
 
 # -- the app -----------------------------------------------------------------------------------------
@@ -155,7 +154,7 @@ def build_demo(captioner: Captioner, concurrency: int = DEFAULT_CONCURRENCY) -> 
                     "one feature vector, an LSTM writes the caption. Compare greedy and beam search side by side.")
         with gr.Row():
             with gr.Column(scale=2):
-                image = gr.Image(label="Photo", type="filepath", image_mode=None,
+                image = gr.Image(label="Photo", type="filepath", image_mode=None, elem_id="photo",
                                  sources=["upload", "webcam", "clipboard"], height=360)
                 with gr.Row():
                     beam = gr.Slider(*BEAM_RANGE, value=min(max(defaults["beam_size"], 1), 10), step=1, label="Beam width")
@@ -163,6 +162,8 @@ def build_demo(captioner: Captioner, concurrency: int = DEFAULT_CONCURRENCY) -> 
                     alpha = gr.Slider(*ALPHA_RANGE, value=defaults["alpha"], step=0.1,
                                       label="Length normalisation alpha (0 = raw log-prob)")
                 button = gr.Button("Caption", variant="primary", elem_id="caption-button")
+                reference = gr.Textbox(label="Human caption (for the example photos)", interactive=False,
+                                       elem_id="reference")
             with gr.Column(scale=3):
                 with gr.Row(equal_height=True):
                     with gr.Column(variant="panel"):
@@ -183,15 +184,18 @@ def build_demo(captioner: Captioner, concurrency: int = DEFAULT_CONCURRENCY) -> 
                                                  datatype=["number", "str", "number", "number"],
                                                  interactive=False, wrap=True)
                 timing = gr.Markdown(elem_id="timing")
-        examples, labels = _examples()
+        examples = _examples()
         if examples:
-            gr.Examples(examples=examples, inputs=[image], example_labels=labels, label="Example photos (Flickr8k)")
+            gr.Examples(examples=examples, inputs=[image, reference], elem_id="examples",
+                        label="Example photos (Flickr8k validation) with a human caption")
         with gr.Accordion("Model", open=False):
             gr.Markdown(model_markdown(info), elem_id="model-info")
 
         button.click(caption, inputs=[image, beam, max_len, alpha],
                      outputs=[greedy_text, greedy_lp, greedy_ms, beam_text, beam_lp, beam_ms, nbest, timing],
                      api_name="caption", preprocess=False)
+        # a photo of the user's own has no human caption
+        gr.on([image.upload, image.clear], lambda: "", outputs=[reference], api_visibility="private", queue=False)
     demo.queue(default_concurrency_limit=concurrency, max_size=64)
     return demo
 
