@@ -33,23 +33,28 @@ def _answers(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def running_app(model_dir: Path, log_path: Path, startup_timeout: float = 180.0,
-                extra_args: tuple[str, ...] = ()) -> Iterator[str]:
+def running_app(model_dir: Path | None, log_path: Path, startup_timeout: float = 180.0,
+                extra_args: tuple[str, ...] = (), app_dir: Path = REPO) -> Iterator[str]:
     """Run ``python app.py --model model_dir`` until the block ends; yields its URL.
 
     Args:
-        model_dir: the model folder to serve.
+        model_dir: the model folder to serve (None: the app's default, the bundled folder).
         log_path: where the server's stdout/stderr go (shown if start-up fails).
         startup_timeout: seconds to wait for the first HTTP 200.
         extra_args: more ``app.py`` arguments.
+        app_dir: the folder holding ``app.py`` (e.g. a staged Space); it runs from there.
     """
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("STORYTELLER_MODEL", None)
+    if app_dir != REPO:  # a staged Space must run on its own copy of the package, not the checkout's
+        env["PYTHONPATH"] = str(app_dir)
+    model_args = ["--model", str(model_dir)] if model_dir is not None else []
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--model", str(model_dir), "--host", "127.0.0.1",
-                                 "--port", str(port), *extra_args], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, str(app_dir / "app.py"), *model_args, "--host", "127.0.0.1",
+                                 "--port", str(port), *extra_args], cwd=app_dir, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + startup_timeout
         while not _answers(url):

@@ -1,0 +1,271 @@
+"""Publish a model folder to the Hugging Face Hub (and optionally the Gradio Space that serves it).
+
+    python hub_upload.py MODEL_DIR --repo-id USER/NAME [--private] [--revision BRANCH]
+                         [--commit-message MSG] [--dry-run] [--space-id USER/SPACE]
+
+1. **Validate** the folder: load it exactly as the app does (``storyteller.captioner.load``) and
+   caption an example photo; a folder that fails is refused and nothing is uploaded.
+2. **Write the model card** ``MODEL_DIR/README.md`` with ``storyteller.card.write_model_card``.
+3. ``create_repo(exist_ok=True)`` (+ ``create_branch`` for ``--revision``) and ``upload_folder`` of
+   the model files only (``config.json``, ``model.safetensors``, ``vocab.json``, ``README.md`` and,
+   if present, ``evaluation.json`` / ``loss_curve.png``): no checkpoints, no pickles, no stray files.
+4. With ``--space-id``: push the Space — ``app.py``, ``requirements.txt``, ``storyteller/``,
+   ``examples/``, a ``README.md`` with the Space front matter, and the model folder bundled as
+   ``models/flickr8k-lite0/`` (the app's default model, so the Space needs no download at start-up).
+
+The token comes from ``hf auth login`` or ``HF_TOKEN``. ``--dry-run`` validates, renders the card in
+a temporary copy, lists what would be uploaded, and makes no network call and no change.
+
+Example::
+
+    python hub_upload.py models/flickr8k-lite0 --repo-id me/storyteller-flickr8k-lite0 --space-id me/storyteller --dry-run
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent
+MODEL_FILES_REQUIRED = ("config.json", "model.safetensors", "vocab.json")
+MODEL_FILES_OPTIONAL = ("evaluation.json", "loss_curve.png")
+CARD = "README.md"
+SPACE_MODEL_DIR = "models/flickr8k-lite0"  # the app's default model folder
+SPACE_SOURCES = ("app.py", "requirements.txt", "LICENSE")
+SPECIAL = ("<pad>", "<start>", "<end>", "<unk>")
+
+
+class UploadRefused(Exception):
+    """The folder (or the environment) is not fit to upload; the message says why."""
+
+
+# -- checks ------------------------------------------------------------------------------------------
+def model_files(model_dir: Path) -> tuple[list[str], list[str]]:
+    """(files to upload, files left out) of a model folder, as names relative to it.
+
+    Args:
+        model_dir: the model folder.
+    """
+    keep = [f for f in MODEL_FILES_REQUIRED + MODEL_FILES_OPTIONAL if (model_dir / f).is_file()] + [CARD]
+    left_out = sorted(p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*")
+                      if p.is_file() and p.relative_to(model_dir).as_posix() not in keep)
+    return keep, left_out
+
+
+def example_image() -> Any:
+    """The first photo in examples/, else a generated test card (the check is that captioning runs)."""
+    photos = sorted((REPO / "examples").glob("*.jpg"))
+    if photos:
+        return photos[0]
+    from PIL import Image
+
+    return Image.radial_gradient("L").convert("RGB").resize((320, 240))
+
+
+def validate_model(model_dir: Path) -> str:
+    """Load ``model_dir`` as the app would and caption an example photo; returns the caption.
+
+    Args:
+        model_dir: the model folder.
+
+    Raises:
+        UploadRefused: it does not load, or it produces no usable caption.
+    """
+    from storyteller.captioner import ModelLoadError, load
+
+    if not model_dir.is_dir():
+        raise UploadRefused(f"{model_dir} is not a folder")
+    try:
+        captioner = load(str(model_dir))
+        result = captioner.caption([example_image()], beam_size=3, max_len=20)[0]
+    except (ModelLoadError, ValueError, RuntimeError) as e:
+        raise UploadRefused(f"{model_dir} does not work: {e}") from None
+    for text in (result.greedy.text, result.beam[0].text):
+        if not text.strip() or any(tok in text for tok in SPECIAL):
+            raise UploadRefused(f"{model_dir} loads but captions badly: {text!r}")
+    return result.beam[0].text
+
+
+def _need_token() -> None:
+    from huggingface_hub import get_token
+
+    if not get_token():
+        raise UploadRefused("no Hugging Face token: log in with `hf auth login` or set HF_TOKEN")
+
+
+# -- Space -------------------------------------------------------------------------------------------
+def space_readme(repo_id: str, space_id: str) -> str:
+    """The Space's README.md: front matter for the Hub plus a short description.
+
+    Args:
+        repo_id: the model repo the Space serves.
+        space_id: the Space.
+    """
+    import gradio
+
+    front = "\n".join([
+        "---",
+        "title: Neural Storyteller",
+        "emoji: 📸",
+        "colorFrom: indigo",
+        "colorTo: yellow",
+        "sdk: gradio",
+        f"sdk_version: {gradio.__version__}",
+        'python_version: "3.11"',
+        "app_file: app.py",
+        "pinned: false",
+        "license: mit",
+        "short_description: Show-and-Tell captions, greedy vs beam search",
+        "models:",
+        f"  - {repo_id}",
+        "tags:",
+        "  - image-captioning",
+        "  - show-and-tell",
+        "---",
+    ])
+    body = (f"# Neural Storyteller\n\nShow-and-Tell image captioning: a frozen ImageNet CNN turns the photo into one "
+            f"feature vector and an LSTM writes the caption, with greedy and beam search side by side.\n\n"
+            f"Model: [{repo_id}](https://huggingface.co/{repo_id}) (bundled in `{SPACE_MODEL_DIR}/`). "
+            f"Example photos: Flickr8k validation split (Hodosh et al., 2013), research use.\n")
+    return front + "\n\n" + body
+
+
+def stage_space(model_dir: Path, repo_id: str, space_id: str, dest: Path) -> list[str]:
+    """Copy what the Space needs into ``dest``; returns the staged files (relative paths, sorted).
+
+    Args:
+        model_dir: the (validated) model folder, bundled as ``models/flickr8k-lite0``.
+        repo_id: the model repo (for the README front matter).
+        space_id: the Space.
+        dest: an empty staging folder.
+    """
+    for name in SPACE_SOURCES:
+        if (REPO / name).is_file():
+            shutil.copy2(REPO / name, dest / name)
+    shutil.copytree(REPO / "storyteller", dest / "storyteller", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    if (REPO / "examples").is_dir():
+        shutil.copytree(REPO / "examples", dest / "examples")
+    files, _ = model_files(model_dir)
+    (dest / SPACE_MODEL_DIR).mkdir(parents=True)
+    for f in files:
+        if (model_dir / f).is_file():
+            shutil.copy2(model_dir / f, dest / SPACE_MODEL_DIR / f)
+    (dest / "README.md").write_text(space_readme(repo_id, space_id), encoding="utf-8")
+    return sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
+
+
+# -- upload ------------------------------------------------------------------------------------------
+def publish(model_dir: Path, repo_id: str, *, private: bool = False, revision: str | None = None,
+            commit_message: str | None = None, dry_run: bool = False, space_id: str | None = None,
+            log=print) -> dict[str, Any]:
+    """Validate, write the card, and upload the model (and the Space).
+
+    Args:
+        model_dir: the model folder.
+        repo_id: target model repo, ``user/name``.
+        private: create the repos private (an existing repo keeps its visibility).
+        revision: branch to push the model to (created if missing); default ``main``.
+        commit_message: commit message for the model upload.
+        dry_run: validate and list, but write nothing and make no network call.
+        space_id: also push the Gradio Space ``user/space``.
+        log: where progress lines go.
+
+    Returns:
+        ``{"model_files": [...], "space_files": [...], "model_commit": ..., "space_commit": ...}``.
+
+    Raises:
+        UploadRefused: the folder fails validation, or there is no token.
+    """
+    from storyteller.card import write_model_card
+
+    model_dir = Path(model_dir)
+    caption = validate_model(model_dir)
+    log(f"validated {model_dir}: example caption {caption!r}")
+    files, left_out = model_files(model_dir)
+    if left_out:
+        log(f"left out of the upload: {', '.join(left_out)}")
+    out: dict[str, Any] = {"model_files": files, "space_files": [], "model_commit": None, "space_commit": None}
+
+    with tempfile.TemporaryDirectory(prefix="storyteller-upload-") as tmp:
+        tmp = Path(tmp)
+        if dry_run:  # render the card in a copy, so a dry run changes nothing
+            card_dir = tmp / "model"
+            card_dir.mkdir()
+            for f in files:
+                if (model_dir / f).is_file() and f != CARD:
+                    shutil.copy2(model_dir / f, card_dir / f)
+            card = write_model_card(card_dir, repo_id=repo_id)
+        else:
+            _need_token()
+            card = write_model_card(model_dir, repo_id=repo_id)
+        log(f"model card: {card.stat().st_size} bytes" + (" (rendered in a temporary copy)" if dry_run else f" -> {card}"))
+        branch = f" (branch {revision})" if revision else ""
+        log(f"{'would upload' if dry_run else 'uploading'} to model repo {repo_id}{branch}:")
+        for f in files:
+            size = (card if f == CARD else model_dir / f).stat().st_size
+            log(f"  {f}  ({size / 1024:.1f} KiB)")
+
+        space_dir = None
+        if space_id:
+            space_dir = tmp / "space"
+            space_dir.mkdir()
+            out["space_files"] = stage_space(model_dir if not dry_run else card.parent, repo_id, space_id, space_dir)
+            log(f"{'would upload' if dry_run else 'uploading'} to Space {space_id}: {len(out['space_files'])} files")
+            for f in out["space_files"]:
+                log(f"  {f}")
+        if dry_run:
+            log("dry run: nothing uploaded")
+            return out
+
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(repo_id, repo_type="model", private=private or None, exist_ok=True)
+        if revision and revision != "main":
+            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(model_dir), repo_type="model", revision=revision,
+                                 commit_message=commit_message or f"Upload Neural Storyteller model from {model_dir.name}",
+                                 allow_patterns=files)
+        out["model_commit"] = getattr(info, "commit_url", str(info))
+        log(f"model: {out['model_commit']}")
+        if space_id and space_dir is not None:
+            api.create_repo(space_id, repo_type="space", space_sdk="gradio", private=private or None, exist_ok=True)
+            info = api.upload_folder(repo_id=space_id, folder_path=str(space_dir), repo_type="space",
+                                     commit_message=f"Neural Storyteller app serving {repo_id}")
+            out["space_commit"] = getattr(info, "commit_url", str(info))
+            log(f"space: {out['space_commit']}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point; returns the exit status (0 ok, 1 refused or failed).
+
+    Args:
+        argv: arguments without the program name (default: ``sys.argv[1:]``).
+    """
+    p = argparse.ArgumentParser(description="Publish a Neural Storyteller model (and its Space) to the Hugging Face Hub.")
+    p.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="folder with config.json, model.safetensors, vocab.json")
+    p.add_argument("--repo-id", required=True, help="model repo, e.g. me/storyteller-flickr8k-lite0")
+    p.add_argument("--private", action="store_true", help="create the repo(s) private")
+    p.add_argument("--revision", default=None, help="branch to push the model to (created if missing)")
+    p.add_argument("--commit-message", default=None)
+    p.add_argument("--dry-run", action="store_true", help="validate and list what would be uploaded; no network, no writes")
+    p.add_argument("--space-id", default=None, help="also push the Gradio Space, e.g. me/neural-storyteller")
+    args = p.parse_args(argv)
+    try:
+        publish(args.model_dir, args.repo_id, private=args.private, revision=args.revision,
+                commit_message=args.commit_message, dry_run=args.dry_run, space_id=args.space_id)
+    except UploadRefused as e:
+        print(f"hub_upload: refusing to upload: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # HTTP errors from the Hub: one line, not a traceback
+        print(f"hub_upload: upload failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""hub_upload.py: validation refuses broken folders, --dry-run lists and changes nothing, and the real path
+calls HfApi with the right arguments (HfApi methods replaced by recorders; the Hub is offline)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from gradio_client import Client, handle_file
+
+import hub_upload
+from tests.helpers_models import save_test_model
+from tests.helpers_server import REPO, running_app
+
+
+@pytest.fixture(scope="module")
+def good_model(tmp_path_factory) -> Path:
+    return save_test_model(tmp_path_factory.mktemp("upload") / "tiny-lite0")
+
+
+@pytest.fixture
+def model_dir(good_model, tmp_path) -> Path:
+    d = tmp_path / "tiny-lite0"
+    shutil.copytree(good_model, d)
+    return d
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """Record HfApi calls instead of making them; any other Hub call fails (offline mode)."""
+    import huggingface_hub
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_fake_token")
+    calls: list[tuple[str, tuple, dict]] = []
+
+    def recorder(name):
+        def method(self, *args, **kwargs):
+            calls.append((name, args, kwargs))
+            if name == "upload_folder":  # keep a copy: the staging folder is deleted afterwards
+                snap = tmp_path / f"uploaded-{len(calls)}"
+                shutil.copytree(kwargs["folder_path"], snap)
+                kwargs["_snapshot"] = snap
+                return SimpleNamespace(commit_url=f"https://huggingface.co/{kwargs['repo_id']}/commit/abc")
+            return SimpleNamespace(repo_id=args[0] if args else kwargs.get("repo_id"))
+        return method
+
+    for name in ("create_repo", "create_branch", "upload_folder"):
+        monkeypatch.setattr(huggingface_hub.HfApi, name, recorder(name))
+    return calls
+
+
+def test_dry_run_lists_the_files_and_changes_nothing(model_dir, hub, capsys):
+    (model_dir / "checkpoint.pt").write_bytes(b"pickled optimizer state")
+    (model_dir / "notes.txt").write_text("scratch")
+    before = sorted(p.name for p in model_dir.iterdir())
+    assert hub_upload.main([str(model_dir), "--repo-id", "me/tiny", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    listed = [line.split()[0] for line in out.splitlines() if line.startswith("  ")]
+    assert listed == ["config.json", "model.safetensors", "vocab.json", "README.md"]
+    card_kib = float(next(line for line in out.splitlines() if line.startswith("  README.md")).split("(")[1].split()[0])
+    assert card_kib > 1.5  # the rendered model card, not the mixin's stub README that save_pretrained wrote
+    assert "left out of the upload: checkpoint.pt, notes.txt" in out and "dry run: nothing uploaded" in out
+    assert sorted(p.name for p in model_dir.iterdir()) == before  # no README.md written
+    assert hub == []  # no Hub call at all
+
+
+def test_dry_run_with_a_space(model_dir, hub, capsys):
+    (model_dir / "evaluation.json").write_text(json.dumps({"evaluations": []}))
+    res = hub_upload.publish(model_dir, "me/tiny", dry_run=True, space_id="me/storyteller", log=lambda *a: None)
+    assert res["model_files"] == ["config.json", "model.safetensors", "vocab.json", "evaluation.json", "README.md"]
+    space = set(res["space_files"])
+    for f in ("app.py", "requirements.txt", "README.md", "storyteller/captioner.py", "storyteller/images.py",
+              "models/flickr8k-lite0/config.json", "models/flickr8k-lite0/model.safetensors",
+              "models/flickr8k-lite0/vocab.json", "models/flickr8k-lite0/README.md"):
+        assert f in space, f
+    assert any(f.startswith("examples/") and f.endswith(".jpg") for f in space)
+    assert not any("__pycache__" in f or f.endswith(".pyc") for f in space)
+    assert hub == []
+
+
+@pytest.mark.parametrize("breakage", ["missing vocab", "weights mismatch", "not a folder"])
+def test_a_broken_folder_is_refused_before_any_upload(model_dir, hub, capsys, breakage):
+    if breakage == "missing vocab":
+        (model_dir / "vocab.json").unlink()
+    elif breakage == "weights mismatch":
+        cfg = json.loads((model_dir / "config.json").read_text())
+        cfg["hidden_dim"] = 64
+        (model_dir / "config.json").write_text(json.dumps(cfg))
+    else:
+        model_dir = model_dir / "nope"
+    assert hub_upload.main([str(model_dir), "--repo-id", "me/tiny"]) == 1
+    err = capsys.readouterr().err
+    assert "refusing to upload" in err and "Traceback" not in err
+    assert hub == []
+
+
+def test_no_token_is_refused_with_how_to_log_in(model_dir, hub, monkeypatch, capsys):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    assert hub_upload.main([str(model_dir), "--repo-id", "me/tiny"]) == 1
+    assert "HF_TOKEN" in capsys.readouterr().err and hub == []
+
+
+def test_upload_calls(model_dir, hub):
+    res = hub_upload.publish(model_dir, "me/tiny", private=True, revision="v1", commit_message="first",
+                             log=lambda *a: None)
+    names = [c[0] for c in hub]
+    assert names == ["create_repo", "create_branch", "upload_folder"]
+    _, args, kw = hub[0]
+    assert args == ("me/tiny",) and kw == {"repo_type": "model", "private": True, "exist_ok": True}
+    _, args, kw = hub[1]
+    assert args == ("me/tiny",) and kw == {"branch": "v1", "repo_type": "model", "exist_ok": True}
+    _, _, kw = hub[2]
+    assert kw["repo_id"] == "me/tiny" and kw["repo_type"] == "model" and kw["revision"] == "v1"
+    assert kw["folder_path"] == str(model_dir) and kw["commit_message"] == "first"
+    assert kw["allow_patterns"] == ["config.json", "model.safetensors", "vocab.json", "README.md"]
+    card = (model_dir / "README.md").read_text()  # the model card was written before the upload
+    assert card.startswith("---") and "me/tiny" in card and "image-to-text" in card
+    assert res["model_commit"] == "https://huggingface.co/me/tiny/commit/abc"
+
+
+def test_upload_with_space_and_the_staged_space_runs(model_dir, hub, tmp_path):
+    from huggingface_hub.repocard import metadata_load
+
+    res = hub_upload.publish(model_dir, "me/tiny", space_id="me/storyteller", log=lambda *a: None)
+    assert [c[0] for c in hub] == ["create_repo", "upload_folder", "create_repo", "upload_folder"]
+    assert hub[0][2]["private"] is None and hub[1][2]["revision"] is None
+    _, args, kw = hub[2]
+    assert args == ("me/storyteller",) and kw == {"repo_type": "space", "space_sdk": "gradio", "private": None,
+                                                  "exist_ok": True}
+    kw = hub[3][2]
+    assert kw["repo_id"] == "me/storyteller" and kw["repo_type"] == "space"
+    space = kw["_snapshot"]
+    meta = metadata_load(space / "README.md")
+    import gradio
+
+    assert meta["sdk"] == "gradio" and meta["app_file"] == "app.py" and meta["sdk_version"] == gradio.__version__
+    assert meta["models"] == ["me/tiny"] and len(meta["short_description"]) <= 60
+    assert res["space_commit"].startswith("https://huggingface.co/me/storyteller")
+    # the pushed Space, run as a Space runs it (`python app.py`, no --model): it serves its bundled model
+    with running_app(None, tmp_path / "space.log", app_dir=space) as url:
+        client = Client(url, verbose=False, download_files=False)
+        photo = sorted((space / "examples").glob("*.jpg"))[0]
+        result = client.predict(handle_file(str(photo)), 3, 10, 0.0, api_name="/caption")
+        assert result[0].strip() and result[3].strip()
