@@ -55,15 +55,48 @@ def fit_args(cache: Path, out: Path, *extra: str, threads: bool = True) -> list[
             *(["--num-threads", "1"] if threads else []), *extra]
 
 
-def test_epoch_order_depends_on_seed_and_epoch_only_and_shards_evenly():
-    a = fit.epoch_order(103, 10, seed=1, epoch=2)
-    b = fit.epoch_order(103, 10, seed=1, epoch=2)
+@pytest.mark.parametrize("bucket", [0, 4])
+def test_epoch_order_depends_on_seed_and_epoch_only_and_shards_evenly(bucket):
+    lengths = torch.randint(3, 30, (103,), generator=torch.Generator().manual_seed(0))
+    a = fit.epoch_order(lengths, 10, seed=1, epoch=2, bucket=bucket)
+    b = fit.epoch_order(lengths, 10, seed=1, epoch=2, bucket=bucket)
     assert all(torch.equal(x, y) for x, y in zip(a, b)) and len(a) == 11
     assert sorted(torch.cat(a).tolist()) == list(range(103))  # every pair once
-    assert not torch.equal(torch.cat(a), torch.cat(fit.epoch_order(103, 10, seed=1, epoch=3)))
-    r0, r1 = fit.epoch_order(103, 10, 1, 2, rank=0, world_size=2), fit.epoch_order(103, 10, 1, 2, rank=1, world_size=2)
+    assert not torch.equal(torch.cat(a), torch.cat(fit.epoch_order(lengths, 10, seed=1, epoch=3, bucket=bucket)))
+    r0 = fit.epoch_order(lengths, 10, 1, 2, rank=0, world_size=2, bucket=bucket)
+    r1 = fit.epoch_order(lengths, 10, 1, 2, rank=1, world_size=2, bucket=bucket)
     assert len(r0) == len(r1) == 5  # 11 batches: the odd one out is dropped so ranks stay in step
     assert not set(torch.cat(r0).tolist()) & set(torch.cat(r1).tolist())
+
+
+def test_length_buckets_cut_padding():
+    lengths = torch.randint(3, 30, (4000,), generator=torch.Generator().manual_seed(0))
+
+    def padded(batches):  # token slots the dense LSTM computes
+        return sum(len(b) * int(lengths[b].max()) for b in batches)
+
+    plain, bucketed = fit.epoch_order(lengths, 64, 0, 0, bucket=0), fit.epoch_order(lengths, 64, 0, 0, bucket=50)
+    assert padded(bucketed) < 0.6 * padded(plain) and padded(bucketed) < 1.1 * int(lengths.sum())
+    firsts = [int(b[0]) for b in bucketed]
+    assert firsts != sorted(firsts, key=lambda i: int(lengths[i]))  # batches themselves are shuffled
+
+
+def test_padded_teacher_forcing_equals_the_packed_forward():
+    torch.manual_seed(0)
+    model = ShowAndTell(12, feature_dim=DIM, embed_dim=8, hidden_dim=16, num_layers=2).eval()
+    lengths = torch.tensor([6, 3, 8, 4])
+    captions = torch.zeros(4, 8, dtype=torch.long)
+    for i, n in enumerate(lengths.tolist()):
+        captions[i, :n] = torch.tensor([1, *torch.randint(4, 12, (n - 2,)).tolist(), 2])
+    feats = torch.randn(4, DIM)
+    packed_logits, packed_targets = model(feats, captions, lengths)  # time-major order
+    logits, targets = fit.TeacherForcing(model)(feats, captions, lengths)  # batch-major order
+    assert sorted(targets.tolist()) == sorted(packed_targets.tolist()) and len(targets) == int((lengths - 1).sum())
+    # the same (logits, target) rows in another order: sort both by their first logit
+    a = torch.cat([logits, targets[:, None].float()], 1)
+    b = torch.cat([packed_logits, packed_targets[:, None].float()], 1)
+    a, b = a[torch.argsort(a[:, 0])], b[torch.argsort(b[:, 0])]
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_caption_pairs_batch_trims_to_longest(cache):

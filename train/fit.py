@@ -1,4 +1,4 @@
-"""Train the Show-and-Tell decoder on a feature cache (teacher forcing over packed sequences).
+"""Train the Show-and-Tell decoder on a feature cache (teacher forcing, loss over real tokens only).
 
     python -m train fit --features feats/flickr8k-lite0 --out runs/flickr8k-lite0 --epochs 20
     python -m train fit --features feats/flickr8k-lite0 --out runs/flickr8k-lite0 --resume   # after a kill
@@ -12,8 +12,10 @@ README.md model card.
 The loop, nanoGPT style: all features sit in memory as one float32 tensor (on the GPU when training
 there) and all captions as one padded id tensor, so a batch is two index operations, no DataLoader.
 An epoch visits every (image, caption) pair of the training split once, in an order drawn from a
-generator seeded by (seed, epoch); the dropout RNG is also reseeded from (seed, epoch, rank) at the
-start of each epoch. So epoch e does the same thing whether the run got there in one go or was
+generator seeded by (seed, epoch), with batches of similar caption lengths (``--bucket``) so the
+LSTM runs on nearly unpadded (B, T) blocks; the output head and the loss see real positions only
+(``TeacherForcing``). The dropout RNG is also reseeded from (seed, epoch, rank) at the start of each
+epoch. So epoch e does the same thing whether the run got there in one go or was
 killed and resumed, and a resumed CPU run ends with bit-identical weights.
 
 Under torchrun every rank takes every world_size-th batch of the same order (a few tail batches are
@@ -89,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--clip-grad", type=float, default=5.0, help="clip the gradient's global L2 norm to this (0: off)")
     o.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of the cross-entropy")
     o.add_argument("--seed", type=int, default=0, help="seed of initialisation, batch order and dropout")
+    o.add_argument("--bucket", type=int, default=50,
+                   help="sort each run of BUCKET x batch-size shuffled captions by length before batching, so batches "
+                        "hold similar lengths (less padding); 0: plain random batches")
+    o.add_argument("--packed", action="store_true",
+                   help="run the LSTM on packed sequences (model.forward) instead of padded, length-bucketed batches; "
+                        "same logits, slower on CPU")
 
     v = p.add_argument_group("validation and model selection")
     v.add_argument("--select", choices=sorted(SELECT_MODES), default="cider",
@@ -101,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="auto", help="cpu, cuda, cuda:1... (auto: cuda when available; torchrun: cuda:LOCAL_RANK)")
     r.add_argument("--amp", choices=["auto", "bf16", "off"], default="auto",
-                   help="bfloat16 autocast (auto: on for CUDA, off on CPU)")
+                   help="bfloat16 autocast (auto: on for CUDA, off on CPU; bf16 on CPU pays off with AMX / AVX512-BF16)")
     r.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     r.add_argument("--progress", choices=["auto", "on", "off"], default="auto", help="tqdm bar per epoch (auto: when stderr is a terminal)")
     return p
@@ -160,58 +168,104 @@ def encode_pairs(rows: np.ndarray, captions: list[list[str]], vocab: Vocabulary,
     return CaptionPairs(torch.tensor(image, dtype=torch.int64).to(device), tokens.to(device), lengths)
 
 
-def epoch_order(num_pairs: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> list[torch.Tensor]:
+def epoch_order(lengths: torch.Tensor, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
+                bucket: int = 50) -> list[torch.Tensor]:
     """This rank's batches of epoch ``epoch``: index tensors (CPU int64) into the pairs.
 
-    The permutation depends on (seed, epoch) only, so a resumed run sees the same order. Under
-    ``world_size`` ranks, rank r takes batches r, r + W, r + 2W... of the shared order, and the
-    tail is trimmed so every rank takes the same number of steps (DDP would hang otherwise).
+    Shuffle all pairs with a generator seeded by (seed, epoch) only, so a resumed run sees the same
+    order. With ``bucket > 1``, each run of ``bucket * batch_size`` shuffled pairs is sorted by
+    caption length and cut into batches, and the batches are shuffled: a batch then holds captions
+    of similar length, so the padded LSTM does little wasted work, while every batch still draws
+    from a random slice of the data. Under ``world_size`` ranks, rank r takes batches r, r + W,
+    r + 2W... of the shared order, and the tail is trimmed so every rank takes the same number of
+    steps (DDP would hang otherwise).
 
     Args:
-        num_pairs: number of (image, caption) pairs.
-        batch_size: pairs per batch (the last batch of a single process may be smaller).
+        lengths: (P,) caption lengths of the pairs.
+        batch_size: pairs per batch (a last, smaller batch may remain).
         seed: the run's seed.
         epoch: 0-based epoch.
         rank: this process's rank.
         world_size: number of processes.
+        bucket: batches per length-sorted run (0 or 1: plain random batches).
     """
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(num_pairs, generator=g)
-    batches = list(perm.split(batch_size))
+    perm = torch.randperm(len(lengths), generator=g)
+    if bucket > 1:
+        batches = []
+        for run in perm.split(batch_size * bucket):
+            batches += list(run[torch.argsort(lengths[run], stable=True)].split(batch_size))
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+    else:
+        batches = list(perm.split(batch_size))
     if world_size > 1:
         per_rank = len(batches) // world_size
         if per_rank == 0:
-            raise ValueError(f"{num_pairs} pairs make {len(batches)} batches of {batch_size}: too few for {world_size} ranks")
+            raise ValueError(f"{len(lengths)} pairs make {len(batches)} batches of {batch_size}: too few for {world_size} ranks")
         batches = batches[rank: per_rank * world_size: world_size]
     return batches
 
 
 # -- the training step (also timed by bench/gpu_train.py) -------------------------------------
 
-def caption_loss(model: torch.nn.Module, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
+class TeacherForcing(torch.nn.Module):
+    """``ShowAndTell.forward``'s contract, ``(features, captions, lengths) -> (logits (N, V), targets (N,))``,
+    computed over the padded batch: the LSTM runs dense (B, T) and only the output head and the loss
+    are restricted to the N real positions.
+
+    Why not the model's packed forward: on CPU a PackedSequence cannot use the fused oneDNN LSTM and
+    falls back to per-step ops (slower than the padded kernel even at zero padding), while length-
+    bucketed batches (``epoch_order``) leave almost no padding for the dense kernel to waste. A
+    unidirectional LSTM's outputs at real positions never depend on later (padded) inputs, so the
+    logits are the same as the packed ones, in batch-major instead of time-major order (tested).
+    ``packed=True`` calls ``model.forward`` instead (cuDNN runs both fused).
+
+    Wrapping this module, not the model, in DistributedDataParallel keeps DDP's gradient hooks on
+    the path the training step really takes.
+
+    Args:
+        model: the ShowAndTell to train.
+        packed: use the model's packed forward.
+    """
+
+    def __init__(self, model: ShowAndTell, packed: bool = False):
+        super().__init__()
+        self.model, self.packed = model, packed
+
+    def forward(self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.model
+        if self.packed:
+            return m(features, captions, lengths)
+        inputs, targets = captions[:, :-1], captions[:, 1:]  # predict token t+1 from tokens <= t
+        out, _ = m.lstm(m.embed_dropout(m.embed(inputs)), m.init_state(features))  # (B, T-1, H)
+        real = targets != Vocabulary.pad_id  # (B, T-1): positions up to and including <end>
+        return m.head(m.out_dropout(out[real])), targets[real]  # (N, V), (N,)
+
+
+def caption_loss(forward: torch.nn.Module, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
                  label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
     """Mean token cross-entropy of a teacher-forced batch, and the number of predicted tokens.
 
     Args:
-        model: a ShowAndTell (or its DDP wrapper).
+        forward: a TeacherForcing (or its DDP wrapper, or a bare ShowAndTell for the packed path).
         features: (B, F) image features.
         captions: (B, T) padded ids.
         lengths: (B,) CPU lengths, specials included.
         label_smoothing: as in ``F.cross_entropy``.
     """
-    logits, targets = model(features, captions, lengths)  # (N, V), (N,) over real positions only
+    logits, targets = forward(features, captions, lengths)  # (N, V), (N,) over real positions only
     # fp32 loss: under bf16 autocast the log-softmax over ~10k words needs the extra mantissa.
     return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing), int(targets.numel())
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, features: torch.Tensor, captions: torch.Tensor,
+def train_step(forward: torch.nn.Module, optimizer: torch.optim.Optimizer, features: torch.Tensor, captions: torch.Tensor,
                lengths: torch.Tensor, *, amp_dtype: torch.dtype | None = None, clip_grad: float = 0.0,
                label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
     """One optimiser step on one batch; returns the detached loss and the number of target tokens.
 
     Args:
-        model: a ShowAndTell in train mode (or its DDP wrapper).
-        optimizer: its optimiser.
+        forward: a TeacherForcing in train mode (or its DDP wrapper).
+        optimizer: the optimiser of its parameters.
         features: (B, F) on the model's device.
         captions: (B, T) on the model's device.
         lengths: (B,) on the CPU.
@@ -220,11 +274,11 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, feature
         label_smoothing: as in ``F.cross_entropy``.
     """
     with torch.autocast(features.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-        loss, n = caption_loss(model, features, captions, lengths, label_smoothing)
+        loss, n = caption_loss(forward, features, captions, lengths, label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if clip_grad > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        torch.nn.utils.clip_grad_norm_(forward.parameters(), clip_grad)
     optimizer.step()
     return loss.detach(), n
 
@@ -235,11 +289,13 @@ def validation_loss(model: ShowAndTell, features: torch.Tensor, pairs: CaptionPa
     """Teacher-forced mean token cross-entropy over all pairs (no dropout, no label smoothing)."""
     was_training = model.training
     model.eval()
+    forward = TeacherForcing(model)
     total, count = torch.zeros((), dtype=torch.float64, device=features.device), 0
-    for idx in torch.arange(len(pairs)).split(batch_size):
+    # batches of similar lengths: little padding (the order does not change the mean)
+    for idx in torch.argsort(pairs.lengths, stable=True).split(batch_size):
         feats, caps, lengths = pairs.batch(features, idx)
         with torch.autocast(features.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-            loss, n = caption_loss(model, feats, caps, lengths)
+            loss, n = caption_loss(forward, feats, caps, lengths)
         total += loss.double() * n
         count += n
     model.train(was_training)
@@ -410,7 +466,7 @@ def main(argv: list[str] | None = None) -> None:
     model = ShowAndTell(**model_kwargs).to(device)
     model.vocab = vocab
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    steps_per_epoch = len(epoch_order(len(train_pairs), args.batch_size, args.seed, 0, rank, world))
+    steps_per_epoch = len(epoch_order(train_pairs.lengths, args.batch_size, args.seed, 0, rank, world, args.bucket))
     scheduler = make_scheduler(optimizer, args, steps_per_epoch)
     start_epoch, history = 0, []
     best = {"epoch": -1, "value": None, "metrics": {}, "model": None}
@@ -426,9 +482,9 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
         if is_main:
             print(f"resuming {run_dir} after epoch {start_epoch}", file=sys.stderr)
-    train_model = model
+    train_model = TeacherForcing(model, packed=args.packed)
     if world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
     if is_main:
         print(f"fit: {len(train_rows)} train images / {len(train_pairs)} captions, {len(val_rows)} val images, "
               f"vocab {len(vocab)}, {sum(p.numel() for p in model.parameters()):,} parameters, device {device}"
@@ -443,7 +499,7 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         model.train()
         torch.manual_seed(args.seed * 1_000_003 + epoch * 1_009 + rank)  # dropout masks: a function of (seed, epoch, rank)
-        batches = epoch_order(len(train_pairs), args.batch_size, args.seed, epoch, rank, world)
+        batches = epoch_order(train_pairs.lengths, args.batch_size, args.seed, epoch, rank, world, args.bucket)
         total = torch.zeros((), dtype=torch.float64, device=device)  # token-weighted loss sum, no per-step sync
         tokens = seen = 0
         from tqdm import tqdm
