@@ -112,13 +112,16 @@ def test_missing_model_fails_at_start_with_one_clear_line(tmp_path):
 # -- the pure helpers, in process ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def app_module(model_dir):
-    old = os.environ.get("STORYTELLER_MODEL")
+    import torch
+
+    old, threads = os.environ.get("STORYTELLER_MODEL"), torch.get_num_threads()
     os.environ["STORYTELLER_MODEL"] = str(model_dir)  # `gradio app.py` reload mode picks the model this way
     try:
         sys.modules.pop("app", None)
         yield importlib.import_module("app")
     finally:
         sys.modules.pop("app", None)
+        torch.set_num_threads(threads)  # app.py sets its share of the cores at import
         if old is None:
             os.environ.pop("STORYTELLER_MODEL", None)
         else:

@@ -1,0 +1,226 @@
+"""Benchmark the Gradio app: one photo alone (where the time goes) and many concurrent clients.
+
+    python bench/bench_app.py [--model DIR|REPO|random] [--url URL] [--clients 16] [--requests 10]
+                              [--single 20] [--beam 5] [--concurrency N] [--threads T]
+
+1. **One photo alone, in process**: ``Captioner.caption`` (greedy + beam) on real photos one at a
+   time; p50 / p95 of each stage — preprocessing (decode + resize + normalise), backbone, greedy,
+   beam — and of the total. Target: p50 < 250 ms end to end for efficientnet_lite0 on a 2-core CPU.
+2. **One photo alone, over HTTP**: the same through ``gradio_client`` against the running app
+   (adds upload, queue and JSON overhead).
+3. **Load**: ``--clients`` threads, each with its own ``gradio_client.Client``, send ``--requests``
+   captions each at once; every request must succeed; p50 / p95 latency and requests/s.
+
+Without ``--url`` the script starts ``app.py`` itself on 127.0.0.1 and a free port, and stops it at
+the end. ``--model random`` (the default when there is no bundled model) writes a random decoder of
+realistic size (3000 tokens, 512-d embeddings and LSTM) with the efficientnet_lite0 backbone: a
+random decoder never emits ``<end>``, so every caption runs the full ``--max-len`` steps — a worst
+case for decoding time. Photos: ../shared/data/flickr8k-fullres/validation if present, else examples/.
+
+Example::
+
+    python bench/bench_app.py --clients 16 --requests 10 --single 20
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+FULLRES = REPO.parent / "shared" / "data" / "flickr8k-fullres" / "validation"
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
+
+
+def photos(n: int) -> list[Path]:
+    if (FULLRES / "metadata.jsonl").is_file():
+        names = [json.loads(line)["file_name"] for line in (FULLRES / "metadata.jsonl").read_text().splitlines()]
+        return [FULLRES / name for name in names[:n]]
+    return sorted((REPO / "examples").glob("*.jpg"))[:n]
+
+
+def random_model(folder: Path, vocab_size: int = 3000) -> Path:
+    """A random decoder of realistic size with the efficientnet_lite0 backbone spec."""
+    import torch
+
+    from storyteller.backbones import backbone_spec
+    from storyteller.model import ShowAndTell
+    from storyteller.vocab import Vocabulary
+
+    spec = backbone_spec("efficientnet_lite0")
+    torch.manual_seed(0)
+    model = ShowAndTell(vocab_size=vocab_size, feature_dim=spec["feature_dim"], embed_dim=512, hidden_dim=512,
+                        backbone=spec, extra={"dataset": "random weights (benchmark)"})
+    model.vocab = Vocabulary([f"w{i}" for i in range(vocab_size - 4)])
+    model.save_pretrained(folder)
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_app(model: str, concurrency: int | None, threads: int | None, log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    args = [sys.executable, str(REPO / "app.py"), "--model", model, "--host", "127.0.0.1", "--port", str(port)]
+    if concurrency:
+        args += ["--concurrency", str(concurrency)]
+    if threads:
+        args += ["--threads", str(threads)]
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"app.py exited ({proc.returncode}):\n{log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return proc, url
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("app.py did not start within 180 s")
+
+
+def bench_in_process(model: str, paths: list[Path], n: int, beam: int, max_len: int) -> None:
+    from storyteller.captioner import load
+
+    cap = load(model)
+    cap.warmup()
+    stages: dict[str, list[float]] = {k: [] for k in ("preprocess", "backbone", "greedy", "beam", "total")}
+    for i in range(n):
+        r = cap.caption([paths[i % len(paths)]], beam_size=beam, max_len=max_len)[0]
+        for k in stages:
+            stages[k].append(r.timings_ms[k])
+    p50_total = statistics.median(stages["total"])
+    print(f"\n== one photo alone, in process ({n} runs, greedy + beam {beam}, max_len {max_len}, "
+          f"backbone {cap.info['backbone']}, torch threads {__import__('torch').get_num_threads()}) ==")
+    for k, v in stages.items():
+        share = "" if k == "total" else f"  {100 * statistics.median(v) / p50_total:4.0f}% of p50 total"
+        print(f"  {k:<10} p50 {statistics.median(v):7.1f} ms   p95 {pct(v, 95):7.1f} ms{share}")
+    print(f"  target p50 < 250 ms end to end: {'met' if p50_total < 250 else 'NOT met'}")
+
+
+def bench_http_single(url: str, paths: list[Path], n: int, beam: int, max_len: int) -> None:
+    from gradio_client import Client, handle_file
+
+    client = Client(url, verbose=False, download_files=False)
+    client.predict(handle_file(str(paths[0])), beam, max_len, 0.0, api_name="/caption")  # warm
+    lat, server = [], []
+    for i in range(n):
+        t = time.perf_counter()
+        out = client.predict(handle_file(str(paths[i % len(paths)])), beam, max_len, 0.0, api_name="/caption")
+        lat.append((time.perf_counter() - t) * 1e3)
+        m = re.search(r"total \*\*(\d+) ms", out[7])
+        server.append(float(m.group(1)) if m else float("nan"))
+    print(f"\n== one photo alone, over HTTP via gradio_client ({n} runs) ==")
+    print(f"  end to end  p50 {statistics.median(lat):7.1f} ms   p95 {pct(lat, 95):7.1f} ms")
+    print(f"  of which captioning in the app p50 {statistics.median(server):7.1f} ms; "
+          f"upload + queue + transport p50 {statistics.median(lat) - statistics.median(server):7.1f} ms")
+
+
+def bench_load(url: str, paths: list[Path], clients: int, requests: int, beam: int, max_len: int) -> bool:
+    from gradio_client import Client, handle_file
+
+    pool = [Client(url, verbose=False, download_files=False) for _ in range(clients)]
+    lat: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    start = threading.Barrier(clients)
+
+    def worker(ci: int) -> None:
+        start.wait()
+        for j in range(requests):
+            path = paths[(ci * requests + j) % len(paths)]
+            t = time.perf_counter()
+            try:
+                out = pool[ci].predict(handle_file(str(path)), beam, max_len, 0.0, api_name="/caption")
+                ok = bool(out[0].strip() and out[3].strip())
+                err = None if ok else f"empty caption for {path.name}"
+            except Exception as e:  # any failure counts
+                err = f"{type(e).__name__}: {e}"
+            with lock:
+                lat.append((time.perf_counter() - t) * 1e3)
+                if err:
+                    errors.append(err)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as ex:
+        list(ex.map(worker, range(clients)))
+    wall = time.perf_counter() - t0
+    total = clients * requests
+    print(f"\n== load: {clients} concurrent clients x {requests} requests = {total} (beam {beam}, max_len {max_len}) ==")
+    print(f"  succeeded {total - len(errors)}/{total}" + (f"; first error: {errors[0]}" if errors else ""))
+    print(f"  latency p50 {statistics.median(lat):7.0f} ms   p95 {pct(lat, 95):7.0f} ms   max {max(lat):7.0f} ms")
+    print(f"  throughput {total / wall:5.2f} requests/s  ({wall:.1f} s wall)")
+    return not errors
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=None, help="model folder or Hub id, or 'random' (default: bundled, else random)")
+    p.add_argument("--url", default=None, help="an app already running (default: start app.py here)")
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--requests", type=int, default=10, help="requests per client")
+    p.add_argument("--single", type=int, default=20, help="runs for the one-photo latency")
+    p.add_argument("--beam", type=int, default=5)
+    p.add_argument("--max-len", type=int, default=20)
+    p.add_argument("--concurrency", type=int, default=None, help="app.py --concurrency (default: the app's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for the in-process run and app.py --threads (default: the app's rule, CPUs/concurrency)")
+    args = p.parse_args(argv)
+
+    from storyteller.captioner import DEFAULT_MODEL_DIR
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-app-"))
+    model = args.model or (str(DEFAULT_MODEL_DIR) if DEFAULT_MODEL_DIR.is_dir() else "random")
+    if model == "random":
+        model = str(random_model(tmp / "random-lite0"))
+    paths = photos(32)
+    print(f"model {model}; {len(paths)} photos from {paths[0].parent}; {os.cpu_count()} CPUs")
+
+    import torch
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or max(1, cpus // (args.concurrency or 2)))
+    bench_in_process(model, paths, args.single, args.beam, args.max_len)
+    proc = None
+    url = args.url
+    if url is None:
+        proc, url = start_app(model, args.concurrency, args.threads, tmp / "app.log")
+        print(f"\nstarted app.py at {url} (concurrency {args.concurrency or 'default'}, threads {args.threads or 'default'})")
+    try:
+        bench_http_single(url, paths, args.single, args.beam, args.max_len)
+        ok = bench_load(url, paths, args.clients, args.requests, args.beam, args.max_len)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
