@@ -14,7 +14,7 @@ decoder was trained on. Every failure to load raises :class:`ModelLoadError` say
 
 Example::
 
-    python -c "from storyteller.captioner import load; print(load('models/flickr8k-lite0')('examples/1.jpg'))"
+    python -c "from storyteller.captioner import load; print(load('models/flickr8k-lite0')('examples/1130369873_d80a1aa59c.jpg'))"
 """
 from __future__ import annotations
 

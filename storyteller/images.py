@@ -18,7 +18,7 @@ What it guarantees, so no caller has to think about it again:
 
 Example::
 
-    python -c "from storyteller.images import load_image; print(load_image('examples/dog.jpg').size)"
+    python -c "from storyteller.images import load_image; print(load_image('examples/1130369873_d80a1aa59c.jpg').size)"
 """
 from __future__ import annotations
 
