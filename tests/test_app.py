@@ -163,3 +163,21 @@ def test_model_panel_shows_backbone_and_scores(app_module):
     assert "| validation (during training) | greedy | - | 0.100 | 0.200 |" in app_module.model_markdown(info)
     info["metrics"] = {}
     assert "No evaluation figures" in app_module.model_markdown(info)
+
+
+@pytest.mark.parametrize("payload", [{"path": str(REPO / "app.py"), "meta": {"_type": "gradio.FileData"}},
+                                     str(REPO / "app.py")])
+def test_files_not_uploaded_by_the_user_are_refused(client, payload):
+    """With preprocessing off, Gradio must still refuse to hand the handler a server-side path."""
+    import urllib.request
+
+    base = client.src.rstrip("/")
+    req = urllib.request.Request(f"{base}/gradio_api/call/caption", method="POST",
+                                 data=json.dumps({"data": [payload, 5, 20, 0.0]}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        event_id = json.loads(r.read())["event_id"]
+    with urllib.request.urlopen(f"{base}/gradio_api/call/caption/{event_id}", timeout=60) as r:
+        stream = r.read().decode()
+    assert "event: error" in stream and "event: complete" not in stream, stream
+    check_result(client.predict(handle_file(str(EXAMPLES[0])), 2, 8, 0.0, api_name="/caption"), 2)
