@@ -259,7 +259,8 @@ def _parquet_files(path: Path) -> dict[str, list[str]]:
         return {"train": [str(path)]}
     files = sorted(path.rglob("*.parquet"))
     if not files:
-        raise ValueError(f"{path}: no .parquet files")
+        raise ValueError(f"{path}: neither an imagefolder (no metadata.jsonl in it or its subfolders) "
+                         "nor a folder of .parquet files")
     # Files in split-named subfolders (Hub layout: <config>/<split>/*.parquet) keep that split name;
     # a split column in the data overrides it anyway.
     by_split: dict[str, list[str]] = {}

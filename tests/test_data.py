@@ -77,7 +77,7 @@ def test_imagefolder_splits_records_and_images(tmp_path):
         open_captioned_images(root, "test")
 
 
-def test_imagefolder_bad_input(tmp_path):
+def test_imagefolder_bad_input(offline_hf, tmp_path):
     root = make_imagefolder(tmp_path / "data", {"train": 2})
     (root / "train" / "train_1.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(ValueError, match="train_1.jpg.*cannot be decoded"):
@@ -86,8 +86,11 @@ def test_imagefolder_bad_input(tmp_path):
         f.write('{"file_name": "x.jpg"}\n')
     with pytest.raises(ValueError, match="line 3: no 'captions'"):
         open_captioned_images(root)
-    with pytest.raises(ValueError, match="x.parquet|not a local folder"):
-        open_captioned_images(tmp_path / "x.parquet")
+    with pytest.raises(ValueError, match="x.parquet.*not a local folder"):
+        open_captioned_images(tmp_path / "x.parquet", cache_dir=str(offline_hf))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="neither an imagefolder.*nor a folder of .parquet"):
+        open_captioned_images(tmp_path / "empty", cache_dir=str(offline_hf))
 
 
 def test_flickr30k_schema_parquet(offline_hf, tmp_path):

@@ -139,6 +139,23 @@ def _existing_is_same(out: Path, backbone: dict, dataset: dict) -> bool | None:
     return same_backbone(manifest.get("backbone", {}), backbone) and manifest.get("dataset") == json.loads(json.dumps(dataset))
 
 
+def default_workers(device: torch.device) -> int:
+    """DataLoader workers when --workers is not given.
+
+    On CUDA the GPU outruns JPEG decoding, so use most cores. On CPU decoding costs ~10% of an
+    EfficientNet-Lite0 forward and the forward already uses every core: on the 2-core dev box
+    (bench/bench_extract.py) 0 workers came closest to forward-only speed, 2 workers oversubscribed;
+    big CPUs get a worker per 8 cores.
+
+    Args:
+        device: where the backbone runs.
+    """
+    cores = os.cpu_count() or 1
+    if device.type == "cuda":
+        return max(1, min(8, cores - 1))
+    return min(4, cores // 8)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train extract", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -154,8 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-weights", action="store_true", help="seeded random backbone weights (tests, benchmarks)")
     p.add_argument("--out", required=True, help="cache folder")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)),
-                   help="DataLoader processes decoding images")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader processes decoding images (default: see default_workers)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads for the forward (default: torch's)")
     p.add_argument("--chunk-size", type=int, default=1024, help="rows per resumable chunk")
     p.add_argument("--device", default=None, help="cuda, cpu, cuda:1... (default: cuda if available)")
@@ -172,11 +189,12 @@ def main(argv: list[str] | None = None) -> ExtractResult | None:
         argv: command-line arguments (without the command name).
     """
     args = build_parser().parse_args(argv)
-    if args.batch_size < 1 or args.chunk_size < 1 or args.workers < 0:
+    if args.batch_size < 1 or args.chunk_size < 1 or (args.workers is not None and args.workers < 0):
         sys.exit("--batch-size and --chunk-size must be >= 1, --workers >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    workers = default_workers(device) if args.workers is None else args.workers
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
     out = Path(args.out)
@@ -190,6 +208,7 @@ def main(argv: list[str] | None = None) -> ExtractResult | None:
     backbone = create_backbone(args.backbone, pretrained=not args.random_weights, device=device)
     same = _existing_is_same(out, backbone.spec, images.description)
     if same and not args.overwrite:
+        shutil.rmtree(out / PARTIAL, ignore_errors=True)  # leftover of a run killed right after its manifest
         print(f"{out} already holds this finished cache: {FeatureCache.open(out)}")
         return None
     if args.overwrite:
@@ -199,9 +218,9 @@ def main(argv: list[str] | None = None) -> ExtractResult | None:
 
     print(f"{len(images)} images {images.split_counts()} from {args.dataset} -> {backbone.spec['name']} "
           f"({backbone.feature_dim}-d, weights {backbone.spec['weights']}) on {device}, "
-          f"{args.workers} workers, {torch.get_num_threads()} torch threads")
+          f"{workers} workers, {torch.get_num_threads()} torch threads")
     try:
-        result = extract(images, backbone, out, batch_size=args.batch_size, workers=args.workers,
+        result = extract(images, backbone, out, batch_size=args.batch_size, workers=workers,
                          chunk_size=args.chunk_size, stop_after_chunks=args.stop_after_chunks, progress=not args.quiet)
     except FeatureCacheError as e:
         sys.exit(str(e))
