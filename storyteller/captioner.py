@@ -126,8 +126,10 @@ class Captioner:
             greedy: run greedy search.
             beam: run beam search.
             no_repeat_ngram_size: forbid repeating n-grams of this size (0: off).
-            draft_size: let JPEG decoding shrink big photos while both sides stay >= this (None: the
-                backbone's resize size, which loses nothing since the transform shrinks to it anyway).
+            draft_size: let JPEG decoding shrink big photos (2/4/8x, in the DCT) while both sides stay
+                >= this. None: the backbone's resize size (photos under twice that are decoded in
+                full; a 4000x2664 JPEG decodes in ~22 ms instead of ~143 ms, feature cosine 0.999
+                to the full decode). 0: always decode in full, exactly as a feature cache does.
 
         Returns:
             one :class:`CaptionResult` per image, in input order.
