@@ -1,7 +1,34 @@
-"""Neural Storyteller: Show-and-Tell image captioning (CNN features -> LSTM decoder)."""
+"""Neural Storyteller: Show-and-Tell image captioning (CNN features -> LSTM decoder).
+
+    import storyteller
+    captioner = storyteller.load()                 # bundled model, $STORYTELLER_MODEL, a folder or a Hub id
+    print(captioner("photo.jpg"))                  # beam-search caption
+"""
+from __future__ import annotations
+
 from .decoding import Caption, beam_search, greedy_search
+from .metrics import evaluate_captions
 from .model import ShowAndTell
 from .vocab import Vocabulary, tokenize
 
 __version__ = "0.1.0"
-__all__ = ["Caption", "ShowAndTell", "Vocabulary", "beam_search", "greedy_search", "tokenize"]
+
+# Imported on first use: they pull in torchvision/timm/PIL, which the training loop does not need.
+_LAZY = {
+    "load": "captioner", "Captioner": "captioner", "CaptionResult": "captioner", "ModelLoadError": "captioner",
+    "load_image": "images", "ImageError": "images",
+    "create_backbone": "backbones", "list_backbones": "backbones",
+    "FeatureCache": "features", "FeatureCacheError": "features",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'storyteller' has no attribute {name!r}")
+
+
+__all__ = ["Caption", "ShowAndTell", "Vocabulary", "beam_search", "evaluate_captions", "greedy_search",
+           "tokenize", *_LAZY]
