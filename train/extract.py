@@ -143,9 +143,10 @@ def default_workers(device: torch.device) -> int:
     """DataLoader workers when --workers is not given.
 
     On CUDA the GPU outruns JPEG decoding, so use most cores. On CPU decoding costs ~10% of an
-    EfficientNet-Lite0 forward and the forward already uses every core: on the 2-core dev box
-    (bench/bench_extract.py) 0 workers came closest to forward-only speed, 2 workers oversubscribed;
-    big CPUs get a worker per 8 cores.
+    EfficientNet-Lite0 forward and the forward already uses every core. bench/bench_extract.py on the
+    2-core dev box: 0 workers 0.93x / 1 worker 0.88x / 2 workers 0.56x forward-only speed when the
+    box was quiet; 0.67x / 0.91x / 1.01x with other jobs on it. One worker is the robust choice;
+    big CPUs get one per 8 cores.
 
     Args:
         device: where the backbone runs.
@@ -153,7 +154,7 @@ def default_workers(device: torch.device) -> int:
     cores = os.cpu_count() or 1
     if device.type == "cuda":
         return max(1, min(8, cores - 1))
-    return min(4, cores // 8)
+    return max(1, min(4, cores // 8))
 
 
 def build_parser() -> argparse.ArgumentParser:
