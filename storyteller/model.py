@@ -96,11 +96,25 @@ class ShowAndTell(
         return h.contiguous(), c.contiguous()
 
     def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """One decoder step. tokens (B,) -> log-probabilities (B, V) and the new state."""
-        x = self.embed_dropout(self.embed(tokens)).unsqueeze(1)  # (B, 1, E)
-        out, state = self.lstm(x, state)  # out (B, 1, H)
-        logits = self.head(self.out_dropout(out[:, 0]))  # (B, V)
-        return torch.log_softmax(logits.float(), dim=-1), state
+        """One decoder step. tokens (B,) -> log-probabilities (B, V) and the new state.
+
+        Runs ``torch.lstm_cell`` layer by layer on the ``nn.LSTM``'s own weights: for a single time
+        step that is the same computation as ``self.lstm`` (a test checks it against the packed
+        forward) at a quarter of the call overhead, which dominates decoding one photo on a CPU.
+        """
+        x = self.embed_dropout(self.embed(tokens))  # (B, E)
+        h, c = state  # (L, B, H) each
+        hs, cs = [], []
+        for layer in range(self.num_layers):
+            w = [getattr(self.lstm, f"{n}_l{layer}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            h_l, c_l = torch.lstm_cell(x, (h[layer], c[layer]), *w)
+            hs.append(h_l)
+            cs.append(c_l)
+            x = h_l
+            if layer < self.num_layers - 1:  # nn.LSTM's dropout between layers
+                x = nn.functional.dropout(x, self.lstm.dropout, self.training)
+        logits = self.head(self.out_dropout(x))  # (B, V)
+        return torch.log_softmax(logits.float(), dim=-1), (torch.stack(hs), torch.stack(cs))
 
     # -- teacher-forced training -----------------------------------------------------------------
     def forward(self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
