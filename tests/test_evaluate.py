@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from storyteller.backbones import create_backbone
 from storyteller.data import open_captioned_images
 from storyteller.decoding import beam_search, greedy_search
 from storyteller.features import FeatureCache

@@ -205,3 +205,20 @@ def test_torchrun_two_ranks_gloo(cache, tmp_path):
     assert [x["epoch"] for x in lines] == [1, 2]
     model = ShowAndTell.from_pretrained(out / "model")
     assert model.vocab is not None and model.backbone == SPEC
+
+
+def test_gpu_bench_synthetic_captions_are_well_formed():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_train", REPO / "bench" / "gpu_train.py")
+    gpu_train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_train)
+    feats, pairs = gpu_train.synth_data(50, 40, 5, 300, 8, torch.device("cpu"))
+    assert feats.shape == (50, 8) and len(pairs) == 200 and int(pairs.image.max()) == 39
+    words = pairs.lengths - 2
+    assert 9 < float(words.float().mean()) < 15 and int(words.min()) >= 3 and int(words.max()) <= 30
+    rows = torch.arange(200)
+    assert (pairs.tokens[:, 0] == 1).all() and (pairs.tokens[rows, pairs.lengths - 1] == 2).all()
+    inside = torch.arange(pairs.tokens.shape[1])[None, :] < (pairs.lengths - 1)[:, None]
+    inside[:, 0] = False
+    assert (pairs.tokens[inside] >= 4).all() and (pairs.tokens[~inside & (torch.arange(pairs.tokens.shape[1])[None, :] >= pairs.lengths[:, None])] == 0).all()

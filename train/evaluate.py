@@ -113,7 +113,11 @@ def live_features(images, backbone_spec: dict[str, Any], device: torch.device, b
 # -- decoding and scoring ------------------------------------------------------------------------
 
 def method_name(beam: int) -> str:
-    """``greedy`` for beam 1, ``beamK`` otherwise (the keys of the results)."""
+    """``greedy`` for beam 1, ``beamK`` otherwise (the keys of the results).
+
+    Args:
+        beam: beam size.
+    """
     return "greedy" if beam == 1 else f"beam{beam}"
 
 
@@ -141,7 +145,11 @@ def decode_all(model: ShowAndTell, features: torch.Tensor, beam: int, *, max_len
 
 
 def caption_statistics(hypotheses: list[str]) -> dict[str, float]:
-    """Mean caption length in words and the number of distinct words over all captions."""
+    """Mean caption length in words and the number of distinct words over all captions.
+
+    Args:
+        hypotheses: generated captions.
+    """
     toks = [tokenize(h) for h in hypotheses]
     return {"mean_length": float(np.mean([len(t) for t in toks])) if toks else 0.0,
             "vocab_used": len({w for t in toks for w in t})}
@@ -163,7 +171,12 @@ def _safe_name(id_: str) -> str:
 
 
 def save_thumbnail(image, path: Path) -> None:
-    """A small JPEG (longest side THUMBNAIL_SIZE) of a PIL image, written atomically."""
+    """A small JPEG (longest side THUMBNAIL_SIZE) of a PIL image, written atomically.
+
+    Args:
+        image: a PIL image.
+        path: destination .jpg.
+    """
     thumb = image.convert("RGB")
     thumb.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -173,7 +186,11 @@ def save_thumbnail(image, path: Path) -> None:
 
 
 def render_report(result: dict[str, Any]) -> str:
-    """The Markdown report of one evaluation result (examples' ``thumbnail`` paths relative to the report)."""
+    """The Markdown report of one evaluation result (examples' ``thumbnail`` paths relative to the report).
+
+    Args:
+        result: the dict written to ``--out``.
+    """
     cols = [("bleu1", "BLEU-1"), ("bleu2", "BLEU-2"), ("bleu3", "BLEU-3"), ("bleu4", "BLEU-4"), ("cider", "CIDEr-D"),
             ("precision", "P"), ("recall", "R"), ("f1", "F1"), ("mean_length", "mean length"),
             ("vocab_used", "distinct words"), ("images_per_s", "images/s")]

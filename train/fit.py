@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="auto", help="cpu, cuda, cuda:1... (auto: cuda when available; torchrun: cuda:LOCAL_RANK)")
     r.add_argument("--amp", choices=["auto", "bf16", "off"], default="auto",
-                   help="bfloat16 autocast (auto: on for CUDA, off on CPU; bf16 on CPU pays off with AMX / AVX512-BF16)")
+                   help="bfloat16 autocast; auto: on CUDA GPUs with bf16 and on CPUs with AMX, fp32 elsewhere")
     r.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     r.add_argument("--progress", choices=["auto", "on", "off"], default="auto", help="tqdm bar per epoch (auto: when stderr is a terminal)")
     return p
@@ -238,8 +238,13 @@ class TeacherForcing(torch.nn.Module):
             return m(features, captions, lengths)
         inputs, targets = captions[:, :-1], captions[:, 1:]  # predict token t+1 from tokens <= t
         out, _ = m.lstm(m.embed_dropout(m.embed(inputs)), m.init_state(features))  # (B, T-1, H)
-        real = targets != Vocabulary.pad_id  # (B, T-1): positions up to and including <end>
-        return m.head(m.out_dropout(out[real])), targets[real]  # (N, V), (N,)
+        # Flat indices of the real positions (up to and including <end>), built from the CPU lengths:
+        # a boolean mask on the GPU tensor would make the host wait for the GPU at every step.
+        B, T = inputs.shape
+        real = (torch.arange(T)[None, :] < (lengths.to("cpu") - 1)[:, None]).flatten().nonzero().squeeze(1)  # (N,)
+        real = real.to(out.device, non_blocking=True)
+        hidden = out.reshape(B * T, -1).index_select(0, real)  # (N, H)
+        return m.head(m.out_dropout(hidden)), targets.reshape(-1).index_select(0, real)  # (N, V), (N,)
 
 
 def caption_loss(forward: torch.nn.Module, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
@@ -286,7 +291,15 @@ def train_step(forward: torch.nn.Module, optimizer: torch.optim.Optimizer, featu
 @torch.no_grad()
 def validation_loss(model: ShowAndTell, features: torch.Tensor, pairs: CaptionPairs, batch_size: int,
                     amp_dtype: torch.dtype | None = None) -> float:
-    """Teacher-forced mean token cross-entropy over all pairs (no dropout, no label smoothing)."""
+    """Teacher-forced mean token cross-entropy over all pairs (no dropout, no label smoothing).
+
+    Args:
+        model: the decoder.
+        features: (N_images, F) all image features.
+        pairs: the validation pairs.
+        batch_size: pairs per forward.
+        amp_dtype: autocast dtype or None.
+    """
     was_training = model.training
     model.eval()
     forward = TeacherForcing(model)
@@ -304,7 +317,17 @@ def validation_loss(model: ShowAndTell, features: torch.Tensor, pairs: CaptionPa
 
 def greedy_captions(model: ShowAndTell, features: torch.Tensor, rows: np.ndarray, vocab: Vocabulary, max_len: int,
                     batch_size: int, amp_dtype: torch.dtype | None = None) -> list[str]:
-    """Batched greedy captions of the images ``rows`` of ``features``."""
+    """Batched greedy captions of the images ``rows`` of ``features``.
+
+    Args:
+        model: the decoder.
+        features: (N_images, F) all image features.
+        rows: image rows to caption.
+        vocab: id -> word mapping.
+        max_len: most decoding steps.
+        batch_size: images per decoder batch.
+        amp_dtype: autocast dtype or None.
+    """
     out = []
     for chunk in torch.as_tensor(rows).split(batch_size):
         with torch.autocast(features.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
@@ -315,7 +338,13 @@ def greedy_captions(model: ShowAndTell, features: torch.Tensor, rows: np.ndarray
 # -- schedule ------------------------------------------------------------------------------------
 
 def make_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, steps_per_epoch: int):
-    """The learning-rate schedule of ``--schedule``; cosine/constant step per batch, plateau per epoch."""
+    """The learning-rate schedule of ``--schedule``; cosine/constant step per batch, plateau per epoch.
+
+    Args:
+        optimizer: the optimiser whose lr it drives.
+        args: the fit arguments (schedule, warmup_epochs, epochs, min_lr_ratio).
+        steps_per_epoch: optimiser steps per epoch (of this rank).
+    """
     if args.schedule == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=1)
     warmup = max(0, round(args.warmup_epochs * steps_per_epoch))
@@ -336,21 +365,35 @@ def make_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, s
 # -- files ---------------------------------------------------------------------------------------
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """JSON to ``path`` via a temp file and ``os.replace`` (a reader never sees half a file)."""
+    """JSON to ``path`` via a temp file and ``os.replace`` (a reader never sees half a file).
+
+    Args:
+        path: destination.
+        obj: JSON-able object.
+    """
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
 
 
 def save_checkpoint(path: Path, ckpt: dict[str, Any]) -> None:
-    """torch.save of tensors and plain containers only (loadable with weights_only=True), atomically."""
+    """torch.save of tensors and plain containers only (loadable with weights_only=True), atomically.
+
+    Args:
+        path: destination (RUN_DIR/checkpoint.pt).
+        ckpt: the checkpoint dict.
+    """
     tmp = path.with_name(path.name + ".tmp")
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint` without unpickling any code."""
+    """Read a checkpoint written by :func:`save_checkpoint` without unpickling any code.
+
+    Args:
+        path: the checkpoint file.
+    """
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a fit checkpoint (format {ckpt.get('format')!r})")
@@ -358,7 +401,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
-    """metrics.jsonl (rewritten from the checkpoint's history, so it always matches it) and the two plots."""
+    """metrics.jsonl (rewritten from the checkpoint's history, so it always matches it) and the two plots.
+
+    Args:
+        run_dir: the run folder.
+        history: one dict per finished epoch.
+    """
     tmp = run_dir / "metrics.jsonl.tmp"
     tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
     os.replace(tmp, run_dir / "metrics.jsonl")
@@ -371,10 +419,27 @@ def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
+def default_amp(device: torch.device) -> torch.dtype | None:
+    """bfloat16 where it is fast: CUDA GPUs with bf16, and CPUs with AMX tiles (oneDNN runs the LSTM
+    and the GEMMs on them; ~2.3x the fp32 step in bench/bench_train.py); None (fp32) elsewhere.
+
+    Args:
+        device: the training device.
+    """
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private probe: absent means "don't know"
+    return torch.bfloat16 if device.type == "cpu" and amx is not None and amx() else None
+
+
 # -- distributed ---------------------------------------------------------------------------------
 
 def setup_runtime(device_arg: str) -> tuple[int, int, torch.device]:
-    """(rank, world_size, device); joins the process group when launched by torchrun with >1 process."""
+    """(rank, world_size, device); joins the process group when launched by torchrun with >1 process.
+
+    Args:
+        device_arg: ``--device`` (auto, cpu, cuda, cuda:N).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -433,7 +498,7 @@ def main(argv: list[str] | None = None) -> None:
     is_main = rank == 0
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
-    amp_dtype = torch.bfloat16 if args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda") else None
+    amp_dtype = torch.bfloat16 if args.amp == "bf16" else default_amp(device) if args.amp == "auto" else None
     run_dir = Path(args.out)
     ckpt_path = run_dir / CHECKPOINT
     resume = args.resume and ckpt_path.is_file()
@@ -465,7 +530,9 @@ def main(argv: list[str] | None = None) -> None:
                         hidden_dim=args.hidden_dim, num_layers=args.num_layers, dropout=args.dropout)
     model = ShowAndTell(**model_kwargs).to(device)
     model.vocab = vocab
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    # fused AdamW on CUDA: one kernel for all parameters instead of a few per tensor
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                  fused=device.type == "cuda")
     steps_per_epoch = len(epoch_order(train_pairs.lengths, args.batch_size, args.seed, 0, rank, world, args.bucket))
     scheduler = make_scheduler(optimizer, args, steps_per_epoch)
     start_epoch, history = 0, []
@@ -575,7 +642,8 @@ def main(argv: list[str] | None = None) -> None:
             return
 
     if is_main:
-        export_best(run_dir, best, model_kwargs, vocab, cache, args, features, val_rows, val_refs, history)
+        export_best(run_dir, best, model_kwargs, vocab, cache, args, features, val_rows, val_refs, history,
+                    precision="bf16 autocast" if amp_dtype is not None else "fp32")
     _finish_distributed(world)
 
 
@@ -587,8 +655,22 @@ def _finish_distributed(world: int) -> None:
 
 def export_best(run_dir: Path, best: dict[str, Any], model_kwargs: dict[str, Any], vocab: Vocabulary, cache,
                 args: argparse.Namespace, features: torch.Tensor, val_rows: np.ndarray, val_refs: list[list[str]],
-                history: list[dict[str, Any]], num_examples: int = 5) -> Path:
+                history: list[dict[str, Any]], num_examples: int = 5, precision: str = "fp32") -> Path:
     """Write the best epoch's model to RUN_DIR/model/ (Hub layout, loss curve, model card), atomically.
+
+    Args:
+        run_dir: the run folder.
+        best: ``{"epoch", "value", "metrics", "model": state dict}`` of the best epoch.
+        model_kwargs: ShowAndTell size arguments.
+        vocab: the training vocabulary.
+        cache: the FeatureCache (backbone spec, dataset description, ids).
+        args: the fit arguments.
+        features: (N_images, F) all features, for the example captions.
+        val_rows: validation image rows.
+        val_refs: their reference captions.
+        history: per-epoch records.
+        num_examples: validation images captioned in the card.
+        precision: how the model was trained (for the card).
 
     Returns:
         the model folder.
@@ -597,7 +679,7 @@ def export_best(run_dir: Path, best: dict[str, Any], model_kwargs: dict[str, Any
 
     if best["model"] is None:
         raise RuntimeError("no epoch finished, nothing to export")
-    training = {"epochs_run": len(history), "best_epoch": best["epoch"], "select": args.select,
+    training = {"epochs_run": len(history), "best_epoch": best["epoch"], "select": args.select, "precision": precision,
                 "train_split": args.train_split, "val_split": args.val_split,
                 "train_images": int(len(cache.split(args.train_split))), "val_images": int(len(val_rows)),
                 "hyperparameters": {k: getattr(args, k) for k in (
