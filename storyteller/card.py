@@ -172,6 +172,9 @@ def write_model_card(model_dir: str | os.PathLike, *, repo_id: str | None = None
 
     if examples:
         methods = list(dict.fromkeys(k for ex in examples for k in ex.get("captions", {})))
+        # thumbnails only where the file is in the folder (an upload must then carry examples/ too)
+        examples = [dict(ex, image=ex["image"] if ex.get("image") and (model_dir / ex["image"]).is_file() else None)
+                    for ex in examples]
         show_images = any(ex.get("image") for ex in examples)
         head = (["image"] if show_images else []) + ["id"] + [re.sub(r"^beam(\d+)$", r"beam \1", m) for m in methods] \
             + ["references (first two)"]
@@ -206,7 +209,10 @@ def write_model_card(model_dir: str | os.PathLike, *, repo_id: str | None = None
             out.append("- **Hyperparameters**: " + ", ".join(f"{k} {v}" for k, v in hp.items()) + ".")
     out.append("")
 
-    out += ["## How to use", "", "```python", "from PIL import Image", "",
+    out += ["## How to use", "", "```python", "import storyteller", "",
+            f'captioner = storyteller.load("{load_from}")  # decoder + vocabulary + the CNN named in config.json',
+            'print(captioner("photo.jpg"))  # beam-search caption', "```", "",
+            "or step by step:", "", "```python", "from PIL import Image", "",
             "from storyteller import ShowAndTell, beam_search, greedy_search",
             "from storyteller.backbones import create_backbone", "",
             f'model = ShowAndTell.from_pretrained("{load_from}")  # config.json + model.safetensors + vocab.json',

@@ -51,6 +51,8 @@ def test_card_from_training_metrics(tmp_path):
 def test_card_uses_evaluation_json_curve_and_examples(tmp_path):
     d = save_model(tmp_path / "m", {"source": "nlphuji/flickr30k", "kind": "hub"})
     (d / "loss_curve.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (d / "examples").mkdir()
+    (d / "examples" / "1.jpg").write_bytes(b"\xff\xd8\xff")
     evaluation = {"dataset": "nlphuji/flickr30k", "dataset_name": "nlphuji/flickr30k", "split": "test",
                   "num_images": 1000, "max_len": 20, "alpha": 0.0, "features": None,
                   "methods": {"greedy": {"beam": 1, "bleu1": 0.6, "bleu2": 0.4, "bleu3": 0.28, "bleu4": 0.19,
@@ -71,7 +73,9 @@ def test_card_uses_evaluation_json_curve_and_examples(tmp_path):
     assert "| greedy | 0.6000 | 0.4000 | 0.3000 | 0.2222 | 0.5111 | 2.5000 |" in text  # training figures still shown
     assert "![training and validation loss per epoch](loss_curve.png)" in text
     assert "![1.jpg](examples/1.jpg)" in text and "a dog runs" in text and "a \\| dog" in text  # pipe escaped
-    assert 'from_pretrained("path/to/this/folder")' in text
+    assert 'from_pretrained("path/to/this/folder")' in text and 'storyteller.load("path/to/this/folder")' in text
+    (d / "examples" / "1.jpg").unlink()  # a thumbnail that is not there is not linked
+    assert "](examples/1.jpg)" not in write_model_card(d).read_text()
 
 
 def test_card_examples_argument_and_missing_extra(tmp_path):
