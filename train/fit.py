@@ -447,7 +447,7 @@ def setup_runtime(device_arg: str) -> tuple[int, int, torch.device]:
         device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(device_arg)
-        if device.type == "cuda" and world > 1 and device.index is None:
+        if device.type == "cuda" and device.index is None:  # "cuda": this process's local GPU
             device = torch.device(f"cuda:{local}")
     if device.type == "cuda":
         torch.cuda.set_device(device)
