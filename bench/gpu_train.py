@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--amp", choices=["auto", "bf16", "off"], default="auto",
                    help="autocast of the fit configs (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--max-steps", type=int, default=0, help="time only this many steps per config, scaled to an epoch")
-    p.add_argument("--max-seconds", type=float, default=40.0,
+    p.add_argument("--max-seconds", type=float, default=25.0,
                    help="cut a configuration's epoch after this many seconds and scale its rate to a full epoch (0: never)")
     p.add_argument("--out", default=None, help="JSON file for the results")
     args = p.parse_args(argv)

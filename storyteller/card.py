@@ -60,7 +60,7 @@ def _dataset_label(dataset: Any) -> tuple[str, str | None]:
 
 
 def _fmt(value: Any, digits: int = 4, key: str = "") -> str:
-    if isinstance(value, float) and key == "images_per_s":
+    if isinstance(value, float) and key in ("images_per_s", "mean_length"):
         return f"{value:.1f}"
     if isinstance(value, float):
         return f"{value:.{digits}f}"

@@ -69,7 +69,7 @@ def test_card_uses_evaluation_json_curve_and_examples(tmp_path):
     values = {r.metric_name: r.metric_value for r in card.data.eval_results}
     assert values == {"BLEU-4 (greedy)": 0.19, "CIDEr-D (greedy)": 0.41, "BLEU-4 (beam 3)": 0.21, "CIDEr-D (beam 3)": 0.45}
     assert {r.dataset_split for r in card.data.eval_results} == {"test"}
-    assert "| beam 3 | 0.6200 | 0.4200 | 0.3000 | 0.2100 | 0.4500 | 9.0000 | 350 | 300.0 |" in text
+    assert "| beam 3 | 0.6200 | 0.4200 | 0.3000 | 0.2100 | 0.4500 | 9.0 | 350 | 300.0 |" in text
     assert "| greedy | 0.6000 | 0.4000 | 0.3000 | 0.2222 | 0.5111 | 2.5000 |" in text  # training figures still shown
     assert "![training and validation loss per epoch](loss_curve.png)" in text
     assert "![1.jpg](examples/1.jpg)" in text and "a dog runs" in text and "a \\| dog" in text  # pipe escaped
