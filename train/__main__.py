@@ -3,6 +3,7 @@
     python -m train extract --dataset ../shared/data/flickr8k --backbone efficientnet_lite0 --out feats/
     python -m train fit ...
     python -m train evaluate ...
+    python -m train bundle --model RUN/model --out models/NAME
 
 Each subcommand lives in its own module (train/extract.py, train/fit.py, train/evaluate.py) with a
 ``main(argv)`` and its own argparse; modules are imported only when their command runs, so one
@@ -15,7 +16,8 @@ import sys
 
 COMMANDS = {"extract": "cache pooled CNN features of a captioned-image dataset",
             "fit": "train the caption decoder on a feature cache",
-            "evaluate": "score a trained model's captions"}
+            "evaluate": "score a trained model's captions",
+            "bundle": "package a trained model for shipping (float16, decoding defaults, card)"}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,41 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers_models import save_test_model
+from storyteller.captioner import load
+from storyteller.model import ShowAndTell
+from train.bundle import bundle
+from train.__main__ import main as train_main
+
+
+def test_bundle_halves_weights_keeps_the_model_and_records_decoding(tmp_path):
+    src = save_test_model(tmp_path / "src", pretrained_backbone=False)
+    (src / "loss_curve.png").write_bytes(b"\x89PNG fake")
+    out = bundle(src, tmp_path / "out", {"beam_size": 3, "alpha": 0.5, "no_repeat_ngram_size": 3, "max_len": 16})
+    assert {"config.json", "model.safetensors", "vocab.json", "README.md", "loss_curve.png"} <= {p.name for p in out.iterdir()}
+    weights = load_file(out / "model.safetensors")
+    assert all(t.dtype == torch.float16 for t in weights.values())
+    a, b = ShowAndTell.from_pretrained(src), ShowAndTell.from_pretrained(out)
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[k], v.half().float())
+    assert b.vocab == a.vocab
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["extra"]["decoding"] == {"beam_size": 3, "alpha": 0.5, "no_repeat_ngram_size": 3, "max_len": 16}
+    # the captioner picks the recommended decoding up as its defaults
+    assert load(str(out)).decoding["beam_size"] == 3
+    assert (out / "model.safetensors").stat().st_size < 0.6 * (src / "model.safetensors").stat().st_size
+
+
+def test_bundle_refuses_a_non_empty_target_and_a_broken_source(tmp_path):
+    src = save_test_model(tmp_path / "src", pretrained_backbone=False)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("keep me")
+    with pytest.raises(FileExistsError):
+        bundle(src, tmp_path / "busy", {})
+    assert (tmp_path / "busy" / "x").read_text() == "keep me"
+    (src / "vocab.json").unlink()
+    with pytest.raises(FileNotFoundError):
+        train_main(["bundle", "--model", str(src), "--out", str(tmp_path / "out")])

@@ -1,0 +1,81 @@
+"""Package a trained model for shipping: float16 weights, recommended decoding settings, model card.
+
+    python -m train bundle --model runs/flickr8k-lite0/fit/model --out models/flickr8k-lite0 \
+        --beam 3 --alpha 0.5 --no-repeat-ngram-size 3
+
+The result is a Hub-layout folder (config.json, model.safetensors, vocab.json, README.md, plus the
+source's loss/metric curves) that `storyteller.load`, `app.py` and `hub_upload.py` take as is. The
+decoding settings go into ``config["extra"]["decoding"]``; the app and the CLI use them as their
+defaults. Weights are stored as float16 (half the size) and loaded back into a float32 model, so
+evaluate the *bundled* folder (``python -m train evaluate --model OUT ... --write-to-model``) to put
+figures that describe exactly what ships into its card.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from storyteller.card import write_model_card
+from storyteller.model import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, ShowAndTell
+
+CARRIED_FILES = ("loss_curve.png", "metric_curve.png")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train bundle", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="trained model folder (fit's RUN_DIR/model)")
+    p.add_argument("--out", required=True, help="folder to write (created; must be empty or absent)")
+    p.add_argument("--beam", type=int, default=3, help="recommended beam size")
+    p.add_argument("--alpha", type=float, default=0.0, help="recommended length-normalisation alpha")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0, help="recommended n-gram blocking (0: off)")
+    p.add_argument("--max-len", type=int, default=20, help="recommended most decoding steps")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored weight dtype")
+    return p
+
+
+def bundle(model_dir: str | Path, out: str | Path, decoding: dict, dtype: str = "float16") -> Path:
+    """Write a shippable copy of ``model_dir`` to ``out``.
+
+    Args:
+        model_dir: a folder written by ``ShowAndTell.save_pretrained`` (loaded strictly first).
+        out: the new folder; refused if it exists and is not empty.
+        decoding: recommended decoding settings (beam_size, alpha, no_repeat_ngram_size, max_len).
+        dtype: ``float16`` or ``float32`` weights.
+    """
+    model_dir, out = Path(model_dir), Path(out)
+    model = ShowAndTell.from_pretrained(model_dir)  # validates config, weights and vocabulary together
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty; remove it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    config = json.loads((model_dir / CONFIG_FILE).read_text())
+    config["extra"] = {**(config.get("extra") or {}), "decoding": decoding}
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    shutil.copy2(model_dir / VOCAB_FILE, out / VOCAB_FILE)
+    state = {k: v.to(getattr(torch, dtype)).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    for name in CARRIED_FILES:
+        if (model_dir / name).is_file():
+            shutil.copy2(model_dir / name, out / name)
+    ShowAndTell.from_pretrained(out)  # the bundle loads strictly, or we fail here rather than in the app
+    write_model_card(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    decoding = {"beam_size": args.beam, "alpha": args.alpha, "no_repeat_ngram_size": args.no_repeat_ngram_size,
+                "max_len": args.max_len}
+    out = bundle(args.model, args.out, decoding, args.dtype)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    print(f"bundle: {out} ({size / 2**20:.1f} MiB): " + ", ".join(sorted(f.name for f in out.iterdir())))
+    print(f"next: python -m train evaluate --model {out} ... --write-to-model  (figures of exactly what ships)")
+
+
+if __name__ == "__main__":
+    main()
