@@ -31,7 +31,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent
 MODEL_FILES_REQUIRED = ("config.json", "model.safetensors", "vocab.json")
-MODEL_FILES_OPTIONAL = ("evaluation.json", "loss_curve.png")
+MODEL_FILES_OPTIONAL = ("evaluation.json", "loss_curve.png", "metric_curve.png")
+MODEL_EXAMPLES = "examples"  # thumbnails the card links (written by `train evaluate --write-to-model`)
 CARD = "README.md"
 SPACE_MODEL_DIR = "models/flickr8k-lite0"  # the app's default model folder
 SPACE_SOURCES = ("app.py", "requirements.txt", "LICENSE")
@@ -49,7 +50,9 @@ def model_files(model_dir: Path) -> tuple[list[str], list[str]]:
     Args:
         model_dir: the model folder.
     """
-    keep = [f for f in MODEL_FILES_REQUIRED + MODEL_FILES_OPTIONAL if (model_dir / f).is_file()] + [CARD]
+    keep = [f for f in MODEL_FILES_REQUIRED + MODEL_FILES_OPTIONAL if (model_dir / f).is_file()]
+    keep += sorted(p.relative_to(model_dir).as_posix() for p in (model_dir / MODEL_EXAMPLES).glob("*.jpg"))
+    keep.append(CARD)
     left_out = sorted(p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*")
                       if p.is_file() and p.relative_to(model_dir).as_posix() not in keep)
     return keep, left_out
@@ -196,6 +199,7 @@ def publish(model_dir: Path, repo_id: str, *, private: bool = False, revision: s
             card_dir.mkdir()
             for f in files:
                 if (model_dir / f).is_file() and f != CARD:
+                    (card_dir / f).parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(model_dir / f, card_dir / f)
             card = write_model_card(card_dir, repo_id=repo_id)
         else:

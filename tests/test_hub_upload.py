@@ -148,3 +148,14 @@ def test_upload_with_space_and_the_staged_space_runs(model_dir, hub, tmp_path):
         photo = sorted((space / "examples").glob("*.jpg"))[0]
         result = client.predict(handle_file(str(photo)), 3, 10, 0.0, api_name="/caption")
         assert result[0].strip() and result[3].strip()
+
+
+def test_card_thumbnails_and_curves_are_uploaded(model_dir, hub, capsys):
+    (model_dir / "examples").mkdir()
+    (model_dir / "examples" / "img1.jpg").write_bytes(b"\xff\xd8 thumb")
+    (model_dir / "metric_curve.png").write_bytes(b"\x89PNG curve")
+    assert hub_upload.main([str(model_dir), "--repo-id", "me/tiny", "--dry-run"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert "examples/img1.jpg" in listed and "metric_curve.png" in listed
+    hub_upload.publish(model_dir, "me/tiny", log=lambda *a: None)
+    assert "examples/img1.jpg" in hub[-1][2]["allow_patterns"]
