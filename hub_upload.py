@@ -155,6 +155,7 @@ def stage_space(model_dir: Path, repo_id: str, space_id: str, dest: Path) -> lis
     (dest / SPACE_MODEL_DIR).mkdir(parents=True)
     for f in files:
         if (model_dir / f).is_file():
+            (dest / SPACE_MODEL_DIR / f).parent.mkdir(parents=True, exist_ok=True)  # examples/ thumbnails
             shutil.copy2(model_dir / f, dest / SPACE_MODEL_DIR / f)
     (dest / "README.md").write_text(space_readme(repo_id, space_id), encoding="utf-8")
     return sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())

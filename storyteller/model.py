@@ -171,7 +171,7 @@ class ShowAndTell(
         except (RuntimeError, ValueError) as e:  # shape mismatch, missing/unexpected tensors, corrupt file
             raise ValueError(f"{model_id}: {WEIGHTS_FILE} does not match {CONFIG_FILE}: {e}") from None
         model.vocab = vocab
-        return model.eval()
+        return model.to(map_location).eval()  # load_model fills the existing (CPU) parameters
 
 
 def _resolve_file(model_id: str, filename: str, **hub_kwargs) -> Path:
@@ -189,4 +189,4 @@ def _resolve_file(model_id: str, filename: str, **hub_kwargs) -> Path:
 
 def read_config(model_dir: str | Path) -> dict:
     """The ``config.json`` of a local model folder, as a dict."""
-    return json.loads((Path(model_dir) / CONFIG_FILE).read_text())
+    return json.loads((Path(model_dir) / CONFIG_FILE).read_text(encoding="utf-8"))

@@ -157,5 +157,7 @@ def test_card_thumbnails_and_curves_are_uploaded(model_dir, hub, capsys):
     assert hub_upload.main([str(model_dir), "--repo-id", "me/tiny", "--dry-run"]) == 0
     listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
     assert "examples/img1.jpg" in listed and "metric_curve.png" in listed
+    res = hub_upload.publish(model_dir, "me/tiny", dry_run=True, space_id="me/space", log=lambda *a: None)
+    assert "models/flickr8k-lite0/examples/img1.jpg" in res["space_files"]
     hub_upload.publish(model_dir, "me/tiny", log=lambda *a: None)
     assert "examples/img1.jpg" in hub[-1][2]["allow_patterns"]

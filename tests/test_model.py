@@ -119,3 +119,10 @@ def test_save_needs_a_matching_vocabulary(tmp_path):
     m.vocab = Vocabulary(["a"])
     with pytest.raises(ValueError, match="vocab_size"):
         m.save_pretrained(tmp_path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_from_pretrained_honours_map_location(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    m = ShowAndTell.from_pretrained(tmp_path, map_location="cuda")
+    assert all(p.device.type == "cuda" for p in m.parameters())
