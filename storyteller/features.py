@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -79,12 +79,23 @@ def library_versions() -> dict[str, str]:
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 
 def _index_line(id_: str, split: str, captions: list[str]) -> str:
-    return json.dumps({"id": id_, "split": split, "captions": list(captions)}, ensure_ascii=False) + "\n"
+    # ASCII-only (non-ASCII as \uXXXX escapes): no caption character can look like a line break to
+    # any reader, including str.splitlines(), which also breaks at U+2028, U+2029 and U+0085.
+    return json.dumps({"id": id_, "split": split, "captions": list(captions)}, ensure_ascii=True) + "\n"
+
+
+def _open_jsonl(path: Path) -> TextIO:
+    """Open a JSONL file for reading lines that end at "\\n" only.
+
+    Index files written before ``_index_line`` escaped non-ASCII hold U+2028, U+2029 and U+0085 raw
+    inside captions; ``newline="\\n"`` keeps those (and a stray "\\r") inside their line.
+    """
+    return open(path, encoding="utf-8", newline="\n")
 
 
 class FeatureCache:
@@ -119,7 +130,7 @@ class FeatureCache:
             what = "does not exist" if not path.exists() else f"has no {MANIFEST}, so it is not a finished feature cache"
             raise FeatureCacheError(f"{path} {what}.{hint}")
         try:
-            manifest = json.loads(mpath.read_text())
+            manifest = json.loads(mpath.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise FeatureCacheError(f"{mpath} is not valid JSON: {e}") from None
         if manifest.get("format") != FORMAT:
@@ -141,7 +152,7 @@ class FeatureCache:
                                     f"{np.dtype(DTYPE)} ({count}, {dim}); the cache is corrupt, re-extract it")
 
         ids, splits, captions = [], [], []
-        with open(path / INDEX, encoding="utf-8") as f:
+        with _open_jsonl(path / INDEX) as f:
             for n, line in enumerate(f, 1):
                 try:
                     row = json.loads(line)
@@ -266,7 +277,7 @@ class ChunkedCacheWriter:
                            "feature_dim": self.feature_dim})
         job_file = self.partial / "job.json"
         if job_file.is_file():
-            old = json.loads(job_file.read_text())
+            old = json.loads(job_file.read_text(encoding="utf-8"))
             if old != self.job:
                 diff = [k for k in self.job if old.get(k) != self.job[k]]
                 raise FeatureCacheError(f"{self.partial} holds an unfinished extraction with different settings "
@@ -295,7 +306,8 @@ class ChunkedCacheWriter:
         """Ids of the rows in finished chunks, to check a resumed run sees the same data in the same order."""
         ids = []
         for k in range(self.done_chunks):
-            ids += [json.loads(line)["id"] for line in self._chunk_paths(k)[1].read_text(encoding="utf-8").splitlines()]
+            with _open_jsonl(self._chunk_paths(k)[1]) as f:
+                ids += [json.loads(line)["id"] for line in f]
         return ids
 
     def write_chunk(self, k: int, features: np.ndarray, ids: list[str], splits: list[str], captions: list[list[str]]) -> None:
@@ -337,7 +349,8 @@ class ChunkedCacheWriter:
                 npy, jsonl = self._chunk_paths(k)
                 rows = self.chunk_rows(k)
                 chunk = np.load(npy, allow_pickle=False)
-                lines = jsonl.read_text(encoding="utf-8").splitlines(keepends=True)
+                with _open_jsonl(jsonl) as f:
+                    lines = list(f)
                 if chunk.shape != (len(rows), self.feature_dim) or len(lines) != len(rows):
                     raise FeatureCacheError(f"{npy.name}: {chunk.shape} features / {len(lines)} index rows, expected "
                                             f"{len(rows)}; delete {self.partial} and rerun")

@@ -127,3 +127,41 @@ def test_chunked_writer_resumes_and_refuses_to_mix(tmp_path):
     assert not (tmp_path / "c" / ".partial").exists()
     np.testing.assert_array_equal(cache.features, rows.astype(np.float16))
     assert cache.ids == ids and cache.manifest["dataset"] == {"source": "s"}
+
+
+ODD_CAPTIONS = ["café crème", "line\u2028separator", "para\u2029graph", "next\x85line", "tab\tand\r\nbreak"]
+
+
+def test_unicode_line_breaks_in_captions_survive_resume_and_finalize(tmp_path):
+    """U+2028/U+2029/U+0085 are line breaks to str.splitlines(); they must not split an index row."""
+    rows = np.ones((4, 8), np.float32)
+    ids = ["a", "b", "c", "d"]
+    caps = [ODD_CAPTIONS, [ODD_CAPTIONS[1]], ["plain"], [ODD_CAPTIONS[0]]]
+    w = ChunkedCacheWriter(tmp_path / "c", SPEC, {"source": "s"}, count=4, chunk_size=2)
+    w.write_chunk(0, rows[:2], ids[:2], ["train"] * 2, caps[:2])
+    w = ChunkedCacheWriter(tmp_path / "c", SPEC, {"source": "s"}, count=4, chunk_size=2)  # a rerun resumes
+    assert w.done_chunks == 1 and w.done_ids() == ["a", "b"]
+    w.write_chunk(1, rows[2:], ids[2:], ["train"] * 2, caps[2:])
+    cache = w.finalize()
+    assert cache.ids == ids and cache.captions == caps
+    text = (tmp_path / "c" / "index.jsonl").read_text(encoding="utf-8")
+    assert len(text.splitlines()) == 4  # escaped, so even a splitlines() reader sees one row per line
+
+    write_feature_cache(tmp_path / "w", rows, ids, ["train"] * 4, caps, SPEC)
+    assert FeatureCache.open(tmp_path / "w").captions == caps
+
+
+def test_chunks_with_raw_unicode_line_breaks_still_resume(tmp_path):
+    """Chunks written by an older version hold U+2028 & co. raw (ensure_ascii=False); they still resume."""
+    rows = np.ones((2, 8), np.float32)
+    w = ChunkedCacheWriter(tmp_path / "c", SPEC, {"source": "s"}, count=2, chunk_size=1)
+    w.write_chunk(0, rows[:1], ["a"], ["train"], [ODD_CAPTIONS])
+    jsonl = tmp_path / "c" / ".partial" / "chunk_00000.jsonl"
+    raw = json.dumps({"id": "a", "split": "train", "captions": ODD_CAPTIONS}, ensure_ascii=False) + "\n"
+    jsonl.write_text(raw, encoding="utf-8")
+    assert "\u2028" in jsonl.read_text(encoding="utf-8")
+    w = ChunkedCacheWriter(tmp_path / "c", SPEC, {"source": "s"}, count=2, chunk_size=1)
+    assert w.done_ids() == ["a"]
+    w.write_chunk(1, rows[1:], ["b"], ["train"], [["b"]])
+    cache = w.finalize()
+    assert cache.captions == [ODD_CAPTIONS, ["b"]]
