@@ -19,7 +19,6 @@ Split names are normalised: ``val``, ``valid`` and ``dev`` become ``validation``
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -27,7 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageOps
+from PIL import Image
+
+from .images import ImageError, load_image
 
 FLICKR30K = "nlphuji/flickr30k"
 FLICKR30K_REVISION = "refs/convert/parquet"
@@ -51,7 +52,7 @@ class CaptionedImage:
     """One decoded image with its captions."""
 
     id: str
-    image: Image.Image  # RGB, EXIF orientation applied
+    image: Image.Image  # RGB as storyteller.images.load_image gives it (the app's decoding)
     captions: list[str]
     split: str
 
@@ -71,12 +72,12 @@ def _as_captions(value: Any, where: str) -> list[str]:
 
 
 def _decode(data: bytes | None, path: str | None, id_: str) -> Image.Image:
+    # The app's own loader (EXIF orientation, transparency on white, 16-bit grey scaled, CMYK...), at
+    # full resolution, so training features see the pixels the app will see.
     try:
-        image = Image.open(io.BytesIO(data) if data is not None else path)
-        image = ImageOps.exif_transpose(image)  # phone photos: store pixels as the camera held them
-        return image.convert("RGB")
-    except Exception as e:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError...)
-        raise ValueError(f"image {id_!r} cannot be decoded ({type(e).__name__}: {e})") from e
+        return load_image(data if data is not None else path)
+    except ImageError as e:
+        raise ValueError(f"image {id_!r} cannot be decoded: {e}") from e
 
 
 class CaptionedImages(Sequence):

@@ -5,10 +5,12 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from storyteller.data import CaptionedImage, iter_captioned_images, normalize_split, open_captioned_images
+from storyteller.images import load_image
 
 
 @pytest.fixture
@@ -75,6 +77,29 @@ def test_imagefolder_splits_records_and_images(tmp_path):
     assert [c.id for c in iter_captioned_images(root, "val")] == ["val_0.jpg", "val_1.jpg"]
     with pytest.raises(ValueError, match=r"no split \['test'\].*'train', 'validation'"):
         open_captioned_images(root, "test")
+
+
+def test_images_are_decoded_exactly_as_the_app_decodes_them(tmp_path):
+    """Training pixels = the app's pixels: transparency on white (not black), 16-bit grey scaled (not white)."""
+    folder = tmp_path / "odd" / "train"
+    folder.mkdir(parents=True)
+    rgba = np.zeros((24, 32, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[:, 16:, 3] = 255  # left half fully transparent (its hidden colour is red), right half opaque red
+    Image.fromarray(rgba, "RGBA").save(folder / "rgba.png")
+    gray16 = (np.arange(24 * 32, dtype=np.uint16).reshape(24, 32) * 80).astype(np.uint16)  # 0..61360
+    Image.fromarray(gray16).save(folder / "gray16.png")
+    assert Image.open(folder / "gray16.png").mode.startswith("I")
+    with open(folder / "metadata.jsonl", "w", encoding="utf-8") as f:
+        for name in ("rgba.png", "gray16.png"):
+            f.write(json.dumps({"file_name": name, "captions": ["odd"]}) + "\n")
+    images = open_captioned_images(folder)
+    for i, name in enumerate(("rgba.png", "gray16.png")):
+        got = np.asarray(images[i].image)
+        assert images[i].image.mode == "RGB"
+        np.testing.assert_array_equal(got, np.asarray(load_image(folder / name)))
+    assert (np.asarray(images[0].image)[:, :16] == 255).all()  # transparent -> white
+    assert np.asarray(images[1].image).max() == 239  # 61360 / 257, not clipped to 255
 
 
 def test_imagefolder_bad_input(offline_hf, tmp_path):
