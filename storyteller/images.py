@@ -6,7 +6,8 @@
 What it guarantees, so no caller has to think about it again:
 
 - **Refuses, with** :class:`ImageError` **(a ValueError)**: files that are not images, truncated or
-  corrupt files, empty input, files over ``max_bytes``, and decompression bombs — the pixel count
+  corrupt files, files that cannot be read (missing, a folder, no permission, I/O error), empty
+  input, files over ``max_bytes``, and decompression bombs — the pixel count
   is read from the header and checked against ``max_pixels`` *before* any pixel is decoded.
 - **Converts correctly**: CMYK; grayscale and 1-bit; palette images; transparency (RGBA, LA, PA,
   P or RGB/L with a transparent colour) is composited on white, not dropped to black; 16-bit
@@ -59,7 +60,7 @@ def load_image(src: ImageSource, *, max_pixels: int = MAX_PIXELS, max_bytes: int
         a new ``PIL.Image.Image`` in mode ``"RGB"``.
 
     Raises:
-        ImageError: not an image, truncated/corrupt, too large, or an unsupported colour mode.
+        ImageError: not an image, unreadable, truncated/corrupt, too large, or an unsupported colour mode.
     """
     if isinstance(src, Image.Image):
         _check_size(src.size, max_pixels)
@@ -81,13 +82,22 @@ def _read_bytes(src, max_bytes: int) -> bytes:
         data = bytes(src)
     elif isinstance(src, (str, os.PathLike)):
         path = Path(src)
-        if not path.is_file():
-            raise ImageError(f"no such image file: {path}")
-        if path.stat().st_size > max_bytes:
-            raise ImageError(f"{path.name} is {path.stat().st_size / 2**20:.0f} MiB; the limit is {max_bytes / 2**20:.0f} MiB")
-        data = path.read_bytes()
+        try:  # an unreadable file (permissions, a name too long, an I/O error) is a bad input, not a crash
+            if path.is_dir():
+                raise ImageError(f"{path} is a folder, not an image file")
+            if not path.is_file():
+                raise ImageError(f"no such image file: {path}")
+            size = path.stat().st_size
+            if size > max_bytes:
+                raise ImageError(f"{path.name} is {size / 2**20:.0f} MiB; the limit is {max_bytes / 2**20:.0f} MiB")
+            data = path.read_bytes()
+        except OSError as e:
+            raise ImageError(f"cannot read {path}: {e.strerror or e}") from None
     elif hasattr(src, "read"):
-        data = src.read(max_bytes + 1)
+        try:
+            data = src.read(max_bytes + 1)
+        except OSError as e:
+            raise ImageError(f"cannot read the file: {e.strerror or e}") from None
         if isinstance(data, str):
             raise ImageError("the file object was opened in text mode; open images with 'rb'")
     else:

@@ -77,6 +77,37 @@ def test_byte_limit_missing_file_text_mode_and_wrong_type(tmp_path):
         load_image(12345)  # type: ignore[arg-type]
 
 
+def test_unreadable_paths_are_refused_not_raised_as_oserror(tmp_path, monkeypatch):
+    """OSError from the file system (no permission, a name too long, an I/O error) becomes ImageError.
+
+    Tests run as root, which reads chmod 000 files, so the permission case is simulated.
+    """
+    (tmp_path / "folder.jpg").mkdir()
+    with pytest.raises(ImageError, match="is a folder"):
+        load_image(tmp_path / "folder.jpg")
+    (tmp_path / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
+    with pytest.raises(ImageError, match="no such image file"):
+        load_image(tmp_path / "dangling.jpg")
+    with pytest.raises(ImageError, match="cannot read .*name too long"):
+        load_image(tmp_path / ("x" * 300 + ".jpg"))  # stat() itself fails with ENAMETOOLONG
+    p = tmp_path / "locked.jpg"
+    p.write_bytes(jpeg_bytes(photo_like()))
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(type(p), "read_bytes", denied)
+    with pytest.raises(ImageError, match="cannot read .*locked.jpg: Permission denied"):
+        load_image(p)
+
+    class Broken(io.RawIOBase):
+        def read(self, n=-1):
+            raise OSError(5, "Input/output error")
+
+    with pytest.raises(ImageError, match="cannot read the file: Input/output error"):
+        load_image(Broken())
+
+
 def test_corrupt_png_data_is_refused(tmp_path):
     buf = io.BytesIO()
     photo_like((64, 64)).save(buf, "PNG")
