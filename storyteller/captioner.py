@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -211,11 +212,13 @@ def _decoding_hints(extra: dict[str, Any] | None) -> dict[str, Any]:
 def _read_evaluations(model_dir: Path | None) -> list[dict[str, Any]]:
     if model_dir is None:
         return []
-    try:
-        from .card import read_evaluations
+    from .card import read_evaluations
 
+    try:
         return read_evaluations(model_dir)
-    except Exception:  # no card module, or an unreadable evaluation.json: show no figures rather than fail
+    except (OSError, ValueError) as e:  # unreadable or not JSON: show no figures rather than fail, but say so
+        warnings.warn(f"{model_dir}: cannot read evaluation.json ({type(e).__name__}: {e}); showing no evaluations",
+                      stacklevel=2)
         return []
 
 
@@ -321,7 +324,7 @@ def load(name_or_path: str | os.PathLike | None = None, revision: str | None = N
     source = str(name_or_path) if name_or_path is not None else default_model()
     model_dir = resolve_model_dir(source, revision)
     try:
-        config = json.loads((model_dir / CONFIG_FILE).read_text())
+        config = json.loads((model_dir / CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"{source}: unreadable {CONFIG_FILE} ({e})") from None
     if not isinstance(config, dict) or not config.get("backbone"):

@@ -3,10 +3,13 @@ one batch; and a clear ModelLoadError for every way loading can fail. No test to
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
-import httpx2
 import pytest
 import torch
 from PIL import Image
@@ -18,6 +21,8 @@ from storyteller.images import ImageError
 from storyteller.vocab import SPECIAL_TOKENS
 from tests.helpers_images import photo_like, write_bad_inputs, write_odd_inputs
 from tests.helpers_models import put_in_hub_cache, save_test_model
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +147,40 @@ def test_info_shows_backbone_metrics_and_evaluations(tmp_path):
     assert "efficientnet_lite0" in repr(c)
 
 
+def test_unreadable_evaluation_json_warns_and_shows_none(tmp_path, monkeypatch):
+    d = save_test_model(tmp_path / "m")
+    (d / "evaluation.json").write_text("{not json", encoding="utf-8")
+    c = load(d)
+    with pytest.warns(UserWarning, match="evaluation.json"):
+        assert c.info["evaluations"] == []
+    import storyteller.card
+
+    def bug(model_dir):
+        raise RuntimeError("a bug, not a bad file")
+
+    monkeypatch.setattr(storyteller.card, "read_evaluations", bug)
+    with pytest.raises(RuntimeError, match="a bug"):  # only file problems are turned into "no figures"
+        c.info
+
+
+def test_model_files_are_read_as_utf8_whatever_the_locale(tmp_path):
+    """config.json and evaluation.json hold UTF-8 text; an ASCII locale (LC_ALL=C) must still read them."""
+    d = save_test_model(tmp_path / "m")
+    config = json.loads((d / "config.json").read_text(encoding="utf-8"))
+    config["extra"]["dataset"] = "Flickr8k — café"
+    (d / "config.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
+    ev = {"evaluations": [{"dataset_name": "Flickr8k — café", "methods": {}}]}
+    (d / "evaluation.json").write_text(json.dumps(ev, ensure_ascii=False), encoding="utf-8")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONPATH": str(REPO), "PYTHONIOENCODING": "utf-8"}
+    code = ("import json, sys; from storyteller.captioner import load; "
+            "i = load(sys.argv[1]).info; print(json.dumps([i['dataset'], i['evaluations'][0]['dataset_name']]))")
+    run = subprocess.run([sys.executable, "-c", code, str(d)], capture_output=True, text=True, encoding="utf-8",
+                         env=env, timeout=180)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(run.stdout) == ["Flickr8k — café"] * 2
+
+
 # -- where the model comes from --------------------------------------------------------------------
 def test_env_var_overrides_the_default(monkeypatch, model_dir, tmp_path):
     monkeypatch.setattr(captioner_mod, "DEFAULT_MODEL_DIR", tmp_path / "no-bundled-model")
@@ -187,7 +226,9 @@ def test_hub_revision_not_cached_while_offline(offline_hub, model_dir):
 
 
 def _http_error(cls, status: int):
-    response = httpx2.Response(status, request=httpx2.Request("GET", "https://huggingface.co/api/models/x"))
+    """A huggingface_hub HTTP error, built without its HTTP library (requests, httpx or httpx2, by version):
+    the errors only read ``headers`` and ``request`` from the response."""
+    response = SimpleNamespace(status_code=status, headers={}, request=None, url="https://huggingface.co/api/models/x")
     return cls("mocked", response=response)
 
 
