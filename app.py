@@ -21,6 +21,7 @@ import base64
 import binascii
 import html
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -29,7 +30,8 @@ from typing import Any
 import gradio as gr
 import torch
 
-from storyteller.captioner import Captioner, ModelLoadError, load
+from storyteller.captioner import DECODING_DEFAULTS, Captioner, ModelLoadError, load
+from storyteller.card import dataset_label
 from storyteller.images import ImageError
 
 HERE = Path(__file__).resolve().parent
@@ -72,6 +74,33 @@ def _setting(value: Any, name: str, lo: float, hi: float, cast: type) -> Any:
     return v
 
 
+def _clamp(value: Any, lo: float, hi: float, fallback: float, cast: type) -> Any:
+    """``value`` as ``cast`` moved into [lo, hi]; ``fallback`` if it is not a finite number."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = math.nan
+    if not math.isfinite(v):
+        v = fallback
+    return cast(min(max(v, lo), hi))
+
+
+def slider_defaults(decoding: dict[str, Any]) -> dict[str, Any]:
+    """Start values of the beam, max-length and alpha sliders: the model's recommended decoding,
+    each moved into its slider's range.
+
+    The caption event runs with ``preprocess=False``, so Gradio does not check slider values
+    against their bounds; ``_setting`` does, and would refuse the page's very first request if a
+    model recommended, say, ``max_len`` 50 on a 1..40 slider.
+
+    Args:
+        decoding: ``Captioner.decoding`` (the model's recommendation over DECODING_DEFAULTS).
+    """
+    return {"beam_size": _clamp(decoding.get("beam_size"), *BEAM_RANGE, DECODING_DEFAULTS["beam_size"], int),
+            "max_len": _clamp(decoding.get("max_len"), *MAX_LEN_RANGE, DECODING_DEFAULTS["max_len"], int),
+            "alpha": _clamp(decoding.get("alpha"), *ALPHA_RANGE, DECODING_DEFAULTS["alpha"], float)}
+
+
 def model_markdown(info: dict[str, Any]) -> str:
     """The model panel: which model and backbone, and its recorded evaluation figures.
 
@@ -84,11 +113,8 @@ def model_markdown(info: dict[str, Any]) -> str:
              f"`{info.get('backbone_weights')}`)",
              f"**Decoder**: LSTM {info.get('num_layers')} x {info.get('hidden_dim')}, embeddings {info.get('embed_dim')}, "
              f"{info.get('vocab_size')} tokens"]
-    dataset = info.get("dataset")
-    if isinstance(dataset, dict):
-        dataset = dataset.get("hub_id") or dataset.get("name") or dataset.get("source")
-    if dataset:
-        lines.append(f"**Trained on**: {dataset}")
+    if info.get("dataset"):  # its name or Hub id: never the training machine's path
+        lines.append(f"**Trained on**: {dataset_label(info['dataset'])[0]}")
     cols = [("bleu1", "BLEU-1"), ("bleu4", "BLEU-4"), ("cider", "CIDEr-D")]
     rows = []
     for ev in info.get("evaluations") or []:
@@ -113,7 +139,7 @@ def model_markdown(info: dict[str, Any]) -> str:
 def _examples() -> list[list[str]]:
     """Rows ``[photo path, its first human caption]`` from examples/ and examples/captions.json."""
     try:
-        captions = json.loads((EXAMPLES_DIR / "captions.json").read_text()).get("captions", {})
+        captions = json.loads((EXAMPLES_DIR / "captions.json").read_text(encoding="utf-8")).get("captions", {})
     except (OSError, ValueError):
         captions = {}
     files = sorted(EXAMPLES_DIR.glob("*.jpg")) if EXAMPLES_DIR.is_dir() else []
@@ -129,7 +155,7 @@ def build_demo(captioner: Captioner, concurrency: int = DEFAULT_CONCURRENCY) -> 
         concurrency: requests captioned at the same time (the queue holds the rest).
     """
     info = captioner.info
-    defaults = captioner.decoding
+    defaults = slider_defaults(captioner.decoding)
 
     def caption(image: Any, beam_size: float, max_len: float, alpha: float):
         """Caption one photo with greedy and beam search. Returns greedy caption, log-prob, ms; beam caption,
@@ -159,7 +185,7 @@ def build_demo(captioner: Captioner, concurrency: int = DEFAULT_CONCURRENCY) -> 
                 image = gr.Image(label="Photo", type="filepath", image_mode=None, elem_id="photo",
                                  sources=["upload", "webcam", "clipboard"], height=360)
                 with gr.Row():
-                    beam = gr.Slider(*BEAM_RANGE, value=min(max(defaults["beam_size"], 1), 10), step=1, label="Beam width")
+                    beam = gr.Slider(*BEAM_RANGE, value=defaults["beam_size"], step=1, label="Beam width")
                     max_len = gr.Slider(*MAX_LEN_RANGE, value=defaults["max_len"], step=1, label="Max length (words)")
                     alpha = gr.Slider(*ALPHA_RANGE, value=defaults["alpha"], step=0.1,
                                       label="Length normalisation alpha (0 = raw log-prob)")

@@ -37,12 +37,17 @@ def read_evaluations(model_dir: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(model_dir) / EVALUATION_FILE
     if not path.is_file():
         return []
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     return list(data.get("evaluations", []))
 
 
-def _dataset_label(dataset: Any) -> tuple[str, str | None]:
-    """(human-readable name, Hub dataset id or None) of config extra's ``dataset`` entry."""
+def dataset_label(dataset: Any) -> tuple[str, str | None]:
+    """(human-readable name, Hub dataset id or None) of a dataset, never a local path.
+
+    Args:
+        dataset: config extra's ``dataset`` entry (the feature cache's description ``{"source",
+            "kind", ...}``, or ``{"name"}``), or an evaluation's ``dataset`` (a Hub id or a path).
+    """
     kind = None
     if isinstance(dataset, str):
         source = dataset
@@ -86,14 +91,16 @@ def _front_matter(config: dict[str, Any], evaluations: list[dict[str, Any]], nam
     from huggingface_hub import EvalResult, ModelCardData
 
     extra = config.get("extra") or {}
-    ds_name, hub_id = _dataset_label(extra.get("dataset"))
+    ds_name, hub_id = dataset_label(extra.get("dataset"))
     results = []
     for ev in evaluations:  # evaluate's figures first: they are the measured ones
+        # each evaluation under the dataset it was run on, which need not be the training one
+        ev_name, ev_hub = dataset_label(ev.get("dataset")) if ev.get("dataset") else (ds_name, hub_id)
         for key, m in ev.get("methods", {}).items():
             for metric, label in (("bleu4", "BLEU-4"), ("cider", "CIDEr-D")):
                 if m.get(metric) is not None:
-                    results.append(EvalResult(task_type="image-to-text", dataset_type=hub_id or ds_name,
-                                              dataset_name=ev.get("dataset_name", ds_name), dataset_split=ev.get("split"),
+                    results.append(EvalResult(task_type="image-to-text", dataset_type=ev_hub or ev_name,
+                                              dataset_name=ev.get("dataset_name") or ev_name, dataset_split=ev.get("split"),
                                               metric_type="bleu" if metric == "bleu4" else "cider",
                                               metric_name=f"{label} ({_method_label(key, m)})",
                                               metric_value=round(float(m[metric]), 4)))
@@ -130,12 +137,12 @@ def write_model_card(model_dir: str | os.PathLike, *, repo_id: str | None = None
         the path of the written README.md.
     """
     model_dir = Path(model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     extra = config.get("extra") or {}
     evaluations = read_evaluations(model_dir)
     if examples is None:
         examples = next((ev["examples"] for ev in evaluations if ev.get("examples")), [])
-    ds_name, hub_id = _dataset_label(extra.get("dataset"))
+    ds_name, hub_id = dataset_label(extra.get("dataset"))
     backbone = config.get("backbone") or {}
     name = repo_id or re.sub(r"[^\w.-]+", "-", f"neural-storyteller-{ds_name}-{backbone.get('name', 'cnn')}").strip("-")
     load_from = repo_id or "path/to/this/folder"
@@ -154,8 +161,11 @@ def write_model_card(model_dir: str | os.PathLike, *, repo_id: str | None = None
     out += ["## Results", ""]
     for ev in evaluations:
         rows = [(_method_label(k, m), m) for k, m in ev.get("methods", {}).items()]
+        ngram = ev.get("no_repeat_ngram_size")
+        blocking = "" if ngram is None else f", no repeated {ngram}-grams" if ngram else ", no n-gram blocking"
+        min_len = f", at least {ev['min_len']} words" if ev.get("min_len") not in (None, 1) else ""
         out += [f"**{ev.get('dataset_name', ds_name)}**, split `{ev.get('split')}`, {ev.get('num_images')} images, "
-                f"max {ev.get('max_len')} words, length-normalisation alpha {ev.get('alpha')} "
+                f"max {ev.get('max_len')} words{min_len}, length-normalisation alpha {ev.get('alpha')}{blocking} "
                 f"({'cached features' if ev.get('features') else 'features computed from the photos'}):", "",
                 _metrics_table(rows, [("mean_length", "mean length"), ("vocab_used", "distinct words"),
                                       ("images_per_s", "images/s")]), ""]

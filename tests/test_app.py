@@ -53,7 +53,7 @@ def real_photos(request) -> list[Path]:
         d = request.getfixturevalue("fullres_dir")
     except pytest.skip.Exception:
         return EXAMPLES[:3]
-    rows = [json.loads(line) for line in (d / "metadata.jsonl").read_text().splitlines()[:3]]
+    rows = [json.loads(line) for line in (d / "metadata.jsonl").read_text(encoding="utf-8").splitlines()[:3]]
     return [d / r["file_name"] for r in rows]
 
 
@@ -163,6 +163,35 @@ def test_model_panel_shows_backbone_and_scores(app_module):
     assert "| validation (during training) | greedy | - | 0.100 | 0.200 |" in app_module.model_markdown(info)
     info["metrics"] = {}
     assert "No evaluation figures" in app_module.model_markdown(info)
+
+
+def test_model_panel_names_the_dataset_not_its_path(app_module):
+    info = {"model": "m", "dataset": {"source": "/home/alice/private/flickr8k", "kind": "imagefolder"}}
+    md = app_module.model_markdown(info)
+    assert "**Trained on**: flickr8k" in md and "/home/alice" not in md
+    info["dataset"] = {"source": "nlphuji/flickr30k", "kind": "hub"}
+    assert "**Trained on**: nlphuji/flickr30k" in app_module.model_markdown(info)
+
+
+def test_slider_defaults_are_the_models_recommendation_moved_into_range(app_module):
+    defaults = app_module.slider_defaults
+    assert defaults({"beam_size": 3, "max_len": 16, "alpha": 0.5}) == {"beam_size": 3, "max_len": 16, "alpha": 0.5}
+    assert defaults({"beam_size": 12, "max_len": 50, "alpha": 3.0}) == {"beam_size": 10, "max_len": 40, "alpha": 2.0}
+    assert defaults({"beam_size": 0, "max_len": 0, "alpha": -1.0}) == {"beam_size": 1, "max_len": 1, "alpha": 0.0}
+    assert defaults({"alpha": float("nan")}) == {"beam_size": 5, "max_len": 20, "alpha": 0.0}  # app defaults
+
+
+def test_built_sliders_start_inside_their_ranges(app_module, monkeypatch):
+    """A model recommending max_len 50 must not make the page's first request fail "between 1 and 40"."""
+    import gradio as gr
+
+    monkeypatch.setattr(app_module.captioner, "decoding", {"beam_size": 20, "max_len": 50, "alpha": 2.5,
+                                                           "no_repeat_ngram_size": 3, "min_len": 1})
+    demo = app_module.build_demo(app_module.captioner)
+    sliders = {b.label: b for b in demo.blocks.values() if isinstance(b, gr.Slider)}
+    for slider in sliders.values():
+        assert slider.minimum <= slider.value <= slider.maximum, slider.label
+    assert sliders["Max length (words)"].value == 40 and sliders["Beam width"].value == 10
 
 
 @pytest.mark.parametrize("payload", [{"path": str(REPO / "app.py"), "meta": {"_type": "gradio.FileData"}},

@@ -22,7 +22,7 @@ def test_bundle_halves_weights_keeps_the_model_and_records_decoding(tmp_path):
     for k, v in a.state_dict().items():
         torch.testing.assert_close(b.state_dict()[k], v.half().float())
     assert b.vocab == a.vocab
-    cfg = json.loads((out / "config.json").read_text())
+    cfg = json.loads((out / "config.json").read_text(encoding="utf-8"))
     assert cfg["extra"]["decoding"] == {"beam_size": 3, "alpha": 0.5, "no_repeat_ngram_size": 3, "max_len": 16}
     # the captioner picks the recommended decoding up as its defaults
     assert load(str(out)).decoding["beam_size"] == 3
@@ -32,10 +32,31 @@ def test_bundle_halves_weights_keeps_the_model_and_records_decoding(tmp_path):
 def test_bundle_refuses_a_non_empty_target_and_a_broken_source(tmp_path):
     src = save_test_model(tmp_path / "src", pretrained_backbone=False)
     (tmp_path / "busy").mkdir()
-    (tmp_path / "busy" / "x").write_text("keep me")
+    (tmp_path / "busy" / "x").write_text("keep me", encoding="utf-8")
     with pytest.raises(FileExistsError):
         bundle(src, tmp_path / "busy", {})
-    assert (tmp_path / "busy" / "x").read_text() == "keep me"
+    assert (tmp_path / "busy" / "x").read_text(encoding="utf-8") == "keep me"
     (src / "vocab.json").unlink()
     with pytest.raises(FileNotFoundError):
         train_main(["bundle", "--model", str(src), "--out", str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize("decoding, message", [
+    ({"beam_size": 0}, "beam_size must be >= 1"), ({"beam_size": 2.5}, "beam_size must be a whole number"),
+    ({"max_len": 0}, "max_len must be between 1 and 100"), ({"max_len": 101}, "max_len must be between 1 and 100"),
+    ({"alpha": -0.1}, "alpha must be >= 0"), ({"alpha": float("nan")}, "alpha must be a finite number"),
+    ({"no_repeat_ngram_size": -1}, "no_repeat_ngram_size must be >= 0"), ({"beam": 3}, "unknown decoding settings"),
+])
+def test_bundle_refuses_bad_decoding_settings(tmp_path, decoding, message):
+    src = save_test_model(tmp_path / "src", pretrained_backbone=False)
+    with pytest.raises(ValueError, match=message):
+        bundle(src, tmp_path / "out", decoding)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bundle_cli_refuses_bad_decoding_settings_in_one_line(tmp_path, capsys):
+    src = save_test_model(tmp_path / "src", pretrained_backbone=False)
+    with pytest.raises(SystemExit) as e:
+        train_main(["bundle", "--model", str(src), "--out", str(tmp_path / "out"), "--max-len", "101"])
+    assert e.value.code == 2 and "max_len must be between 1 and 100, got 101" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -30,10 +30,15 @@ def save_model(path, dataset, metrics=TRAIN_METRICS):
     return path
 
 
+def write_evaluations(model_dir, evaluations):
+    (model_dir / "evaluation.json").write_text(
+        json.dumps({"format": "storyteller-evaluation-v1", "evaluations": evaluations}), encoding="utf-8")
+
+
 def test_card_from_training_metrics(tmp_path):
     d = save_model(tmp_path / "m", {"source": "/data/flickr8k", "kind": "imagefolder"})
     path = write_model_card(d, repo_id="someone/storyteller-test")
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     card = ModelCard.load(path)  # the Hub's own parser accepts the front matter
     assert card.data.pipeline_tag == "image-to-text" and card.data.library_name == "neural-storyteller"
     assert card.data.license == "mit" and "image-captioning" in card.data.tags
@@ -61,9 +66,9 @@ def test_card_uses_evaluation_json_curve_and_examples(tmp_path):
                                         "cider": 0.45, "mean_length": 9.0, "vocab_used": 350, "images_per_s": 300.0}},
                   "examples": [{"id": "1.jpg", "references": ["a dog runs", "a | dog"],
                                 "captions": {"greedy": "a dog", "beam3": "a dog runs"}, "image": "examples/1.jpg"}]}
-    (d / "evaluation.json").write_text(json.dumps({"format": "storyteller-evaluation-v1", "evaluations": [evaluation]}))
+    write_evaluations(d, [evaluation])
     path = write_model_card(d)
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     card = ModelCard.load(path)
     assert card.data.datasets == ["nlphuji/flickr30k"]
     values = {r.metric_name: r.metric_value for r in card.data.eval_results}
@@ -75,7 +80,7 @@ def test_card_uses_evaluation_json_curve_and_examples(tmp_path):
     assert "![1.jpg](examples/1.jpg)" in text and "a dog runs" in text and "a \\| dog" in text  # pipe escaped
     assert 'from_pretrained("path/to/this/folder")' in text and 'storyteller.load("path/to/this/folder")' in text
     (d / "examples" / "1.jpg").unlink()  # a thumbnail that is not there is not linked
-    assert "](examples/1.jpg)" not in write_model_card(d).read_text()
+    assert "](examples/1.jpg)" not in write_model_card(d).read_text(encoding="utf-8")
 
 
 def test_card_examples_argument_and_missing_extra(tmp_path):
@@ -85,7 +90,7 @@ def test_card_examples_argument_and_missing_extra(tmp_path):
     m.vocab = vocab
     m.save_pretrained(tmp_path / "bare")
     text = write_model_card(tmp_path / "bare", examples=[{"id": "x", "references": ["a cat"],
-                                                           "captions": {"greedy": "a cat"}}]).read_text()
+                                                           "captions": {"greedy": "a cat"}}]).read_text(encoding="utf-8")
     assert "No scores recorded" in text and "| `x` | a cat | a cat |" in text
     assert ModelCard.load(tmp_path / "bare" / "README.md").data.eval_results is None
 
@@ -93,3 +98,30 @@ def test_card_examples_argument_and_missing_extra(tmp_path):
 def test_card_needs_a_model_folder(tmp_path):
     with pytest.raises(FileNotFoundError):
         write_model_card(tmp_path)
+
+
+def test_each_evaluation_is_filed_under_its_own_dataset(tmp_path):
+    d = save_model(tmp_path / "m", {"source": "/data/flickr8k", "kind": "imagefolder"})
+    methods = {"greedy": {"beam": 1, "bleu4": 0.2, "cider": 0.4}}
+    write_evaluations(d, [
+        {"dataset": "nlphuji/flickr30k", "dataset_name": "nlphuji/flickr30k", "split": "test", "num_images": 1000,
+         "max_len": 16, "alpha": 0.5, "no_repeat_ngram_size": 3, "features": None, "methods": methods},
+        {"dataset": "/data/flickr8k", "dataset_name": "flickr8k", "split": "validation", "num_images": 1000,
+         "max_len": 20, "alpha": 0.0, "no_repeat_ngram_size": 0, "features": "feats", "methods": methods}])
+    path = write_model_card(d)
+    card = ModelCard.load(path)
+    assert {(r.dataset_type, r.dataset_name, r.dataset_split) for r in card.data.eval_results} == \
+        {("nlphuji/flickr30k", "nlphuji/flickr30k", "test"), ("flickr8k", "flickr8k", "validation")}
+    text = path.read_text(encoding="utf-8")
+    assert "max 16 words, length-normalisation alpha 0.5, no repeated 3-grams" in text  # the decoding that was scored
+    assert "alpha 0.0, no n-gram blocking" in text
+    assert "/data/flickr8k" not in text  # a local path is named by its folder only
+
+
+def test_dataset_label_never_shows_a_local_path():
+    from storyteller.card import dataset_label
+
+    assert dataset_label({"source": "/home/me/data/flickr8k/", "kind": "imagefolder"}) == ("flickr8k", None)
+    assert dataset_label({"source": "nlphuji/flickr30k", "kind": "hub"}) == ("nlphuji/flickr30k", "nlphuji/flickr30k")
+    assert dataset_label("/srv/x/coco.parquet") == ("coco.parquet", None)
+    assert dataset_label(None) == ("unknown dataset", None)

@@ -67,13 +67,13 @@ def make_shapes_dataset(root: Path, per_scene: dict[str, int], seed: int = 0) ->
                         name = f"{split}_{len(lines):04d}.jpg"  # neutral names: nothing to learn from them
                         render(colour, shape, background, rng).save(folder / name, quality=90)
                         lines.append(json.dumps({"file_name": name, "captions": captions_for(colour, shape, background)}))
-        (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+        (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return root
 
 
 def best_constant_bleu4(train_dir: Path, references: list[list[str]]) -> tuple[float, str]:
     """The best BLEU-4 that one caption from the training set, given for every image, reaches."""
-    candidates = sorted({c for line in (train_dir / "metadata.jsonl").read_text().splitlines()
+    candidates = sorted({c for line in (train_dir / "metadata.jsonl").read_text(encoding="utf-8").splitlines()
                          for c in json.loads(line)["captions"]})
     return max((evaluate_captions([c] * len(references), references)["bleu4"], c) for c in candidates)
 
@@ -94,9 +94,9 @@ def test_extract_fit_evaluate_learns_held_out_scenes(tmp_path):
     finally:
         torch.set_num_threads(threads)
 
-    result = json.loads((tmp_path / "eval.json").read_text())
+    result = json.loads((tmp_path / "eval.json").read_text(encoding="utf-8"))
     assert result["num_images"] == 48 and result["features"] is None
-    refs = [json.loads(line)["captions"] for line in (data / "validation" / "metadata.jsonl").read_text().splitlines()]
+    refs = [json.loads(line)["captions"] for line in (data / "validation" / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
     baseline, constant = best_constant_bleu4(data / "train", refs)
     assert 0.2 < baseline < 0.7, (baseline, constant)  # sanity of the task: the constant gets half-way at best
     for method in ("greedy", "beam3"):
@@ -107,5 +107,16 @@ def test_extract_fit_evaluate_learns_held_out_scenes(tmp_path):
     model = ShowAndTell.from_pretrained(tmp_path / "run" / "model")
     assert model.backbone["name"] == "efficientnet_lite0" and model.backbone["weights"] is not None
     assert model.extra["metrics"]["bleu4"] > baseline  # training's own validation agrees
-    report = (tmp_path / "eval.md").read_text()
+    report = (tmp_path / "eval.md").read_text(encoding="utf-8")
     assert report.count("### `validation_") == 3 and "| beam 3 |" in report
+
+    # the recipe's last steps: bundle with recommended decoding, then evaluate what ships with no decoding flags
+    train_main(["bundle", "--model", str(tmp_path / "run" / "model"), "--out", str(tmp_path / "bundle"),
+                "--beam", "3", "--alpha", "0.5", "--no-repeat-ngram-size", "3", "--max-len", "16"])
+    train_main(["evaluate", "--model", str(tmp_path / "bundle"), "--features", str(tmp_path / "feats"),
+                "--split", "validation", "--out", str(tmp_path / "bundle_eval.json"), "--write-to-model"])
+    shipped = json.loads((tmp_path / "bundle_eval.json").read_text(encoding="utf-8"))
+    assert list(shipped["methods"]) == ["greedy", "beam3"]
+    assert (shipped["alpha"], shipped["no_repeat_ngram_size"], shipped["max_len"]) == (0.5, 3, 16)
+    card = (tmp_path / "bundle" / "README.md").read_text(encoding="utf-8")
+    assert "max 16 words, length-normalisation alpha 0.5, no repeated 3-grams" in card

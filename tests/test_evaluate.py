@@ -32,7 +32,7 @@ def setup(tmp_path_factory):
                 name = f"{split}{len(lines)}.png"
                 Image.new("RGB", (64, 48), rgb).save(data / split / name)
                 lines.append(json.dumps({"file_name": name, "captions": [f"a {colour} picture", f"all {colour}"]}))
-        (data / split / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+        (data / split / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     from train import extract
 
     threads = torch.get_num_threads()
@@ -59,7 +59,7 @@ def run(setup, tmp_path, *extra):
 def test_cached_features_metrics_match_direct_decoding(setup, tmp_path):
     root, _, cache = setup
     result = run(setup, tmp_path, "--features", str(root / "feats"), "--beam", "1", "2", "--max-len", "6")
-    assert json.loads((tmp_path / "e.json").read_text()) == result
+    assert json.loads((tmp_path / "e.json").read_text(encoding="utf-8")) == result
     assert list(result["methods"]) == ["greedy", "beam2"] and result["num_images"] == 6
     rows = cache.split("validation")
     refs = [cache.captions[r] for r in rows]
@@ -121,7 +121,7 @@ def test_report_thumbnails_seeded_examples_and_write_to_model(setup, tmp_path):
              for s in range(4)}
     assert len(picks) > 1  # the seed does choose the images
 
-    report = (tmp_path / "r" / "eval.md").read_text()
+    report = (tmp_path / "r" / "eval.md").read_text(encoding="utf-8")
     for ex in result["examples"]:
         thumb = tmp_path / "r" / ex["thumbnail"]
         with Image.open(thumb) as im:
@@ -130,11 +130,117 @@ def test_report_thumbnails_seeded_examples_and_write_to_model(setup, tmp_path):
         assert ex["references"][0] in report and ex["captions"]["beam3"] in report
     assert "| greedy |" in report and "| beam 3 |" in report
 
-    stored = json.loads((model_dir / "evaluation.json").read_text())["evaluations"]
+    stored = json.loads((model_dir / "evaluation.json").read_text(encoding="utf-8"))["evaluations"]
     assert len(stored) == 1 and stored[0]["split"] == "validation"  # the rerun replaced, not appended
     assert all((model_dir / ex["image"]).is_file() for ex in stored[0]["examples"])
     evaluate.main(args[:-2] + ["--split", "train", "--write-to-model"])
-    stored = json.loads((model_dir / "evaluation.json").read_text())["evaluations"]
+    stored = json.loads((model_dir / "evaluation.json").read_text(encoding="utf-8"))["evaluations"]
     assert [e["split"] for e in stored] == ["validation", "train"]
-    card = (model_dir / "README.md").read_text()
+    card = (model_dir / "README.md").read_text(encoding="utf-8")
     assert "split `train`" in card and "| beam 3 |" in card and "examples/" in card
+
+
+def with_recommended_decoding(setup, folder, decoding):
+    """A copy of the setup's model whose config.json recommends ``decoding`` (as ``train bundle`` writes it)."""
+    import shutil
+
+    shutil.copytree(setup[0] / "model", folder)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config["extra"] = {**(config.get("extra") or {}), "decoding": decoding}
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    return folder
+
+
+def test_decoding_defaults_are_the_models_recommended_ones(setup, tmp_path):
+    root, _, cache = setup
+    recommended = {"beam_size": 2, "alpha": 0.7, "no_repeat_ngram_size": 2, "max_len": 5}
+    model_dir = with_recommended_decoding(setup, tmp_path / "bundled", recommended)
+    base = ["--model", str(model_dir), "--features", str(root / "feats"), "--out", str(tmp_path / "e.json")]
+    result = evaluate.main(base + ["--report", str(tmp_path / "eval.md")])
+    assert list(result["methods"]) == ["greedy", "beam2"]
+    assert (result["alpha"], result["no_repeat_ngram_size"], result["max_len"]) == (0.7, 2, 5)
+    assert result["recommended_decoding"] == recommended
+    rows = cache.split("validation")
+    model = ShowAndTell.from_pretrained(model_dir)
+    feats = torch.from_numpy(np.asarray(cache.features[rows], dtype=np.float32))
+    beam = [c[0].text for c in beam_search(model, feats, beam_size=2, max_len=5, alpha=0.7, no_repeat_ngram_size=2)]
+    assert result["methods"]["beam2"]["bleu4"] == pytest.approx(evaluate_captions(beam, [cache.captions[r] for r in rows])["bleu4"])
+    assert "max length 5, alpha 0.7, no repeated 2-grams" in (tmp_path / "eval.md").read_text(encoding="utf-8")
+
+    # the command line still wins, setting by setting
+    result = evaluate.main(base + ["--beam", "1", "--alpha", "0", "--no-repeat-ngram-size", "0"])
+    assert list(result["methods"]) == ["greedy"]
+    assert (result["alpha"], result["no_repeat_ngram_size"], result["max_len"]) == (0.0, 0, 5)
+    # a model that recommends nothing: greedy + beam 3, alpha 0, no blocking, 20 steps
+    result = run(setup, tmp_path, "--features", str(root / "feats"))
+    assert list(result["methods"]) == ["greedy", "beam3"] and result["recommended_decoding"] == {}
+    assert (result["alpha"], result["no_repeat_ngram_size"], result["max_len"]) == (0.0, 0, 20)
+
+
+def test_out_of_range_decoding_is_refused(setup, tmp_path):
+    model_dir = with_recommended_decoding(setup, tmp_path / "bad", {"max_len": 0})
+    with pytest.raises(SystemExit, match="max length"):
+        evaluate.main(["--model", str(model_dir), "--features", str(setup[0] / "feats"), "--out", str(tmp_path / "e.json")])
+    with pytest.raises(SystemExit, match="alpha"):
+        run(setup, tmp_path, "--features", str(setup[0] / "feats"), "--alpha", "-1")
+
+
+def test_live_and_cached_evaluations_of_one_split_replace_each_other(setup, tmp_path, monkeypatch):
+    root, data, _ = setup
+    import shutil
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(root / "model", model_dir)
+    monkeypatch.chdir(data.parent)  # the live run names the dataset as typed, relative to here
+    common = ["--model", str(model_dir), "--split", "validation", "--beam", "1", "--limit", "2", "--examples", "1",
+              "--out", str(tmp_path / "e.json"), "--write-to-model"]
+    live = evaluate.main(common + ["--dataset", data.name])
+    cached = evaluate.main(common + ["--features", str(root / "feats")])
+    stored = json.loads((model_dir / "evaluation.json").read_text(encoding="utf-8"))["evaluations"]
+    assert len(stored) == 1 and stored[0]["features"] == str(root / "feats")  # the cached run replaced the live one
+    assert live["dataset"] == cached["dataset"] == str(data.resolve())
+
+
+def test_missing_split_of_a_dataset_is_one_clear_line(setup, tmp_path):
+    with pytest.raises(SystemExit, match="splits present"):
+        run(setup, tmp_path, "--dataset", str(setup[1]), "--split", "test")
+
+
+def test_one_decoding_loop_and_one_pixel_loader(setup, monkeypatch):
+    """evaluate reads photos through train.extract's loader, and fit decodes through evaluate.decode_all."""
+    root, data, cache = setup
+    from train import extract, fit
+
+    calls = []
+    real_loader, real_decode = extract.make_loader, evaluate.decode_all
+    monkeypatch.setattr(extract, "make_loader", lambda *a, **k: calls.append("loader") or real_loader(*a, **k))
+    evaluate.live_features(open_captioned_images(data, "validation", limit_per_split=1), cache.backbone,
+                           torch.device("cpu"), batch_size=4, workers=0)
+    monkeypatch.setattr(fit, "decode_all", lambda *a, **k: calls.append("decode") or real_decode(*a, **k))
+    model = ShowAndTell.from_pretrained(root / "model")
+    feats = torch.from_numpy(np.asarray(cache.features, dtype=np.float32))
+    rows = cache.split("validation")
+    texts = fit.greedy_captions(model, feats, rows, max_len=6, batch_size=4)
+    assert texts == [c.text for c in greedy_search(model, feats[torch.as_tensor(rows)], max_len=6)]
+    assert calls == ["loader", "decode"]
+    assert not hasattr(evaluate, "_Pixels") and not hasattr(evaluate, "_FirstImages")
+
+
+def test_text_files_are_read_and_written_as_utf8():
+    """Captions and dataset names are UTF-8 whatever the machine's locale: no text I/O without encoding=."""
+    import ast
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    missing = []
+    for rel in ("train/fit.py", "train/evaluate.py", "train/report.py", "train/bundle.py", "storyteller/card.py", "app.py"):
+        for node in ast.walk(ast.parse((repo / rel).read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Call):
+                continue
+            f = node.func
+            text_io = (isinstance(f, ast.Attribute) and f.attr in ("read_text", "write_text")) or \
+                (isinstance(f, ast.Name) and f.id == "open" and not any(
+                    isinstance(a, ast.Constant) and "b" in str(a.value) for a in node.args[1:2]))
+            if text_io and not any(k.arg == "encoding" for k in node.keywords):
+                missing.append(f"{rel}:{node.lineno}")
+    assert not missing, missing

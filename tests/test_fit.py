@@ -117,9 +117,9 @@ def test_caption_pairs_batch_trims_to_longest(cache):
 def test_fit_writes_run_folder_and_exports_best_model(cache, tmp_path):
     out = tmp_path / "run"
     fit.main(fit_args(cache, out, "--epochs", "4"))
-    args = json.loads((out / "args.json").read_text())
+    args = json.loads((out / "args.json").read_text(encoding="utf-8"))
     assert args["epochs"] == 4 and args["select"] == "cider"
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [x["epoch"] for x in lines] == [1, 2, 3, 4]
     for key in ("train_loss", "val_loss", "bleu4", "cider", "lr", "captions_per_s"):
         assert all(np.isfinite(x[key]) for x in lines), key
@@ -139,7 +139,7 @@ def test_fit_writes_run_folder_and_exports_best_model(cache, tmp_path):
     exported = load_file(out / "model" / "model.safetensors")
     for k, v in ckpt["best"]["model"].items():
         assert torch.equal(exported[k], v), k  # the exported weights are the best epoch's
-    card = (out / "model" / "README.md").read_text()
+    card = (out / "model" / "README.md").read_text(encoding="utf-8")
     assert "pipeline_tag: image-to-text" in card and "from_pretrained" in card
     assert not (out / "model.tmp").exists() and not (out / "model.old").exists()
 
@@ -174,11 +174,34 @@ def test_resume_refuses_changed_arguments(cache, tmp_path):
         fit.main(fit_args(cache, out, "--resume", "--lr", "1e-3"))
 
 
+def test_resume_checks_the_checkpoints_arguments_not_args_json(cache, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    fit.main(fit_args(cache, out, "--stop-after-epochs", "1"))  # run A, killed after its first checkpoint
+    # run B: a fresh start with another --lr, killed during epoch 1 (args.json already rewritten, no checkpoint yet)
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(fit, "train_step", killed)
+        with pytest.raises(KeyboardInterrupt):
+            fit.main(fit_args(cache, out, "--lr", "1e-3"))
+    assert json.loads((out / "args.json").read_text(encoding="utf-8"))["lr"] == 1e-3
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["args"]["lr"] == 5e-3  # still run A's
+    with pytest.raises(SystemExit, match="--lr 0.005 -> 0.001"):
+        fit.main(fit_args(cache, out, "--resume", "--lr", "1e-3"))  # B's arguments do not continue A's checkpoint
+
+
+def test_missing_split_is_one_clear_line(cache, tmp_path):
+    with pytest.raises(SystemExit, match=r"no split 'test'; splits present: \['train', 'validation'\]"):
+        fit.main(fit_args(cache, tmp_path / "run", "--val-split", "test"))
+    assert not (tmp_path / "run").exists()  # nothing written for a run that cannot start
+
+
 def test_early_stopping_keeps_the_best_epoch(cache, tmp_path):
     # lr 0: every epoch scores exactly the same, so nothing improves after epoch 1
     out = tmp_path / "run"
     fit.main(fit_args(cache, out, "--epochs", "6", "--lr", "0", "--patience", "2", "--select", "val_loss"))
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [x["epoch"] for x in lines] == [1, 2, 3]
     assert ShowAndTell.from_pretrained(out / "model").extra["training"]["best_epoch"] == 1
 
@@ -201,7 +224,7 @@ def test_torchrun_two_ranks_gloo(cache, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "x 2 ranks" in proc.stderr
     assert proc.stderr.count("epoch 1:") == 1  # rank 0 alone logs
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [x["epoch"] for x in lines] == [1, 2]
     model = ShowAndTell.from_pretrained(out / "model")
     assert model.vocab is not None and model.backbone == SPEC

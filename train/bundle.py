@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from storyteller.card import write_model_card
 from storyteller.model import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, ShowAndTell
 
 CARRIED_FILES = ("loss_curve.png", "metric_curve.png")
+# The recommended decoding settings a bundle may carry: (lowest, highest) allowed value, None = unbounded.
+DECODING_LIMITS = {"beam_size": (1, None), "alpha": (0.0, None), "no_repeat_ngram_size": (0, None), "max_len": (1, 100)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,9 +37,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beam", type=int, default=3, help="recommended beam size")
     p.add_argument("--alpha", type=float, default=0.0, help="recommended length-normalisation alpha")
     p.add_argument("--no-repeat-ngram-size", type=int, default=0, help="recommended n-gram blocking (0: off)")
-    p.add_argument("--max-len", type=int, default=20, help="recommended most decoding steps")
+    p.add_argument("--max-len", type=int, default=20, help="recommended most decoding steps (1..100)")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored weight dtype")
     return p
+
+
+def validate_decoding(decoding: dict) -> None:
+    """Check recommended decoding settings before they are written into a bundle.
+
+    Every key is optional (the app and the CLI fall back to their own defaults); a given one must be
+    a number in range: beam_size >= 1, alpha >= 0, no_repeat_ngram_size >= 0, 1 <= max_len <= 100,
+    and beam_size, no_repeat_ngram_size and max_len whole numbers.
+
+    Args:
+        decoding: ``{"beam_size", "alpha", "no_repeat_ngram_size", "max_len"}`` (a subset).
+
+    Raises:
+        ValueError: an unknown key or a value out of range, naming it.
+    """
+    unknown = sorted(set(decoding) - set(DECODING_LIMITS))
+    if unknown:
+        raise ValueError(f"unknown decoding settings {unknown}; known: {sorted(DECODING_LIMITS)}")
+    for key, value in decoding.items():
+        lo, hi = DECODING_LIMITS[key]
+        whole = key != "alpha"
+        if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) or not math.isfinite(value):
+            raise ValueError(f"decoding {key} must be {'a whole' if whole else 'a finite'} number, got {value!r}")
+        if value < lo or (hi is not None and value > hi):
+            allowed = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+            raise ValueError(f"decoding {key} must be {allowed}, got {value!r}")
 
 
 def bundle(model_dir: str | Path, out: str | Path, decoding: dict, dtype: str = "float16") -> Path:
@@ -45,17 +74,19 @@ def bundle(model_dir: str | Path, out: str | Path, decoding: dict, dtype: str = 
     Args:
         model_dir: a folder written by ``ShowAndTell.save_pretrained`` (loaded strictly first).
         out: the new folder; refused if it exists and is not empty.
-        decoding: recommended decoding settings (beam_size, alpha, no_repeat_ngram_size, max_len).
+        decoding: recommended decoding settings (beam_size, alpha, no_repeat_ngram_size, max_len);
+            checked by ``validate_decoding``.
         dtype: ``float16`` or ``float32`` weights.
     """
+    validate_decoding(decoding)
     model_dir, out = Path(model_dir), Path(out)
     model = ShowAndTell.from_pretrained(model_dir)  # validates config, weights and vocabulary together
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; remove it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    config = json.loads((model_dir / CONFIG_FILE).read_text())
+    config = json.loads((model_dir / CONFIG_FILE).read_text(encoding="utf-8"))
     config["extra"] = {**(config.get("extra") or {}), "decoding": decoding}
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     shutil.copy2(model_dir / VOCAB_FILE, out / VOCAB_FILE)
     state = {k: v.to(getattr(torch, dtype)).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -68,9 +99,14 @@ def bundle(model_dir: str | Path, out: str | Path, decoding: dict, dtype: str = 
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     decoding = {"beam_size": args.beam, "alpha": args.alpha, "no_repeat_ngram_size": args.no_repeat_ngram_size,
                 "max_len": args.max_len}
+    try:
+        validate_decoding(decoding)
+    except ValueError as e:
+        parser.error(str(e))
     out = bundle(args.model, args.out, decoding, args.dtype)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     print(f"bundle: {out} ({size / 2**20:.1f} MiB): " + ", ".join(sorted(f.name for f in out.iterdir())))

@@ -5,14 +5,20 @@
     python -m train evaluate --model user/storyteller --features feats/flickr8k-lite0 --split validation \\
         --beam 1 3 --out eval.json            # cached features (must come from the model's backbone)
 
-Beam 1 is greedy search. Features come from ``--features`` (a cache checked against the model's
+Beam 1 is greedy search. Decoding settings not given on the command line (``--beam``, ``--alpha``,
+``--no-repeat-ngram-size``, ``--max-len``, ``--min-len``) are the model's recommended ones
+(``config["extra"]["decoding"]``, written by ``python -m train bundle``; the app and the CLI use
+them too), else greedy + beam 3, alpha 0, no n-gram blocking, 20 steps: so the figures describe
+the model as it is used. Features come from ``--features`` (a cache checked against the model's
 backbone spec) or are computed live from the photos with the model's own backbone and
 preprocessing. The JSON holds, per decoding method, every figure of ``evaluate_captions``
 (BLEU-1..4, CIDEr-D, unigram precision/recall/F1), the mean caption length in words, the number of
-distinct words used, and decoding images/s; plus a few examples drawn with ``--seed``. ``--report``
+distinct words used, and decoding images/s; the decoding settings used; plus a few examples drawn
+with ``--seed``. ``--report``
 writes the same as Markdown with thumbnails (JPEGs in a folder beside the report).
 ``--write-to-model`` stores the result in the model folder's evaluation.json (and re-renders its
-README.md card), replacing an earlier evaluation of the same dataset and split.
+README.md card), replacing an earlier evaluation of the same dataset (its resolved source: absolute
+path or Hub id) and split.
 """
 from __future__ import annotations
 
@@ -29,12 +35,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from storyteller.captioner import _decoding_hints
 from storyteller.decoding import beam_search, greedy_search
 from storyteller.model import ShowAndTell
 from storyteller.vocab import tokenize
 
 EVALUATION_FORMAT = "storyteller-evaluation-v1"
 THUMBNAIL_SIZE = 256
+# Decoding when neither the command line nor the model's config["extra"]["decoding"] says otherwise.
+DECODING_FALLBACK = {"beam_size": 3, "alpha": 0.0, "no_repeat_ngram_size": 0, "max_len": 20, "min_len": 1}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,10 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", default=None, help="feature cache to read instead of running the backbone")
     p.add_argument("--split", default="validation", help="split to evaluate")
     p.add_argument("--limit", type=int, default=0, help="evaluate the first N images of the split only (0: all)")
-    p.add_argument("--beam", type=int, nargs="+", default=[1, 3], help="beam sizes to run; 1 is greedy search")
-    p.add_argument("--alpha", type=float, default=0.0, help="beam search GNMT length-normalisation exponent")
-    p.add_argument("--max-len", type=int, default=20, help="most decoding steps per caption (<end> included)")
-    p.add_argument("--no-repeat-ngram-size", type=int, default=0, help="forbid repeating n-grams of this size (0: off)")
+    # Decoding: None means the model's recommended value (config extra decoding), else DECODING_FALLBACK's.
+    p.add_argument("--beam", type=int, nargs="+", default=None,
+                   help="beam sizes to run, 1 is greedy search (unset: 1 and the model's recommended beam, else 1 3)")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="beam search GNMT length-normalisation exponent (unset: the model's recommended, else 0)")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="most decoding steps per caption, <end> included (unset: the model's recommended, else 20)")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=None,
+                   help="forbid repeating n-grams of this size, 0: off (unset: the model's recommended, else 0)")
+    p.add_argument("--min-len", type=int, default=None,
+                   help="fewest words before <end> (unset: the model's recommended, else 1)")
     p.add_argument("--batch-size", type=int, default=256, help="images per decoding / feature-extraction batch")
     p.add_argument("--workers", type=int, default=0, help="DataLoader processes decoding photos for live features")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
@@ -65,32 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- features ------------------------------------------------------------------------------------
 
-class _FirstImages:
-    """The first ``n`` images of a CaptionedImages, still decoded lazily (picklable for workers)."""
-
-    def __init__(self, base, n: int):
-        self.base, self.records, self.description = base, base.records[:n], base.description
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def load_image(self, i: int):
-        return self.base.load_image(i)
-
-
-class _Pixels(torch.utils.data.Dataset):
-    """Images of a CaptionedImages as normalised pixel tensors (picklable for DataLoader workers)."""
-
-    def __init__(self, images, transform):
-        self.images, self.transform = images, transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.transform(self.images.load_image(i))
-
-
 @torch.inference_mode()
 def live_features(images, backbone_spec: dict[str, Any], device: torch.device, batch_size: int, workers: int) -> torch.Tensor:
     """(N, F) float32 features of ``images`` (a CaptionedImages) from the model's own backbone.
@@ -103,11 +93,11 @@ def live_features(images, backbone_spec: dict[str, Any], device: torch.device, b
         workers: DataLoader processes decoding images.
     """
     from storyteller.backbones import create_backbone
+    from train.extract import make_loader
 
     backbone = create_backbone(backbone_spec, device=device)
-    loader = torch.utils.data.DataLoader(_Pixels(images, backbone.transform), batch_size=batch_size,
-                                         num_workers=workers, shuffle=False)
-    return torch.cat([backbone(pixels.to(device)).float() for pixels in loader])
+    loader = make_loader(images, backbone.transform, 0, batch_size, workers, pin_memory=device.type == "cuda")
+    return torch.cat([backbone(pixels.to(device, non_blocking=True)).float() for pixels in loader])
 
 
 # -- decoding and scoring ------------------------------------------------------------------------
@@ -121,8 +111,41 @@ def method_name(beam: int) -> str:
     return "greedy" if beam == 1 else f"beam{beam}"
 
 
-def decode_all(model: ShowAndTell, features: torch.Tensor, beam: int, *, max_len: int, alpha: float,
-               no_repeat_ngram_size: int, batch_size: int) -> list[str]:
+def decoding_settings(args: argparse.Namespace, extra: dict[str, Any] | None) -> dict[str, Any]:
+    """The decoding to evaluate: each setting from the command line, else the model's recommendation
+    (``extra["decoding"]``), else DECODING_FALLBACK.
+
+    Args:
+        args: the parsed arguments (None where an option was not given).
+        extra: the model's ``config["extra"]``.
+
+    Returns:
+        ``{"beams": [...], "alpha", "no_repeat_ngram_size", "max_len", "min_len"}``.
+
+    Raises:
+        SystemExit: a setting out of range (given or recommended).
+    """
+    recommended = {**DECODING_FALLBACK, **_decoding_hints(extra)}
+    given = {"alpha": args.alpha, "no_repeat_ngram_size": args.no_repeat_ngram_size, "max_len": args.max_len,
+             "min_len": args.min_len}
+    settings = {k: recommended[k] if v is None else v for k, v in given.items()}
+    beams = args.beam if args.beam is not None else [1, recommended["beam_size"]]
+    settings["beams"] = list(dict.fromkeys(beams))
+    if any(b < 1 for b in settings["beams"]):
+        sys.exit(f"beam sizes must be >= 1, got {settings['beams']}")
+    if settings["max_len"] < 1:
+        sys.exit(f"max length must be >= 1, got {settings['max_len']}")
+    if not settings["alpha"] >= 0:  # NaN too
+        sys.exit(f"alpha must be >= 0, got {settings['alpha']}")
+    if settings["no_repeat_ngram_size"] < 0 or settings["min_len"] < 0:
+        sys.exit(f"no-repeat n-gram size and min length must be >= 0, got {settings['no_repeat_ngram_size']} "
+                 f"and {settings['min_len']}")
+    return settings
+
+
+def decode_all(model: ShowAndTell, features: torch.Tensor, beam: int, *, max_len: int, batch_size: int,
+               alpha: float = 0.0, no_repeat_ngram_size: int = 0, min_len: int = 1,
+               amp_dtype: torch.dtype | None = None) -> list[str]:
     """Captions of every row of ``features`` (N, F), in batches; beam 1 runs greedy search.
 
     Args:
@@ -130,17 +153,20 @@ def decode_all(model: ShowAndTell, features: torch.Tensor, beam: int, *, max_len
         features: (N, F) on the model's device.
         beam: beam size.
         max_len: most decoding steps.
+        batch_size: images per decoder batch.
         alpha: length normalisation (beam > 1 only).
         no_repeat_ngram_size: n-gram blocking (0: off).
-        batch_size: images per decoder batch.
+        min_len: fewest words before ``<end>`` (at most max_len).
+        amp_dtype: autocast dtype (e.g. torch.bfloat16) or None for full precision.
     """
+    kw = dict(max_len=max_len, no_repeat_ngram_size=no_repeat_ngram_size, min_len=min(min_len, max_len))
     texts = []
     for chunk in features.split(batch_size):
-        if beam == 1:
-            texts += [c.text for c in greedy_search(model, chunk, max_len=max_len, no_repeat_ngram_size=no_repeat_ngram_size)]
-        else:
-            texts += [caps[0].text for caps in beam_search(model, chunk, beam_size=beam, max_len=max_len, alpha=alpha,
-                                                            no_repeat_ngram_size=no_repeat_ngram_size)]
+        with torch.autocast(features.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            if beam == 1:
+                texts += [c.text for c in greedy_search(model, chunk, **kw)]
+            else:
+                texts += [caps[0].text for caps in beam_search(model, chunk, beam_size=beam, alpha=alpha, **kw)]
     return texts
 
 
@@ -185,6 +211,25 @@ def save_thumbnail(image, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def decoding_summary(result: dict[str, Any]) -> str:
+    """The decoding settings of a result in words, e.g. ``max length 20, alpha 0.5, no repeated 3-grams``.
+
+    Args:
+        result: an evaluation result (older results may lack some settings).
+    """
+    parts = [f"max length {result.get('max_len')}", f"alpha {result.get('alpha')}"]
+    ngram = result.get("no_repeat_ngram_size")
+    if ngram is not None:
+        parts.append(f"no repeated {ngram}-grams" if ngram else "no n-gram blocking")
+    if result.get("min_len") not in (None, 1):
+        parts.append(f"min length {result['min_len']}")
+    summary = ", ".join(parts)
+    recommended = result.get("recommended_decoding")
+    if recommended:
+        summary += " (the model recommends " + ", ".join(f"{k} {v}" for k, v in recommended.items()) + ")"
+    return summary
+
+
 def render_report(result: dict[str, Any]) -> str:
     """The Markdown report of one evaluation result (examples' ``thumbnail`` paths relative to the report).
 
@@ -197,8 +242,7 @@ def render_report(result: dict[str, Any]) -> str:
     out = [f"# Evaluation of `{result['model']}`", "",
            f"Dataset `{result['dataset']}`, split `{result['split']}`, {result['num_images']} images; "
            f"features {'from cache `' + result['features'] + '`' if result['features'] else 'computed live'} "
-           f"(backbone `{(result.get('backbone') or {}).get('name')}`); max length {result['max_len']}, "
-           f"alpha {result['alpha']}.", "",
+           f"(backbone `{(result.get('backbone') or {}).get('name')}`); {decoding_summary(result)}.", "",
            "| decoding | " + " | ".join(c for _, c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for key, m in result["methods"].items():
         label = "greedy" if m["beam"] == 1 else f"beam {m['beam']}"
@@ -259,16 +303,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if args.features is None and args.dataset is None:
         sys.exit("give --dataset (features computed live) or --features (a feature cache)")
-    if any(b < 1 for b in args.beam):
-        sys.exit(f"beam sizes must be >= 1, got {args.beam}")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     model = ShowAndTell.from_pretrained(args.model).to(device).eval()
+    decoding = decoding_settings(args, model.extra)
 
     images = None  # CaptionedImages of the split, when --dataset is given
     if args.dataset is not None:
         from storyteller.data import open_captioned_images
 
-        images = open_captioned_images(args.dataset, args.split)
+        try:
+            images = open_captioned_images(args.dataset, args.split, limit_per_split=args.limit if args.limit > 0 else None)
+        except ValueError as e:  # no such split / dataset: say so in one line
+            sys.exit(str(e))
     extraction = None
     if args.features is not None:
         from storyteller.features import FeatureCache, FeatureCacheError
@@ -287,8 +333,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         if model.backbone is None:
             sys.exit(f"{args.model} has no backbone spec in its config.json; give --features from its feature cache")
-        if args.limit > 0:
-            images = _FirstImages(images, args.limit)
         ids = [r.id for r in images.records]
         references = [r.captions for r in images.records]
         t0 = time.perf_counter()
@@ -300,13 +344,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     methods: dict[str, dict[str, Any]] = {}
     captions: dict[str, list[str]] = {}
-    decode_all(model, features[:2], max(args.beam), max_len=2, alpha=0.0, no_repeat_ngram_size=0, batch_size=2)  # warm-up
-    for beam in dict.fromkeys(args.beam):
+    decode_all(model, features[:2], max(decoding["beams"]), max_len=2, batch_size=2)  # warm-up
+    settings = {k: decoding[k] for k in ("alpha", "no_repeat_ngram_size", "max_len", "min_len")}
+    for beam in decoding["beams"]:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        texts = decode_all(model, features, beam, max_len=args.max_len, alpha=args.alpha,
-                           no_repeat_ngram_size=args.no_repeat_ngram_size, batch_size=args.batch_size)
+        texts = decode_all(model, features, beam, batch_size=args.batch_size, **settings)
         seconds = time.perf_counter() - t0
         key = method_name(beam)
         captions[key] = texts
@@ -317,13 +361,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     pick = sorted(random.Random(args.seed).sample(range(len(ids)), min(args.examples, len(ids))))
     examples = [{"id": ids[i], "references": references[i], "captions": {k: captions[k][i] for k in captions}} for i in pick]
+    # The resolved source (absolute path or Hub id), whether the features came from a cache or live:
+    # it names the dataset in evaluation.json, so both ways of evaluating one split replace each other.
     source = str(dataset_desc.get("source") or args.dataset or "")
-    result = {"format": EVALUATION_FORMAT, "model": args.model, "dataset": args.dataset or source,
+    result = {"format": EVALUATION_FORMAT, "model": args.model, "dataset": source,
               "dataset_name": source if dataset_desc.get("kind") == "hub" else Path(source.rstrip("/")).name or source,
               "split": args.split, "num_images": len(ids), "features": args.features,
-              "backbone": model.backbone, "max_len": args.max_len, "alpha": args.alpha,
-              "no_repeat_ngram_size": args.no_repeat_ngram_size, "extraction": extraction, "methods": methods,
-              "seed": args.seed, "examples": examples}
+              "backbone": model.backbone, **settings, "recommended_decoding": _decoding_hints(model.extra),
+              "extraction": extraction, "methods": methods, "seed": args.seed, "examples": examples}
 
     example_images = {}
     if images is not None and examples:

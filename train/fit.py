@@ -40,9 +40,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from storyteller.decoding import greedy_search
 from storyteller.model import ShowAndTell
 from storyteller.vocab import SPECIAL_TOKENS, Vocabulary
+from train.evaluate import decode_all
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "storyteller-fit-checkpoint-v1"
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="validate on the first N images of the validation split only (0: all)")
     io.add_argument("--resume", action="store_true",
                     help="continue from RUN_DIR/checkpoint.pt if it exists (start fresh otherwise); "
-                         "the other arguments must match the run's args.json")
+                         "the other arguments must match the ones stored in that checkpoint")
     io.add_argument("--stop-after-epochs", type=int, default=0,
                     help="leave after this many epochs of this invocation without exporting, as if killed "
                          "(time-sliced jobs; --resume continues); 0: run to the end")
@@ -315,24 +315,20 @@ def validation_loss(model: ShowAndTell, features: torch.Tensor, pairs: CaptionPa
     return float(total) / count
 
 
-def greedy_captions(model: ShowAndTell, features: torch.Tensor, rows: np.ndarray, vocab: Vocabulary, max_len: int,
-                    batch_size: int, amp_dtype: torch.dtype | None = None) -> list[str]:
-    """Batched greedy captions of the images ``rows`` of ``features``.
+def greedy_captions(model: ShowAndTell, features: torch.Tensor, rows: np.ndarray, max_len: int, batch_size: int,
+                    amp_dtype: torch.dtype | None = None) -> list[str]:
+    """Batched greedy captions of the images ``rows`` of ``features`` (``train.evaluate.decode_all``).
 
     Args:
-        model: the decoder.
+        model: the decoder, its vocab attached.
         features: (N_images, F) all image features.
         rows: image rows to caption.
-        vocab: id -> word mapping.
         max_len: most decoding steps.
         batch_size: images per decoder batch.
         amp_dtype: autocast dtype or None.
     """
-    out = []
-    for chunk in torch.as_tensor(rows).split(batch_size):
-        with torch.autocast(features.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-            out += [c.text for c in greedy_search(model, features[chunk.to(features.device)], vocab, max_len=max_len)]
-    return out
+    selected = features[torch.as_tensor(rows, device=features.device)]  # (len(rows), F)
+    return decode_all(model, selected, 1, max_len=max_len, batch_size=batch_size, amp_dtype=amp_dtype)
 
 
 # -- schedule ------------------------------------------------------------------------------------
@@ -372,7 +368,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         obj: JSON-able object.
     """
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -408,7 +404,7 @@ def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
         history: one dict per finished epoch.
     """
     tmp = run_dir / "metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
+    tmp.write_text("".join(json.dumps(h) + "\n" for h in history), encoding="utf-8")
     os.replace(tmp, run_dir / "metrics.jsonl")
     from train.report import plot_curves
 
@@ -466,15 +462,23 @@ def _broadcast_flag(flag: bool, device: torch.device, world: int) -> bool:
 
 # -- main ----------------------------------------------------------------------------------------
 
-def _check_resume_args(run_dir: Path, args: argparse.Namespace) -> None:
-    path = run_dir / "args.json"
-    if not path.is_file():
-        return
-    old, new = json.loads(path.read_text()), vars(args)
-    diff = sorted(k for k in set(old) | set(new) if k not in RESUME_MAY_DIFFER and old.get(k) != new.get(k))
+def _check_resume_args(ckpt_path: Path, saved: dict[str, Any], args: argparse.Namespace) -> None:
+    """Refuse to resume a checkpoint with other arguments than the ones it was trained with.
+
+    The arguments compared are the ones stored in the checkpoint, not RUN_DIR/args.json: a fresh
+    start rewrites args.json before its first checkpoint, so a run killed that early leaves an
+    args.json that does not describe the checkpoint beside it.
+
+    Args:
+        ckpt_path: the checkpoint (for the message).
+        saved: the checkpoint's ``args``.
+        args: this invocation's arguments.
+    """
+    new = vars(args)
+    diff = sorted(k for k in set(saved) | set(new) if k not in RESUME_MAY_DIFFER and saved.get(k) != new.get(k))
     if diff:
-        raise SystemExit(f"--resume: arguments differ from {path}: "
-                         + ", ".join(f"--{k.replace('_', '-')} {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
+        raise SystemExit(f"--resume: arguments differ from those of {ckpt_path}: "
+                         + ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} -> {new.get(k)!r}" for k in diff)
                          + "; resume with the original arguments, or use a new --out")
 
 
@@ -491,7 +495,7 @@ def main(argv: list[str] | None = None) -> None:
         argv: command line without the program name; defaults to ``sys.argv[1:]``.
     """
     args = build_parser().parse_args(argv)
-    from storyteller.features import FeatureCache
+    from storyteller.features import FeatureCache, FeatureCacheError
     from storyteller.metrics import evaluate_captions
 
     rank, world, device = setup_runtime(args.device)
@@ -501,21 +505,23 @@ def main(argv: list[str] | None = None) -> None:
     amp_dtype = torch.bfloat16 if args.amp == "bf16" else default_amp(device) if args.amp == "auto" else None
     run_dir = Path(args.out)
     ckpt_path = run_dir / CHECKPOINT
-    resume = args.resume and ckpt_path.is_file()
-    if resume:
-        _check_resume_args(run_dir, args)
+    ckpt = load_checkpoint(ckpt_path) if args.resume and ckpt_path.is_file() else None
+    if ckpt is not None:
+        _check_resume_args(ckpt_path, ckpt["args"], args)
+    try:
+        cache = FeatureCache.open(args.features)
+        train_rows = cache.split(args.train_split)
+        val_rows = cache.split(args.val_split)
+    except FeatureCacheError as e:  # missing cache or split: one line naming what is there
+        raise SystemExit(f"fit: {e}") from None
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_dir / "args.json", vars(args))
 
     # -- data: every feature in memory as float32, every caption encoded once --
-    cache = FeatureCache.open(args.features)
     features = torch.from_numpy(np.asarray(cache.features, dtype=np.float32)).to(device)  # (N_images, F)
-    train_rows = cache.split(args.train_split)
-    val_rows = cache.split(args.val_split)
     if args.max_val_images > 0:
         val_rows = val_rows[: args.max_val_images]
-    ckpt = load_checkpoint(ckpt_path) if resume else None
     if ckpt is not None:
         vocab = Vocabulary(ckpt["vocab"][len(SPECIAL_TOKENS):])
     else:
@@ -595,7 +601,7 @@ def main(argv: list[str] | None = None) -> None:
         if is_main:
             val_loss = validation_loss(model, features, val_pairs, args.eval_batch_size * 5, amp_dtype)
             t1 = time.perf_counter()
-            hyps = greedy_captions(model, features, val_rows, vocab, args.max_len, args.eval_batch_size, amp_dtype)
+            hyps = greedy_captions(model, features, val_rows, args.max_len, args.eval_batch_size, amp_dtype)
             scores = evaluate_captions(hyps, val_refs)
             record = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
                       **{k: scores[k] for k in ("bleu1", "bleu2", "bleu3", "bleu4", "cider")},
@@ -692,7 +698,7 @@ def export_best(run_dir: Path, best: dict[str, Any], model_kwargs: dict[str, Any
     model.vocab = vocab
     model.eval()
     rows = val_rows[:num_examples]
-    caps = greedy_captions(model, features.cpu(), rows, vocab, args.max_len, len(rows) or 1)
+    caps = greedy_captions(model, features.cpu(), rows, args.max_len, len(rows) or 1) if len(rows) else []
     examples = [{"id": cache.ids[int(r)], "references": val_refs[i], "captions": {"greedy": caps[i]}}
                 for i, r in enumerate(rows)]
 

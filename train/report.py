@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     if len(argv) != 1:
         sys.exit("usage: python -m train.report RUN_DIR/metrics.jsonl")
     path = Path(argv[0])
-    history = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    history = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     plot_curves(history, path.parent / "loss_curve.png", path.parent / "metric_curve.png")
 
 
