@@ -65,11 +65,10 @@ def _caption_record(path: str, result: Any, beam_size: int, n_best: int) -> dict
 
 
 def _cmd_caption(args: argparse.Namespace, captioner: Any) -> int:
-    from .images import ImageError, load_image
+    from .images import ImageError
 
     beam_size = args.beam if args.beam is not None else captioner.decoding["beam_size"]
     settings = dict(beam_size=beam_size, max_len=args.max_len, alpha=args.alpha, n_best=args.n_best)
-    draft = int(getattr(captioner.transform, "preprocessing", {}).get("resize", 0)) or None
     failed = 0
 
     def report_error(path: str, message: str) -> None:
@@ -95,7 +94,7 @@ def _cmd_caption(args: argparse.Namespace, captioner: Any) -> int:
 
     for path in args.images:
         try:
-            pending.append((path, load_image(path, draft_size=draft)))
+            pending.append((path, captioner.load_image(path)))  # decoded as the app decodes it
         except ImageError as e:
             flush()  # keep output in input order
             report_error(path, str(e))

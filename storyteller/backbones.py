@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -174,20 +175,36 @@ class Backbone(nn.Module):
             feats = self.trunk(pixels)
         return feats.float()
 
-    @torch.inference_mode()
-    def encode(self, images: list[Image.Image]) -> torch.Tensor:
-        """Live features for PIL images: transform, stack, forward on this module's device.
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """PIL images -> (B, 3, crop, crop) normalised pixels on this module's device (the spec's transform).
 
         Args:
             images: PIL images of any size and mode.
+        """
+        if len(images) == 0:
+            raise ValueError("need at least one image")
+        return torch.stack([self.transform(im) for im in images]).to(self.device)
+
+    @torch.inference_mode()
+    def encode(self, images: Sequence[Image.Image], timings: dict[str, float] | None = None) -> torch.Tensor:
+        """Live features for PIL images: ``forward(preprocess(images))``. The app and the CLI (through
+        ``Captioner``) compute every feature here.
+
+        Args:
+            images: PIL images of any size and mode.
+            timings: if given, receives ``"preprocess"`` and ``"backbone"`` wall times in ms.
 
         Returns:
             (len(images), feature_dim) float32 tensor on this module's device.
         """
-        if len(images) == 0:
-            raise ValueError("encode needs at least one image")
-        pixels = torch.stack([self.transform(im) for im in images]).to(self.device)
-        return self.forward(pixels)
+        t0 = time.perf_counter()
+        pixels = self.preprocess(images)
+        t1 = time.perf_counter()
+        features = self.forward(pixels)
+        if timings is not None:
+            timings["preprocess"] = (t1 - t0) * 1e3
+            timings["backbone"] = (time.perf_counter() - t1) * 1e3
+        return features
 
 
 # -- weights -------------------------------------------------------------------------------------
