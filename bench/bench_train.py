@@ -44,30 +44,7 @@ sys.path.insert(0, str(REPO))
 from storyteller.model import ShowAndTell  # noqa: E402
 from storyteller.vocab import Vocabulary, tokenize  # noqa: E402
 from train import fit  # noqa: E402
-
-
-class SeedDecoder(nn.Module):
-    """The original project's decoder: feature -> Linear -> h0 (c0 zeros); Embedding -> LSTM -> Linear.
-
-    Args:
-        vocab_size: tokens.
-        feature_dim: image feature size.
-        embed_dim: embedding size.
-        hidden_dim: LSTM size.
-    """
-
-    def __init__(self, vocab_size: int, feature_dim: int, embed_dim: int = 512, hidden_dim: int = 512):
-        super().__init__()
-        self.init_h = nn.Linear(feature_dim, hidden_dim)
-        self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=Vocabulary.pad_id)
-        self.lstm = nn.LSTM(embed_dim, hidden_dim, batch_first=True)
-        self.fc = nn.Linear(hidden_dim, vocab_size)
-
-    def forward(self, features: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
-        """(B, F), (B, T) padded -> logits (B, T-1, V) at every position, padding included."""
-        h0 = self.init_h(features).unsqueeze(0)  # (1, B, H)
-        out, _ = self.lstm(self.embed(captions[:, :-1]), (h0, torch.zeros_like(h0)))
-        return self.fc(out)
+from bench.seed_baseline import SeedDecoder  # noqa: E402
 
 
 def load_data(features_dir: Path, captions_dir: Path, feature_dim: int = 1280, seed: int = 0):

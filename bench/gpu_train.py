@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 from storyteller.model import ShowAndTell  # noqa: E402
 from storyteller.vocab import Vocabulary  # noqa: E402
 from train import fit  # noqa: E402
+from bench.seed_baseline import SeedDecoder  # noqa: E402
 
 
 def synth_data(images: int, train_images: int, captions_per_image: int, vocab_size: int, feature_dim: int,
@@ -72,22 +73,6 @@ def synth_data(images: int, train_images: int, captions_per_image: int, vocab_si
     tokens[:, 0] = Vocabulary.start_id
     image = torch.arange(train_images).repeat_interleave(captions_per_image)
     return features, fit.CaptionPairs(image.to(device), tokens.to(device), lengths)
-
-
-class SeedDecoder(nn.Module):
-    """The original project's decoder (Linear -> h0, c0 = 0; Embedding -> LSTM -> Linear on every position)."""
-
-    def __init__(self, vocab_size: int, feature_dim: int, embed_dim: int = 512, hidden_dim: int = 512):
-        super().__init__()
-        self.init_h = nn.Linear(feature_dim, hidden_dim)
-        self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=Vocabulary.pad_id)
-        self.lstm = nn.LSTM(embed_dim, hidden_dim, batch_first=True)
-        self.fc = nn.Linear(hidden_dim, vocab_size)
-
-    def forward(self, features: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
-        h0 = self.init_h(features).unsqueeze(0)  # (1, B, H)
-        out, _ = self.lstm(self.embed(captions[:, :-1]), (h0, torch.zeros_like(h0)))
-        return self.fc(out)  # (B, T-1, V)
 
 
 def sync(device: torch.device) -> None:
