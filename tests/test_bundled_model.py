@@ -1,0 +1,63 @@
+"""The model that ships in models/flickr8k-lite0: it loads and captions offline on a fresh clone, and
+the figures in its model card are reproduced by the project's own evaluation."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from storyteller.captioner import load
+from storyteller.metrics import evaluate_captions
+from storyteller.vocab import SPECIAL_TOKENS
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLED = REPO / "models" / "flickr8k-lite0"
+EXAMPLES = REPO / "examples"
+
+
+def card_evaluation() -> dict:
+    data = json.loads((BUNDLED / "evaluation.json").read_text(encoding="utf-8"))
+    return next(e for e in data["evaluations"] if e["split"] == "validation")
+
+
+def test_bundled_model_captions_the_example_photos_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("STORYTELLER_MODEL", raising=False)
+    captioner = load()  # no name: the bundled model
+    assert Path(captioner.info["model"]).resolve() == BUNDLED.resolve()
+    human = json.loads((EXAMPLES / "captions.json").read_text(encoding="utf-8"))["captions"]
+    names = sorted(human)
+    results = captioner.caption([captioner.load_image(EXAMPLES / n) for n in names])
+    beam = [r.beam[0].text for r in results]
+    for r in results:
+        for text in (r.greedy.text, r.beam[0].text):
+            assert text and not any(tok in text for tok in SPECIAL_TOKENS)
+    # sensible, not just non-empty: the captions match their own photo's human captions far better
+    # than another photo's
+    own = evaluate_captions(beam, [human[n] for n in names])
+    other = evaluate_captions(beam, [human[n] for n in names[1:] + names[:1]])
+    assert own["bleu1"] > 0.4, (beam, own)
+    assert own["f1"] > other["f1"] + 0.1, (beam, own, other)
+
+
+def test_card_reports_the_validation_figures():
+    ev = card_evaluation()
+    card = (BUNDLED / "README.md").read_text(encoding="utf-8")
+    beam = json.loads((BUNDLED / "config.json").read_text(encoding="utf-8"))["extra"]["decoding"]["beam_size"]
+    bleu4 = ev["methods"][f"beam{beam}"]["bleu4"]
+    assert f"{bleu4:.3f}" in card
+    assert ev["num_images"] == 1000
+
+
+def test_bundled_model_reproduces_its_card_bleu4(flickr8k_dir, tmp_path):
+    from train.evaluate import main as evaluate
+
+    ev = card_evaluation()
+    beam = json.loads((BUNDLED / "config.json").read_text(encoding="utf-8"))["extra"]["decoding"]["beam_size"]
+    out = tmp_path / "eval.json"
+    # live features from the photos (not the cache the card was made from): the app's path
+    evaluate(["--model", str(BUNDLED), "--dataset", str(flickr8k_dir), "--split", "validation",
+              "--beam", str(beam), "--examples", "0", "--out", str(out)])
+    got = json.loads(out.read_text(encoding="utf-8"))["methods"][f"beam{beam}"]["bleu4"]
+    assert got == pytest.approx(ev["methods"][f"beam{beam}"]["bleu4"], abs=0.01)
