@@ -242,11 +242,8 @@ def main(argv: list[str] | None = None) -> dict:
               "vocab_size": V, "train_captions": len(train), "val_captions": len(val), "torch": torch.__version__,
               "cpu_count": os.cpu_count(), "loops": rows}
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        os.replace(tmp, out)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        fit.write_json_atomic(Path(args.out), result)
     return result
 
 

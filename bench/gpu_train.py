@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -194,12 +193,9 @@ def main(argv: list[str] | None = None) -> dict:
             row = {"config": name, "batch_size": bs, "amp": "bf16" if use_amp else "fp32", "error": f"{type(e).__name__}: {e}"[:300]}
         rows.append(row)
         print(json.dumps(row), flush=True)
-        if args.out:
-            out = Path(args.out)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(out.name + ".tmp")
-            tmp.write_text(json.dumps(result, indent=1) + "\n")
-            os.replace(tmp, out)
+        if args.out:  # after every row: a run cut short still leaves its finished rows
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            fit.write_json_atomic(Path(args.out), result)
 
     print(f"\n{'config':<16}{'batch':>6}{'amp':>6}{'epoch s':>10}{'captions/s':>12}{'tokens/s':>12}{'peak MiB':>10}")
     for r in rows:
@@ -224,10 +220,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"ceiling: feeding the data alone takes {feed['epoch_seconds']:.2f} s/epoch at batch {best['batch_size']} "
                   f"({100 * summary['data_feeding_share']:.0f}% of the step's time); the rest is the model's compute.")
     if args.out:
-        out = Path(args.out)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        os.replace(tmp, out)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        fit.write_json_atomic(Path(args.out), result)
     return result
 
 
