@@ -29,14 +29,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from storyteller.model import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE
+from storyteller.vocab import SPECIAL_TOKENS
+
 REPO = Path(__file__).resolve().parent
-MODEL_FILES_REQUIRED = ("config.json", "model.safetensors", "vocab.json")
+MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, VOCAB_FILE)  # required, as storyteller.load checks
 MODEL_FILES_OPTIONAL = ("evaluation.json", "loss_curve.png", "metric_curve.png")
 MODEL_EXAMPLES = "examples"  # thumbnails the card links (written by `train evaluate --write-to-model`)
 CARD = "README.md"
 SPACE_MODEL_DIR = "models/flickr8k-lite0"  # the app's default model folder
 SPACE_SOURCES = ("app.py", "requirements.txt", "LICENSE")
-SPECIAL = ("<pad>", "<start>", "<end>", "<unk>")
 
 
 class UploadRefused(Exception):
@@ -50,7 +52,7 @@ def model_files(model_dir: Path) -> tuple[list[str], list[str]]:
     Args:
         model_dir: the model folder.
     """
-    keep = [f for f in MODEL_FILES_REQUIRED + MODEL_FILES_OPTIONAL if (model_dir / f).is_file()]
+    keep = [f for f in MODEL_FILES + MODEL_FILES_OPTIONAL if (model_dir / f).is_file()]
     keep += sorted(p.relative_to(model_dir).as_posix() for p in (model_dir / MODEL_EXAMPLES).glob("*.jpg"))
     keep.append(CARD)
     left_out = sorted(p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*")
@@ -87,7 +89,7 @@ def validate_model(model_dir: Path) -> str:
     except (ModelLoadError, ValueError, RuntimeError) as e:
         raise UploadRefused(f"{model_dir} does not work: {e}") from None
     for text in (result.greedy.text, result.beam[0].text):
-        if not text.strip() or any(tok in text for tok in SPECIAL):
+        if not text.strip() or any(tok in text for tok in SPECIAL_TOKENS):
             raise UploadRefused(f"{model_dir} loads but captions badly: {text!r}")
     return result.beam[0].text
 

@@ -43,6 +43,7 @@ sys.path.insert(0, str(REPO))
 
 from storyteller.model import ShowAndTell  # noqa: E402
 from storyteller.vocab import Vocabulary, tokenize  # noqa: E402
+from storyteller.fileio import write_json_atomic  # noqa: E402
 from train import fit  # noqa: E402
 from bench.seed_baseline import SeedDecoder  # noqa: E402
 
@@ -242,8 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
               "vocab_size": V, "train_captions": len(train), "val_captions": len(val), "torch": torch.__version__,
               "cpu_count": os.cpu_count(), "loops": rows}
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        fit.write_json_atomic(Path(args.out), result)
+        write_json_atomic(args.out, result)
     return result
 
 

@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from storyteller.model import ShowAndTell  # noqa: E402
 from storyteller.vocab import Vocabulary  # noqa: E402
+from storyteller.fileio import write_json_atomic  # noqa: E402
 from train import fit  # noqa: E402
 from bench.seed_baseline import SeedDecoder  # noqa: E402
 
@@ -194,8 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.out:  # after every row: a run cut short still leaves its finished rows
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            fit.write_json_atomic(Path(args.out), result)
+            write_json_atomic(args.out, result)
 
     print(f"\n{'config':<16}{'batch':>6}{'amp':>6}{'epoch s':>10}{'captions/s':>12}{'tokens/s':>12}{'peak MiB':>10}")
     for r in rows:
@@ -220,8 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"ceiling: feeding the data alone takes {feed['epoch_seconds']:.2f} s/epoch at batch {best['batch_size']} "
                   f"({100 * summary['data_feeding_share']:.0f}% of the step's time); the rest is the model's compute.")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        fit.write_json_atomic(Path(args.out), result)
+        write_json_atomic(args.out, result)
     return result
 
 

@@ -21,6 +21,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .fileio import write_text_atomic
+
 EVALUATION_FILE = "evaluation.json"
 CARD_FILE = "README.md"
 METRIC_COLUMNS = [("bleu1", "BLEU-1"), ("bleu2", "BLEU-2"), ("bleu3", "BLEU-3"), ("bleu4", "BLEU-4"),
@@ -244,9 +246,7 @@ def write_model_card(model_dir: str | os.PathLike, *, repo_id: str | None = None
             "- Scores on a validation split used for model selection are optimistic; compare models on a held-out split.", ""]
 
     path = model_dir / CARD_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(out), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, "\n".join(out))
     return path
 
 

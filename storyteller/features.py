@@ -21,6 +21,8 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from .fileio import write_json_atomic
+
 FORMAT, VERSION = "storyteller-features", 1
 MANIFEST, FEATURES, INDEX, PARTIAL = "manifest.json", "features.npy", "index.jsonl", ".partial"
 DTYPE = np.float16
@@ -75,12 +77,6 @@ def library_versions() -> dict[str, str]:
 
     return {"storyteller": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "timm": timm.__version__, "numpy": np.__version__, "pillow": PIL.__version__}
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _index_line(id_: str, split: str, captions: list[str]) -> str:
@@ -210,7 +206,7 @@ def _finish(path: Path, count: int, feature_dim: int, backbone: dict[str, Any], 
     manifest = {"format": FORMAT, "version": VERSION, "complete": True, "count": count, "feature_dim": feature_dim,
                 "dtype": np.dtype(DTYPE).name, "backbone": _canon(backbone), "dataset": _canon(dataset or {}),
                 "versions": library_versions()}
-    _write_json_atomic(path / MANIFEST, manifest)
+    write_json_atomic(path / MANIFEST, manifest)
 
 
 def _invalidate(path: Path) -> None:
@@ -285,7 +281,7 @@ class ChunkedCacheWriter:
                                         f"or delete {self.partial} to start over")
         else:
             self.partial.mkdir(parents=True, exist_ok=True)
-            _write_json_atomic(job_file, self.job)
+            write_json_atomic(job_file, self.job)
         _invalidate(self.path)  # an old finished cache here is being replaced
         self.done_chunks = 0  # finished chunks, contiguous from chunk 0
         while self.done_chunks < self.num_chunks and self._chunk_done(self.done_chunks):

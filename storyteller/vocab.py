@@ -18,6 +18,8 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from .fileio import write_json_atomic
+
 TOKENIZER_NAME = "lower-strip-punct-v1"
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIAL_TOKENS = (PAD, START, END, UNK)  # ids 0, 1, 2, 3 in every vocabulary
@@ -126,10 +128,7 @@ class Vocabulary:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the vocabulary as JSON (atomically: a temp file then rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=0), encoding="utf-8")
-        os.replace(tmp, path)
+        write_json_atomic(path, self.to_dict(), indent=0)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Vocabulary":

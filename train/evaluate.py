@@ -37,6 +37,7 @@ import torch
 
 from storyteller.captioner import _decoding_hints
 from storyteller.decoding import beam_search, greedy_search
+from storyteller.fileio import write_text_atomic
 from storyteller.model import ShowAndTell
 from storyteller.vocab import tokenize
 
@@ -183,13 +184,6 @@ def caption_statistics(hypotheses: list[str]) -> dict[str, float]:
 
 # -- outputs -------------------------------------------------------------------------------------
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _safe_name(id_: str) -> str:
     """A file-name stem for an image id (``"train/0001.jpg"`` -> ``"train_0001"``)."""
     stem = re.sub(r"\.(jpe?g|png|gif|webp|bmp|tiff?)$", "", id_, flags=re.IGNORECASE)
@@ -280,7 +274,7 @@ def update_model_evaluation(model_dir: Path, result: dict[str, Any], images: dic
     evaluations = [e for e in read_evaluations(model_dir)
                    if (e.get("dataset"), e.get("split")) != (entry["dataset"], entry["split"])]
     evaluations.append(entry)
-    _write_text_atomic(model_dir / EVALUATION_FILE,
+    write_text_atomic(model_dir / EVALUATION_FILE,
                        json.dumps({"format": EVALUATION_FORMAT, "evaluations": evaluations}, indent=1, ensure_ascii=False) + "\n")
     if (model_dir / "README.md").is_file():
         write_model_card(model_dir)
@@ -382,8 +376,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 rel = f"{folder.name}/{_safe_name(ex['id'])}.jpg"
                 save_thumbnail(example_images[ex["id"]], report.parent / rel)
                 ex["thumbnail"] = rel
-        _write_text_atomic(report, render_report(result))
-    _write_text_atomic(Path(args.out), json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+        write_text_atomic(report, render_report(result))
+    write_text_atomic(Path(args.out), json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     if args.write_to_model:
         if not Path(args.model).is_dir():
             sys.exit(f"--write-to-model needs a local model folder; {args.model} is not one")

@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from storyteller.fileio import write_json_atomic, write_text_atomic
 from storyteller.model import ShowAndTell
 from storyteller.vocab import SPECIAL_TOKENS, Vocabulary
 from train.evaluate import decode_all
@@ -360,18 +361,6 @@ def make_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, s
 
 # -- files ---------------------------------------------------------------------------------------
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """JSON to ``path`` via a temp file and ``os.replace`` (a reader never sees half a file).
-
-    Args:
-        path: destination.
-        obj: JSON-able object.
-    """
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def save_checkpoint(path: Path, ckpt: dict[str, Any]) -> None:
     """torch.save of tensors and plain containers only (loadable with weights_only=True), atomically.
 
@@ -403,9 +392,7 @@ def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
         run_dir: the run folder.
         history: one dict per finished epoch.
     """
-    tmp = run_dir / "metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(h) + "\n" for h in history), encoding="utf-8")
-    os.replace(tmp, run_dir / "metrics.jsonl")
+    write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     from train.report import plot_curves
 
     plot_curves(history, run_dir / "loss_curve.png", run_dir / "metric_curve.png")
@@ -597,7 +584,6 @@ def main(argv: list[str] | None = None) -> None:
         train_loss = float(total) / tokens
         train_seconds = time.perf_counter() - t0
 
-        stop = False
         if is_main:
             val_loss = validation_loss(model, features, val_pairs, args.eval_batch_size * 5, amp_dtype)
             t1 = time.perf_counter()
