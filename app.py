@@ -108,7 +108,7 @@ def model_markdown(info: dict[str, Any]) -> str:
         info: ``Captioner.info``.
     """
     rev = f" @ `{info['revision']}`" if info.get("revision") else ""
-    lines = [f"**Model**: `{info['model']}`{rev}",
+    lines = [f"**Model**: `{info.get('model_name') or info['model']}`{rev}",  # a label, never the server's folders
              f"**Backbone**: `{info.get('backbone')}` ({info.get('feature_dim')}-d pooled features, weights "
              f"`{info.get('backbone_weights')}`)",
              f"**Decoder**: LSTM {info.get('num_layers')} x {info.get('hidden_dim')}, embeddings {info.get('embed_dim')}, "

@@ -667,7 +667,7 @@ def export_best(run_dir: Path, best: dict[str, Any], model_kwargs: dict[str, Any
     Returns:
         the model folder.
     """
-    from storyteller.card import write_model_card
+    from storyteller.card import public_dataset, write_model_card
 
     if best["model"] is None:
         raise RuntimeError("no epoch finished, nothing to export")
@@ -679,7 +679,7 @@ def export_best(run_dir: Path, best: dict[str, Any], model_kwargs: dict[str, Any
                     "min_lr_ratio", "clip_grad", "label_smoothing", "dropout", "seed", "epochs", "patience")}}
     metrics = {"split": args.val_split, "decoding": f"greedy, max_len {args.max_len}", **best["metrics"]}
     model = ShowAndTell(**model_kwargs, backbone=copy.deepcopy(cache.backbone),
-                        extra={"dataset": cache.manifest.get("dataset", {}), "training": training, "metrics": metrics})
+                        extra={"dataset": public_dataset(cache.manifest.get("dataset", {})), "training": training, "metrics": metrics})
     model.load_state_dict(best["model"])
     model.vocab = vocab
     model.eval()
