@@ -389,7 +389,8 @@ def _load_or_exit(name: str | None, revision: str | None) -> Captioner:
 
 
 # One line per refused request (no traceback) and a traceback for real failures, on stderr.
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+log.setLevel(logging.INFO)
 ARGS = _parse_args(sys.argv[1:] if __name__ == "__main__" else [])
 # Concurrent requests each get their share of the cores: on a small CPU, tiny decoder steps run
 # faster on one thread than split across two that the other request also wants (bench/bench_app.py).
