@@ -253,7 +253,9 @@ def caption_for_page(captioner: Captioner, *inputs: Any) -> tuple:
 
 CSS = """
 #captions .caption textarea { font-size: 1.3rem; line-height: 1.45; font-weight: 500; }
+#captions { align-items: flex-start; }
 #captions > .column { justify-content: flex-start; }
+#captions > .column > * { flex-grow: 0; }
 .notice { padding: 0.6rem 0.9rem; border-radius: 8px; margin: 0.2rem 0; }
 .notice-error { background: #fdecec; border-left: 4px solid #d32f2f; color: #7f1d1d; }
 .notice-warning { background: #fff7e0; border-left: 4px solid #e0a100; color: #5c4300; }
@@ -302,23 +304,23 @@ def build_demo(captioner: Captioner, concurrency: int = DEFAULT_CONCURRENCY, max
 
     with gr.Blocks(title="Neural Storyteller", analytics_enabled=False, delete_cache=(max(1, max_age // 10), max_age)) as demo:
         gr.Markdown("# Neural Storyteller\nShow-and-Tell image captioning: a frozen ImageNet CNN summarises the photo in "
-                    "one feature vector, an LSTM writes the caption. Compare greedy and beam search side by side.")
+                    "one feature vector, an LSTM writes the caption. Upload, paste or take a photo, or click an "
+                    "example: it is captioned at once, with greedy and beam search side by side.")
         with gr.Row():
             with gr.Column(scale=2, min_width=300):
-                image = gr.Image(label="Photo (captioned as soon as it arrives)", type="filepath", image_mode=None,
+                image = gr.Image(label="Photo", type="filepath", image_mode=None,
                                  elem_id="photo", sources=["upload", "webcam", "clipboard"], height=360)
-                with gr.Row():
-                    beam = gr.Slider(*BEAM_RANGE, value=defaults["beam_size"], step=1, label="Beam width", min_width=140)
-                    max_len = gr.Slider(*MAX_LEN_RANGE, value=defaults["max_len"], step=1, min_width=140,
-                                        label="Max length (decoder steps, <end> included)")
-                    alpha = gr.Slider(*ALPHA_RANGE, value=defaults["alpha"], step=0.1, min_width=140,
-                                      label="Length normalisation alpha (0 = raw log-prob)")
+                beam = gr.Slider(*BEAM_RANGE, value=defaults["beam_size"], step=1, label="Beam width")
+                max_len = gr.Slider(*MAX_LEN_RANGE, value=defaults["max_len"], step=1,
+                                    label="Max length (decoder steps, <end> included)")
+                alpha = gr.Slider(*ALPHA_RANGE, value=defaults["alpha"], step=0.1,
+                                  label="Length normalisation alpha (0 = raw log-prob)")
                 button = gr.Button("Caption again with these settings", variant="primary", elem_id="caption-button")
                 reference = gr.Textbox(label="Human caption (for the example photos)", interactive=False,
                                        elem_id="reference")
             with gr.Column(scale=3, min_width=300):
                 notice = gr.HTML(elem_id="notice")
-                with gr.Row(equal_height=True, elem_id="captions"):
+                with gr.Row(equal_height=False, elem_id="captions"):
                     with gr.Column(variant="panel", min_width=260):
                         gr.Markdown("### Greedy")
                         greedy_text = gr.Textbox(label="Greedy caption", interactive=False, lines=2, max_lines=6,
