@@ -80,10 +80,15 @@ def public_dataset(description: Any) -> dict[str, Any]:
 
     Returns:
         ``{"name", "kind", "splits", ...}``, plus ``"source"`` (the Hub id) and its ``revision`` for
-        Hub datasets; never a path of the machine that trained or evaluated the model.
+        Hub datasets; never a path of the machine that trained or evaluated the model. A description
+        whose source is a bare name (no path) is returned unchanged.
     """
     name, hub = dataset_label(description)
     d = description if isinstance(description, dict) else {}
+    source = str(d.get("source") or "")
+    if d and not hub and source and not (Path(source).expanduser().is_absolute() or "/" in source or "\\" in source
+                                         or source.startswith((".", "~"))):
+        return dict(d)  # a bare name (e.g. "synthetic") is no machine's path: kept as it is
     out: dict[str, Any] = {"name": name, "kind": d.get("kind") or ("hub" if hub else "local")}
     if hub:
         out["source"] = hub
