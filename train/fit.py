@@ -719,7 +719,7 @@ def export_best(run_dir: Path, best: dict[str, Any], model_kwargs: dict[str, Any
     Returns:
         the model folder.
     """
-    from storyteller.card import write_model_card
+    from storyteller.card import public_dataset, write_model_card
 
     if best["model"] is None:
         raise RuntimeError("no epoch finished, nothing to export")
@@ -732,7 +732,8 @@ def export_best(run_dir: Path, best: dict[str, Any], model_kwargs: dict[str, Any
                     *(("attention_dim", "attention_reg") if args.decoder == "attention" else ()))}}
     metrics = {"split": args.val_split, "decoding": f"greedy, max_len {args.max_len}", **best["metrics"]}
     model = build_decoder(model_kwargs, backbone=copy.deepcopy(cache.backbone),
-                          extra={"dataset": cache.manifest.get("dataset", {}), "training": training, "metrics": metrics})
+                          extra={"dataset": public_dataset(cache.manifest.get("dataset", {})), "training": training,
+                                 "metrics": metrics})
     model.load_state_dict(best["model"])
     model.vocab = vocab
     model.eval()
