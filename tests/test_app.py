@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
@@ -50,8 +51,10 @@ def log_since(log: Path, start: int, settle: float = 0.5) -> str:
 
 
 def check_result(result, beam_size: int, warned: bool | None = False) -> dict:
-    """The eight outputs of /caption: captions, their figures as text, n-best table, timings, notice, result."""
-    greedy, greedy_stats, beam, beam_stats, nbest, timing, notice, data = result
+    """The nine outputs of /caption: captions, their figures as text, n-best table, timings, notice, result,
+    attention gallery (None for the pooled test model)."""
+    greedy, greedy_stats, beam, beam_stats, nbest, timing, notice, data, attention = result
+    assert attention is None
     for text in (greedy, beam):
         assert isinstance(text, str) and text.strip(), result
         assert not any(tok in text for tok in SPECIAL_TOKENS), text
@@ -261,7 +264,7 @@ def test_unexpected_errors_still_log_a_traceback_and_the_page_says_so(app_module
     photo = {"path": str(EXAMPLES[0]), "url": None}
     with caplog.at_level("INFO", logger="storyteller.app"):
         out = app_module.caption_for_page(app_module.captioner, photo, 3, 10, 0.0)
-    assert out[:6] == app_module.CLEARED[:6] and out[7] is None and "Something went wrong" in out[6]
+    assert out[:6] == app_module.CLEARED[:6] and out[7] is None and out[8] is None and "Something went wrong" in out[6]
     assert any(r.exc_info and "boom" in str(r.exc_info[1]) for r in caplog.records)
 
 
@@ -269,7 +272,7 @@ def test_page_refusals_are_one_notice_over_cleared_outputs(app_module, tmp_path,
     bad = write_bad_inputs(tmp_path)["not_an_image.jpg"]
     with caplog.at_level("INFO", logger="storyteller.app"):
         out = app_module.caption_for_page(app_module.captioner, {"path": str(bad), "url": None}, 3, 10, 0.0)
-    assert out[:6] == app_module.CLEARED[:6] and out[7] is None
+    assert out[:6] == app_module.CLEARED[:6] and out[7] is None and out[8] is None
     assert out[6].count("notice-error") == 1 and "not an image" in out[6]
     assert [r.exc_info for r in caplog.records] == [None]  # one line, no traceback
 
@@ -336,3 +339,18 @@ def test_broken_weights_fail_at_start_with_one_clear_line(model_dir, tmp_path, d
     assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
     lines = [line for line in run.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("app.py: cannot start:") and words in lines[0], lines
+
+
+def test_attention_model_gallery_has_one_overlay_per_beam_word(tmp_path):
+    import app as app_module
+    from storyteller.captioner import load
+    from tests.helpers_models import save_test_model
+
+    captioner = load(save_test_model(tmp_path / "att", attention=True))
+    photo = {"path": str(EXAMPLES[0]), "url": None}
+    out = app_module.caption_photo(captioner, photo, 2, 8, 0.0)
+    words = out[2].split()
+    assert len(out) == len(app_module.OUTPUT_NAMES) and [w for _, w in out[8]] == words
+    img = out[8][0][0]
+    src = Image.open(EXAMPLES[0])
+    assert img.width == app_module.ATTENTION_PANEL and abs(img.height / img.width - src.height / src.width) < 0.01

@@ -245,3 +245,19 @@ def test_gpu_bench_synthetic_captions_are_well_formed():
     inside = torch.arange(pairs.tokens.shape[1])[None, :] < (pairs.lengths - 1)[:, None]
     inside[:, 0] = False
     assert (pairs.tokens[inside] >= 4).all() and (pairs.tokens[~inside & (torch.arange(pairs.tokens.shape[1])[None, :] >= pairs.lengths[:, None])] == 0).all()
+
+
+def test_export_now_exports_the_best_epoch_so_far_and_the_run_can_continue(cache, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match="needs --resume"):
+        fit.main(fit_args(cache, out, "--export-now"))
+    fit.main(fit_args(cache, out, "--stop-after-epochs", "2", "--select", "val_loss"))
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    fit.main(fit_args(cache, out, "--resume", "--export-now", "--select", "val_loss"))
+    exported = load_file(out / "model" / "model.safetensors")
+    assert all(torch.equal(exported[k], ckpt["best"]["model"][k]) for k in exported)  # the best epoch, not the last
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["extra"]["training"]["best_epoch"] == ckpt["best"]["epoch"]
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 2  # nothing trained
+    fit.main(fit_args(cache, out, "--resume", "--select", "val_loss"))  # and the run goes on to its end
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 3

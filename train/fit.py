@@ -51,7 +51,7 @@ from train.evaluate import decode_all
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "storyteller-fit-checkpoint-v1"
 # Arguments that may differ between a run and its --resume: they change nothing about the result.
-RESUME_MAY_DIFFER = {"resume", "stop_after_epochs", "num_threads", "progress"}
+RESUME_MAY_DIFFER = {"resume", "stop_after_epochs", "export_now", "num_threads", "progress"}
 SELECT_MODES = {"cider": "max", "bleu4": "max", "val_loss": "min"}
 DECODER_TYPES = {"pooled": ShowAndTell.decoder_type, "attention": ShowAttendTell.decoder_type}
 
@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--stop-after-epochs", type=int, default=0,
                     help="leave after this many epochs of this invocation without exporting, as if killed "
                          "(time-sliced jobs; --resume continues); 0: run to the end")
+    io.add_argument("--export-now", action="store_true",
+                    help="with --resume: export the best epoch so far to RUN_DIR/model/ and leave without training "
+                         "(a run cut short by a deadline); --resume can still continue it later")
 
     m = p.add_argument_group("model")
     m.add_argument("--decoder", choices=sorted(DECODER_TYPES), default="pooled",
@@ -602,6 +605,14 @@ def main(argv: list[str] | None = None) -> None:
               f"vocab {len(vocab)}, {sum(p.numel() for p in model.parameters()):,} parameters, device {device}"
               f"{f' x {world} ranks' if world > 1 else ''}, amp {amp_dtype}", file=sys.stderr)
     show_bar = is_main and (args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty()))
+    if args.export_now:
+        if ckpt is None:
+            raise SystemExit(f"fit: --export-now needs --resume and a checkpoint in {run_dir}")
+        if is_main:
+            export_best(run_dir, best, model_kwargs, vocab, cache, args, features, val_rows, val_refs, history,
+                        precision="bf16 autocast" if amp_dtype is not None else "fp32")
+        _finish_distributed(world)
+        return
 
     # -- epochs --
     epochs_this_run = 0
