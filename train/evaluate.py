@@ -172,14 +172,17 @@ def decode_all(model: ShowAndTell, features: torch.Tensor, beam: int, *, max_len
 
 
 def caption_statistics(hypotheses: list[str]) -> dict[str, float]:
-    """Mean caption length in words and the number of distinct words over all captions.
+    """Mean caption length in words, the number of distinct words over all captions, and the share of
+    captions ending on a function word (``train.reward.BAD_ENDINGS``).
 
     Args:
         hypotheses: generated captions.
     """
+    from train.reward import bad_ending_share
+
     toks = [tokenize(h) for h in hypotheses]
     return {"mean_length": float(np.mean([len(t) for t in toks])) if toks else 0.0,
-            "vocab_used": len({w for t in toks for w in t})}
+            "vocab_used": len({w for t in toks for w in t}), "bad_ending_share": bad_ending_share(hypotheses)}
 
 
 # -- outputs -------------------------------------------------------------------------------------

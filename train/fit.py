@@ -373,15 +373,16 @@ def save_checkpoint(path: Path, ckpt: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def load_checkpoint(path: Path, fmt: str = CHECKPOINT_FORMAT) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint` without unpickling any code.
 
     Args:
         path: the checkpoint file.
+        fmt: the ``format`` it must declare (fit's, or ``train.scst``'s).
     """
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a fit checkpoint (format {ckpt.get('format')!r})")
+    if ckpt.get("format") != fmt:
+        raise ValueError(f"{path}: not a {fmt} checkpoint (format {ckpt.get('format')!r})")
     return ckpt
 
 
@@ -667,8 +668,6 @@ def export_best(run_dir: Path, best: dict[str, Any], model_kwargs: dict[str, Any
     Returns:
         the model folder.
     """
-    from storyteller.card import write_model_card
-
     if best["model"] is None:
         raise RuntimeError("no epoch finished, nothing to export")
     training = {"epochs_run": len(history), "best_epoch": best["epoch"], "select": args.select, "precision": precision,
@@ -688,11 +687,32 @@ def export_best(run_dir: Path, best: dict[str, Any], model_kwargs: dict[str, Any
     examples = [{"id": cache.ids[int(r)], "references": val_refs[i], "captions": {"greedy": caps[i]}}
                 for i, r in enumerate(rows)]
 
+    final = write_model_folder(run_dir, model, examples)
+    print(f"exported epoch {best['epoch']} ({args.select} {best['value']:.4f}) to {final}", file=sys.stderr)
+    return final
+
+
+def write_model_folder(run_dir: Path, model: torch.nn.Module, examples: list[dict[str, Any]],
+                       carry: tuple[str, ...] = ("loss_curve.png",)) -> Path:
+    """Save ``model`` (vocab attached) to RUN_DIR/model/ in the Hub layout with a model card, atomically.
+
+    Args:
+        run_dir: the run folder.
+        model: the model to export (``save_pretrained``).
+        examples: example captions for the card.
+        carry: files of RUN_DIR copied into the folder when present (plots).
+
+    Returns:
+        the model folder.
+    """
+    from storyteller.card import write_model_card
+
     final, tmp, old = run_dir / "model", run_dir / "model.tmp", run_dir / "model.old"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
-    if (run_dir / "loss_curve.png").is_file():
-        shutil.copyfile(run_dir / "loss_curve.png", tmp / "loss_curve.png")
+    for name in carry:
+        if (run_dir / name).is_file():
+            shutil.copyfile(run_dir / name, tmp / name)
     write_model_card(tmp, examples=examples)
     # Swap folders: a reader sees the old complete model or the new one, never a half-written one.
     shutil.rmtree(old, ignore_errors=True)
@@ -700,7 +720,6 @@ def export_best(run_dir: Path, best: dict[str, Any], model_kwargs: dict[str, Any
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
-    print(f"exported epoch {best['epoch']} ({args.select} {best['value']:.4f}) to {final}", file=sys.stderr)
     return final
 
 
