@@ -206,6 +206,13 @@ def test_killed_then_resumed_scst_ends_with_identical_weights(init_run, cache, t
         assert [h[k] for h in a["history"][1:]] == [h[k] for h in b["history"][1:]], k
     with pytest.raises(SystemExit, match="--lr"):
         scst.main(scst_args(init_run, cache, resumed, "--resume", "--lr", "1e-4"))
+    # a finished 2-epoch run continued to 3 epochs (constant lr: --epochs may grow on --resume) is the same run
+    extended = tmp_path / "extended"
+    scst.main(scst_args(init_run, cache, extended, "--epochs", "2"))
+    assert (extended / "model").is_dir()
+    scst.main(scst_args(init_run, cache, extended, "--resume", "--epochs", "3"))
+    c = torch.load(extended / "checkpoint.pt", weights_only=True)
+    assert c["epoch"] == 3 and all(torch.equal(a["model"][k], c["model"][k]) for k in a["model"])
 
 
 def test_greedy_baseline_and_bleu_mix_run(init_run, cache, tmp_path):
@@ -252,3 +259,45 @@ def test_torchrun_two_ranks_gloo(init_run, cache, tmp_path):
     assert "x 2 ranks" in proc.stderr and proc.stderr.count("epoch 1:") == 1
     assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()] == [0, 1]
     assert ShowAndTell.from_pretrained(out / "model").extra["training"]["init_model"] == "run"
+
+
+def test_bad_endings_are_never_the_last_word_and_flow_through_bundle_evaluate_and_captioner(init_run, cache, tmp_path):
+    import argparse
+    import inspect
+
+    from storyteller import decoding
+    from storyteller.captioner import _decoding_hints
+    from storyteller.features import FeatureCache
+    from train import bundle, evaluate
+
+    if "bad_endings" not in inspect.signature(decoding.greedy_search).parameters:
+        pytest.skip("storyteller.decoding has no bad_endings option yet")
+    out = tmp_path / "scst"
+    scst.main(scst_args(init_run, cache, out, "--epochs", "1", "--bad-endings", "table,here,zebra"))
+    model = ShowAndTell.from_pretrained(out / "model")
+    assert model.extra["decoding"]["bad_endings"] == ["table", "here"]  # words of its vocabulary only
+
+    # the synthetic captions end on "table" or "here": with the rule, no finished caption does
+    c = FeatureCache.open(cache)
+    feats = scst.load_split_features(c, c.split("validation"), model)
+    blocked = {model.vocab.stoi["table"], model.vocab.stoi["here"]}
+    free = decoding.greedy_search(model, feats, max_len=12)
+    assert sum(cap.tokens[-1] in blocked for cap in free) > len(free) // 2  # what the model would do
+    for caps in (decoding.greedy_search(model, feats, max_len=12, bad_endings=("table", "here")),
+                 [b[0] for b in decoding.beam_search(model, feats, beam_size=3, max_len=12, bad_endings=("table", "here"))]):
+        assert not any(cap.finished and cap.tokens[-1] in blocked for cap in caps)
+        assert any(cap.finished for cap in caps)
+
+    # the rule travels: captioner hints, evaluate's settings (and --bad-endings none), bundle
+    assert _decoding_hints(model.extra)["bad_endings"] == ("table", "here")
+    given = argparse.Namespace(alpha=None, no_repeat_ngram_size=None, max_len=None, min_len=None, beam=None, bad_endings=None)
+    assert evaluate.decoding_settings(given, model.extra)["bad_endings"] == ["table", "here"]
+    assert evaluate.decoding_settings(argparse.Namespace(**{**vars(given), "bad_endings": "none"}), model.extra)["bad_endings"] == []
+    bundled = bundle.bundle(out / "model", tmp_path / "bundle", {"beam_size": 3})
+    assert ShowAndTell.from_pretrained(bundled).extra["decoding"]["bad_endings"] == ["table", "here"]
+    with pytest.raises(ValueError, match="bad_endings must be a list of words"):
+        bundle.validate_decoding({"bad_endings": "table"})
+    result = evaluate.main(["--model", str(bundled), "--features", str(cache), "--beam", "1", "3", "--max-len", "12",
+                            "--out", str(tmp_path / "eval.json")])
+    assert result["bad_endings"] == ["table", "here"]
+    assert all(0.0 <= m["bad_ending_share"] <= 1.0 for m in result["methods"].values())

@@ -450,7 +450,8 @@ def _broadcast_flag(flag: bool, device: torch.device, world: int) -> bool:
 
 # -- main ----------------------------------------------------------------------------------------
 
-def _check_resume_args(ckpt_path: Path, saved: dict[str, Any], args: argparse.Namespace) -> None:
+def _check_resume_args(ckpt_path: Path, saved: dict[str, Any], args: argparse.Namespace,
+                       may_differ: set[str] = RESUME_MAY_DIFFER) -> None:
     """Refuse to resume a checkpoint with other arguments than the ones it was trained with.
 
     The arguments compared are the ones stored in the checkpoint, not RUN_DIR/args.json: a fresh
@@ -461,9 +462,10 @@ def _check_resume_args(ckpt_path: Path, saved: dict[str, Any], args: argparse.Na
         ckpt_path: the checkpoint (for the message).
         saved: the checkpoint's ``args``.
         args: this invocation's arguments.
+        may_differ: argument names that may change (fit's RESUME_MAY_DIFFER by default).
     """
     new = vars(args)
-    diff = sorted(k for k in set(saved) | set(new) if k not in RESUME_MAY_DIFFER and saved.get(k) != new.get(k))
+    diff = sorted(k for k in set(saved) | set(new) if k not in may_differ and saved.get(k) != new.get(k))
     if diff:
         raise SystemExit(f"--resume: arguments differ from those of {ckpt_path}: "
                          + ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} -> {new.get(k)!r}" for k in diff)

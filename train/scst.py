@@ -54,7 +54,10 @@ from train.evaluate import DECODING_FALLBACK, caption_statistics, decode_all
 from train.reward import BAD_ENDINGS, CaptionReward, parse_reward_weights
 
 CHECKPOINT_FORMAT = "storyteller-scst-checkpoint-v1"
-RESUME_MAY_DIFFER = fit.RESUME_MAY_DIFFER
+# Arguments that may differ between a run and its --resume. Unlike fit (whose cosine schedule spans
+# --epochs), the learning rate is constant, so epoch e does the same whatever --epochs is: a finished
+# run can be continued for more epochs with --resume --epochs N, as if it had been asked for N at first.
+RESUME_MAY_DIFFER = fit.RESUME_MAY_DIFFER | {"epochs"}
 # Tokens the policy never emits (as in storyteller.decoding with suppress_unk=True).
 BANNED = (Vocabulary.pad_id, Vocabulary.start_id, Vocabulary.unk_id)
 
@@ -364,9 +367,7 @@ def validate(model: torch.nn.Module, features: torch.Tensor, refs: list[list[str
     """
     from storyteller.metrics import evaluate_captions
 
-    kw = {k: decoding[k] for k in ("max_len", "no_repeat_ngram_size", "min_len")}
-    if decoding.get("bad_endings"):
-        kw["bad_endings"] = decoding["bad_endings"]
+    kw = {k: decoding[k] for k in ("max_len", "no_repeat_ngram_size", "min_len", "bad_endings")}
     out = {}
     for name, beam in (("greedy", 1), ("beam", decoding["beam_size"])):
         texts = decode_all(model, features, beam, batch_size=batch_size, alpha=decoding["alpha"], amp_dtype=amp_dtype, **kw)
@@ -402,7 +403,7 @@ def main(argv: list[str] | None = None) -> None:
     ckpt_path = run_dir / fit.CHECKPOINT
     ckpt = fit.load_checkpoint(ckpt_path, CHECKPOINT_FORMAT) if args.resume and ckpt_path.is_file() else None
     if ckpt is not None:
-        fit._check_resume_args(ckpt_path, ckpt["args"], args)
+        fit._check_resume_args(ckpt_path, ckpt["args"], args, may_differ=RESUME_MAY_DIFFER)
 
     model, init_name = load_init_model(args.init)
     vocab = model.vocab
