@@ -4,7 +4,10 @@
     STORYTELLER_MODEL=user/model gradio app.py      # reload mode; the env var picks the model
 
 The model (``--model``, else ``$STORYTELLER_MODEL``, else the bundled ``models/flickr8k-lite0/``) is
-loaded once at start-up; the handler is a pure function of its inputs. The raw uploaded file goes
+loaded once at start-up; the handlers are pure functions of their inputs. A photo is captioned as
+soon as it arrives (upload, paste, webcam, example click); the button re-runs with new settings. On
+the page a refused input is one notice above cleared outputs and one log line; for API callers
+(``/caption``) it is an error. Uploaded files are deleted after ``--upload-max-age`` seconds. The raw uploaded file goes
 to ``storyteller.images.load_image`` (the event runs with ``preprocess=False``, so Gradio never
 decodes it), which refuses non-images, truncated files and decompression bombs with a clear
 message and converts CMYK, transparency, 16-bit grayscale, GIFs and EXIF rotation correctly.
@@ -21,6 +24,7 @@ import base64
 import binascii
 import html
 import json
+import logging
 import math
 import os
 import sys
@@ -37,6 +41,7 @@ from storyteller.images import ImageError
 HERE = Path(__file__).resolve().parent
 EXAMPLES_DIR = HERE / "examples"
 BEAM_RANGE, MAX_LEN_RANGE, ALPHA_RANGE = (1, 10), (1, 40), (0.0, 2.0)
+log = logging.getLogger("storyteller.app")
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 DEFAULT_CONCURRENCY = int(os.environ.get("STORYTELLER_CONCURRENCY", "2"))
 
@@ -49,7 +54,7 @@ def image_source(payload: Any) -> str | bytes:
         payload: what the Image component sends with preprocessing off: a FileData dict, a path, or None.
     """
     if payload is None:
-        raise gr.Error("Upload, paste or take a photo first.", title="No image")
+        raise refuse("Upload, paste or take a photo first.", "No image")
     if isinstance(payload, (str, os.PathLike)):
         return str(payload)
     if isinstance(payload, dict):
@@ -60,17 +65,17 @@ def image_source(payload: Any) -> str | bytes:
             try:
                 return base64.b64decode(url.split(",", 1)[1], validate=True)
             except (binascii.Error, ValueError):
-                raise gr.Error("The image data could not be decoded.", title="Not a usable image") from None
-    raise gr.Error("The upload did not contain an image file.", title="No image")
+                raise refuse("The image data could not be decoded.", "Not a usable image") from None
+    raise refuse("The upload did not contain an image file.", "No image")
 
 
 def _setting(value: Any, name: str, lo: float, hi: float, cast: type) -> Any:
     try:
         v = cast(value)
     except (TypeError, ValueError):
-        raise gr.Error(f"{name} must be a number, got {value!r}.", title="Bad setting") from None
+        raise refuse(f"{name} must be a number, got {value!r}.", "Bad setting") from None
     if not lo <= v <= hi or v != v:
-        raise gr.Error(f"{name} must be between {lo} and {hi}, got {value!r}.", title="Bad setting")
+        raise refuse(f"{name} must be between {lo} and {hi}, got {value!r}.", "Bad setting")
     return v
 
 
@@ -108,7 +113,7 @@ def model_markdown(info: dict[str, Any]) -> str:
         info: ``Captioner.info``.
     """
     rev = f" @ `{info['revision']}`" if info.get("revision") else ""
-    lines = [f"**Model**: `{info['model']}`{rev}",
+    lines = [f"**Model**: `{info.get('model_name') or info['model']}`{rev}",  # a label, never the server's folders
              f"**Backbone**: `{info.get('backbone')}` ({info.get('feature_dim')}-d pooled features, weights "
              f"`{info.get('backbone_weights')}`)",
              f"**Decoder**: LSTM {info.get('num_layers')} x {info.get('hidden_dim')}, embeddings {info.get('embed_dim')}, "
@@ -146,82 +151,207 @@ def _examples() -> list[list[str]]:
     return [[str(p), (captions.get(p.name) or [""])[0].strip().rstrip(" .")] for p in files]
 
 
+# -- the handlers (pure: the loaded captioner and the inputs in, the outputs out) ------------------------
+OUTPUT_NAMES = ("greedy caption", "greedy figures", "beam caption", "beam figures", "n-best list", "timings",
+                "notice", "result")
+CLEARED = ("", "", "", "", "", "", "", None)  # what every output shows before a caption (no placeholder numbers)
+
+
+def notice_html(kind: str, title: str, message: str) -> str:
+    """The one message box above the captions (an error, or a warning about the photo).
+
+    Args:
+        kind: ``"error"`` or ``"warning"``.
+        title: a few words in bold.
+        message: the sentence(s); HTML-escaped here.
+    """
+    return (f'<div class="notice notice-{kind}" role="{"alert" if kind == "error" else "status"}">'
+            f"<strong>{html.escape(title)}</strong> {html.escape(message)}</div>")
+
+
+def nbest_html(captions: list[Any]) -> str:
+    """The n-best beam hypotheses as a small table: rank, the whole caption, log-probability, score.
+
+    Args:
+        captions: ``CaptionResult.beam`` (best first).
+    """
+    rows = "".join(f'<tr><td class="num">{i + 1}</td><td class="text">{html.escape(c.text)}</td>'
+                   f'<td class="num">{c.log_prob:.3f}</td><td class="num">{c.score:.3f}</td></tr>'
+                   for i, c in enumerate(captions))
+    return ('<table class="nbest"><thead><tr><th class="num">#</th><th class="text">caption</th>'
+            '<th class="num">log-prob</th><th class="num">score</th></tr></thead>'
+            f"<tbody>{rows}</tbody></table>")
+
+
+def refuse(message: str, title: str) -> gr.Error:
+    """A user error: one log line (no traceback) and the ``gr.Error`` to raise.
+
+    Args:
+        message: what is wrong, for the user.
+        title: its heading.
+    """
+    log.info("caption refused: %s: %s", title, message)
+    return gr.Error(html.escape(message), title=title, print_exception=False)
+
+
+def caption_photo(captioner: Captioner, image: Any, beam_size: Any, max_len: Any, alpha: Any) -> tuple:
+    """Caption one photo with greedy and beam search; returns the outputs in OUTPUT_NAMES order.
+
+    Args:
+        captioner: the loaded model.
+        image: the raw Image payload (FileData dict, path, or None).
+        beam_size: beam width (BEAM_RANGE).
+        max_len: most decoder steps, ``<end>`` included (MAX_LEN_RANGE).
+        alpha: length-normalisation exponent (ALPHA_RANGE).
+
+    Raises:
+        gr.Error: no image, not a usable image, or a setting out of range (logged in one line).
+    """
+    src = image_source(image)
+    k = _setting(beam_size, "Beam width", *BEAM_RANGE, int)
+    n = _setting(max_len, "Max length", *MAX_LEN_RANGE, int)
+    a = _setting(alpha, "Length normalisation alpha", *ALPHA_RANGE, float)
+    try:
+        r = captioner.caption([src], beam_size=k, max_len=n, alpha=a, n_best=k)[0]
+    except ImageError as e:
+        raise refuse(f"Cannot caption this file: {e}", "Not a usable image") from None
+    t = r.timings_ms
+    shared = t["preprocess"] + t["backbone"]
+    greedy_ms, beam_ms = shared + t["greedy"], shared + t["beam"]
+    best = r.beam[0]
+    timing = (f"Image encoding, shared by both: preprocessing **{t['preprocess']:.0f} ms** + backbone "
+              f"`{captioner.info.get('backbone')}` **{t['backbone']:.0f} ms**; greedy search **{t['greedy']:.0f} ms**; "
+              f"beam search ({k} beams) **{t['beam']:.0f} ms**; total **{t['total']:.0f} ms**.")
+    notice = notice_html("warning", "Odd photo.", " ".join(r.warnings)) if r.warnings else ""
+    result = {"greedy": {"caption": r.greedy.text, "log_prob": round(r.greedy.log_prob, 4), "ms": round(greedy_ms, 1)},
+              "beam": [{"caption": c.text, "log_prob": round(c.log_prob, 4), "score": round(c.score, 4)} for c in r.beam],
+              "beam_size": k, "beam_ms": round(beam_ms, 1), "timings_ms": {k_: round(v, 1) for k_, v in t.items()},
+              "warnings": list(r.warnings)}
+    return (r.greedy.text, f"log-probability **{r.greedy.log_prob:.3f}** · **{greedy_ms:.0f} ms**",
+            best.text, f"log-probability **{best.log_prob:.3f}** · score **{best.score:.3f}** · **{beam_ms:.0f} ms**",
+            nbest_html(r.beam), timing, notice, result)
+
+
+def caption_for_page(captioner: Captioner, *inputs: Any) -> tuple:
+    """:func:`caption_photo` for the page: a refusal becomes the one notice above cleared outputs (no error
+    state on every output); an unexpected failure is logged with its traceback and shown the same way.
+
+    Args:
+        captioner: the loaded model.
+        inputs: image, beam width, max length, alpha.
+    """
+    try:
+        return caption_photo(captioner, *inputs)
+    except gr.Error as e:
+        return (*CLEARED[:6], notice_html("error", f"{e.title}:" if e.title else "Error:", html.unescape(str(e.message))),
+                None)
+    except Exception:  # a bug, not the user's fault: keep the traceback for the log
+        log.exception("caption failed")
+        return (*CLEARED[:6], notice_html("error", "Something went wrong:", "the server could not caption this photo. "
+                                          "Try another one."), None)
+
+
+CSS = """
+#captions .caption textarea { font-size: 1.3rem; line-height: 1.45; font-weight: 500; }
+#captions { align-items: flex-start; }
+#captions > .column { justify-content: flex-start; }
+#captions > .column > * { flex-grow: 0; }
+.notice { padding: 0.6rem 0.9rem; border-radius: 8px; margin: 0.2rem 0; }
+.notice-error { background: #fdecec; border-left: 4px solid #d32f2f; color: #7f1d1d; }
+.notice-warning { background: #fff7e0; border-left: 4px solid #e0a100; color: #5c4300; }
+table.nbest { width: 100%; border-collapse: collapse; font-family: inherit; table-layout: auto; }
+table.nbest th, table.nbest td { padding: 0.3rem 0.5rem; border-bottom: 1px solid var(--border-color-primary); }
+table.nbest td.text { white-space: normal; overflow-wrap: anywhere; width: 100%; }
+table.nbest .num { white-space: nowrap; text-align: right; font-variant-numeric: tabular-nums; }
+#examples table { table-layout: fixed; width: 100%; }
+#examples td, #examples th { white-space: normal !important; overflow-wrap: anywhere; }
+#examples img { max-width: 100%; height: auto; }
+#examples .table-wrap, #examples .paginate { max-width: 100%; overflow-x: hidden; }
+"""
+
+
+def upload_max_age() -> int:
+    """Seconds an uploaded file is kept (``$STORYTELLER_UPLOAD_MAX_AGE``, default 600, at least 1)."""
+    try:
+        return max(1, int(os.environ.get("STORYTELLER_UPLOAD_MAX_AGE", "600")))
+    except ValueError:
+        return 600
+
+
 # -- the app -----------------------------------------------------------------------------------------
-def build_demo(captioner: Captioner, concurrency: int = DEFAULT_CONCURRENCY) -> gr.Blocks:
+def build_demo(captioner: Captioner, concurrency: int = DEFAULT_CONCURRENCY, max_age: int | None = None) -> gr.Blocks:
     """The Gradio Blocks app around one loaded captioner.
 
     Args:
         captioner: the model to serve (see ``storyteller.captioner.load``).
         concurrency: requests captioned at the same time (the queue holds the rest).
+        max_age: seconds after which uploaded files are deleted (checked every tenth of that, at
+            least every second); None: :func:`upload_max_age`.
     """
     info = captioner.info
     defaults = slider_defaults(captioner.decoding)
+    max_age = upload_max_age() if max_age is None else max(1, int(max_age))
 
-    def caption(image: Any, beam_size: float, max_len: float, alpha: float):
-        """Caption one photo with greedy and beam search. Returns greedy caption, log-prob, ms; beam caption,
-        log-prob, ms; the n-best list; and the timing breakdown."""
-        src = image_source(image)
-        k = _setting(beam_size, "Beam width", *BEAM_RANGE, int)
-        n = _setting(max_len, "Max length", *MAX_LEN_RANGE, int)
-        a = _setting(alpha, "Length normalisation alpha", *ALPHA_RANGE, float)
-        try:
-            r = captioner.caption([src], beam_size=k, max_len=n, alpha=a, n_best=k)[0]
-        except ImageError as e:
-            raise gr.Error(f"Cannot caption this file: {html.escape(str(e))}", title="Not a usable image") from None
-        t = r.timings_ms
-        shared = t["preprocess"] + t["backbone"]
-        nbest = [[i + 1, c.text, round(c.log_prob, 3), round(c.score, 3)] for i, c in enumerate(r.beam)]
-        timing = (f"Image encoding, shared by both: preprocessing **{t['preprocess']:.0f} ms** + backbone "
-                  f"`{info.get('backbone')}` **{t['backbone']:.0f} ms**; greedy search **{t['greedy']:.0f} ms**; "
-                  f"beam search ({k} beams) **{t['beam']:.0f} ms**; total **{t['total']:.0f} ms**.")
-        return (r.greedy.text, round(r.greedy.log_prob, 3), round(shared + t["greedy"]),
-                r.beam[0].text, round(r.beam[0].log_prob, 3), round(shared + t["beam"]), nbest, timing)
+    def caption(image: Any, beam_size: float, max_len: float, alpha: float) -> tuple:
+        """Caption one photo with greedy and beam search (the API: refusals are errors)."""
+        return caption_photo(captioner, image, beam_size, max_len, alpha)
 
-    with gr.Blocks(title="Neural Storyteller", analytics_enabled=False) as demo:
+    def caption_page(image: Any, beam_size: float, max_len: float, alpha: float) -> tuple:
+        """Caption one photo for the page (a refusal is the one notice)."""
+        if image is None:  # the photo was removed: nothing to say
+            return CLEARED
+        return caption_for_page(captioner, image, beam_size, max_len, alpha)
+
+    with gr.Blocks(title="Neural Storyteller", analytics_enabled=False, delete_cache=(max(1, max_age // 10), max_age)) as demo:
         gr.Markdown("# Neural Storyteller\nShow-and-Tell image captioning: a frozen ImageNet CNN summarises the photo in "
-                    "one feature vector, an LSTM writes the caption. Compare greedy and beam search side by side.")
+                    "one feature vector, an LSTM writes the caption. Upload, paste or take a photo, or click an "
+                    "example: it is captioned at once, with greedy and beam search side by side.")
         with gr.Row():
-            with gr.Column(scale=2):
-                image = gr.Image(label="Photo", type="filepath", image_mode=None, elem_id="photo",
-                                 sources=["upload", "webcam", "clipboard"], height=360)
-                with gr.Row():
-                    beam = gr.Slider(*BEAM_RANGE, value=defaults["beam_size"], step=1, label="Beam width")
-                    max_len = gr.Slider(*MAX_LEN_RANGE, value=defaults["max_len"], step=1, label="Max length (words)")
-                    alpha = gr.Slider(*ALPHA_RANGE, value=defaults["alpha"], step=0.1,
-                                      label="Length normalisation alpha (0 = raw log-prob)")
-                button = gr.Button("Caption", variant="primary", elem_id="caption-button")
+            with gr.Column(scale=2, min_width=300):
+                image = gr.Image(label="Photo", type="filepath", image_mode=None,
+                                 elem_id="photo", sources=["upload", "webcam", "clipboard"], height=360)
+                beam = gr.Slider(*BEAM_RANGE, value=defaults["beam_size"], step=1, label="Beam width")
+                max_len = gr.Slider(*MAX_LEN_RANGE, value=defaults["max_len"], step=1,
+                                    label="Max length (decoder steps, <end> included)")
+                alpha = gr.Slider(*ALPHA_RANGE, value=defaults["alpha"], step=0.1,
+                                  label="Length normalisation alpha (0 = raw log-prob)")
+                button = gr.Button("Caption again with these settings", variant="primary", elem_id="caption-button")
                 reference = gr.Textbox(label="Human caption (for the example photos)", interactive=False,
                                        elem_id="reference")
-            with gr.Column(scale=3):
-                with gr.Row(equal_height=True):
-                    with gr.Column(variant="panel"):
+            with gr.Column(scale=3, min_width=300):
+                notice = gr.HTML(elem_id="notice")
+                with gr.Row(equal_height=False, elem_id="captions"):
+                    with gr.Column(variant="panel", min_width=260):
                         gr.Markdown("### Greedy")
-                        greedy_text = gr.Textbox(label="Greedy caption", interactive=False, lines=2,
-                                                 elem_id="greedy-caption")
-                        with gr.Row():
-                            greedy_lp = gr.Number(label="log-probability", interactive=False, precision=3)
-                            greedy_ms = gr.Number(label="time (ms)", interactive=False, precision=0)
-                    with gr.Column(variant="panel"):
+                        greedy_text = gr.Textbox(label="Greedy caption", interactive=False, lines=2, max_lines=6,
+                                                 elem_id="greedy-caption", elem_classes="caption", buttons=["copy"])
+                        greedy_stats = gr.Markdown(elem_id="greedy-stats")
+                    with gr.Column(variant="panel", min_width=260):
                         gr.Markdown("### Beam search")
-                        beam_text = gr.Textbox(label="Beam caption", interactive=False, lines=2, elem_id="beam-caption")
-                        with gr.Row():
-                            beam_lp = gr.Number(label="log-probability", interactive=False, precision=3)
-                            beam_ms = gr.Number(label="time (ms)", interactive=False, precision=0)
-                        with gr.Accordion("n-best list", open=False):
-                            nbest = gr.Dataframe(headers=["#", "caption", "log-prob", "score"],
-                                                 datatype=["number", "str", "number", "number"],
-                                                 interactive=False, wrap=True)
+                        beam_text = gr.Textbox(label="Beam caption", interactive=False, lines=2, max_lines=6,
+                                               elem_id="beam-caption", elem_classes="caption", buttons=["copy"])
+                        beam_stats = gr.Markdown(elem_id="beam-stats")
+                with gr.Accordion("n-best list (beam search)", open=False, elem_id="nbest-accordion"):
+                    nbest = gr.HTML(elem_id="nbest")
                 timing = gr.Markdown(elem_id="timing")
+                result = gr.JSON(visible=False)
         examples = _examples()
         if examples:
             gr.Examples(examples=examples, inputs=[image, reference], elem_id="examples",
-                        label="Example photos (Flickr8k validation) with a human caption")
+                        label="Example photos (Flickr8k validation) with a human caption: click one")
         with gr.Accordion("Model", open=False):
             gr.Markdown(model_markdown(info), elem_id="model-info")
 
-        button.click(caption, inputs=[image, beam, max_len, alpha],
-                     outputs=[greedy_text, greedy_lp, greedy_ms, beam_text, beam_lp, beam_ms, nbest, timing],
-                     api_name="caption", preprocess=False)
+        outputs = [greedy_text, greedy_stats, beam_text, beam_stats, nbest, timing, notice, result]
+        inputs = [image, beam, max_len, alpha]
+        # The page: a new photo (upload, paste, webcam, example click) clears the old captions at once and
+        # is captioned; the button re-runs with new settings. Refusals are one notice, not an error per output.
+        gr.on([image.change, button.click], lambda: CLEARED, outputs=outputs, queue=False, show_progress="hidden",
+              api_visibility="private").then(caption_page, inputs=inputs, outputs=outputs, preprocess=False,
+                                             api_visibility="private", show_progress_on=[notice])
+        # The API (gradio_client, `/caption`): the same captions; a refusal is an error for the caller.
+        api_trigger = gr.Button(visible=False, elem_id="api-caption")
+        api_trigger.click(caption, inputs=inputs, outputs=outputs, api_name="caption", preprocess=False)
         # a photo of the user's own has no human caption
         gr.on([image.upload, image.clear], lambda: "", outputs=[reference], api_visibility="private", queue=False)
     demo.queue(default_concurrency_limit=concurrency, max_size=64)
@@ -238,6 +368,9 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     p.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY,
                    help="requests captioned at once (default 2, or $STORYTELLER_CONCURRENCY)")
+    p.add_argument("--upload-max-age", type=int, default=upload_max_age(),
+                   help="seconds an uploaded photo is kept before it is deleted (default 600, or "
+                        "$STORYTELLER_UPLOAD_MAX_AGE)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("STORYTELLER_THREADS", "0")),
                    help="PyTorch threads (default: CPUs / concurrency, at least 1; or $STORYTELLER_THREADS)")
     args = p.parse_args(argv)
@@ -251,18 +384,21 @@ def _load_or_exit(name: str | None, revision: str | None) -> Captioner:
     try:
         captioner = load(name, revision=revision)
     except ModelLoadError as e:  # one clear line instead of a traceback
-        print(f"app.py: cannot start: {e}", file=sys.stderr)
+        print(f"app.py: cannot start: {e}", file=sys.stderr)  # the weights too: LFS pointer, truncated, corrupt
         raise SystemExit(1) from None
     captioner.warmup()
     return captioner
 
 
+# One line per refused request (no traceback) and a traceback for real failures, on stderr.
+logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+log.setLevel(logging.INFO)
 ARGS = _parse_args(sys.argv[1:] if __name__ == "__main__" else [])
 # Concurrent requests each get their share of the cores: on a small CPU, tiny decoder steps run
 # faster on one thread than split across two that the other request also wants (bench/bench_app.py).
 torch.set_num_threads(ARGS.threads)
 captioner = _load_or_exit(ARGS.model, ARGS.revision)
-demo = build_demo(captioner, concurrency=ARGS.concurrency)
+demo = build_demo(captioner, concurrency=ARGS.concurrency, max_age=ARGS.upload_max_age)
 
 if __name__ == "__main__":
-    demo.launch(server_name=ARGS.host, server_port=ARGS.port, max_file_size="64mb")
+    demo.launch(server_name=ARGS.host, server_port=ARGS.port, max_file_size="64mb", css=CSS)

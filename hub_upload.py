@@ -7,8 +7,10 @@
    caption an example photo; a folder that fails is refused and nothing is uploaded.
 2. **Write the model card** ``MODEL_DIR/README.md`` with ``storyteller.card.write_model_card``.
 3. ``create_repo(exist_ok=True)`` (+ ``create_branch`` for ``--revision``) and ``upload_folder`` of
-   the model files only (``config.json``, ``model.safetensors``, ``vocab.json``, ``README.md`` and,
-   if present, ``evaluation.json`` / ``loss_curve.png``): no checkpoints, no pickles, no stray files.
+   the model files only (``storyteller.captioner``'s list: ``config.json``, ``model.safetensors``,
+   ``vocab.json``, ``README.md`` and, if present, ``evaluation.json``, the curves and the card's
+   ``examples/*.jpg``): no checkpoints, no pickles, no stray files. A folder whose config,
+   evaluation or card names an absolute path of some machine is refused.
 4. With ``--space-id``: push the Space — ``app.py``, ``requirements.txt``, ``storyteller/``,
    ``examples/``, a ``README.md`` with the Space front matter, and the model folder bundled as
    ``models/flickr8k-lite0/`` (the app's default model, so the Space needs no download at start-up).
@@ -29,14 +31,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from storyteller.model import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE
+from storyteller.captioner import MODEL_EXAMPLES_GLOB, MODEL_FILES, OPTIONAL_MODEL_FILES
+from storyteller.card import CARD_FILE as CARD
 from storyteller.vocab import SPECIAL_TOKENS
 
 REPO = Path(__file__).resolve().parent
-MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, VOCAB_FILE)  # required, as storyteller.load checks
-MODEL_FILES_OPTIONAL = ("evaluation.json", "loss_curve.png", "metric_curve.png")
-MODEL_EXAMPLES = "examples"  # thumbnails the card links (written by `train evaluate --write-to-model`)
-CARD = "README.md"
 SPACE_MODEL_DIR = "models/flickr8k-lite0"  # the app's default model folder
 SPACE_SOURCES = ("app.py", "requirements.txt", "LICENSE")
 
@@ -52,9 +51,9 @@ def model_files(model_dir: Path) -> tuple[list[str], list[str]]:
     Args:
         model_dir: the model folder.
     """
-    keep = [f for f in MODEL_FILES + MODEL_FILES_OPTIONAL if (model_dir / f).is_file()]
-    keep += sorted(p.relative_to(model_dir).as_posix() for p in (model_dir / MODEL_EXAMPLES).glob("*.jpg"))
-    keep.append(CARD)
+    keep = [f for f in MODEL_FILES + OPTIONAL_MODEL_FILES if f != CARD and (model_dir / f).is_file()]
+    keep += sorted(p.relative_to(model_dir).as_posix() for p in model_dir.glob(MODEL_EXAMPLES_GLOB))
+    keep.append(CARD)  # always: publish() writes it
     left_out = sorted(p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*")
                       if p.is_file() and p.relative_to(model_dir).as_posix() not in keep)
     return keep, left_out
@@ -185,7 +184,7 @@ def publish(model_dir: Path, repo_id: str, *, private: bool = False, revision: s
     Raises:
         UploadRefused: the folder fails validation, or there is no token.
     """
-    from storyteller.card import write_model_card
+    from storyteller.card import published_local_paths, write_model_card
 
     model_dir = Path(model_dir)
     caption = validate_model(model_dir)
@@ -208,6 +207,11 @@ def publish(model_dir: Path, repo_id: str, *, private: bool = False, revision: s
         else:
             _need_token()
             card = write_model_card(model_dir, repo_id=repo_id)
+        leaks = published_local_paths(card.parent)
+        if leaks:
+            raise UploadRefused(f"{model_dir} names absolute paths of this machine in " + "; ".join(
+                f"{name}: {', '.join(paths)}" for name, paths in leaks.items()) + ". Re-export it with the current "
+                "`python -m train bundle` / `evaluate --write-to-model`, or replace them with the dataset's name")
         log(f"model card: {card.stat().st_size} bytes" + (" (rendered in a temporary copy)" if dry_run else f" -> {card}"))
         branch = f" (branch {revision})" if revision else ""
         log(f"{'would upload' if dry_run else 'uploading'} to model repo {repo_id}{branch}:")

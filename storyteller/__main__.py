@@ -5,8 +5,10 @@
     python -m storyteller info [--model M] [--revision R]
 
 ``caption`` prints one line per image, in input order: ``IMAGE<TAB>beam caption<TAB>greedy caption``
-(with ``--json``: one JSON object per line with ``image``, ``beam``, ``beam_size``, ``greedy`` and
-their log-probabilities). An image that cannot be read gets an error line (on stderr; with
+(with ``--json``: one JSON object per line with ``image``, ``beam``, ``beam_size``, ``greedy``,
+their log-probabilities, ``warnings`` and the timings of the batch the image was captioned in:
+``batch_images`` and ``batch_timings_ms``). A tiny or nearly uniform photo is captioned with a
+warning (on stderr; in the JSON's ``warnings``). An image that cannot be read gets an error line (on stderr; with
 ``--json`` an object with ``"error"`` on stdout) and the others are still captioned. Exit status:
 0 if every image was captioned, 1 if some failed, 2 if the model could not be loaded.
 ``--model`` takes a local model folder or a Hub repo id; without it, ``$STORYTELLER_MODEL`` or the
@@ -40,8 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("caption", help="caption image files")
     model_args(c)
     c.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, GIF, WebP, ...)")
-    c.add_argument("--beam", type=int, default=None, metavar="K", help="beam width (default: the model's, else 5)")
-    c.add_argument("--max-len", type=int, default=None, metavar="N", help="most words per caption (default 20)")
+    c.add_argument("--beam", type=int, default=None, metavar="K", help="beam width (default: the model's, else 3)")
+    c.add_argument("--max-len", type=int, default=None, metavar="N",
+                   help="most decoder steps per caption, <end> included, so at most N-1 words "
+                        "(default: the model's, else 20)")
     c.add_argument("--alpha", type=float, default=None, help="beam length normalisation (0: raw log-probability)")
     c.add_argument("--n-best", type=int, default=1, metavar="N", help="with --json, list the N best beam captions")
     c.add_argument("--batch-size", type=int, default=16, metavar="B", help="images per batch (default 16)")
@@ -56,8 +60,10 @@ def _caption_record(path: str, result: Any, beam_size: int, n_best: int) -> dict
     best = result.beam[0]
     rec = {"image": path, "beam": best.text, "beam_log_prob": round(best.log_prob, 4),
            "beam_score": round(best.score, 4), "beam_size": beam_size, "greedy": result.greedy.text,
-           "greedy_log_prob": round(result.greedy.log_prob, 4),
-           "timings_ms": {k: round(v, 1) for k, v in result.timings_ms.items()}}
+           "greedy_log_prob": round(result.greedy.log_prob, 4), "warnings": list(result.warnings),
+           # the backbone and the searches run once per batch: these are the batch's times, not this image's
+           "batch_images": result.batch_size,
+           "batch_timings_ms": {k: round(v, 1) for k, v in result.timings_ms.items()}}
     if n_best > 1:
         rec["n_best"] = [{"caption": c.text, "log_prob": round(c.log_prob, 4), "score": round(c.score, 4)}
                          for c in result.beam]
@@ -89,6 +95,8 @@ def _cmd_caption(args: argparse.Namespace, captioner: Any) -> int:
             if args.json:
                 print(json.dumps(_caption_record(path, r, beam_size, args.n_best)), flush=True)
             else:
+                for note in r.warnings:
+                    print(f"{path}\twarning: {note}", file=sys.stderr, flush=True)
                 print(f"{path}\t{r.beam[0].text}\t{r.greedy.text}", flush=True)
         pending.clear()
 

@@ -1,6 +1,10 @@
-"""Frozen ImageNet CNNs that turn an image into one pooled feature vector.
+"""Frozen ImageNet CNNs that turn an image into one pooled feature vector (and a feature grid).
 
     RGB PIL image --transform--> (3, crop, crop) float --CNN trunk + global avg pool--> (D,) float32
+                                                       --CNN trunk (no pool)--------> (h, w, D) grid
+
+The grid is the last feature map (7x7 for a 224-px crop at stride 32), what an attention decoder
+looks over; its mean is the pooled vector.
 
 A backbone is described by a JSON-able *spec* (name, weights, feature_dim, preprocessing). The spec
 is stored in every feature cache manifest and in every model's ``config.json``, and
@@ -175,6 +179,36 @@ class Backbone(nn.Module):
             feats = self.trunk(pixels)
         return feats.float()
 
+    def feature_map(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised pixels -> (B, D, h, w) last feature map (before global pooling)."""
+        if hasattr(self.trunk, "forward_features"):
+            return self.trunk.forward_features(pixels)  # timm: conv_head + BN + act included
+        t = self.trunk  # torchvision ResNet: every stage up to layer4
+        x = t.maxpool(t.relu(t.bn1(t.conv1(pixels))))
+        return t.layer4(t.layer3(t.layer2(t.layer1(x))))
+
+    def forward_grid(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) normalised pixels -> pooled (B, D) and grid (B, h, w, D), both float32.
+
+        The pooled vector is the grid's mean, which is what both trunks' global average pooling
+        computes, so a model trained on pooled features sees the same numbers from either path.
+        """
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"expected pixels of shape (B, 3, H, W), got {tuple(pixels.shape)}")
+        amp = _autocast_dtype(pixels.device)
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(pixels.device.type, dtype=amp, enabled=amp is not None):
+            fmap = self.feature_map(pixels)  # (B, D, h, w)
+        fmap = fmap.float()
+        return fmap.mean((2, 3)), fmap.permute(0, 2, 3, 1).contiguous()
+
+    @torch.inference_mode()
+    def grid_shape(self) -> tuple[int, int]:
+        """(h, w) of this backbone's feature grid at its crop size (one forward of a blank image)."""
+        crop = int(self.spec["preprocessing"]["crop"])
+        fmap = self.feature_map(torch.zeros(1, 3, crop, crop, device=self.device))
+        return int(fmap.shape[2]), int(fmap.shape[3])
+
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """PIL images -> (B, 3, crop, crop) normalised pixels on this module's device (the spec's transform).
 
@@ -186,21 +220,24 @@ class Backbone(nn.Module):
         return torch.stack([self.transform(im) for im in images]).to(self.device)
 
     @torch.inference_mode()
-    def encode(self, images: Sequence[Image.Image], timings: dict[str, float] | None = None) -> torch.Tensor:
+    def encode(self, images: Sequence[Image.Image], timings: dict[str, float] | None = None,
+               grid: bool = False) -> torch.Tensor:
         """Live features for PIL images: ``forward(preprocess(images))``. The app and the CLI (through
         ``Captioner``) compute every feature here.
 
         Args:
             images: PIL images of any size and mode.
             timings: if given, receives ``"preprocess"`` and ``"backbone"`` wall times in ms.
+            grid: return the (h, w) feature grid instead of the pooled vector.
 
         Returns:
-            (len(images), feature_dim) float32 tensor on this module's device.
+            (len(images), feature_dim) float32 tensor on this module's device, or with ``grid``
+            (len(images), h, w, feature_dim).
         """
         t0 = time.perf_counter()
         pixels = self.preprocess(images)
         t1 = time.perf_counter()
-        features = self.forward(pixels)
+        features = self.forward_grid(pixels)[1] if grid else self.forward(pixels)
         if timings is not None:
             timings["preprocess"] = (t1 - t0) * 1e3
             timings["backbone"] = (time.perf_counter() - t1) * 1e3

@@ -31,18 +31,27 @@ import torch
 from PIL import Image
 
 from .decoding import Caption, beam_search, greedy_search
-from .images import ImageSource, load_image
+from .images import ImageSource, image_warnings, load_image
 from .model import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, ShowAndTell
 
 __all__ = ["Captioner", "CaptionResult", "ModelLoadError", "load", "default_model", "DEFAULT_MODEL_DIR",
-           "MODEL_ENV_VAR", "MODEL_FILES"]
+           "MODEL_ENV_VAR", "MODEL_FILES", "OPTIONAL_MODEL_FILES", "MODEL_EXAMPLES_GLOB", "DECODING_DEFAULTS",
+           "check_weights_file", "model_label"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "flickr8k-lite0"
 MODEL_ENV_VAR = "STORYTELLER_MODEL"
-MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, VOCAB_FILE)  # what a model folder must hold
-OPTIONAL_FILES = ("evaluation.json", "README.md", "loss_curve.png")
-DECODING_DEFAULTS = {"beam_size": 5, "max_len": 20, "alpha": 0.0, "no_repeat_ngram_size": 0, "min_len": 1}
+# A model folder's files, the one list that loading, downloading (snapshot_download) and publishing
+# (hub_upload.py) share: what it must hold, what it may hold (the card and what the card shows), and
+# the card's example thumbnails (written by `train evaluate --write-to-model`).
+MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, VOCAB_FILE)
+OPTIONAL_MODEL_FILES = ("README.md", "evaluation.json", "loss_curve.png", "metric_curve.png")
+MODEL_EXAMPLES_GLOB = "examples/*.jpg"
+# Decoding when a model recommends nothing (config["extra"]["decoding"]): the one source for the
+# captioner, the app, the CLI and `train evaluate`. Beam 3 was the best width on Flickr8k (README).
+DECODING_DEFAULTS = {"beam_size": 3, "max_len": 20, "alpha": 0.0, "no_repeat_ngram_size": 0, "min_len": 1,
+                     "bad_endings": ()}
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 
 
 class ModelLoadError(RuntimeError):
@@ -55,12 +64,16 @@ class CaptionResult:
 
     ``beam`` holds the ``n_best`` best beam hypotheses, best first (empty when beam search was off);
     ``greedy`` is None when greedy search was off. ``timings_ms`` has ``preprocess`` (decode +
-    resize + normalise), ``backbone``, ``greedy``, ``beam`` and ``total``, for the whole batch.
+    resize + normalise), ``backbone``, ``greedy``, ``beam`` and ``total``, for the whole batch of
+    ``batch_size`` images. ``warnings`` says why the caption may be a guess (a tiny or nearly
+    uniform photo; see ``storyteller.images.image_warnings``).
     """
 
     greedy: Caption | None
     beam: list[Caption]
     timings_ms: dict[str, float] = field(default_factory=dict)
+    batch_size: int = 1
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def best(self) -> Caption:
@@ -70,7 +83,7 @@ class CaptionResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form: ``{"greedy": {...} | None, "beam": [{...}], "timings_ms": {...}}``."""
         return {"greedy": asdict(self.greedy) if self.greedy else None, "beam": [asdict(c) for c in self.beam],
-                "timings_ms": dict(self.timings_ms)}
+                "timings_ms": dict(self.timings_ms), "batch_size": self.batch_size, "warnings": list(self.warnings)}
 
 
 class Captioner:
@@ -107,7 +120,8 @@ class Captioner:
         """What the model is: source, backbone, sizes, and its recorded evaluation figures."""
         spec = self.backbone.spec if hasattr(self.backbone, "spec") else (self.model.backbone or {})
         m = self.model
-        return {"model": self.source, "revision": self.revision, "backbone": spec.get("name"),
+        return {"model": self.source, "model_name": model_label(self.source), "revision": self.revision,
+                "backbone": spec.get("name"),
                 "backbone_weights": spec.get("weights"), "feature_dim": m.feature_dim, "vocab_size": m.vocab_size,
                 "embed_dim": m.embed_dim, "hidden_dim": m.hidden_dim, "num_layers": m.num_layers,
                 "dataset": (m.extra or {}).get("dataset"), "metrics": (m.extra or {}).get("metrics") or {},
@@ -154,13 +168,19 @@ class Captioner:
         Raises:
             ImageError: an input is not a usable image.
         """
+        timings = {} if timings is None else timings
+        pils, _ = self._load_all(images, draft_size, timings)
+        features = self.backbone.encode(pils, timings=timings)
+        timings["preprocess"] += timings.pop("decode")
+        return features
+
+    def _load_all(self, images: Sequence[ImageSource], draft_size: int | None,
+                  timings: dict[str, float]) -> tuple[list[Image.Image], list[list[str]]]:
         t0 = time.perf_counter()
         pils = [self.load_image(im, draft_size) for im in images]
-        decode_ms = (time.perf_counter() - t0) * 1e3
-        timings = {} if timings is None else timings
-        features = self.backbone.encode(pils, timings=timings)
-        timings["preprocess"] += decode_ms
-        return features
+        notes = [image_warnings(p) for p in pils]
+        timings["decode"] = (time.perf_counter() - t0) * 1e3
+        return pils, notes
 
     @torch.inference_mode()
     def caption(self, images: Sequence[ImageSource], beam_size: int | None = None, max_len: int | None = None,
@@ -170,7 +190,7 @@ class Captioner:
 
         Args:
             images: PIL images, paths, bytes or binary files (each goes through ``load_image``).
-            beam_size: beam width (default 5, or the model's recorded decoding setting).
+            beam_size: beam width (default: the model's recommended, else DECODING_DEFAULTS' 3).
             max_len: most decoder steps per caption, ``<end>`` included (default 20).
             alpha: beam length-normalisation exponent (0 ranks by raw log-probability).
             n_best: beam hypotheses returned per image (1..beam_size).
@@ -202,16 +222,18 @@ class Captioner:
 
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
-        features = self.features(images, draft_size, timings)
+        pils, notes = self._load_all(images, draft_size, timings)
+        features = self.backbone.encode(pils, timings=timings)  # what self.features(images) computes
+        timings["preprocess"] += timings.pop("decode")
         t2 = time.perf_counter()
-        kw = dict(max_len=max_len, no_repeat_ngram_size=ngram, min_len=min_len)
+        kw = dict(max_len=max_len, no_repeat_ngram_size=ngram, min_len=min_len, bad_endings=d["bad_endings"])
         greedy_caps = greedy_search(self.model, features, **kw) if greedy else [None] * len(images)
         t3 = time.perf_counter()
         beam_caps = (beam_search(self.model, features, beam_size=beam_size, alpha=alpha, n_best=n_best, **kw)
                      if beam else [[] for _ in images])
         t4 = time.perf_counter()
         timings.update(greedy=(t3 - t2) * 1e3, beam=(t4 - t3) * 1e3, total=(t4 - t0) * 1e3)
-        return [CaptionResult(g, b, dict(timings)) for g, b in zip(greedy_caps, beam_caps)]
+        return [CaptionResult(g, b, dict(timings), len(images), w) for g, b, w in zip(greedy_caps, beam_caps, notes)]
 
     def warmup(self) -> float:
         """Caption one blank image so the first real request does not pay PyTorch's one-off start-up costs.
@@ -247,7 +269,11 @@ def _decoding_hints(extra: dict[str, Any] | None) -> dict[str, Any]:
     hints = (extra or {}).get("decoding")
     if not isinstance(hints, dict):
         return {}
-    return {k: type(v)(hints[k]) for k, v in DECODING_DEFAULTS.items() if isinstance(hints.get(k), (int, float))}
+    out = {k: type(v)(hints[k]) for k, v in DECODING_DEFAULTS.items() if isinstance(hints.get(k), (int, float))}
+    words = hints.get("bad_endings")  # words after which <end> is forbidden (SCST models)
+    if isinstance(words, list) and all(isinstance(w, str) for w in words):
+        out["bad_endings"] = tuple(words)
+    return out
 
 
 def _read_evaluations(model_dir: Path | None) -> list[dict[str, Any]]:
@@ -279,6 +305,62 @@ def default_model() -> str:
         f"{', '.join(MODEL_FILES)} (e.g. made by `python -m train fit`) or a Hugging Face Hub repo id, as "
         f"load('user/model') in Python, --model user/model on the command line, or the environment variable "
         f"{MODEL_ENV_VAR}=user/model.")
+
+
+def model_label(source: str) -> str:
+    """How to name a model to users without showing a machine's folders: a Hub repo id as is; a local
+    folder by its path inside this repository (``models/flickr8k-lite0``), else by its own name.
+
+    Args:
+        source: what ``load`` was given (a folder or a repo id).
+    """
+    path = Path(source).expanduser()
+    if not path.exists() and not _looks_like_path(source):
+        return source  # a Hub repo id
+    try:
+        return path.resolve().relative_to(REPO_ROOT).as_posix()
+    except ValueError:
+        return path.resolve().name or source
+
+
+def check_weights_file(path: str | os.PathLike) -> None:
+    """Refuse a ``model.safetensors`` that cannot be the weights, before safetensors reads it.
+
+    Catches a Git LFS pointer left by a clone without LFS, a file cut short (interrupted download
+    or copy) and a file that is not safetensors at all, each with what to do about it.
+
+    Args:
+        path: the weights file.
+
+    Raises:
+        ModelLoadError: the file is a pointer, truncated or corrupt.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if (head + f.read(len(_LFS_POINTER) - 8)).startswith(_LFS_POINTER):
+                raise ModelLoadError(
+                    f"{path} is a Git LFS pointer, not the weights: the repository was cloned without Git LFS. "
+                    f"Install it and fetch the files (`git lfs install && git lfs pull`), or download the model "
+                    f"from the Hub.")
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 2 <= n <= min(size - 8, 100 * 2**20):
+                raise ValueError("no valid safetensors header")
+            f.seek(8)
+            header = json.loads(f.read(n))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except ModelLoadError:
+        raise
+    except OSError as e:
+        raise ModelLoadError(f"cannot read {path}: {e.strerror or e}") from None
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        raise ModelLoadError(f"{path} is not a safetensors weights file (corrupt or the wrong file); download or "
+                             f"export the model again") from None
+    if size < 8 + n + end:
+        raise ModelLoadError(f"{path} is truncated ({size:,} bytes, its header promises {8 + n + end:,}): an "
+                             f"interrupted download or copy. Download or copy the model again.")
 
 
 def _looks_like_path(name: str) -> bool:
@@ -317,7 +399,7 @@ def resolve_model_dir(name_or_path: str, revision: str | None = None) -> Path:
                     f"(download it once with `hf download {name_or_path}`), or pass a local model folder.")
     try:
         path = snapshot_download(repo_id=name_or_path, revision=revision,
-                                 allow_patterns=list(MODEL_FILES) + list(OPTIONAL_FILES))
+                                 allow_patterns=[*MODEL_FILES, *OPTIONAL_MODEL_FILES, MODEL_EXAMPLES_GLOB])
     except HFValidationError as e:
         raise ModelLoadError(f"{name_or_path!r} is neither a local folder nor a valid Hub repo id ({e})") from None
     except GatedRepoError:
@@ -371,10 +453,15 @@ def load(name_or_path: str | os.PathLike | None = None, revision: str | None = N
     if not isinstance(config, dict) or not config.get("backbone"):
         raise ModelLoadError(f"{source}: {CONFIG_FILE} names no backbone, so the image features cannot be "
                              f"computed; re-export the model with its backbone spec (ShowAndTell(..., backbone=spec))")
+    check_weights_file(model_dir / WEIGHTS_FILE)
     try:
         model = ShowAndTell.from_pretrained(str(model_dir))
     except (ValueError, OSError, TypeError) as e:  # vocab/config/weights mismatch, missing file, bad config keys
         raise ModelLoadError(f"{source}: cannot load the decoder: {e}") from None
+    except Exception as e:  # safetensors' own SafetensorError on a file corrupt past its header
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise ModelLoadError(f"{source}: {WEIGHTS_FILE} is corrupt ({e}); download or export the model again") from None
     try:
         backbone = create_backbone(config["backbone"], device=device)
     except (ValueError, TypeError, KeyError, RuntimeError) as e:

@@ -28,6 +28,11 @@ CARD_FILE = "README.md"
 METRIC_COLUMNS = [("bleu1", "BLEU-1"), ("bleu2", "BLEU-2"), ("bleu3", "BLEU-3"), ("bleu4", "BLEU-4"),
                   ("cider", "CIDEr-D")]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# An absolute path of some machine inside a text: /a/b (two parts at least, not a URL's path), ~/x,
+# C:\x or file://. Relative paths such as examples/x.jpg and URLs are not matched.
+_ABS_PATH = re.compile(r"(?<![\w.:/-])(?:/[\w.@+-]+(?:/[\w.@+-]*)+|~/[\w.-]+|[A-Za-z]:\\\\?[\w.-]+)|file://")
+# Files a model folder publishes whose text must name no machine path.
+PUBLISHED_TEXT_FILES = ("config.json", "evaluation.json", "README.md")
 
 
 def read_evaluations(model_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -64,6 +69,60 @@ def dataset_label(dataset: Any) -> tuple[str, str | None]:
     hub = source if is_hub else None
     name = hub or Path(source.rstrip("/")).name or source
     return name, hub
+
+
+def public_dataset(description: Any) -> dict[str, Any]:
+    """A dataset description fit to ship in a model: its name (or Hub id) instead of a local path.
+
+    Args:
+        description: the feature cache's / ``CaptionedImages.description`` (``{"source", "kind",
+            "splits", ...}``), or an already public one (returned with the same keys).
+
+    Returns:
+        ``{"name", "kind", "splits", ...}``, plus ``"source"`` (the Hub id) and its ``revision`` for
+        Hub datasets; never a path of the machine that trained or evaluated the model. A description
+        whose source is a bare name (no path) is returned unchanged.
+    """
+    name, hub = dataset_label(description)
+    d = description if isinstance(description, dict) else {}
+    source = str(d.get("source") or "")
+    if d and not hub and source and not (Path(source).expanduser().is_absolute() or "/" in source or "\\" in source
+                                         or source.startswith((".", "~"))):
+        return dict(d)  # a bare name (e.g. "synthetic") is no machine's path: kept as it is
+    out: dict[str, Any] = {"name": name, "kind": d.get("kind") or ("hub" if hub else "local")}
+    if hub:
+        out["source"] = hub
+        if d.get("revision"):
+            out["revision"] = d["revision"]
+    for key in ("columns", "splits", "limit_per_split"):
+        if key in d:
+            out[key] = d[key]
+    return out
+
+
+def local_paths(text: str) -> list[str]:
+    """The absolute paths (``/home/me/data``, ``~/x``, ``C:\\x``, ``file://``) written in ``text``.
+
+    Args:
+        text: a file's contents (JSON, Markdown...).
+    """
+    return sorted(set(_ABS_PATH.findall(text)))
+
+
+def published_local_paths(model_dir: str | os.PathLike) -> dict[str, list[str]]:
+    """File name -> absolute paths found in a model folder's published text files (empty if clean).
+
+    Args:
+        model_dir: a model folder.
+    """
+    found = {}
+    for name in PUBLISHED_TEXT_FILES:
+        path = Path(model_dir) / name
+        if path.is_file():
+            hits = local_paths(path.read_text(encoding="utf-8", errors="replace"))
+            if hits:
+                found[name] = hits
+    return found
 
 
 def _fmt(value: Any, digits: int = 4, key: str = "") -> str:

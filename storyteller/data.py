@@ -71,11 +71,11 @@ def _as_captions(value: Any, where: str) -> list[str]:
     raise ValueError(f"{where}: captions must be a string or a list of strings, got {value!r:.200}")
 
 
-def _decode(data: bytes | None, path: str | None, id_: str) -> Image.Image:
+def _decode(data: bytes | None, path: str | None, id_: str, draft_size: int | None = None) -> Image.Image:
     # The app's own loader (EXIF orientation, transparency on white, 16-bit grey scaled, CMYK...), at
-    # full resolution, so training features see the pixels the app will see.
+    # full resolution unless draft_size is set (then big JPEGs are decoded as the app decodes them).
     try:
-        return load_image(data if data is not None else path)
+        return load_image(data if data is not None else path, draft_size=draft_size)
     except ImageError as e:
         raise ValueError(f"image {id_!r} cannot be decoded: {e}") from e
 
@@ -92,6 +92,7 @@ class CaptionedImages(Sequence):
 
     records: list[ImageRecord]
     description: dict[str, Any]
+    draft_size: int | None = None  # JPEG draft decoding as in storyteller.images.load_image (None: full size)
 
     def load_image(self, i: int) -> Image.Image:
         """Decode image ``i`` as RGB."""
@@ -117,7 +118,7 @@ class _FolderImages(CaptionedImages):
         self.records, self.paths, self.description = records, paths, description
 
     def load_image(self, i: int) -> Image.Image:
-        return _decode(None, str(self.paths[i]), self.records[i].id)
+        return _decode(None, str(self.paths[i]), self.records[i].id, self.draft_size)
 
 
 class _ArrowImages(CaptionedImages):
@@ -132,9 +133,9 @@ class _ArrowImages(CaptionedImages):
         part, row = self.rows[i]
         value = self.parts[part][row][self.image_column]
         if isinstance(value, dict):
-            return _decode(value.get("bytes"), value.get("path"), self.records[i].id)
+            return _decode(value.get("bytes"), value.get("path"), self.records[i].id, self.draft_size)
         if isinstance(value, str):
-            return _decode(None, value, self.records[i].id)
+            return _decode(None, value, self.records[i].id, self.draft_size)
         raise ValueError(f"image {self.records[i].id!r}: column {self.image_column!r} holds {type(value).__name__}, "
                          "expected an image struct {bytes, path} or a path")
 

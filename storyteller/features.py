@@ -1,9 +1,12 @@
-"""The on-disk feature cache: one pooled CNN feature per image, with its id, split and captions.
+"""The on-disk feature cache: one pooled CNN feature per image (and optionally its feature grid),
+with its id, split and captions.
 
     DIR/manifest.json  {"format": "storyteller-features", "version": 1, "complete": true, "count": N,
-                        "feature_dim": D, "dtype": "float16", "backbone": <spec>, "dataset": {...},
-                        "versions": {...}}
+                        "feature_dim": D, "dtype": "float16", "grid": [h, w] or null,
+                        "backbone": <spec>, "dataset": {...}, "versions": {...}}
     DIR/features.npy   (N, D) float16, memory-mapped on open (np.load(mmap_mode="r", allow_pickle=False))
+    DIR/grid.npy       (N, h, w, D) float16, memory-mapped; only in caches extracted with ``--grid``
+                       (Flickr8k at 7x7x1280: about 1 GB, so it is read row by row, never loaded whole)
     DIR/index.jsonl    N lines {"id": str, "split": str, "captions": [str, ...]}, row order of features.npy
 
 ``manifest.json`` is written last (atomically, via os.replace), so a folder without it is an
@@ -24,7 +27,7 @@ import numpy as np
 from .fileio import write_json_atomic
 
 FORMAT, VERSION = "storyteller-features", 1
-MANIFEST, FEATURES, INDEX, PARTIAL = "manifest.json", "features.npy", "index.jsonl", ".partial"
+MANIFEST, FEATURES, GRID, INDEX, PARTIAL = "manifest.json", "features.npy", "grid.npy", "index.jsonl", ".partial"
 DTYPE = np.float16
 
 
@@ -99,16 +102,29 @@ class FeatureCache:
 
     Attributes:
         features: (N, D) float16 memmap.
+        grid: (N, h, w, D) float16 memmap, or None for a pooled-only cache.
         ids, splits, captions: per-row metadata in row order.
         manifest: the parsed manifest.json; ``backbone`` is its backbone spec.
     """
 
     def __init__(self, path: Path, manifest: dict[str, Any], features: np.ndarray,
-                 ids: list[str], splits: list[str], captions: list[list[str]]):
-        self.path, self.manifest, self.features = path, manifest, features
+                 ids: list[str], splits: list[str], captions: list[list[str]], grid: np.ndarray | None = None):
+        self.path, self.manifest, self.features, self.grid = path, manifest, features, grid
         self.ids, self.splits, self.captions = ids, splits, captions
         self.backbone: dict[str, Any] = manifest["backbone"]
         self.feature_dim: int = int(manifest["feature_dim"])
+
+    @property
+    def grid_shape(self) -> tuple[int, int] | None:
+        """(h, w) of the stored feature grids, or None when the cache has none."""
+        return None if self.grid is None else (int(self.grid.shape[1]), int(self.grid.shape[2]))
+
+    def require_grid(self) -> np.ndarray:
+        """The grid memmap, or a clear error for a cache extracted without ``--grid``."""
+        if self.grid is None:
+            raise FeatureCacheError(f"{self.path} holds pooled features only; an attention model needs feature "
+                                    f"grids: re-extract with `python -m train extract --grid` into a new folder")
+        return self.grid
 
     @classmethod
     def open(cls, path: str | os.PathLike, expect_backbone: str | dict[str, Any] | None = None) -> "FeatureCache":
@@ -147,6 +163,17 @@ class FeatureCache:
             raise FeatureCacheError(f"{path / FEATURES} holds {features.dtype} {features.shape}, manifest says "
                                     f"{np.dtype(DTYPE)} ({count}, {dim}); the cache is corrupt, re-extract it")
 
+        grid = None
+        if manifest.get("grid") is not None:
+            h, w = (int(v) for v in manifest["grid"])
+            try:
+                grid = np.load(path / GRID, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise FeatureCacheError(f"{path / GRID} cannot be read ({e}); the cache is corrupt, re-extract it") from None
+            if grid.shape != (count, h, w, dim) or grid.dtype != DTYPE:
+                raise FeatureCacheError(f"{path / GRID} holds {grid.dtype} {grid.shape}, manifest says "
+                                        f"{np.dtype(DTYPE)} {(count, h, w, dim)}; the cache is corrupt, re-extract it")
+
         ids, splits, captions = [], [], []
         with _open_jsonl(path / INDEX) as f:
             for n, line in enumerate(f, 1):
@@ -161,7 +188,7 @@ class FeatureCache:
         if len(ids) != count:
             raise FeatureCacheError(f"{path / INDEX} has {len(ids)} rows but {FEATURES} and the manifest have {count}; "
                                     "the cache is corrupt, re-extract it")
-        return cls(path, manifest, features, ids, splits, captions)
+        return cls(path, manifest, features, ids, splits, captions, grid)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -183,7 +210,9 @@ class FeatureCache:
 
     def __repr__(self) -> str:
         counts = {s: self.splits.count(s) for s in self.split_names()}
-        return f"FeatureCache({str(self.path)!r}, backbone={self.backbone['name']!r}, dim={self.feature_dim}, splits={counts})"
+        grid = f", grid={self.grid_shape[0]}x{self.grid_shape[1]}" if self.grid is not None else ""
+        return (f"FeatureCache({str(self.path)!r}, backbone={self.backbone['name']!r}, dim={self.feature_dim}{grid}, "
+                f"splits={counts})")
 
 
 def _validate_rows(features: np.ndarray, ids: list[str], splits: list[str], captions: list[list[str]]) -> None:
@@ -201,11 +230,28 @@ def _validate_rows(features: np.ndarray, ids: list[str], splits: list[str], capt
         raise ValueError("features contain NaN or inf")
 
 
-def _finish(path: Path, count: int, feature_dim: int, backbone: dict[str, Any], dataset: dict[str, Any] | None) -> None:
-    # features.npy and index.jsonl are already in place; the manifest goes last and makes the cache valid.
+def _validate_grid(grid: np.ndarray, features_shape: tuple[int, ...]) -> None:
+    if grid.ndim != 4 or grid.shape[0] != features_shape[0] or grid.shape[3] != features_shape[1]:
+        raise ValueError(f"grid must be (N, h, w, D) = ({features_shape[0]}, h, w, {features_shape[1]}), got {grid.shape}")
+    if not np.isfinite(grid).all():
+        raise ValueError("grid contains NaN or inf")
+
+
+def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array.astype(DTYPE), allow_pickle=False)
+    os.replace(tmp, path)
+
+
+def _finish(path: Path, count: int, feature_dim: int, backbone: dict[str, Any], dataset: dict[str, Any] | None,
+            grid: tuple[int, int] | None = None) -> None:
+    # features.npy, grid.npy and index.jsonl are already in place; the manifest goes last and makes the cache valid.
+    if grid is None:
+        (path / GRID).unlink(missing_ok=True)  # a grid left from an older cache here must not be read as ours
     manifest = {"format": FORMAT, "version": VERSION, "complete": True, "count": count, "feature_dim": feature_dim,
-                "dtype": np.dtype(DTYPE).name, "backbone": _canon(backbone), "dataset": _canon(dataset or {}),
-                "versions": library_versions()}
+                "dtype": np.dtype(DTYPE).name, "grid": list(grid) if grid else None, "backbone": _canon(backbone),
+                "dataset": _canon(dataset or {}), "versions": library_versions()}
     write_json_atomic(path / MANIFEST, manifest)
 
 
@@ -215,7 +261,8 @@ def _invalidate(path: Path) -> None:
 
 
 def write_feature_cache(path: str | os.PathLike, features: np.ndarray, ids: list[str], splits: list[str],
-                        captions: list[list[str]], backbone: dict[str, Any], dataset: dict[str, Any] | None = None) -> None:
+                        captions: list[list[str]], backbone: dict[str, Any], dataset: dict[str, Any] | None = None,
+                        grid: np.ndarray | None = None) -> None:
     """Write a whole cache at once (tests and small data); replaces any cache already at ``path``.
 
     Args:
@@ -224,9 +271,13 @@ def write_feature_cache(path: str | os.PathLike, features: np.ndarray, ids: list
         ids, splits, captions: per-row metadata, N each; ids unique.
         backbone: the spec of the backbone that made the features.
         dataset: JSON-able description of how the rows were made.
+        grid: optional (N, h, w, D) feature grids (stored as float16).
     """
     features = np.asarray(features)
     _validate_rows(features, ids, splits, captions)
+    if grid is not None:
+        grid = np.asarray(grid)
+        _validate_grid(grid, features.shape)
     if not {"name", "weights", "feature_dim", "preprocessing"} <= set(backbone):
         raise ValueError(f"backbone must be a spec with name, weights, feature_dim, preprocessing; got keys {sorted(backbone)}")
     if int(backbone["feature_dim"]) != features.shape[1]:
@@ -238,11 +289,14 @@ def write_feature_cache(path: str | os.PathLike, features: np.ndarray, ids: list
     with open(tmp, "wb") as f:
         np.save(f, features.astype(DTYPE), allow_pickle=False)
     os.replace(tmp, path / FEATURES)
+    if grid is not None:
+        _save_npy_atomic(path / GRID, grid)
     tmp = path / (INDEX + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(_index_line(i, s, c) for i, s, c in zip(ids, splits, captions))
     os.replace(tmp, path / INDEX)
-    _finish(path, features.shape[0], features.shape[1], backbone, dataset)
+    _finish(path, features.shape[0], features.shape[1], backbone, dataset,
+            None if grid is None else (grid.shape[1], grid.shape[2]))
 
 
 class ChunkedCacheWriter:
@@ -251,7 +305,8 @@ class ChunkedCacheWriter:
     ``.partial/job.json`` records what the chunks are made of (backbone, dataset, chunk size, row
     count); a rerun with the same job continues after the last finished chunk, a different job is
     refused rather than mixed. Chunk k holds rows ``[k * chunk_size, (k + 1) * chunk_size)``; its
-    ``.npy`` is renamed into place before its ``.jsonl``, so a chunk counts as done only when both exist.
+    ``.grid.npy`` (with ``grid``) and ``.npy`` are renamed into place before its ``.jsonl``, so a chunk
+    counts as done only when all of them exist.
 
     Args:
         path: the cache folder.
@@ -259,21 +314,24 @@ class ChunkedCacheWriter:
         dataset: JSON-able description of the rows (source, splits, limit...).
         count: total number of rows.
         chunk_size: rows per chunk.
+        grid: (h, w) of the feature grids written with every chunk, or None for pooled features only.
     """
 
     def __init__(self, path: str | os.PathLike, backbone: dict[str, Any], dataset: dict[str, Any],
-                 count: int, chunk_size: int):
+                 count: int, chunk_size: int, grid: tuple[int, int] | None = None):
         if chunk_size < 1 or count < 1:
             raise ValueError(f"need count >= 1 and chunk_size >= 1, got {count} and {chunk_size}")
         self.path, self.partial = Path(path), Path(path) / PARTIAL
         self.backbone, self.count, self.chunk_size = backbone, count, chunk_size
         self.feature_dim = int(backbone["feature_dim"])
         self.num_chunks = -(-count // chunk_size)
+        self.grid = None if grid is None else (int(grid[0]), int(grid[1]))
         self.job = _canon({"backbone": backbone, "dataset": dataset, "count": count, "chunk_size": chunk_size,
-                           "feature_dim": self.feature_dim})
+                           "feature_dim": self.feature_dim, "grid": list(self.grid) if self.grid else None})
         job_file = self.partial / "job.json"
         if job_file.is_file():
             old = json.loads(job_file.read_text(encoding="utf-8"))
+            old.setdefault("grid", None)  # jobs written before grids existed
             if old != self.job:
                 diff = [k for k in self.job if old.get(k) != self.job[k]]
                 raise FeatureCacheError(f"{self.partial} holds an unfinished extraction with different settings "
@@ -290,9 +348,12 @@ class ChunkedCacheWriter:
     def _chunk_paths(self, k: int) -> tuple[Path, Path]:
         return self.partial / f"chunk_{k:05d}.npy", self.partial / f"chunk_{k:05d}.jsonl"
 
+    def _grid_path(self, k: int) -> Path:
+        return self.partial / f"chunk_{k:05d}.grid.npy"
+
     def _chunk_done(self, k: int) -> bool:
         npy, jsonl = self._chunk_paths(k)
-        return npy.is_file() and jsonl.is_file()
+        return npy.is_file() and jsonl.is_file() and (self.grid is None or self._grid_path(k).is_file())
 
     def chunk_rows(self, k: int) -> range:
         """Row numbers covered by chunk ``k``."""
@@ -306,13 +367,15 @@ class ChunkedCacheWriter:
                 ids += [json.loads(line)["id"] for line in f]
         return ids
 
-    def write_chunk(self, k: int, features: np.ndarray, ids: list[str], splits: list[str], captions: list[list[str]]) -> None:
+    def write_chunk(self, k: int, features: np.ndarray, ids: list[str], splits: list[str], captions: list[list[str]],
+                    grid: np.ndarray | None = None) -> None:
         """Write chunk ``k`` (must be the next one).
 
         Args:
             k: chunk number, equal to ``done_chunks``.
             features: (len(chunk_rows(k)), D) features.
             ids, splits, captions: the rows' metadata.
+            grid: (len(chunk_rows(k)), h, w, D) grids; required exactly when the writer has ``grid``.
         """
         if k != self.done_chunks:
             raise ValueError(f"chunk {k} written out of order; next is {self.done_chunks}")
@@ -320,7 +383,15 @@ class ChunkedCacheWriter:
         _validate_rows(features, ids, splits, captions)
         if features.shape != (len(self.chunk_rows(k)), self.feature_dim):
             raise ValueError(f"chunk {k} needs shape {(len(self.chunk_rows(k)), self.feature_dim)}, got {features.shape}")
+        if (grid is None) != (self.grid is None):
+            raise ValueError(f"chunk {k}: this cache {'needs' if self.grid else 'takes no'} feature grids")
         npy, jsonl = self._chunk_paths(k)
+        if grid is not None:
+            grid = np.asarray(grid)
+            if grid.shape != (features.shape[0], *self.grid, self.feature_dim):
+                raise ValueError(f"chunk {k} grid needs shape {(features.shape[0], *self.grid, self.feature_dim)}, got {grid.shape}")
+            _validate_grid(grid, features.shape)
+            _save_npy_atomic(self._grid_path(k), grid)
         with open(npy.with_suffix(".npy.tmp"), "wb") as f:
             np.save(f, features.astype(DTYPE), allow_pickle=False)
         os.replace(npy.with_suffix(".npy.tmp"), npy)
@@ -339,6 +410,9 @@ class ChunkedCacheWriter:
         tmp_npy, tmp_idx = self.path / (FEATURES + ".tmp"), self.path / (INDEX + ".tmp")
         # Stream chunk by chunk into a memmapped .npy, so assembling never holds all features in RAM.
         out = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=DTYPE, shape=(self.count, self.feature_dim))
+        tmp_grid = self.path / (GRID + ".tmp")
+        out_grid = None if self.grid is None else np.lib.format.open_memmap(
+            tmp_grid, mode="w+", dtype=DTYPE, shape=(self.count, *self.grid, self.feature_dim))
         seen: set[str] = set()
         with open(tmp_idx, "w", encoding="utf-8") as idx:
             for k in range(self.num_chunks):
@@ -353,13 +427,25 @@ class ChunkedCacheWriter:
                 for line in lines:
                     seen.add(json.loads(line)["id"])
                 out[rows.start:rows.stop] = chunk
+                if out_grid is not None:
+                    g = np.load(self._grid_path(k), mmap_mode="r", allow_pickle=False)
+                    if g.shape != (len(rows), *self.grid, self.feature_dim):
+                        raise FeatureCacheError(f"{self._grid_path(k).name}: grid {g.shape}, expected {len(rows)} rows "
+                                                f"of {self.grid}; delete {self.partial} and rerun")
+                    out_grid[rows.start:rows.stop] = g
                 idx.writelines(lines)
         out.flush()
         del out
+        if out_grid is not None:
+            out_grid.flush()
+            del out_grid
         if len(seen) != self.count:
             raise FeatureCacheError(f"chunks hold {len(seen)} distinct ids for {self.count} rows; delete {self.partial} and rerun")
         os.replace(tmp_npy, self.path / FEATURES)
+        if self.grid is not None:
+            os.replace(tmp_grid, self.path / GRID)
         os.replace(tmp_idx, self.path / INDEX)
-        _finish(self.path, self.count, self.feature_dim, self.backbone, self.job["dataset"] if dataset is None else dataset)
+        _finish(self.path, self.count, self.feature_dim, self.backbone, self.job["dataset"] if dataset is None else dataset,
+                self.grid)
         shutil.rmtree(self.partial)
         return FeatureCache.open(self.path)

@@ -32,11 +32,17 @@ from typing import BinaryIO, Union
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["ImageError", "ImageSource", "load_image", "MAX_PIXELS", "MAX_BYTES"]
+__all__ = ["ImageError", "ImageSource", "load_image", "image_warnings", "MAX_PIXELS", "MAX_BYTES", "MIN_SIDE",
+           "MIN_CONTRAST"]
 
 MAX_PIXELS = 50_000_000  # 50 megapixels: a 48 MP phone photo passes, a 20000x20000 bomb does not
 MAX_BYTES = 64 * 1024 * 1024  # 64 MiB of encoded file
 _ORIENTATION = 0x0112  # EXIF tag
+# Degenerate photos are captioned with a warning rather than refused (the model always says
+# something; the user should know it is a guess): a side under MIN_SIDE pixels, or a standard
+# deviation of the pixel values under MIN_CONTRAST (0..255 scale) in every channel.
+MIN_SIDE = 32
+MIN_CONTRAST = 4.0
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, Image.Image]
 
@@ -74,6 +80,29 @@ def load_image(src: ImageSource, *, max_pixels: int = MAX_PIXELS, max_bytes: int
         raise
     except Exception as e:  # a corrupt file can fail in many plugin-specific ways
         raise ImageError(f"could not decode the image: {e}") from None
+
+
+def image_warnings(img: Image.Image) -> list[str]:
+    """Why a caption of ``img`` would be a guess: too small, or nearly one flat colour (empty if neither).
+
+    Args:
+        img: a decoded image (e.g. from :func:`load_image`).
+
+    Returns:
+        sentences for the user, e.g. ``["The photo is only 1x1 pixels; ..."]``.
+    """
+    w, h = img.size
+    notes = []
+    if min(w, h) < MIN_SIDE:
+        notes.append(f"The photo is only {w}x{h} pixels (under {MIN_SIDE} on a side): too small to show "
+                     f"anything, so the caption is a guess.")
+    small = img.convert("RGB")
+    if max(w, h) > 128:
+        small = small.resize((min(w, 128), min(h, 128)), Image.Resampling.BILINEAR)
+    std = float(np.asarray(small, dtype=np.float32).reshape(-1, 3).std(axis=0).max())
+    if std < MIN_CONTRAST:
+        notes.append("The photo is nearly one flat colour, with nothing in it to describe, so the caption is a guess.")
+    return notes
 
 
 def _read_bytes(src, max_bytes: int) -> bytes:

@@ -10,9 +10,15 @@ too. We also initialise c0 from the image (the original left c0 = 0), which give
 the image from step 0.
 
 Hub layout (through ``huggingface_hub.PyTorchModelHubMixin``): ``config.json`` (every init
-argument, including the backbone spec with its preprocessing), ``model.safetensors`` and our own
-``vocab.json``. Loading is strict: a missing or unexpected tensor, or a vocabulary whose size does
-not match the config, is an error.
+argument, including the backbone spec with its preprocessing, and ``decoder``, the model type),
+``model.safetensors`` and our own ``vocab.json``. Loading is strict: a missing or unexpected tensor,
+or a vocabulary whose size does not match the config, is an error. ``load_decoder(folder_or_repo)``
+reads ``config.json`` and builds the right class (this one, or ``ShowAttendTell`` from
+``storyteller.attention``); configs written before ``decoder`` existed are Show-and-Tell.
+
+The decoding protocol every decoder follows (``storyteller.decoding`` relies on nothing else):
+``init_state(features) -> state``, ``step(tokens, state) -> (log_probs, state)``, and
+``select_state(state, rows)`` / ``scatter_state(state, rows, sub)`` to take and write back batch rows.
 """
 from __future__ import annotations
 
@@ -31,9 +37,75 @@ VOCAB_FILE = "vocab.json"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 State = tuple[torch.Tensor, torch.Tensor]
+DECODER = "show_and_tell"
+
+
+class HubDecoder:
+    """What every decoder shares: the strict Hub save/load with ``vocab.json``, and the default
+    state handling for states that are tuples of (layers, batch, hidden) tensors.
+
+    Subclasses set ``decoder_type`` (the ``decoder`` value in ``config.json``).
+    """
+
+    decoder_type: str = DECODER
+    has_attention: bool = False
+    vocab: Vocabulary | None
+
+    def _check_decoder(self, decoder: str) -> None:
+        if decoder != self.decoder_type:
+            raise ValueError(f"config.json says decoder {decoder!r} but {type(self).__name__} is {self.decoder_type!r}; "
+                             f"load it with storyteller.model.load_decoder")
+
+    def select_state(self, state: tuple, rows: torch.Tensor) -> tuple:
+        """The state of batch rows ``rows`` (N,) (rows may repeat: beam search copies hypotheses)."""
+        return tuple(s[:, rows] for s in state)
+
+    def scatter_state(self, state: tuple, rows: torch.Tensor, sub: tuple) -> tuple:
+        """``state`` with batch rows ``rows`` replaced by ``sub`` (a new tuple; ``state`` is unchanged)."""
+        out = []
+        for s, new in zip(state, sub):
+            s = s.clone()
+            s[:, rows] = new
+            out.append(s)
+        return tuple(out)
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        if self.vocab is None:
+            raise ValueError("attach a vocabulary (model.vocab = Vocabulary(...)) before save_pretrained")
+        if len(self.vocab) != self.vocab_size:
+            raise ValueError(f"vocabulary has {len(self.vocab)} tokens but the model has vocab_size={self.vocab_size}")
+        super()._save_pretrained(save_directory)
+        self.vocab.save(Path(save_directory) / VOCAB_FILE)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision: str | None = None, cache_dir=None, force_download: bool = False,
+                         local_files_only: bool = False, token=None, map_location: str = "cpu", strict: bool = True,
+                         **model_kwargs):
+        # Our own loader rather than the mixin's: strict by default (the mixin's strict=False would leave
+        # missing tensors random), safetensors only (no pickle fallback), and vocab.json checked against config.
+        import safetensors.torch
+
+        hub = dict(revision=revision, cache_dir=cache_dir, force_download=force_download,
+                   local_files_only=local_files_only, token=token)
+        config_path = _resolve_file(model_id, CONFIG_FILE, **hub)  # raises a clear error if absent
+        if "vocab_size" not in model_kwargs:
+            raise ValueError(f"{model_id}: {config_path.name} has no 'vocab_size'; not a Neural Storyteller model")
+        vocab = Vocabulary.load(_resolve_file(model_id, VOCAB_FILE, **hub))
+        if len(vocab) != model_kwargs["vocab_size"]:
+            raise ValueError(f"{model_id}: {VOCAB_FILE} has {len(vocab)} tokens but {CONFIG_FILE} says "
+                             f"vocab_size={model_kwargs['vocab_size']}; the vocabulary does not belong to these weights")
+        model = cls(**model_kwargs)
+        weights = _resolve_file(model_id, WEIGHTS_FILE, **hub)
+        try:
+            safetensors.torch.load_model(model, str(weights), strict=strict, device=map_location)
+        except (RuntimeError, ValueError) as e:  # shape mismatch, missing/unexpected tensors, corrupt file
+            raise ValueError(f"{model_id}: {WEIGHTS_FILE} does not match {CONFIG_FILE}: {e}") from None
+        model.vocab = vocab
+        return model.to(map_location).eval()  # load_model fills the existing (CPU) parameters
 
 
 class ShowAndTell(
+    HubDecoder,
     nn.Module,
     PyTorchModelHubMixin,
     library_name="neural-storyteller",
@@ -54,6 +126,7 @@ class ShowAndTell(
         backbone: the CNN that makes the features, as a JSON-able spec (name, weights,
             preprocessing); stored in ``config.json`` so the app rebuilds the same transform.
         extra: free-form JSON metadata (e.g. training dataset, metrics).
+        decoder: the model type recorded in ``config.json``; must be ``"show_and_tell"``.
     """
 
     def __init__(
@@ -66,8 +139,10 @@ class ShowAndTell(
         dropout: float = 0.0,
         backbone: dict[str, Any] | None = None,
         extra: dict[str, Any] | None = None,
+        decoder: str = DECODER,
     ):
         super().__init__()
+        self._check_decoder(decoder)
         if vocab_size < 5:
             raise ValueError(f"vocab_size must cover the 4 special tokens and a word, got {vocab_size}")
         self.vocab_size, self.feature_dim = vocab_size, feature_dim
@@ -138,41 +213,6 @@ class ShowAndTell(
         logits = self.head(self.out_dropout(out.data))  # (N, V): only real positions
         return logits, packed_tgt.data
 
-    # -- Hub persistence -------------------------------------------------------------------------
-    def _save_pretrained(self, save_directory: Path) -> None:
-        if self.vocab is None:
-            raise ValueError("attach a vocabulary (model.vocab = Vocabulary(...)) before save_pretrained")
-        if len(self.vocab) != self.vocab_size:
-            raise ValueError(f"vocabulary has {len(self.vocab)} tokens but the model has vocab_size={self.vocab_size}")
-        super()._save_pretrained(save_directory)
-        self.vocab.save(Path(save_directory) / VOCAB_FILE)
-
-    @classmethod
-    def _from_pretrained(cls, *, model_id: str, revision: str | None = None, cache_dir=None, force_download: bool = False,
-                         local_files_only: bool = False, token=None, map_location: str = "cpu", strict: bool = True,
-                         **model_kwargs):
-        # Our own loader rather than the mixin's: strict by default (the mixin's strict=False would leave
-        # missing tensors random), safetensors only (no pickle fallback), and vocab.json checked against config.
-        import safetensors.torch
-
-        hub = dict(revision=revision, cache_dir=cache_dir, force_download=force_download,
-                   local_files_only=local_files_only, token=token)
-        config_path = _resolve_file(model_id, CONFIG_FILE, **hub)  # raises a clear error if absent
-        if "vocab_size" not in model_kwargs:
-            raise ValueError(f"{model_id}: {config_path.name} has no 'vocab_size'; not a Neural Storyteller model")
-        vocab = Vocabulary.load(_resolve_file(model_id, VOCAB_FILE, **hub))
-        if len(vocab) != model_kwargs["vocab_size"]:
-            raise ValueError(f"{model_id}: {VOCAB_FILE} has {len(vocab)} tokens but {CONFIG_FILE} says "
-                             f"vocab_size={model_kwargs['vocab_size']}; the vocabulary does not belong to these weights")
-        model = cls(**model_kwargs)
-        weights = _resolve_file(model_id, WEIGHTS_FILE, **hub)
-        try:
-            safetensors.torch.load_model(model, str(weights), strict=strict, device=map_location)
-        except (RuntimeError, ValueError) as e:  # shape mismatch, missing/unexpected tensors, corrupt file
-            raise ValueError(f"{model_id}: {WEIGHTS_FILE} does not match {CONFIG_FILE}: {e}") from None
-        model.vocab = vocab
-        return model.to(map_location).eval()  # load_model fills the existing (CPU) parameters
-
 
 def _resolve_file(model_id: str, filename: str, **hub_kwargs) -> Path:
     """A file of a local model folder, or downloaded from the Hub repo ``model_id``."""
@@ -190,3 +230,30 @@ def _resolve_file(model_id: str, filename: str, **hub_kwargs) -> Path:
 def read_config(model_dir: str | Path) -> dict:
     """The ``config.json`` of a local model folder, as a dict."""
     return json.loads((Path(model_dir) / CONFIG_FILE).read_text(encoding="utf-8"))
+
+
+def decoder_classes() -> dict[str, type]:
+    """``config.json``'s ``decoder`` value -> the class that loads it."""
+    from .attention import ShowAttendTell
+
+    return {ShowAndTell.decoder_type: ShowAndTell, ShowAttendTell.decoder_type: ShowAttendTell}
+
+
+def load_decoder(model_id: str | Path, **kwargs: Any):
+    """Load any Neural Storyteller decoder (Show-and-Tell or Show-Attend-Tell) from a folder or Hub repo.
+
+    Args:
+        model_id: a local model folder or a Hub repo id.
+        **kwargs: passed to ``from_pretrained`` (revision, map_location, local_files_only...).
+    """
+    hub = {k: kwargs[k] for k in ("revision", "cache_dir", "force_download", "local_files_only", "token") if k in kwargs}
+    config_path = _resolve_file(str(model_id), CONFIG_FILE, **hub)
+    try:
+        config = json.loads(Path(config_path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{model_id}: unreadable {CONFIG_FILE} ({e})") from None
+    kind = config.get("decoder", DECODER) if isinstance(config, dict) else None
+    classes = decoder_classes()
+    if kind not in classes:
+        raise ValueError(f"{model_id}: {CONFIG_FILE} names decoder {kind!r}; this version knows {sorted(classes)}")
+    return classes[kind].from_pretrained(str(model_id), **kwargs)

@@ -3,8 +3,13 @@
 The tokenizer is deliberately simple and fully specified, so a caption means the same token list
 in training, in `evaluate_captions` and in the app:
 
-    lowercase -> drop apostrophes ("dog's" -> "dogs") -> every other non-alphanumeric character
+    Unicode NFKC -> lowercase -> NFKC again, dropping combining marks left over -> drop apostrophes ("dog's" -> "dogs") -> every other non-alphanumeric character
     becomes a space ("t-shirt" -> "t shirt", "dog ." -> "dog") -> split on whitespace.
+
+NFKC makes the same word one token however it was typed: "café" with a combining accent is
+"café", full-width "ＤＯＧ" is "dog", and "İstanbul" (whose lowercase is "i" + a combining dot) is
+"istanbul". On plain ASCII text every step but the last three is the identity, so vocabularies and
+scores made before NFKC was added are unchanged (the tokenizer keeps its name).
 
 Vocabularies are stored as JSON (never pickle) and carry the tokenizer's name, so a vocabulary made
 with another tokenizer is refused on load.
@@ -14,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -37,7 +43,10 @@ def tokenize(text: str) -> list[str]:
     Returns:
         e.g. ``["a", "dogs", "ball"]``; an empty list for an empty or all-punctuation string.
     """
-    text = _APOSTROPHES.sub("", text.lower())
+    text = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).lower())
+    if not text.isascii():  # marks with no precomposed form (the dot of "İ".lower()) would split the word
+        text = "".join(c for c in text if not unicodedata.combining(c))
+    text = _APOSTROPHES.sub("", text)
     return _NON_WORD.sub(" ", text).split()
 
 

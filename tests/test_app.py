@@ -3,6 +3,7 @@ gradio_client on real photos and on every kind of bad input; the server must kee
 from __future__ import annotations
 
 import base64
+import html
 import importlib
 import json
 import os
@@ -30,21 +31,40 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def client(model_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("app-log") / "app.log"
-    with running_app(model_dir, log) as url:
+def server_log(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("app-log") / "app.log"
+
+
+@pytest.fixture(scope="module")
+def client(model_dir, server_log):
+    with running_app(model_dir, server_log) as url:
         yield Client(url, verbose=False, download_files=False)
 
 
-def check_result(result, beam_size: int) -> None:
-    greedy, greedy_lp, greedy_ms, beam, beam_lp, beam_ms, nbest, timing = result
+def log_since(log: Path, start: int, settle: float = 0.5) -> str:
+    """What the server wrote to its log after byte ``start`` (waiting ``settle`` s for it to flush)."""
+    import time
+
+    time.sleep(settle)
+    return log.read_bytes()[start:].decode("utf-8", errors="replace")
+
+
+def check_result(result, beam_size: int, warned: bool | None = False) -> dict:
+    """The eight outputs of /caption: captions, their figures as text, n-best table, timings, notice, result."""
+    greedy, greedy_stats, beam, beam_stats, nbest, timing, notice, data = result
     for text in (greedy, beam):
         assert isinstance(text, str) and text.strip(), result
         assert not any(tok in text for tok in SPECIAL_TOKENS), text
-    assert greedy_lp < 0 and beam_lp < 0 and greedy_ms > 0 and beam_ms > 0
-    rows = nbest["data"]
-    assert 1 <= len(rows) <= beam_size and rows[0][1] == beam and rows[0][2] == pytest.approx(beam_lp, abs=1e-3)
+    assert data["greedy"]["caption"] == greedy and data["beam"][0]["caption"] == beam
+    assert data["greedy"]["log_prob"] < 0 and data["beam"][0]["log_prob"] < 0
+    assert data["greedy"]["ms"] > 0 and data["beam_ms"] > 0
+    assert 1 <= len(data["beam"]) <= beam_size and data["beam_size"] == beam_size
+    assert f"{data['greedy']['log_prob']:.3f}" in greedy_stats and f"{data['beam'][0]['log_prob']:.3f}" in beam_stats
+    assert nbest.count("<tr>") == len(data["beam"]) + 1 and html.escape(beam) in nbest
     assert "backbone" in timing and "beam search" in timing
+    if warned is not None:  # a tiny or flat photo is captioned with a warning, anything else without
+        assert bool(notice) == bool(data["warnings"]) == warned, (notice, data["warnings"])
+    return data
 
 
 def real_photos(request) -> list[Path]:
@@ -87,7 +107,7 @@ def test_bad_input_is_a_clear_error_and_the_server_keeps_working(client, tmp_pat
 @pytest.mark.parametrize("name", ["cmyk.jpg", "rgba.png", "gray16.png", "gray.png", "animated.gif"])
 def test_unusual_images_are_captioned(client, tmp_path, name):
     path = write_odd_inputs(tmp_path)[name]
-    check_result(client.predict(handle_file(str(path)), 3, 10, 0.0, api_name="/caption"), 3)
+    check_result(client.predict(handle_file(str(path)), 3, 10, 0.0, api_name="/caption"), 3, warned=None)
 
 
 def test_bad_settings_and_missing_image_are_errors(client):
@@ -178,7 +198,7 @@ def test_slider_defaults_are_the_models_recommendation_moved_into_range(app_modu
     assert defaults({"beam_size": 3, "max_len": 16, "alpha": 0.5}) == {"beam_size": 3, "max_len": 16, "alpha": 0.5}
     assert defaults({"beam_size": 12, "max_len": 50, "alpha": 3.0}) == {"beam_size": 10, "max_len": 40, "alpha": 2.0}
     assert defaults({"beam_size": 0, "max_len": 0, "alpha": -1.0}) == {"beam_size": 1, "max_len": 1, "alpha": 0.0}
-    assert defaults({"alpha": float("nan")}) == {"beam_size": 5, "max_len": 20, "alpha": 0.0}  # app defaults
+    assert defaults({"alpha": float("nan")}) == {"beam_size": 3, "max_len": 20, "alpha": 0.0}  # DECODING_DEFAULTS
 
 
 def test_built_sliders_start_inside_their_ranges(app_module, monkeypatch):
@@ -191,16 +211,19 @@ def test_built_sliders_start_inside_their_ranges(app_module, monkeypatch):
     sliders = {b.label: b for b in demo.blocks.values() if isinstance(b, gr.Slider)}
     for slider in sliders.values():
         assert slider.minimum <= slider.value <= slider.maximum, slider.label
-    assert sliders["Max length (words)"].value == 40 and sliders["Beam width"].value == 10
+    assert sliders["Max length (decoder steps, <end> included)"].value == 40 and sliders["Beam width"].value == 10
 
 
-@pytest.mark.parametrize("payload", [{"path": str(REPO / "app.py"), "meta": {"_type": "gradio.FileData"}},
-                                     str(REPO / "app.py")])
-def test_files_not_uploaded_by_the_user_are_refused(client, payload):
-    """With preprocessing off, Gradio must still refuse to hand the handler a server-side path."""
+@pytest.mark.parametrize("payload, gradios_words", [
+    ({"path": str(REPO / "app.py"), "meta": {"_type": "gradio.FileData"}}, "not uploaded by a user"),
+    (str(REPO / "app.py"), "ValidationError")])
+def test_files_not_uploaded_by_the_user_are_refused_by_gradio(client, server_log, payload, gradios_words):
+    """With preprocessing off, Gradio itself must refuse to hand the handler a server-side path: the
+    handler never runs (it would log "caption refused ... not an image" for app.py), Gradio logs why."""
     import urllib.request
 
     base = client.src.rstrip("/")
+    start = server_log.stat().st_size
     req = urllib.request.Request(f"{base}/gradio_api/call/caption", method="POST",
                                  data=json.dumps({"data": [payload, 5, 20, 0.0]}).encode(),
                                  headers={"Content-Type": "application/json"})
@@ -209,4 +232,107 @@ def test_files_not_uploaded_by_the_user_are_refused(client, payload):
     with urllib.request.urlopen(f"{base}/gradio_api/call/caption/{event_id}", timeout=60) as r:
         stream = r.read().decode()
     assert "event: error" in stream and "event: complete" not in stream, stream
+    assert "not an image" not in stream  # not our image check's message
+    log = log_since(server_log, start)
+    assert gradios_words in log and "caption refused" not in log, log
     check_result(client.predict(handle_file(str(EXAMPLES[0])), 2, 8, 0.0, api_name="/caption"), 2)
+
+
+def test_user_errors_log_one_line_without_a_traceback(client, server_log, tmp_path):
+    bad = write_bad_inputs(tmp_path)
+    for name, words in (("not_an_image.jpg", "not an image"), ("truncated.jpg", "truncated")):
+        start = server_log.stat().st_size
+        with pytest.raises(AppError, match=words):
+            client.predict(handle_file(str(bad[name])), 3, 10, 0.0, api_name="/caption")
+        lines = [line for line in log_since(server_log, start).splitlines() if "httpx" not in line and line.strip()]
+        assert len(lines) == 1 and "caption refused" in lines[0] and words in lines[0], lines
+    start = server_log.stat().st_size
+    with pytest.raises(AppError, match="photo first"):
+        client.predict(None, 3, 10, 0.0, api_name="/caption")
+    log = log_since(server_log, start)
+    assert log.count("caption refused") == 1 and "Traceback" not in log, log
+
+
+def test_unexpected_errors_still_log_a_traceback_and_the_page_says_so(app_module, caplog, monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(app_module.captioner, "caption", broken)
+    photo = {"path": str(EXAMPLES[0]), "url": None}
+    with caplog.at_level("INFO", logger="storyteller.app"):
+        out = app_module.caption_for_page(app_module.captioner, photo, 3, 10, 0.0)
+    assert out[:6] == app_module.CLEARED[:6] and out[7] is None and "Something went wrong" in out[6]
+    assert any(r.exc_info and "boom" in str(r.exc_info[1]) for r in caplog.records)
+
+
+def test_page_refusals_are_one_notice_over_cleared_outputs(app_module, tmp_path, caplog):
+    bad = write_bad_inputs(tmp_path)["not_an_image.jpg"]
+    with caplog.at_level("INFO", logger="storyteller.app"):
+        out = app_module.caption_for_page(app_module.captioner, {"path": str(bad), "url": None}, 3, 10, 0.0)
+    assert out[:6] == app_module.CLEARED[:6] and out[7] is None
+    assert out[6].count("notice-error") == 1 and "not an image" in out[6]
+    assert [r.exc_info for r in caplog.records] == [None]  # one line, no traceback
+
+
+@pytest.mark.parametrize("size, colour, words", [((1, 1), (255, 0, 0), "1x1 pixels"),
+                                                 ((20, 400), None, "20x400 pixels"),
+                                                 ((640, 480), (200, 200, 200), "flat colour")])
+def test_degenerate_photos_are_captioned_with_a_visible_warning(client, tmp_path, size, colour, words):
+    from PIL import Image
+
+    from tests.helpers_images import photo_like
+
+    path = tmp_path / "odd.png"
+    (Image.new("RGB", size, colour) if colour else photo_like(size)).save(path)
+    out = client.predict(handle_file(str(path)), 3, 10, 0.0, api_name="/caption")
+    data = check_result(out, 3, warned=True)
+    assert words in out[6] and "notice-warning" in out[6] and any(words in w for w in data["warnings"])
+
+
+def test_uploaded_files_are_deleted_after_their_max_age(model_dir, tmp_path):
+    """A long-running Space must not keep every upload: files older than --upload-max-age go."""
+    import time
+    import urllib.request
+
+    temp = tmp_path / "gradio-tmp"
+    env = {"GRADIO_TEMP_DIR": str(temp)}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        with running_app(model_dir, tmp_path / "app.log", extra_args=("--upload-max-age", "3")) as url:
+            boundary = "----storytellertest"
+            body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"photo.jpg\"\r\n"
+                    f"Content-Type: image/jpeg\r\n\r\n").encode() + EXAMPLES[0].read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+            req = urllib.request.Request(f"{url}gradio_api/upload", data=body, method="POST",
+                                         headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+            with urllib.request.urlopen(req, timeout=30) as r:
+                uploaded = Path(json.loads(r.read())[0])
+            assert uploaded.is_file() and temp in uploaded.parents
+            deadline = time.monotonic() + 30
+            while uploaded.exists() and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert not uploaded.exists(), "the upload outlived --upload-max-age 3 by 30 s"
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.mark.parametrize("damage, words", [("lfs", "Git LFS pointer"), ("truncate", "truncated")])
+def test_broken_weights_fail_at_start_with_one_clear_line(model_dir, tmp_path, damage, words):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    weights = broken / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 1\n" if damage == "lfs"
+                        else data[: len(data) // 3])
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, str(REPO / "app.py"), "--model", str(broken)],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("app.py: cannot start:") and words in lines[0], lines

@@ -1,10 +1,15 @@
-"""The real page in a real browser: headless Chromium (Debian's chromium + chromedriver) via Selenium uploads a
-photo, presses Caption, waits for both captions, and saves a screenshot. Skips (with the reason) where
-selenium or the browser is not installed; CI installs them (.ci/run)."""
+"""The real page in a real browser: headless Chromium (Debian's chromium + chromedriver) via Selenium, on a
+1400x1000 desktop and a 412-px-wide phone screen. A photo is captioned as soon as it arrives (upload,
+example click), the two captions sit side by side on the desktop whatever is open, the n-best list is
+readable whole, a bad upload is one message over cleared outputs, a tiny photo gets a visible warning,
+and nothing overflows sideways. Screenshots go to ``$STORYTELLER_TEST_ARTIFACTS`` (else a pytest temp
+folder) for a person to look at. Skips (with the reason) where selenium or the browser is missing;
+CI installs them (.ci/run)."""
 from __future__ import annotations
 
+import json
+import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +28,18 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 WAIT_S = 90
+SCREENS = {"desktop": (1400, 1000, False), "phone": (412, 915, True)}
+EXAMPLES = sorted((REPO / "examples").glob("*.jpg"))
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    folder = os.environ.get("STORYTELLER_TEST_ARTIFACTS")
+    if folder:
+        path = Path(folder) / "screenshots"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    return tmp_path_factory.mktemp("screenshots")
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +51,7 @@ def browser(tmp_path_factory):
     opts.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--disable-extensions", "--no-first-run", "--window-size=1400,1100",
+                "--disable-extensions", "--no-first-run", "--window-size=1400,1000", "--hide-scrollbars",
                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
         opts.add_argument(arg)
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
@@ -52,60 +69,147 @@ def app_url(tmp_path_factory):
         yield url
 
 
-def textarea_value(driver, elem_id: str) -> str:
+@pytest.fixture(params=list(SCREENS))
+def page(request, browser, app_url):
+    """The app freshly loaded at one screen size; yields (driver, screen name)."""
+    width, height, mobile = SCREENS[request.param]
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": mobile})
+    browser.get(app_url)
+    WebDriverWait(browser, WAIT_S).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#photo input[type=file]"))
+    yield browser, request.param
+    browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def value(driver, elem_id: str) -> str:
     return driver.find_element(By.CSS_SELECTOR, f"#{elem_id} textarea").get_property("value") or ""
 
 
-def upload_and_caption(driver, url: str, photo: Path) -> None:
-    driver.get(url)
+def text(driver, elem_id: str) -> str:
+    return driver.find_element(By.ID, elem_id).text.strip()
+
+
+def upload(driver, path: Path) -> None:
+    driver.find_element(By.CSS_SELECTOR, "#photo input[type=file]").send_keys(str(path))
+
+
+def wait_for_captions(driver) -> tuple[str, str]:
+    WebDriverWait(driver, WAIT_S).until(lambda d: value(d, "greedy-caption").strip() and value(d, "beam-caption").strip()
+                                        and text(d, "timing"))
+    return value(driver, "greedy-caption"), value(driver, "beam-caption")
+
+
+def no_sideways_overflow(driver) -> None:
+    width = driver.execute_script("return window.innerWidth")
+    assert driver.execute_script("return document.documentElement.scrollWidth") <= width
+    wide = driver.execute_script("""
+        const w = window.innerWidth;
+        return [...document.querySelectorAll('#examples, #captions, #nbest, #photo, #notice')]
+            .filter(e => e.getBoundingClientRect().right > w + 1).map(e => e.id);""")
+    assert wide == [], wide
+
+
+def screenshot(driver, shots: Path, name: str) -> Path:
+    path = shots / f"{name}.png"
+    driver.execute_cdp_cmd("Emulation.setScrollbarsHidden", {"hidden": True})
+    metrics = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})
+    size = metrics["cssContentSize"]
+    import base64
+
+    shot = driver.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True,
+                                                              "clip": {"x": 0, "y": 0, "width": size["width"],
+                                                                       "height": size["height"], "scale": 1}})
+    path.write_bytes(base64.b64decode(shot["data"]))
+    assert path.stat().st_size > 10_000
+    return path
+
+
+def test_upload_captions_at_once_side_by_side_with_a_readable_n_best_list(page, shots):
+    driver, screen = page
+    # before any photo: no numbers that read as results
+    assert text(driver, "greedy-stats") == "" and text(driver, "beam-stats") == "" and text(driver, "timing") == ""
+    upload(driver, EXAMPLES[0])  # no button press: the upload itself captions
+    greedy, beam = wait_for_captions(driver)
+    for caption in (greedy, beam):
+        assert caption.strip() and not any(tok in caption for tok in SPECIAL_TOKENS)
+    assert "log-probability" in text(driver, "greedy-stats") and "score" in text(driver, "beam-stats")
+    assert driver.find_elements(By.CSS_SELECTOR, "#greedy-caption button, #beam-caption button")  # copy buttons
+    font = driver.execute_script("return getComputedStyle(document.querySelector('#beam-caption textarea')).fontSize")
+    assert float(font.rstrip("px")) >= 19, font  # large, readable caption text
+
+    def tops():
+        return driver.execute_script("""return ['greedy-caption', 'beam-caption'].map(
+            id => document.querySelector('#' + id + ' textarea').getBoundingClientRect().top)""")
+
+    def lefts():
+        return driver.execute_script("""return ['greedy-caption', 'beam-caption'].map(
+            id => document.querySelector('#' + id).getBoundingClientRect().left)""")
+
+    closed = tops()
+    driver.find_element(By.CSS_SELECTOR, "#nbest-accordion button").click()
+    WebDriverWait(driver, WAIT_S).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#nbest table.nbest tbody tr"))
+    opened = tops()
+    if screen == "desktop":  # side by side, top-aligned, with the n-best list closed and open
+        assert lefts()[0] < lefts()[1]
+        assert abs(closed[0] - closed[1]) < 2 and abs(opened[0] - opened[1]) < 2, (closed, opened)
+    else:  # stacked on a phone, greedy above beam
+        assert opened[0] < opened[1]
+    table = driver.find_element(By.CSS_SELECTOR, "#nbest table.nbest")
+    assert "mono" not in table.value_of_css_property("font-family").lower()
+    rows = table.find_elements(By.CSS_SELECTOR, "tbody tr")
+    assert rows[0].find_elements(By.CSS_SELECTOR, "td")[1].text == beam  # the whole caption
+    for row in rows:
+        for cell in row.find_elements(By.CSS_SELECTOR, "td"):
+            assert cell.is_displayed() and cell.rect["x"] + cell.rect["width"] <= driver.execute_script(
+                "return window.innerWidth"), cell.text  # scores visible without scrolling
+    assert driver.execute_script("const t = document.querySelector('#nbest table.nbest');"
+                                 "return t.scrollWidth <= t.parentElement.clientWidth")
+    no_sideways_overflow(driver)
+    print(f"\nscreenshot: {screenshot(driver, shots, f'{screen}-caption-nbest-open')}")
+
+
+def test_example_click_captions_and_fills_the_human_caption(page, shots):
+    driver, screen = page
+    rows = WebDriverWait(driver, WAIT_S).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#examples tbody tr"))
+    assert len(rows) == len(EXAMPLES)
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", rows[0])
+    driver.execute_script("arguments[0].click()", rows[0].find_element(By.CSS_SELECTOR, "td"))
+    wait_for_captions(driver)  # no button press
+    human = json.loads((REPO / "examples" / "captions.json").read_text(encoding="utf-8"))["captions"]
+    assert any(value(driver, "reference") in caps[0] for caps in human.values()) and value(driver, "reference")
+    no_sideways_overflow(driver)
+    print(f"\nscreenshot: {screenshot(driver, shots, f'{screen}-example')}")
+
+
+def test_bad_upload_is_one_message_over_cleared_outputs(page, shots, tmp_path):
+    driver, screen = page
+    upload(driver, EXAMPLES[1])
+    wait_for_captions(driver)
+    upload(driver, write_bad_inputs(tmp_path)["not_an_image.jpg"])
     wait = WebDriverWait(driver, WAIT_S)
-    file_input = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#photo input[type=file]"))
-    file_input.send_keys(str(photo))
-    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#photo img"))  # uploaded and previewed
-    driver.find_element(By.ID, "caption-button").click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#notice .notice-error"))
+    assert len(driver.find_elements(By.CSS_SELECTOR, ".notice")) == 1
+    assert "not an image" in text(driver, "notice")
+    assert value(driver, "greedy-caption") == value(driver, "beam-caption") == ""  # the old captions are gone
+    assert text(driver, "greedy-stats") == text(driver, "beam-stats") == text(driver, "timing") == ""
+    body = driver.find_element(By.TAG_NAME, "body").text
+    assert "Error" not in body.split(), body  # no error pill on every output, no toast
+    no_sideways_overflow(driver)
+    print(f"\nscreenshot: {screenshot(driver, shots, f'{screen}-bad-upload')}")
+    upload(driver, EXAMPLES[2])  # the page keeps working, and the message goes
+    wait_for_captions(driver)
+    assert not driver.find_elements(By.CSS_SELECTOR, "#notice .notice")
 
 
-def test_upload_caption_and_screenshot(browser, app_url, tmp_path):
-    photo = sorted((REPO / "examples").glob("*.jpg"))[0]
-    upload_and_caption(browser, app_url, photo)
-    wait = WebDriverWait(browser, WAIT_S)
-    wait.until(lambda d: textarea_value(d, "greedy-caption").strip() and textarea_value(d, "beam-caption").strip())
-    greedy, beam = textarea_value(browser, "greedy-caption"), textarea_value(browser, "beam-caption")
-    for text in (greedy, beam):
-        assert text.strip() and not any(tok in text for tok in SPECIAL_TOKENS), text
-    timing = browser.find_element(By.ID, "timing").text
-    assert "backbone" in timing and "beam search" in timing
-    shot = tmp_path / "app.png"
-    browser.save_screenshot(str(shot))
-    assert shot.stat().st_size > 10_000
-    print(f"\nscreenshot: {shot}\ngreedy: {greedy}\nbeam: {beam}")
+def test_tiny_photo_is_captioned_with_a_visible_warning(page, shots, tmp_path):
+    from PIL import Image
 
-
-def test_example_click_fills_photo_and_human_caption(browser, app_url, tmp_path):
-    import json
-
-    browser.get(app_url)
-    wait = WebDriverWait(browser, WAIT_S)
-    rows = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#examples tbody tr"))
-    assert len(rows) == len(list((REPO / "examples").glob("*.jpg")))
-    rows[0].click()
-    wait.until(lambda d: textarea_value(d, "reference").strip() and d.find_elements(By.CSS_SELECTOR, "#photo img"))
-    human = json.loads((REPO / "examples" / "captions.json").read_text())["captions"]
-    assert any(textarea_value(browser, "reference") in caps[0] for caps in human.values())
-    browser.find_element(By.ID, "caption-button").click()
-    wait.until(lambda d: textarea_value(d, "beam-caption").strip() and textarea_value(d, "greedy-caption").strip())
-    browser.save_screenshot(str(tmp_path / "example.png"))
-    print(f"\nscreenshot: {tmp_path / 'example.png'}")
-
-
-def test_bad_upload_shows_an_error_and_the_page_keeps_working(browser, app_url, tmp_path):
-    bad = write_bad_inputs(tmp_path)["truncated.jpg"]
-    browser.get(app_url)
-    wait = WebDriverWait(browser, WAIT_S)
-    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#photo input[type=file]")).send_keys(str(bad))
-    time.sleep(1.0)  # the browser cannot preview a broken JPEG, so there is no <img> to wait for
-    browser.find_element(By.ID, "caption-button").click()
-    wait.until(lambda d: "truncated" in d.find_element(By.TAG_NAME, "body").text)
-    browser.save_screenshot(str(tmp_path / "error.png"))
-    upload_and_caption(browser, app_url, sorted((REPO / "examples").glob("*.jpg"))[1])
-    wait.until(lambda d: textarea_value(d, "beam-caption").strip())
+    driver, screen = page
+    tiny = tmp_path / "tiny.png"
+    Image.new("RGB", (1, 1), (255, 0, 0)).save(tiny)
+    upload(driver, tiny)
+    wait_for_captions(driver)
+    notice = driver.find_element(By.CSS_SELECTOR, "#notice .notice-warning")
+    assert notice.is_displayed() and "1x1 pixels" in notice.text
+    no_sideways_overflow(driver)
+    print(f"\nscreenshot: {screenshot(driver, shots, f'{screen}-tiny-photo')}")

@@ -60,3 +60,13 @@ def test_bundle_cli_refuses_bad_decoding_settings_in_one_line(tmp_path, capsys):
         train_main(["bundle", "--model", str(src), "--out", str(tmp_path / "out"), "--max-len", "101"])
     assert e.value.code == 2 and "max_len must be between 1 and 100, got 101" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_bundle_writes_atomically_through_fileio():
+    """No hand-rolled temp-file-and-rename left in the writers: they go through storyteller.fileio."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    for rel in ("train/bundle.py", "train/report.py", "train/evaluate.py"):
+        text = (repo / rel).read_text(encoding="utf-8")
+        assert "os.replace" not in text and '".tmp"' not in text, rel

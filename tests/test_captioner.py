@@ -335,3 +335,28 @@ def test_captioner_accepts_pil_without_touching_it(cap):
     img = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
     cap.caption([img], max_len=4)
     assert img.mode == "RGBA"
+
+
+@pytest.mark.parametrize("damage, words", [("lfs", "Git LFS pointer"), ("truncate", "truncated"),
+                                           ("header", "not a safetensors"), ("empty", "not a safetensors")])
+def test_broken_weights_file_is_a_model_load_error_saying_what_to_do(tmp_path, damage, words):
+    from tests.helpers_models import save_test_model
+
+    folder = save_test_model(tmp_path / "m")
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"lfs": b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 123\n",
+                         "truncate": data[: len(data) - 100], "header": b"\xff" * 8 + data[8:],
+                         "empty": b""}[damage])
+    with pytest.raises(ModelLoadError, match=words) as e:
+        load(str(folder))
+    assert "again" in str(e.value) or "lfs" in str(e.value)
+
+
+def test_model_label_never_shows_a_machine_folder(tmp_path):
+    from storyteller.captioner import DEFAULT_MODEL_DIR, model_label
+
+    assert model_label(str(DEFAULT_MODEL_DIR)) == "models/flickr8k-lite0"
+    (tmp_path / "my-model").mkdir()
+    assert model_label(str(tmp_path / "my-model")) == "my-model"
+    assert model_label("user/model") == "user/model"

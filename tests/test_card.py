@@ -125,3 +125,16 @@ def test_dataset_label_never_shows_a_local_path():
     assert dataset_label({"source": "nlphuji/flickr30k", "kind": "hub"}) == ("nlphuji/flickr30k", "nlphuji/flickr30k")
     assert dataset_label("/srv/x/coco.parquet") == ("coco.parquet", None)
     assert dataset_label(None) == ("unknown dataset", None)
+
+
+def test_public_dataset_drops_local_paths_and_keeps_names_and_hub_ids():
+    from storyteller.card import public_dataset
+
+    local = {"source": "/home/alice/data/flickr8k", "kind": "imagefolder", "splits": ["train"], "limit_per_split": None}
+    assert public_dataset(local) == {"name": "flickr8k", "kind": "imagefolder", "splits": ["train"], "limit_per_split": None}
+    assert public_dataset(public_dataset(local)) == public_dataset(local)  # idempotent
+    hub = {"source": "nlphuji/flickr30k", "kind": "hub", "revision": "refs/convert/parquet", "splits": ["test"]}
+    assert public_dataset(hub) == {"name": "nlphuji/flickr30k", "kind": "hub", "source": "nlphuji/flickr30k",
+                                   "revision": "refs/convert/parquet", "splits": ["test"]}
+    assert public_dataset({"source": "synthetic"}) == {"source": "synthetic"}
+    assert public_dataset({"source": "../data/f8k", "kind": "parquet"})["name"] == "f8k"

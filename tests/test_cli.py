@@ -68,7 +68,60 @@ def test_json_output_and_a_bad_file_in_the_middle(model_dir, photos, tmp_path, c
         assert r["beam_size"] == 4 and clean(r["beam"]) and clean(r["greedy"])
         assert r["beam_log_prob"] < 0 and r["greedy_log_prob"] < 0
         assert len(r["n_best"]) == 2 and r["n_best"][0]["caption"] == r["beam"]
-        assert {"preprocess", "backbone", "greedy", "beam"} <= set(r["timings_ms"])
+        assert {"preprocess", "backbone", "greedy", "beam"} <= set(r["batch_timings_ms"])
+        assert "timings_ms" not in r  # the batch's times are labelled as the batch's
+    # --batch-size 2, errors flush the batch: photo0 alone, photo1 alone, photo2 alone
+    assert [r["batch_images"] for r in ok] == [1, 1, 1]
+
+
+def test_json_timings_are_labelled_as_the_batchs(model_dir, photos, capsys):
+    assert main(["caption", "--model", str(model_dir), "--json", "--max-len", "5", "--batch-size", "3",
+                 *map(str, photos)]) == 0
+    recs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["batch_images"] for r in recs] == [3, 3, 3]
+    assert recs[0]["batch_timings_ms"] == recs[1]["batch_timings_ms"] == recs[2]["batch_timings_ms"]
+    assert recs[0]["batch_timings_ms"]["total"] > 0 and all(r["warnings"] == [] for r in recs)
+
+
+def test_max_len_help_says_it_counts_decoder_steps(capsys):
+    with pytest.raises(SystemExit):
+        main(["caption", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "most decoder steps per caption, <end> included" in help_text
+
+
+def test_tiny_and_flat_photos_are_captioned_with_a_warning(model_dir, tmp_path, capsys):
+    from PIL import Image
+
+    tiny, flat = tmp_path / "tiny.png", tmp_path / "flat.png"
+    Image.new("RGB", (1, 1), (255, 0, 0)).save(tiny)
+    Image.new("RGB", (300, 200), (90, 120, 200)).save(flat)
+    assert main(["caption", "--model", str(model_dir), "--max-len", "5", str(tiny), str(flat)]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 2
+    assert f"{tiny}\twarning: The photo is only 1x1 pixels" in err and f"{flat}\twarning: The photo is nearly one flat" in err
+    assert main(["caption", "--model", str(model_dir), "--json", "--max-len", "5", str(tiny)]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert clean(rec["beam"]) and any("1x1 pixels" in w for w in rec["warnings"])
+
+
+@pytest.mark.parametrize("damage, words", [("lfs", "git lfs pull"), ("truncate", "truncated"), ("garbage", "not a safetensors")])
+def test_broken_weights_exit_2_with_what_to_do(model_dir, photos, tmp_path, capsys, damage, words):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    weights = broken / "model.safetensors"
+    data = weights.read_bytes()
+    if damage == "lfs":
+        weights.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + f"\nsize {len(data)}\n")
+    elif damage == "truncate":
+        weights.write_bytes(data[: len(data) // 2])
+    else:
+        weights.write_bytes(b"\x00" * 1000)
+    assert main(["caption", "--model", str(broken), str(photos[0])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and words in err and "Traceback" not in err and len(err.splitlines()) == 1
 
 
 def test_plain_mode_errors_go_to_stderr(model_dir, photos, tmp_path, capsys):

@@ -3,21 +3,39 @@ import itertools
 import pytest
 import torch
 
+from storyteller.attention import ShowAttendTell
 from storyteller.decoding import beam_search, greedy_search
 from storyteller.model import ShowAndTell
 from storyteller.vocab import Vocabulary
 
 END = Vocabulary.end_id
+GRID = (2, 3)  # the attention decoder's test grids: 6 regions of 10 channels
 
 
-def make_model(words=("a", "dog", "cat", "runs", "on", "grass", "the"), seed=0, hidden=16):
+@pytest.fixture(params=["pooled", "attention"])
+def kind(request):
+    """Every search test runs for both decoders: the same interface, the same guarantees."""
+    return request.param
+
+
+def make_model(kind="pooled", words=("a", "dog", "cat", "runs", "on", "grass", "the"), seed=0, hidden=16):
     torch.manual_seed(seed)
     vocab = Vocabulary(list(words))
-    m = ShowAndTell(len(vocab), feature_dim=10, embed_dim=8, hidden_dim=hidden, num_layers=2, dropout=0.2)
+    if kind == "attention":
+        m = ShowAttendTell(len(vocab), feature_dim=10, embed_dim=8, hidden_dim=hidden, attention_dim=8, dropout=0.2)
+        with torch.no_grad():  # peakier attention than the default init, so where it looks matters
+            m.att_out.weight.mul_(4)
+    else:
+        m = ShowAndTell(len(vocab), feature_dim=10, embed_dim=8, hidden_dim=hidden, num_layers=2, dropout=0.2)
     with torch.no_grad():  # sharper distributions than the default init, so searches disagree
         m.head.weight.mul_(8)
     m.vocab = vocab
     return m.eval()
+
+
+def rand_feats(kind, n):
+    """n images' features: pooled (n, 10), or (n, 2, 3, 10) grids for the attention decoder."""
+    return torch.randn(n, *GRID, 10) if kind == "attention" else torch.randn(n, 10)
 
 
 def seq_logprob(model, feature, tokens):
@@ -50,9 +68,9 @@ def brute_force(model, feature, max_len, alpha, min_len):
 
 
 @pytest.mark.parametrize("alpha,min_len", [(0.0, 1), (0.7, 0), (1.5, 1)])
-def test_exhaustive_beam_finds_the_true_best_caption(alpha, min_len):
-    model = make_model(words=("a", "b"), seed=3)  # vocab of 6: 4 specials + 2 words
-    feats = torch.randn(3, 10)
+def test_exhaustive_beam_finds_the_true_best_caption(kind, alpha, min_len):
+    model = make_model(kind, words=("a", "b"), seed=3)  # vocab of 6: 4 specials + 2 words
+    feats = rand_feats(kind, 3)
     max_len = 4
     for b in range(3):
         truth = brute_force(model, feats[b], max_len, alpha, min_len)
@@ -66,9 +84,9 @@ def test_exhaustive_beam_finds_the_true_best_caption(alpha, min_len):
         assert narrow.score <= truth[0][0] + 1e-5
 
 
-def test_beam_of_one_is_exactly_greedy():
-    model = make_model()
-    feats = torch.randn(6, 10)
+def test_beam_of_one_is_exactly_greedy(kind):
+    model = make_model(kind)
+    feats = rand_feats(kind, 6)
     for kwargs in [{}, {"no_repeat_ngram_size": 2}, {"suppress_unk": False, "min_len": 0}]:
         greedy = greedy_search(model, feats, max_len=12, **kwargs)
         beam = beam_search(model, feats, beam_size=1, max_len=12, **kwargs)
@@ -77,9 +95,9 @@ def test_beam_of_one_is_exactly_greedy():
         assert [g.finished for g in greedy] == [b[0].finished for b in beam]
 
 
-def test_batch_gives_the_same_captions_as_one_image_at_a_time():
-    model = make_model()
-    feats = torch.randn(5, 10)
+def test_batch_gives_the_same_captions_as_one_image_at_a_time(kind):
+    model = make_model(kind)
+    feats = rand_feats(kind, 5)
     g_batch = greedy_search(model, feats, max_len=10)
     b_batch = beam_search(model, feats, beam_size=4, max_len=10, alpha=0.6, n_best=3)
     for i in range(5):
@@ -88,17 +106,17 @@ def test_batch_gives_the_same_captions_as_one_image_at_a_time():
         assert [c.tokens for c in single] == [c.tokens for c in b_batch[i]]
 
 
-def test_greedy_log_prob_is_the_sequence_log_probability():
-    model = make_model()
-    feats = torch.randn(3, 10)
+def test_greedy_log_prob_is_the_sequence_log_probability(kind):
+    model = make_model(kind)
+    feats = rand_feats(kind, 3)
     for f, cap in zip(feats, greedy_search(model, feats, max_len=8)):
         seq = cap.tokens + ([END] if cap.finished else [])
         assert cap.log_prob == pytest.approx(seq_logprob(model, f, seq), abs=1e-5)
 
 
-def test_n_best_sorted_and_max_len_holds():
-    model = make_model()
-    feats = torch.randn(4, 10)
+def test_n_best_sorted_and_max_len_holds(kind):
+    model = make_model(kind)
+    feats = rand_feats(kind, 4)
     for max_len in (1, 3, 7):
         for caps in beam_search(model, feats, beam_size=6, max_len=max_len, n_best=6, alpha=0.8):
             assert 1 <= len(caps) <= 6
@@ -109,11 +127,11 @@ def test_n_best_sorted_and_max_len_holds():
         assert all(len(c.tokens) <= max_len for c in greedy_search(model, feats, max_len=max_len))
 
 
-def test_a_model_that_never_ends_still_yields_captions():
-    model = make_model()
+def test_a_model_that_never_ends_still_yields_captions(kind):
+    model = make_model(kind)
     with torch.no_grad():
         model.head.bias[END] = -1e4
-    feats = torch.randn(3, 10)
+    feats = rand_feats(kind, 3)
     for cap in greedy_search(model, feats, max_len=6):
         assert len(cap.tokens) == 6 and not cap.finished and cap.text
     for caps in beam_search(model, feats, beam_size=4, max_len=6, n_best=2):
@@ -121,12 +139,12 @@ def test_a_model_that_never_ends_still_yields_captions():
         assert all(len(c.tokens) == 6 and not c.finished and c.text for c in caps)
 
 
-def test_special_tokens_never_reach_the_text():
-    model = make_model()
+def test_special_tokens_never_reach_the_text(kind):
+    model = make_model(kind)
     with torch.no_grad():
         model.head.bias[Vocabulary.unk_id] = 50.0  # the model wants <unk> everywhere
         model.head.bias[Vocabulary.pad_id] = 40.0
-    feats = torch.randn(3, 10)
+    feats = rand_feats(kind, 3)
     for cap in greedy_search(model, feats, max_len=5):
         assert Vocabulary.unk_id not in cap.tokens and cap.text and "<" not in cap.text
     for caps in beam_search(model, feats, beam_size=3, max_len=5, n_best=3):
@@ -134,11 +152,11 @@ def test_special_tokens_never_reach_the_text():
             assert Vocabulary.unk_id not in c.tokens and "<" not in c.text
 
 
-def test_repeated_ngram_blocking():
-    model = make_model()
+def test_repeated_ngram_blocking(kind):
+    model = make_model(kind)
     with torch.no_grad():
         model.head.bias[5] = 30.0  # "dog dog dog ..." unless blocked
-    feats = torch.randn(2, 10)
+    feats = rand_feats(kind, 2)
     assert greedy_search(model, feats, max_len=6)[0].tokens == [5] * 6
     for n in (2, 3):
         outs = [c.tokens for c in greedy_search(model, feats, max_len=8, no_repeat_ngram_size=n)]
@@ -149,9 +167,9 @@ def test_repeated_ngram_blocking():
             assert len(grams) == len(set(grams)), toks
 
 
-def test_decoding_restores_training_mode_and_validates_arguments():
-    model = make_model().train()
-    feats = torch.randn(2, 10)
+def test_decoding_restores_training_mode_and_validates_arguments(kind):
+    model = make_model(kind).train()
+    feats = rand_feats(kind, 2)
     a = greedy_search(model, feats, max_len=5)
     assert model.training  # mode restored
     assert [c.tokens for c in a] == [c.tokens for c in greedy_search(model, feats, max_len=5)]  # dropout was off
@@ -160,6 +178,78 @@ def test_decoding_restores_training_mode_and_validates_arguments():
     with pytest.raises(ValueError):
         beam_search(model, feats, beam_size=2, n_best=3)
     with pytest.raises(ValueError):
-        greedy_search(model, feats[0], max_len=5)
+        greedy_search(model, torch.randn(10), max_len=5)
     with pytest.raises(ValueError):
         greedy_search(model, feats, max_len=0)
+
+
+def test_attention_maps_come_back_one_per_word(kind):
+    model = make_model(kind)
+    feats = rand_feats(kind, 3)
+    greedy = greedy_search(model, feats, max_len=7)
+    beams = beam_search(model, feats, beam_size=3, max_len=7, n_best=2)
+    for cap in greedy + [c for caps in beams for c in caps]:
+        if kind == "pooled":
+            assert cap.attention is None
+            continue
+        assert cap.attention.shape == (len(cap.tokens), *GRID)
+        assert (cap.attention >= 0).all()
+        assert cap.attention.flatten(1).sum(1) == pytest.approx(torch.ones(len(cap.tokens)), abs=1e-5)
+
+
+def test_attention_maps_are_the_steps_that_chose_each_word():
+    # Replay the greedy caption step by step: word i's map must be the weights of the step that emitted it.
+    model = make_model("attention")
+    feats = rand_feats("attention", 2)
+    for f, cap in zip(feats, greedy_search(model, feats, max_len=6)):
+        with torch.no_grad():
+            state = model.init_state(f[None])
+            prev = torch.tensor([Vocabulary.start_id])
+            for i, tok in enumerate(cap.tokens):
+                _, state, alpha = model.step(prev, state, return_attention=True)
+                assert torch.allclose(cap.attention[i].flatten(), alpha[0], atol=1e-6)
+                prev = torch.tensor([tok])
+    # the same captions from beam 1 carry the same maps, through beam search's reordering
+    for g, b in zip(greedy_search(model, feats, max_len=6), beam_search(model, feats, beam_size=1, max_len=6)):
+        assert torch.allclose(g.attention, b[0].attention, atol=1e-6)
+
+
+def test_bad_endings_are_never_the_last_word(kind):
+    model = make_model(kind)
+    feats = rand_feats(kind, 6)
+    plain = [c.tokens for c in greedy_search(model, feats, max_len=8)]
+    plain += [c.tokens for caps in beam_search(model, feats, beam_size=3, max_len=8, n_best=3) for c in caps]
+    enders = {model.vocab.itos[t[-1]] for t in plain if t}
+    assert enders, "the test needs captions that end on some word"
+    bad = sorted(enders)
+    caps = greedy_search(model, feats, max_len=8, bad_endings=bad)
+    caps += [c for cs in beam_search(model, feats, beam_size=3, max_len=8, n_best=3, bad_endings=bad) for c in cs]
+    for c in caps:
+        assert not c.finished or model.vocab.itos[c.tokens[-1]] not in bad, c.text
+    with pytest.raises(TypeError):
+        greedy_search(model, feats, bad_endings="the")
+
+
+def test_a_caption_comes_back_even_when_every_word_is_forbidden(kind):
+    # One word, no repeated unigram, at least two words: after "a" nothing is allowed.
+    model = make_model(kind, words=("a",))
+    feats = rand_feats(kind, 2)
+    for cap in greedy_search(model, feats, max_len=5, no_repeat_ngram_size=1, min_len=2):
+        assert cap.tokens == [4] and cap.finished
+    for caps in beam_search(model, feats, beam_size=3, max_len=5, no_repeat_ngram_size=1, min_len=2, n_best=1):
+        assert len(caps) == 1 and caps[0].tokens == [4]
+
+
+def test_attention_weights_are_a_distribution_on_any_grid():
+    model = make_model("attention")
+    for grid in [(1, 1), (3, 5), (7, 7)]:
+        feats = torch.randn(2, *grid, 10)
+        with torch.no_grad():
+            state = model.init_state(feats)
+            logp, state, alpha = model.step(torch.full((2,), Vocabulary.start_id), state, return_attention=True)
+        assert alpha.shape == (2, grid[0] * grid[1]) and logp.shape == (2, model.vocab_size)
+        assert (alpha >= 0).all() and alpha.sum(-1) == pytest.approx(torch.ones(2), abs=1e-6)
+        cap = greedy_search(model, feats, max_len=4)[0]
+        assert cap.attention.shape == (len(cap.tokens), *grid)
+    with pytest.raises(ValueError, match="grids"):
+        model.init_state(torch.randn(2, 10))  # pooled features: no regions to attend over

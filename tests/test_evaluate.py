@@ -197,8 +197,9 @@ def test_live_and_cached_evaluations_of_one_split_replace_each_other(setup, tmp_
     live = evaluate.main(common + ["--dataset", data.name])
     cached = evaluate.main(common + ["--features", str(root / "feats")])
     stored = json.loads((model_dir / "evaluation.json").read_text(encoding="utf-8"))["evaluations"]
-    assert len(stored) == 1 and stored[0]["features"] == str(root / "feats")  # the cached run replaced the live one
-    assert live["dataset"] == cached["dataset"] == str(data.resolve())
+    assert len(stored) == 1 and stored[0]["features"] == "feats"  # the cached run replaced the live one
+    assert live["dataset"] == cached["dataset"] == data.name  # its name, never this machine's path
+    assert live["model"] == cached["model"] == "model"
 
 
 def test_missing_split_of_a_dataset_is_one_clear_line(setup, tmp_path):
@@ -244,3 +245,44 @@ def test_text_files_are_read_and_written_as_utf8():
             if text_io and not any(k.arg == "encoding" for k in node.keywords):
                 missing.append(f"{rel}:{node.lineno}")
     assert not missing, missing
+
+
+def test_an_evaluation_naming_the_dataset_by_its_path_is_replaced(setup, tmp_path):
+    """evaluation.json files written before datasets were named by label must not keep a stale twin."""
+    root, data, _ = setup
+    import shutil
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(root / "model", model_dir)
+    old = {"dataset": str(data.resolve()), "dataset_name": data.name, "split": "validation", "methods": {}, "examples": []}
+    (model_dir / "evaluation.json").write_text(json.dumps({"evaluations": [old]}), encoding="utf-8")
+    evaluate.main(["--model", str(model_dir), "--features", str(root / "feats"), "--beam", "1", "--limit", "1",
+                   "--out", str(tmp_path / "e.json"), "--write-to-model"])
+    text = (model_dir / "evaluation.json").read_text(encoding="utf-8")
+    assert len(json.loads(text)["evaluations"]) == 1 and str(root) not in text
+
+
+def test_live_features_are_the_apps_features_for_big_jpegs(tmp_path):
+    """evaluate's live path decodes big JPEGs in draft mode exactly as the app (Captioner.features) does."""
+    from storyteller.backbones import backbone_spec, create_backbone
+    from storyteller.captioner import Captioner
+    from tests.helpers_images import photo_like
+
+    data = tmp_path / "data" / "validation"
+    data.mkdir(parents=True)
+    photo_like((1600, 1200), seed=3).save(data / "big.jpg", quality=92)  # >= 4x the resize: draft mode shrinks it
+    (data / "metadata.jsonl").write_text(json.dumps({"file_name": "big.jpg", "captions": ["a photo"]}) + "\n",
+                                         encoding="utf-8")
+    spec = dict(backbone_spec("efficientnet_lite0"), weights=None)
+    torch.manual_seed(0)
+    live = evaluate.live_features(open_captioned_images(tmp_path / "data", "validation"), spec, torch.device("cpu"),
+                                  batch_size=1, workers=0)
+    torch.manual_seed(0)
+    backbone = create_backbone(spec)
+    vocab = Vocabulary(["a", "photo"])
+    model = ShowAndTell(len(vocab), feature_dim=spec["feature_dim"], embed_dim=4, hidden_dim=8, backbone=spec)
+    model.vocab = vocab
+    app = Captioner(model, backbone, source="m").features([data / "big.jpg"])
+    full = Captioner(model, backbone, source="m").features([data / "big.jpg"], draft_size=0)
+    torch.testing.assert_close(live, app, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(live, full, atol=1e-5, rtol=1e-5)  # the draft decode really is another path

@@ -235,3 +235,28 @@ def test_real_photos_load_at_their_size(fullres_dir):
         path = fullres_dir / row["file_name"]
         img = load_image(path)
         assert img.mode == "RGB" and img.size == Image.open(path).size
+
+
+def test_bomb_under_pillows_limit_is_refused_from_its_header_before_any_pixel_is_decoded(monkeypatch):
+    """A 9000x9000 1-bit PNG is ~9 KiB and 81 MP: above our 50 MP limit, below Pillow's own (~89 MP), so
+    only our header check stands between it and a full decode."""
+    import io
+
+    from PIL import Image, ImageFile
+
+    from storyteller.images import MAX_PIXELS, ImageError, load_image
+
+    buf = io.BytesIO()
+    Image.new("1", (9000, 9000)).save(buf, format="PNG", optimize=True)
+    data = buf.getvalue()
+    assert len(data) < 64 * 1024 and MAX_PIXELS < 9000 * 9000 < (Image.MAX_IMAGE_PIXELS or 0)
+    decoded = []
+
+    def no_decoding(self, *a, **k):
+        decoded.append(self.size)
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    with pytest.raises(ImageError, match="9000x9000 = 81 megapixels"):
+        load_image(data)
+    assert decoded == []

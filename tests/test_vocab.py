@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -54,3 +55,24 @@ def test_json_roundtrip_and_refuses_bad_files(tmp_path):
 def test_words_may_not_shadow_special_tokens():
     with pytest.raises(ValueError):
         Vocabulary(["<end>", "dog"])
+
+
+@pytest.mark.parametrize("typed, plain", [
+    ("cafe\u0301 on a street", "café on a street"),     # combining acute accent -> precomposed é
+    ("a \uff24\uff2f\uff27 runs", "a dog runs"),           # full-width letters
+    ("\u0130stanbul at night", "istanbul at night"),      # dotted capital I: lower() adds a combining dot
+    ("two \ufb01sh", "two fish"),                         # the "fi" ligature
+    ("it\u2019s a dog\u2024", "its a dog"),               # curly apostrophe, one-dot leader
+])
+def test_tokenize_normalises_unicode_before_lowercasing(typed, plain):
+    assert tokenize(typed) == tokenize(plain)
+    assert all(t.isalnum() for t in tokenize(typed))
+
+
+def test_plain_ascii_tokens_are_unchanged_by_normalisation():
+    """NFKC is the identity on ASCII, so vocabularies and scores made before it stay valid."""
+    import string
+
+    text = string.printable + " A Dog's ball, in the T-shirt ."
+    expected = re.sub(r"[^\w\s]|_", " ", re.sub(r"['`]", "", text.lower())).split()
+    assert tokenize(text) == expected

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from storyteller.card import write_model_card
+from storyteller.card import public_dataset, published_local_paths, write_model_card
+from storyteller.fileio import atomic_path, write_json_atomic
 from storyteller.model import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, ShowAndTell
 
 CARRIED_FILES = ("loss_curve.png", "metric_curve.png")
@@ -95,15 +96,21 @@ def bundle(model_dir: str | Path, out: str | Path, decoding: dict, dtype: str = 
     if "bad_endings" not in decoding and own:  # keep the model's own rule (SCST models) unless told otherwise
         decoding = {**decoding, "bad_endings": list(own)}
     config["extra"] = {**(config.get("extra") or {}), "decoding": decoding}
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if "dataset" in config["extra"]:  # its name or Hub id, never the training machine's path
+        config["extra"]["dataset"] = public_dataset(config["extra"]["dataset"])
+    write_json_atomic(out / CONFIG_FILE, config, indent=2, sort_keys=True)
     shutil.copy2(model_dir / VOCAB_FILE, out / VOCAB_FILE)
     state = {k: v.to(getattr(torch, dtype)).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    with atomic_path(out / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
     for name in CARRIED_FILES:
         if (model_dir / name).is_file():
             shutil.copy2(model_dir / name, out / name)
     ShowAndTell.from_pretrained(out)  # the bundle loads strictly, or we fail here rather than in the app
     write_model_card(out)
+    leaks = published_local_paths(out)
+    if leaks:  # a field this code does not know about: better refuse than ship a machine's folders
+        raise ValueError(f"{out}: published files name local paths {leaks}; remove them before shipping")
     return out
 
 

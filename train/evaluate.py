@@ -17,14 +17,16 @@ distinct words used, and decoding images/s; the decoding settings used; plus a f
 with ``--seed``. ``--report``
 writes the same as Markdown with thumbnails (JPEGs in a folder beside the report).
 ``--write-to-model`` stores the result in the model folder's evaluation.json (and re-renders its
-README.md card), replacing an earlier evaluation of the same dataset (its resolved source: absolute
-path or Hub id) and split.
+README.md card), replacing an earlier evaluation of the same dataset (its name or Hub id) and split.
+The result names the dataset, the feature cache and the model by name or Hub id, never by a path of
+this machine, so it can ship in a model folder. Live features are computed as the app computes
+them (``Captioner.features``: big JPEGs decoded in draft mode down to the backbone's resize size).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import os
 import random
 import re
 import sys
@@ -36,17 +38,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from storyteller.captioner import _decoding_hints
+from storyteller.captioner import DECODING_DEFAULTS, _decoding_hints, model_label
+from storyteller.card import dataset_label
 from storyteller.decoding import beam_search, greedy_search
-from storyteller.fileio import write_text_atomic
+from storyteller.fileio import atomic_path, write_json_atomic, write_text_atomic
 from storyteller.model import ShowAndTell
 from storyteller.vocab import tokenize
 
 EVALUATION_FORMAT = "storyteller-evaluation-v1"
 THUMBNAIL_SIZE = 256
-# Decoding when neither the command line nor the model's config["extra"]["decoding"] says otherwise.
-DECODING_FALLBACK = {"beam_size": 3, "alpha": 0.0, "no_repeat_ngram_size": 0, "max_len": 20, "min_len": 1,
-                     "bad_endings": ()}
+# Decoding when neither the command line nor the model's config["extra"]["decoding"] says otherwise:
+# the captioner's (and so the app's and the CLI's) defaults.
+DECODING_FALLBACK = DECODING_DEFAULTS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 @torch.inference_mode()
 def live_features(images, backbone_spec: dict[str, Any], device: torch.device, batch_size: int, workers: int) -> torch.Tensor:
-    """(N, F) float32 features of ``images`` (a CaptionedImages) from the model's own backbone.
+    """(N, F) float32 features of ``images`` (a CaptionedImages) from the model's own backbone, decoded
+    as the app decodes uploads (``Captioner.load_image``: JPEG draft mode down to the resize size).
 
     Args:
         images: the captioned images, in order.
@@ -101,6 +105,8 @@ def live_features(images, backbone_spec: dict[str, Any], device: torch.device, b
     from train.extract import make_loader
 
     backbone = create_backbone(backbone_spec, device=device)
+    images = copy.copy(images)  # the caller's stays at full resolution (report thumbnails)
+    images.draft_size = int(getattr(backbone.transform, "preprocessing", {}).get("resize", 0)) or None
     loader = make_loader(images, backbone.transform, 0, batch_size, workers, pin_memory=device.type == "cuda")
     return torch.cat([backbone(pixels.to(device, non_blocking=True)).float() for pixels in loader])
 
@@ -212,10 +218,8 @@ def save_thumbnail(image, path: Path) -> None:
     """
     thumb = image.convert("RGB")
     thumb.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    thumb.save(tmp, format="JPEG", quality=85)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        thumb.save(tmp, format="JPEG", quality=85)
 
 
 def decoding_summary(result: dict[str, Any]) -> str:
@@ -286,11 +290,10 @@ def update_model_evaluation(model_dir: Path, result: dict[str, Any], images: dic
             rel = f"examples/{_safe_name(ex['id'])}.jpg"
             save_thumbnail(images[ex["id"]], model_dir / rel)
             ex["image"] = rel
-    evaluations = [e for e in read_evaluations(model_dir)
-                   if (e.get("dataset"), e.get("split")) != (entry["dataset"], entry["split"])]
+    same = (dataset_label(entry["dataset"]), entry["split"])  # older files named the dataset by its path
+    evaluations = [e for e in read_evaluations(model_dir) if (dataset_label(e.get("dataset")), e.get("split")) != same]
     evaluations.append(entry)
-    write_text_atomic(model_dir / EVALUATION_FILE,
-                       json.dumps({"format": EVALUATION_FORMAT, "evaluations": evaluations}, indent=1, ensure_ascii=False) + "\n")
+    write_json_atomic(model_dir / EVALUATION_FILE, {"format": EVALUATION_FORMAT, "evaluations": evaluations})
     if (model_dir / "README.md").is_file():
         write_model_card(model_dir)
     return model_dir / EVALUATION_FILE
@@ -370,12 +373,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     pick = sorted(random.Random(args.seed).sample(range(len(ids)), min(args.examples, len(ids))))
     examples = [{"id": ids[i], "references": references[i], "captions": {k: captions[k][i] for k in captions}} for i in pick]
-    # The resolved source (absolute path or Hub id), whether the features came from a cache or live:
-    # it names the dataset in evaluation.json, so both ways of evaluating one split replace each other.
-    source = str(dataset_desc.get("source") or args.dataset or "")
-    result = {"format": EVALUATION_FORMAT, "model": args.model, "dataset": source,
-              "dataset_name": source if dataset_desc.get("kind") == "hub" else Path(source.rstrip("/")).name or source,
-              "split": args.split, "num_images": len(ids), "features": args.features,
+    # The dataset by its Hub id or its folder's name (never this machine's path: the result may ship in
+    # a model folder), the same whether the features came from a cache or live, so both ways of
+    # evaluating one split replace each other in evaluation.json.
+    name, hub = dataset_label(dataset_desc if dataset_desc.get("source") else str(args.dataset or ""))
+    features_name = Path(args.features).resolve().name if args.features else None
+    result = {"format": EVALUATION_FORMAT, "model": model_label(args.model), "dataset": hub or name,
+              "dataset_name": name, "split": args.split, "num_images": len(ids), "features": features_name,
               "backbone": model.backbone, **settings, "recommended_decoding": _decoding_hints(model.extra),
               "extraction": extraction, "methods": methods, "seed": args.seed, "examples": examples}
 
@@ -392,7 +396,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 save_thumbnail(example_images[ex["id"]], report.parent / rel)
                 ex["thumbnail"] = rel
         write_text_atomic(report, render_report(result))
-    write_text_atomic(Path(args.out), json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    write_json_atomic(Path(args.out), result)
     if args.write_to_model:
         if not Path(args.model).is_dir():
             sys.exit(f"--write-to-model needs a local model folder; {args.model} is not one")

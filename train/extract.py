@@ -1,6 +1,8 @@
-"""Extract pooled CNN features of a captioned-image dataset into a feature cache (storyteller/features.py).
+"""Extract pooled CNN features (and with --grid the feature grids) of a captioned-image dataset into a
+feature cache (storyteller/features.py).
 
     python -m train extract --dataset ../shared/data/flickr8k --backbone efficientnet_lite0 --out feats/flickr8k-lite0
+    python -m train extract --dataset ../shared/data/flickr8k --backbone efficientnet_lite0 --grid --out feats/f8k-lite0-grid
     python -m train extract --dataset nlphuji/flickr30k --backbone resnet50 --out feats/f30k-r50 --device cuda
 
 Pipeline: DataLoader workers decode + resize + normalise (the backbone's picklable transform) ->
@@ -78,7 +80,7 @@ class ExtractResult:
 
 def extract(images: CaptionedImages, backbone: Backbone, out: str | os.PathLike, batch_size: int = 64,
             workers: int = 1, chunk_size: int = 1024, stop_after_chunks: int | None = None,
-            progress: bool = True) -> ExtractResult:
+            progress: bool = True, grid: bool = False) -> ExtractResult:
     """Compute (or resume) the feature cache of ``images`` in ``out``.
 
     Args:
@@ -90,9 +92,11 @@ def extract(images: CaptionedImages, backbone: Backbone, out: str | os.PathLike,
         chunk_size: rows per resumable chunk.
         stop_after_chunks: debug/test hook: return after computing this many chunks, as if killed.
         progress: show a tqdm bar.
+        grid: also store each image's (h, w, D) feature grid (for attention decoders).
     """
     records = images.records
-    writer = ChunkedCacheWriter(out, backbone.spec, images.description, len(records), chunk_size)
+    writer = ChunkedCacheWriter(out, backbone.spec, images.description, len(records), chunk_size,
+                                grid=backbone.grid_shape() if grid else None)
     resumed = writer.done_chunks
     start = writer.chunk_rows(resumed).start if resumed < writer.num_chunks else len(records)
     if writer.done_ids() != [r.id for r in records[:start]]:
@@ -108,10 +112,16 @@ def extract(images: CaptionedImages, backbone: Backbone, out: str | os.PathLike,
         bar = tqdm(total=len(records), initial=start, unit="img", disable=not progress, smoothing=0.1,
                    desc=f"extract {backbone.spec['name']}")
         pending: list[np.ndarray] = []  # (b, D) float32 feature blocks not yet written
+        pending_grid: list[np.ndarray] = []  # (b, h, w, D) float16 grid blocks (with grid)
         n_pending, k = 0, resumed
         with torch.inference_mode():
             for pixels in loader:
-                feats = backbone(pixels.to(device, non_blocking=True))  # (B, D) float32
+                pixels = pixels.to(device, non_blocking=True)
+                if grid:
+                    feats, grids = backbone.forward_grid(pixels)  # (B, D), (B, h, w, D) float32
+                    pending_grid.append(grids.half().cpu().numpy())  # float16 now: a chunk of grids is ~1 GB in float32
+                else:
+                    feats = backbone(pixels)  # (B, D) float32
                 pending.append(feats.cpu().numpy())
                 n_pending += len(feats)
                 bar.update(len(feats))
@@ -119,8 +129,13 @@ def extract(images: CaptionedImages, backbone: Backbone, out: str | os.PathLike,
                     block = np.concatenate(pending)
                     rows = writer.chunk_rows(k)
                     chunk, rest = block[:len(rows)], block[len(rows):]
+                    gchunk = None
+                    if grid:
+                        gblock = np.concatenate(pending_grid)
+                        gchunk, pending_grid = gblock[:len(rows)], [gblock[len(rows):]]
                     recs = records[rows.start:rows.stop]
-                    writer.write_chunk(k, chunk, [r.id for r in recs], [r.split for r in recs], [r.captions for r in recs])
+                    writer.write_chunk(k, chunk, [r.id for r in recs], [r.split for r in recs], [r.captions for r in recs],
+                                       grid=gchunk)
                     pending, n_pending, k, computed = [rest], len(rest), k + 1, computed + 1
                     if stop_after_chunks is not None and computed >= stop_after_chunks and k < writer.num_chunks:
                         bar.close()
@@ -131,12 +146,14 @@ def extract(images: CaptionedImages, backbone: Backbone, out: str | os.PathLike,
     return ExtractResult(cache, computed, resumed, len(records) - start, seconds)
 
 
-def _existing_is_same(out: Path, backbone: dict, dataset: dict) -> bool | None:
-    """None: no finished cache in ``out``; True/False: it was made from the same backbone and dataset."""
+def _existing_is_same(out: Path, backbone: dict, dataset: dict, grid: bool = False) -> bool | None:
+    """None: no finished cache in ``out``; True/False: it was made from the same backbone and dataset
+    (and has grids when ``grid`` asks for them)."""
     if not (out / MANIFEST).is_file():
         return None
-    manifest = json.loads((out / MANIFEST).read_text())
-    return same_backbone(manifest.get("backbone", {}), backbone) and manifest.get("dataset") == json.loads(json.dumps(dataset))
+    manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    return (same_backbone(manifest.get("backbone", {}), backbone) and manifest.get("dataset") == json.loads(json.dumps(dataset))
+            and (not grid or manifest.get("grid") is not None))
 
 
 def default_workers(device: torch.device) -> int:
@@ -170,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="at most this many images per split")
     p.add_argument("--backbone", default="efficientnet_lite0", choices=list_backbones())
     p.add_argument("--random-weights", action="store_true", help="seeded random backbone weights (tests, benchmarks)")
+    p.add_argument("--grid", action="store_true",
+                   help="also store each image's feature grid (float16; Flickr8k with Lite0: about 1 GB) for attention decoders")
     p.add_argument("--out", required=True, help="cache folder")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=None,
@@ -207,7 +226,7 @@ def main(argv: list[str] | None = None) -> ExtractResult | None:
     if len(images) == 0:
         sys.exit(f"{args.dataset}: no images selected")
     backbone = create_backbone(args.backbone, pretrained=not args.random_weights, device=device)
-    same = _existing_is_same(out, backbone.spec, images.description)
+    same = _existing_is_same(out, backbone.spec, images.description, args.grid)
     if same and not args.overwrite:
         shutil.rmtree(out / PARTIAL, ignore_errors=True)  # leftover of a run killed right after its manifest
         print(f"{out} already holds this finished cache: {FeatureCache.open(out)}")
@@ -215,14 +234,16 @@ def main(argv: list[str] | None = None) -> ExtractResult | None:
     if args.overwrite:
         shutil.rmtree(out / PARTIAL, ignore_errors=True)
     elif same is False:
-        sys.exit(f"{out} holds a finished cache made from another backbone or dataset; pass --overwrite to replace it")
+        sys.exit(f"{out} holds a finished cache made from another backbone or dataset{' or without grids' if args.grid else ''}; "
+                 "pass --overwrite to replace it")
 
     print(f"{len(images)} images {images.split_counts()} from {args.dataset} -> {backbone.spec['name']} "
           f"({backbone.feature_dim}-d, weights {backbone.spec['weights']}) on {device}, "
           f"{workers} workers, {torch.get_num_threads()} torch threads")
     try:
         result = extract(images, backbone, out, batch_size=args.batch_size, workers=workers,
-                         chunk_size=args.chunk_size, stop_after_chunks=args.stop_after_chunks, progress=not args.quiet)
+                         chunk_size=args.chunk_size, stop_after_chunks=args.stop_after_chunks, progress=not args.quiet,
+                         grid=args.grid)
     except FeatureCacheError as e:
         sys.exit(str(e))
     rate = result.images_computed / max(result.seconds, 1e-9)

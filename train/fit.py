@@ -1,6 +1,8 @@
-"""Train the Show-and-Tell decoder on a feature cache (teacher forcing, loss over real tokens only).
+"""Train a caption decoder on a feature cache (teacher forcing, loss over real tokens only): the pooled
+Show-and-Tell decoder, or with ``--decoder attention`` Show-Attend-Tell over the cache's feature grids.
 
     python -m train fit --features feats/flickr8k-lite0 --out runs/flickr8k-lite0 --epochs 20
+    python -m train fit --features feats/f8k-lite0-grid --decoder attention --out runs/f8k-att   # needs --grid features
     python -m train fit --features feats/flickr8k-lite0 --out runs/flickr8k-lite0 --resume   # after a kill
     torchrun --nproc_per_node=2 -m train fit --features feats/flickr8k-lite0 --out runs/ddp    # DDP
 
@@ -41,7 +43,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from storyteller.fileio import write_json_atomic, write_text_atomic
-from storyteller.model import ShowAndTell
+from storyteller.attention import ShowAttendTell, attention_penalty
+from storyteller.model import ShowAndTell, decoder_classes
 from storyteller.vocab import SPECIAL_TOKENS, Vocabulary
 from train.evaluate import decode_all
 
@@ -50,6 +53,7 @@ CHECKPOINT_FORMAT = "storyteller-fit-checkpoint-v1"
 # Arguments that may differ between a run and its --resume: they change nothing about the result.
 RESUME_MAY_DIFFER = {"resume", "stop_after_epochs", "num_threads", "progress"}
 SELECT_MODES = {"cider": "max", "bleu4": "max", "val_loss": "min"}
+DECODER_TYPES = {"pooled": ShowAndTell.decoder_type, "attention": ShowAttendTell.decoder_type}
 
 
 # -- arguments -----------------------------------------------------------------------------------
@@ -72,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "(time-sliced jobs; --resume continues); 0: run to the end")
 
     m = p.add_argument_group("model")
+    m.add_argument("--decoder", choices=sorted(DECODER_TYPES), default="pooled",
+                   help="pooled: Show-and-Tell on the pooled feature; attention: Show-Attend-Tell over the feature "
+                        "grid (needs a cache extracted with --grid)")
+    m.add_argument("--attention-dim", type=int, default=512, help="attention decoder: size of the additive attention layer")
+    m.add_argument("--attention-reg", type=float, default=1.0,
+                   help="attention decoder: weight of the doubly stochastic regulariser (0: off)")
     m.add_argument("--min-freq", type=int, default=5, help="words seen fewer times in the training captions become <unk>")
     m.add_argument("--max-caption-words", type=int, default=30, help="training captions are cut to this many words")
     m.add_argument("--embed-dim", type=int, default=512, help="word embedding size")
@@ -224,28 +234,40 @@ class TeacherForcing(torch.nn.Module):
     Wrapping this module, not the model, in DistributedDataParallel keeps DDP's gradient hooks on
     the path the training step really takes.
 
+    An attention decoder (``ShowAttendTell``) unrolls its LSTM cell step by step over the padded
+    batch (each step's attention needs the previous state); with ``attention_reg > 0`` the result has
+    a third element, the weighted doubly stochastic penalty, which ``caption_loss`` adds.
+
     Args:
-        model: the ShowAndTell to train.
+        model: the decoder to train.
         packed: use the model's packed forward.
+        attention_reg: weight of the attention decoder's doubly stochastic penalty (0: none).
     """
 
-    def __init__(self, model: ShowAndTell, packed: bool = False):
+    def __init__(self, model: ShowAndTell | ShowAttendTell, packed: bool = False, attention_reg: float = 0.0):
         super().__init__()
-        self.model, self.packed = model, packed
+        self.model, self.packed, self.attention_reg = model, packed, attention_reg
 
-    def forward(self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, ...]:
         m = self.model
         if self.packed:
             return m(features, captions, lengths)
         inputs, targets = captions[:, :-1], captions[:, 1:]  # predict token t+1 from tokens <= t
-        out, _ = m.lstm(m.embed_dropout(m.embed(inputs)), m.init_state(features))  # (B, T-1, H)
+        alphas = None
+        if getattr(m, "has_attention", False):
+            out, alphas = m.unroll(features, inputs)  # (B, T-1, H), (B, T-1, R)
+        else:
+            out, _ = m.lstm(m.embed_dropout(m.embed(inputs)), m.init_state(features))  # (B, T-1, H)
         # Flat indices of the real positions (up to and including <end>), built from the CPU lengths:
         # a boolean mask on the GPU tensor would make the host wait for the GPU at every step.
         B, T = inputs.shape
         real = (torch.arange(T)[None, :] < (lengths.to("cpu") - 1)[:, None]).flatten().nonzero().squeeze(1)  # (N,)
         real = real.to(out.device, non_blocking=True)
         hidden = out.reshape(B * T, -1).index_select(0, real)  # (N, H)
-        return m.head(m.out_dropout(hidden)), targets.reshape(-1).index_select(0, real)  # (N, V), (N,)
+        logits, tgt = m.head(m.out_dropout(hidden)), targets.reshape(-1).index_select(0, real)  # (N, V), (N,)
+        if alphas is not None and self.attention_reg > 0:
+            return logits, tgt, self.attention_reg * attention_penalty(alphas, lengths)
+        return logits, tgt
 
 
 def caption_loss(forward: torch.nn.Module, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
@@ -259,9 +281,12 @@ def caption_loss(forward: torch.nn.Module, features: torch.Tensor, captions: tor
         lengths: (B,) CPU lengths, specials included.
         label_smoothing: as in ``F.cross_entropy``.
     """
-    logits, targets = forward(features, captions, lengths)  # (N, V), (N,) over real positions only
+    logits, targets, *penalty = forward(features, captions, lengths)  # (N, V), (N,) over real positions only
     # fp32 loss: under bf16 autocast the log-softmax over ~10k words needs the extra mantissa.
-    return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing), int(targets.numel())
+    loss = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+    if penalty:  # attention decoder's doubly stochastic term (training only)
+        loss = loss + penalty[0]
+    return loss, int(targets.numel())
 
 
 def train_step(forward: torch.nn.Module, optimizer: torch.optim.Optimizer, features: torch.Tensor, captions: torch.Tensor,
@@ -399,6 +424,17 @@ def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
     plot_curves(history, run_dir / "loss_curve.png", run_dir / "metric_curve.png")
 
 
+def build_decoder(model_kwargs: dict[str, Any], **more: Any) -> ShowAndTell | ShowAttendTell:
+    """The decoder class named by ``model_kwargs["decoder"]`` (default Show-and-Tell), built from them.
+
+    Args:
+        model_kwargs: init arguments as stored in checkpoints (``decoder`` included for attention).
+        **more: further init arguments (backbone, extra).
+    """
+    kind = model_kwargs.get("decoder", ShowAndTell.decoder_type)
+    return decoder_classes()[kind](**model_kwargs, **more)
+
+
 def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
@@ -451,7 +487,7 @@ def _broadcast_flag(flag: bool, device: torch.device, world: int) -> bool:
 # -- main ----------------------------------------------------------------------------------------
 
 def _check_resume_args(ckpt_path: Path, saved: dict[str, Any], args: argparse.Namespace,
-                       may_differ: set[str] = RESUME_MAY_DIFFER) -> None:
+                       may_differ: set[str] = RESUME_MAY_DIFFER, parser: argparse.ArgumentParser | None = None) -> None:
     """Refuse to resume a checkpoint with other arguments than the ones it was trained with.
 
     The arguments compared are the ones stored in the checkpoint, not RUN_DIR/args.json: a fresh
@@ -463,8 +499,12 @@ def _check_resume_args(ckpt_path: Path, saved: dict[str, Any], args: argparse.Na
         saved: the checkpoint's ``args``.
         args: this invocation's arguments.
         may_differ: argument names that may change (fit's RESUME_MAY_DIFFER by default).
+        parser: the command's parser (fit's by default), whose defaults stand in for arguments added
+            since the checkpoint was written.
     """
     new = vars(args)
+    parser = parser or build_parser()
+    saved = {**{k: parser.get_default(k) for k in new}, **saved}  # args added since: defaults
     diff = sorted(k for k in set(saved) | set(new) if k not in may_differ and saved.get(k) != new.get(k))
     if diff:
         raise SystemExit(f"--resume: arguments differ from those of {ckpt_path}: "
@@ -508,8 +548,18 @@ def main(argv: list[str] | None = None) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_dir / "args.json", vars(args))
 
-    # -- data: every feature in memory as float32, every caption encoded once --
-    features = torch.from_numpy(np.asarray(cache.features, dtype=np.float32)).to(device)  # (N_images, F)
+    # -- data: every feature in memory (pooled: float32; grids: float16, cast per batch), every caption encoded once --
+    attention = args.decoder == "attention"
+    if attention:
+        if args.num_layers != 1:
+            raise SystemExit("fit: the attention decoder has one LSTM layer; drop --num-layers")
+        try:
+            grid = cache.require_grid()
+        except FeatureCacheError as e:
+            raise SystemExit(f"fit: {e}") from None
+        features = torch.from_numpy(np.array(grid)).to(device)  # (N_images, h, w, F) float16 (a writable copy)
+    else:
+        features = torch.from_numpy(np.asarray(cache.features, dtype=np.float32)).to(device)  # (N_images, F)
     if args.max_val_images > 0:
         val_rows = val_rows[: args.max_val_images]
     if ckpt is not None:
@@ -522,9 +572,14 @@ def main(argv: list[str] | None = None) -> None:
 
     # -- model, optimiser, schedule --
     torch.manual_seed(args.seed)
-    model_kwargs = dict(vocab_size=len(vocab), feature_dim=cache.feature_dim, embed_dim=args.embed_dim,
-                        hidden_dim=args.hidden_dim, num_layers=args.num_layers, dropout=args.dropout)
-    model = ShowAndTell(**model_kwargs).to(device)
+    if attention:
+        model_kwargs = dict(decoder=ShowAttendTell.decoder_type, vocab_size=len(vocab), feature_dim=cache.feature_dim,
+                            embed_dim=args.embed_dim, hidden_dim=args.hidden_dim, attention_dim=args.attention_dim,
+                            dropout=args.dropout, grid=list(cache.grid_shape))
+    else:
+        model_kwargs = dict(vocab_size=len(vocab), feature_dim=cache.feature_dim, embed_dim=args.embed_dim,
+                            hidden_dim=args.hidden_dim, num_layers=args.num_layers, dropout=args.dropout)
+    model = build_decoder(model_kwargs).to(device)
     model.vocab = vocab
     # fused AdamW on CUDA: one kernel for all parameters instead of a few per tensor
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
@@ -545,7 +600,7 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
         if is_main:
             print(f"resuming {run_dir} after epoch {start_epoch}", file=sys.stderr)
-    train_model = TeacherForcing(model, packed=args.packed)
+    train_model = TeacherForcing(model, packed=args.packed, attention_reg=args.attention_reg if attention else 0.0)
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
     if is_main:
@@ -670,6 +725,8 @@ def export_best(run_dir: Path, best: dict[str, Any], model_kwargs: dict[str, Any
     Returns:
         the model folder.
     """
+    from storyteller.card import public_dataset
+
     if best["model"] is None:
         raise RuntimeError("no epoch finished, nothing to export")
     training = {"epochs_run": len(history), "best_epoch": best["epoch"], "select": args.select, "precision": precision,
@@ -677,10 +734,12 @@ def export_best(run_dir: Path, best: dict[str, Any], model_kwargs: dict[str, Any
                 "train_images": int(len(cache.split(args.train_split))), "val_images": int(len(val_rows)),
                 "hyperparameters": {k: getattr(args, k) for k in (
                     "min_freq", "max_caption_words", "batch_size", "lr", "weight_decay", "schedule", "warmup_epochs",
-                    "min_lr_ratio", "clip_grad", "label_smoothing", "dropout", "seed", "epochs", "patience")}}
+                    "min_lr_ratio", "clip_grad", "label_smoothing", "dropout", "seed", "epochs", "patience",
+                    *(("attention_dim", "attention_reg") if args.decoder == "attention" else ()))}}
     metrics = {"split": args.val_split, "decoding": f"greedy, max_len {args.max_len}", **best["metrics"]}
-    model = ShowAndTell(**model_kwargs, backbone=copy.deepcopy(cache.backbone),
-                        extra={"dataset": cache.manifest.get("dataset", {}), "training": training, "metrics": metrics})
+    model = build_decoder(model_kwargs, backbone=copy.deepcopy(cache.backbone),
+                          extra={"dataset": public_dataset(cache.manifest.get("dataset", {})), "training": training,
+                                 "metrics": metrics})
     model.load_state_dict(best["model"])
     model.vocab = vocab
     model.eval()

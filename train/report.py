@@ -12,11 +12,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from storyteller.fileio import atomic_path
+
 
 def _save_figure(fig, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
 
 def plot_curves(history: list[dict[str, Any]], loss_png: str | os.PathLike, metric_png: str | os.PathLike) -> None:

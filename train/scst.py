@@ -47,7 +47,8 @@ import torch
 import torch.distributed as dist
 
 from storyteller.fileio import write_json_atomic, write_text_atomic
-from storyteller.model import ShowAndTell
+from storyteller.attention import DECODER as ATTENTION
+from storyteller.model import load_decoder
 from storyteller.vocab import SPECIAL_TOKENS, Vocabulary
 from train import fit
 from train.evaluate import DECODING_FALLBACK, caption_statistics, decode_all
@@ -118,7 +119,7 @@ def load_init_model(init: str) -> tuple[torch.nn.Module, str]:
     if (path / "model" / "config.json").is_file() and not (path / "config.json").is_file():
         path = path / "model"  # a fit run folder
     try:
-        model = ShowAndTell.from_pretrained(str(path) if path.is_dir() else init)
+        model = load_decoder(str(path) if path.is_dir() else init)  # Show-and-Tell or Show-Attend-Tell
     except (OSError, ValueError) as e:
         raise SystemExit(f"scst: cannot load --init {init}: {e}") from None
     name = init if not path.is_dir() else (path.parent.name if path.name == "model" else path.name)
@@ -126,19 +127,30 @@ def load_init_model(init: str) -> tuple[torch.nn.Module, str]:
 
 
 def load_split_features(cache, rows: np.ndarray, model: torch.nn.Module) -> torch.Tensor:
-    """Features of the cache rows ``rows`` as the model takes them: (N, F) float32 pooled vectors.
+    """Features of the cache rows ``rows`` as the model takes them: the one place that reads them.
 
-    The one place that reads features for training and validation (a grid decoder would read
-    (N, R, D) grids here).
+    Show-and-Tell: (N, F) float32 pooled vectors. Show-Attend-Tell: (N, h, w, F) float16 grids
+    (the model casts a batch to its weights' dtype), as ``fit`` keeps them.
 
     Args:
         cache: the FeatureCache.
         rows: row numbers.
         model: the decoder (its ``feature_dim`` must match the cache's).
+
+    Raises:
+        SystemExit: another feature size, or no grids for an attention model.
     """
+    from storyteller.features import FeatureCacheError
+
     if cache.feature_dim != model.feature_dim:
         raise SystemExit(f"scst: the cache has {cache.feature_dim}-d features but the model takes {model.feature_dim}-d")
-    return torch.from_numpy(np.asarray(cache.features[np.asarray(rows)], dtype=np.float32))
+    rows = np.asarray(rows)
+    if getattr(model, "decoder_type", None) == ATTENTION:
+        try:
+            return torch.from_numpy(np.array(cache.require_grid()[rows]))  # (N, h, w, F) float16
+        except FeatureCacheError as e:
+            raise SystemExit(f"scst: {e}") from None
+    return torch.from_numpy(np.asarray(cache.features[rows], dtype=np.float32))  # (N, F)
 
 
 def parse_bad_endings(spec: str, vocab: Vocabulary) -> list[str]:
@@ -403,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
     ckpt_path = run_dir / fit.CHECKPOINT
     ckpt = fit.load_checkpoint(ckpt_path, CHECKPOINT_FORMAT) if args.resume and ckpt_path.is_file() else None
     if ckpt is not None:
-        fit._check_resume_args(ckpt_path, ckpt["args"], args, may_differ=RESUME_MAY_DIFFER)
+        fit._check_resume_args(ckpt_path, ckpt["args"], args, may_differ=RESUME_MAY_DIFFER, parser=build_parser())
 
     model, init_name = load_init_model(args.init)
     vocab = model.vocab

@@ -1,0 +1,196 @@
+"""The Show-Attend-Tell decoder: an LSTM that looks over the CNN's feature grid at every word.
+
+    grid (B, h, w, D) -> regions V (B, R=h*w, D) ---------------------------------+
+      mean over R --Dropout--Linear--tanh--> h0, c0 (1, B, H)                     |
+      V --Linear--> enc (B, R, A)  (computed once per photo, reused every step)  |
+    each step t, from the previous hidden state h (B, H):                          |
+      e = w . tanh(enc + W h)          (B, R)   additive attention                 |
+      alpha = softmax_R(e)             (B, R)   where the model looks              |
+      z = sigmoid(W_beta h) * sum_R alpha V      (B, D)  gated context  <----------+
+      h, c = LSTMCell([embed(word); z], (h, c))
+      log p(next word) = log_softmax(Linear(Dropout(h)))
+
+This is Xu et al. 2015 ("Show, Attend and Tell") soft attention with its gating scalar beta and its
+doubly stochastic regularisation, ``attention_penalty``: mean over regions of (1 - sum_t alpha_t)^2,
+which asks the model to look at every region over the whole caption rather than stare at one.
+
+State for decoding: ``(h, c, img, V, enc)``: h, c (1, N, H) per row; ``img`` (N,) the photo each row
+belongs to (None: row i is photo i), and the per-photo tensors V (B, R, D) and enc (B, R, A) that
+rows share. Beam search copies rows, never photos, so the grid is projected once per photo.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+from huggingface_hub import PyTorchModelHubMixin
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from .model import HubDecoder
+from .vocab import Vocabulary
+
+DECODER = "show_attend_tell"
+AttentionState = tuple  # (h (1, N, H), c (1, N, H), img (N,) | None, V (B, R, D), enc (B, R, A))
+
+
+class ShowAttendTell(
+    HubDecoder,
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="neural-storyteller",
+    tags=["image-captioning", "show-attend-tell", "attention", "lstm"],
+    pipeline_tag="image-to-text",
+    license="mit",
+):
+    """Soft-attention LSTM caption decoder over a CNN feature grid.
+
+    Args:
+        vocab_size: number of token ids (special tokens included); must equal ``len(vocab)``.
+        feature_dim: channels D of the grid (1280 for EfficientNet-Lite0, 2048 for ResNet50).
+        embed_dim: word embedding size.
+        hidden_dim: LSTM hidden size.
+        attention_dim: size A of the additive attention's hidden layer.
+        dropout: dropout on the mean region, the embeddings and before the output layer.
+        grid: (h, w) of the grids the model was trained on (informational: any grid size works).
+        backbone: the CNN spec (name, weights, preprocessing), as for ``ShowAndTell``.
+        extra: free-form JSON metadata (training, metrics, decoding settings).
+        decoder: the model type in ``config.json``; must be ``"show_attend_tell"``.
+    """
+
+    decoder_type = DECODER
+    has_attention = True
+
+    def __init__(
+        self,
+        vocab_size: int,
+        feature_dim: int = 2048,
+        embed_dim: int = 512,
+        hidden_dim: int = 512,
+        attention_dim: int = 512,
+        dropout: float = 0.0,
+        grid: list[int] | None = None,
+        backbone: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
+        decoder: str = DECODER,
+    ):
+        super().__init__()
+        self._check_decoder(decoder)
+        if vocab_size < 5:
+            raise ValueError(f"vocab_size must cover the 4 special tokens and a word, got {vocab_size}")
+        self.vocab_size, self.feature_dim = vocab_size, feature_dim
+        self.embed_dim, self.hidden_dim, self.attention_dim = embed_dim, hidden_dim, attention_dim
+        self.num_layers = 1
+        self.grid = list(grid) if grid is not None else None
+        self.backbone = backbone
+        self.extra = extra or {}
+        self.vocab: Vocabulary | None = None
+
+        self.feature_dropout = nn.Dropout(dropout)
+        self.init_h = nn.Linear(feature_dim, hidden_dim)
+        self.init_c = nn.Linear(feature_dim, hidden_dim)
+        self.att_enc = nn.Linear(feature_dim, attention_dim)  # regions -> attention space, once per photo
+        self.att_hid = nn.Linear(hidden_dim, attention_dim, bias=False)  # state -> attention space, every step
+        self.att_out = nn.Linear(attention_dim, 1)
+        self.gate = nn.Linear(hidden_dim, feature_dim)  # Xu et al.'s beta: how much context to let in
+        self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=Vocabulary.pad_id)
+        self.embed_dropout = nn.Dropout(dropout)
+        self.cell = nn.LSTMCell(embed_dim + feature_dim, hidden_dim)
+        self.out_dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(hidden_dim, vocab_size)
+
+    # -- the decoding protocol -------------------------------------------------------------------
+    def regions(self, features: torch.Tensor) -> torch.Tensor:
+        """Grids (B, h, w, D) or regions (B, R, D) -> regions (B, R, D) in the weights' dtype."""
+        if features.dim() == 4:
+            features = features.flatten(1, 2)
+        if features.dim() != 3 or features.shape[-1] != self.feature_dim:
+            raise ValueError(f"an attention decoder needs feature grids (B, h, w, {self.feature_dim}) or regions "
+                             f"(B, R, {self.feature_dim}), got shape {tuple(features.shape)}; pooled (B, D) features "
+                             "do not have the regions it attends over (extract with --grid)")
+        return features.to(self.head.weight.dtype)
+
+    def init_state(self, features: torch.Tensor) -> AttentionState:
+        """Grids (B, h, w, D) -> the decoding state ``(h, c, None, V, enc)`` (see the module docstring)."""
+        V = self.regions(features)  # (B, R, D)
+        mean = self.feature_dropout(V.mean(1))  # (B, D)
+        h = torch.tanh(self.init_h(mean))[None]  # (1, B, H)
+        c = torch.tanh(self.init_c(mean))[None]
+        return h, c, None, V, self.att_enc(V)
+
+    def select_state(self, state: AttentionState, rows: torch.Tensor) -> AttentionState:
+        h, c, img, V, enc = state
+        return h[:, rows], c[:, rows], rows if img is None else img[rows], V, enc
+
+    def scatter_state(self, state: AttentionState, rows: torch.Tensor, sub: AttentionState) -> AttentionState:
+        h, c, img, V, enc = state
+        h, c = h.clone(), c.clone()
+        h[:, rows], c[:, rows] = sub[0], sub[1]
+        return h, c, img, V, enc  # rows never change photo within a step
+
+    def attend(self, h: torch.Tensor, img: torch.Tensor | None, V: torch.Tensor, enc: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gated context (N, D) and attention weights alpha (N, R) for hidden states h (N, H)."""
+        if img is not None:  # rows -> their photo's regions
+            V, enc = V[img], enc[img]  # (N, R, D), (N, R, A)
+        e = self.att_out(torch.tanh(enc + self.att_hid(h)[:, None, :])).squeeze(-1)  # (N, R)
+        alpha = torch.softmax(e.float(), dim=-1).to(V.dtype)
+        context = torch.bmm(alpha[:, None, :], V).squeeze(1)  # (N, D)
+        return torch.sigmoid(self.gate(h)) * context, alpha
+
+    def step(self, tokens: torch.Tensor, state: AttentionState, return_attention: bool = False):
+        """One decoder step. tokens (N,) -> log-probabilities (N, V), the new state, and with
+        ``return_attention`` the attention weights (N, R) that chose this word's context."""
+        h, c, img, V, enc = state
+        context, alpha = self.attend(h[0], img, V, enc)
+        x = torch.cat([self.embed_dropout(self.embed(tokens)), context], dim=-1)  # (N, E + D)
+        h1, c1 = self.cell(x, (h[0], c[0]))
+        logp = torch.log_softmax(self.head(self.out_dropout(h1)).float(), dim=-1)
+        new = (h1[None], c1[None], img, V, enc)
+        return (logp, new, alpha) if return_attention else (logp, new)
+
+    # -- teacher-forced training -----------------------------------------------------------------
+    def unroll(self, features: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced pass over padded inputs (B, T) -> hidden states (B, T, H) and attention (B, T, R).
+
+        Rows past their length compute on padding; callers keep the real positions only.
+        """
+        h, c, _, V, enc = self.init_state(features)
+        h, c = h[0], c[0]
+        emb = self.embed_dropout(self.embed(inputs))  # (B, T, E)
+        hs, alphas = [], []
+        for t in range(inputs.shape[1]):
+            context, alpha = self.attend(h, None, V, enc)
+            h, c = self.cell(torch.cat([emb[:, t], context], dim=-1), (h, c))
+            hs.append(h)
+            alphas.append(alpha)
+        return torch.stack(hs, 1), torch.stack(alphas, 1)
+
+    def forward(self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced logits, with ``ShowAndTell.forward``'s contract: (logits (N, V), targets (N,))
+        over the N = sum(lengths - 1) predicted positions, in the packed (time-major) order.
+
+        Args:
+            features: (B, h, w, D) grids.
+            captions: (B, T) token ids ``<start> w1 .. wn <end> <pad>..``.
+            lengths: (B,) real tokens per row, ``<start>`` and ``<end>`` included.
+        """
+        steps = lengths.to("cpu", torch.int64) - 1
+        hs, _ = self.unroll(features, captions[:, :-1])  # (B, T-1, H)
+        packed_h = pack_padded_sequence(hs, steps, batch_first=True, enforce_sorted=False).data
+        packed_tgt = pack_padded_sequence(captions[:, 1:], steps, batch_first=True, enforce_sorted=False).data
+        return self.head(self.out_dropout(packed_h)), packed_tgt
+
+
+def attention_penalty(alphas: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Xu et al.'s doubly stochastic regulariser, as a mean: mean over rows and regions of
+    (1 - sum over the caption's real steps of alpha)^2.
+
+    Args:
+        alphas: (B, T, R) attention weights of a teacher-forced pass.
+        lengths: (B,) real tokens per row, specials included (a row has lengths - 1 steps).
+    """
+    steps = (lengths.to(alphas.device) - 1)[:, None]  # (B, 1)
+    real = (torch.arange(alphas.shape[1], device=alphas.device)[None, :] < steps).to(alphas.dtype)  # (B, T)
+    coverage = (alphas * real[..., None]).sum(1)  # (B, R)
+    return ((1.0 - coverage.float()) ** 2).mean()

@@ -1,0 +1,226 @@
+"""The Show-Attend-Tell decoder: grid caches, the Hub layout, training with fit, and that it learns
+*where* to look (a synthetic grid whose object sits in a different cell in every photo).
+
+The decoding guarantees (brute force, batch = single, beam 1 = greedy...) run for both decoders in
+tests/test_decoding.py.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from storyteller.attention import ShowAttendTell, attention_penalty
+from storyteller.decoding import greedy_search
+from storyteller.features import ChunkedCacheWriter, FeatureCache, FeatureCacheError, write_feature_cache
+from storyteller.model import ShowAndTell, load_decoder
+from storyteller.vocab import Vocabulary
+from train import fit
+
+DIM, GRID = 12, (3, 3)
+SPEC = {"name": "efficientnet_lite0", "weights": None, "feature_dim": DIM,
+        "preprocessing": {"resize": 256, "crop": 224, "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3}}
+OBJECTS = ["cat", "dog", "car", "tree"]
+
+
+def make_grid_cache(path: Path, per_class: int = 24, val_per_class: int = 4, seed: int = 0) -> Path:
+    """Each photo: a 3x3 grid of background noise with one object in a random cell.
+
+    The object's feature is its prototype; its caption is "a <object> in the picture". The mean of
+    the grid (the pooled vector) blurs the object with 8 cells of background, while attention can
+    pick its cell out: where it looks is recorded in ``cell`` of the dataset description.
+    """
+    rng = np.random.default_rng(seed)
+    protos = rng.normal(size=(len(OBJECTS), DIM)) * 3
+    grids, ids, splits, caps, cells = [], [], [], [], []
+    for split, n in (("train", per_class), ("validation", val_per_class)):
+        for _ in range(n):
+            for o, name in enumerate(OBJECTS):
+                g = rng.normal(size=(*GRID, DIM))
+                cell = int(rng.integers(GRID[0] * GRID[1]))
+                g[cell // GRID[1], cell % GRID[1]] = protos[o] + 0.2 * rng.normal(size=DIM)
+                grids.append(g)
+                ids.append(f"{split}-{len(ids)}")
+                splits.append(split)
+                caps.append([f"a {name} in the picture", f"there is a {name} in the picture"])
+                cells.append(cell)
+    grids = np.array(grids, dtype=np.float32)
+    write_feature_cache(path, grids.mean((1, 2)), ids, splits, caps, SPEC, dataset={"source": "synthetic", "cells": cells},
+                        grid=grids)
+    return path
+
+
+@pytest.fixture(scope="module")
+def grid_cache(tmp_path_factory) -> Path:
+    return make_grid_cache(tmp_path_factory.mktemp("grid") / "feats")
+
+
+def att_args(cache: Path, out: Path, *extra: str) -> list[str]:
+    return ["--features", str(cache), "--out", str(out), "--decoder", "attention", "--epochs", "3", "--batch-size", "16",
+            "--embed-dim", "16", "--hidden-dim", "32", "--attention-dim", "16", "--min-freq", "1", "--lr", "1e-2",
+            "--dropout", "0.1", "--progress", "off", "--num-threads", "1", "--patience", "0", *extra]
+
+
+def tiny_model(seed: int = 0) -> ShowAttendTell:
+    torch.manual_seed(seed)
+    vocab = Vocabulary(["a", "cat", "dog", "in", "the", "picture"])
+    m = ShowAttendTell(len(vocab), feature_dim=DIM, embed_dim=8, hidden_dim=16, attention_dim=8, dropout=0.3,
+                       grid=list(GRID), backbone=SPEC, extra={"note": "test"})
+    m.vocab = vocab
+    return m.eval()
+
+
+# -- the feature cache with grids ------------------------------------------------------------------
+
+def test_grid_cache_round_trip(grid_cache):
+    cache = FeatureCache.open(grid_cache)
+    assert cache.grid_shape == GRID and cache.grid.shape == (len(cache), *GRID, DIM) and cache.grid.dtype == np.float16
+    assert np.allclose(cache.grid.astype(np.float32).mean((1, 2)), cache.features.astype(np.float32), atol=2e-2)
+    assert "grid=3x3" in repr(cache)
+
+
+def test_a_pooled_cache_is_refused_by_attention_with_a_clear_message(tmp_path):
+    feats = np.random.default_rng(0).normal(size=(4, DIM)).astype(np.float32)
+    write_feature_cache(tmp_path / "pooled", feats, list("abcd"), ["train"] * 2 + ["validation"] * 2,
+                        [["a cat"]] * 4, SPEC)
+    with pytest.raises(FeatureCacheError, match="pooled features only.*--grid"):
+        FeatureCache.open(tmp_path / "pooled").require_grid()
+    with pytest.raises(SystemExit, match="pooled features only"):
+        fit.main(att_args(tmp_path / "pooled", tmp_path / "run"))
+
+
+def test_grid_chunks_resume_and_refuse_mixed_jobs(tmp_path):
+    rng = np.random.default_rng(1)
+    grids = rng.normal(size=(10, *GRID, DIM)).astype(np.float32)
+    pooled = grids.mean((1, 2))
+    meta = dict(ids=[f"i{k}" for k in range(10)], splits=["train"] * 10, captions=[["a cat"]] * 10)
+
+    def write(w, k):
+        rows = w.chunk_rows(k)
+        w.write_chunk(k, pooled[rows.start:rows.stop], meta["ids"][rows.start:rows.stop], meta["splits"][rows.start:rows.stop],
+                      meta["captions"][rows.start:rows.stop], grid=grids[rows.start:rows.stop])
+
+    w = ChunkedCacheWriter(tmp_path / "c", SPEC, {"src": "t"}, 10, 4, grid=GRID)
+    write(w, 0)
+    write(w, 1)  # "killed" here
+    (tmp_path / "c" / ".partial" / "chunk_00001.grid.npy").unlink()  # a crash lost chunk 1's grid
+    w2 = ChunkedCacheWriter(tmp_path / "c", SPEC, {"src": "t"}, 10, 4, grid=GRID)
+    assert w2.done_chunks == 1  # chunk 1 is recomputed, not half-read
+    with pytest.raises(ValueError, match="needs feature grids"):
+        w2.write_chunk(1, pooled[4:8], meta["ids"][4:8], meta["splits"][4:8], meta["captions"][4:8])
+    write(w2, 1)
+    write(w2, 2)
+    cache = w2.finalize()
+    assert np.array_equal(cache.grid, grids.astype(np.float16)) and cache.grid_shape == GRID
+    write(ChunkedCacheWriter(tmp_path / "d", SPEC, {"src": "t"}, 10, 4, grid=GRID), 0)
+    with pytest.raises(FeatureCacheError, match="different settings.*grid"):  # a pooled job cannot resume a grid job
+        ChunkedCacheWriter(tmp_path / "d", SPEC, {"src": "t"}, 10, 4)
+
+
+def test_a_truncated_grid_file_is_a_clear_error(grid_cache, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(grid_cache, broken)
+    data = (broken / "grid.npy").read_bytes()
+    (broken / "grid.npy").write_bytes(data[: len(data) // 2])
+    with pytest.raises(FeatureCacheError, match="grid.npy cannot be read.*re-extract"):
+        FeatureCache.open(broken)
+
+
+# -- the model -------------------------------------------------------------------------------------
+
+def test_hub_round_trip_is_exact_and_load_decoder_picks_the_class(tmp_path):
+    m = tiny_model()
+    m.save_pretrained(tmp_path / "att")
+    config = json.loads((tmp_path / "att" / "config.json").read_text())
+    assert config["decoder"] == "show_attend_tell" and config["grid"] == list(GRID)
+    back = load_decoder(tmp_path / "att")
+    assert isinstance(back, ShowAttendTell) and back.vocab == m.vocab and back.extra == {"note": "test"}
+    assert m.state_dict().keys() == back.state_dict().keys()
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in m.state_dict().items())
+    feats = torch.randn(2, *GRID, DIM)
+    a, b = greedy_search(m, feats, max_len=6), greedy_search(back, feats, max_len=6)
+    assert [c.tokens for c in a] == [c.tokens for c in b]
+    assert all(torch.equal(x.attention, y.attention) for x, y in zip(a, b))
+    with pytest.raises(ValueError, match="show_attend_tell.*load_decoder"):
+        ShowAndTell.from_pretrained(tmp_path / "att")  # the wrong class says which loader to use
+
+
+def test_pooled_models_without_a_decoder_key_load_unchanged(tmp_path):
+    torch.manual_seed(0)
+    vocab = Vocabulary(["a", "cat"])
+    m = ShowAndTell(len(vocab), feature_dim=DIM, embed_dim=8, hidden_dim=16)
+    m.vocab = vocab
+    m.save_pretrained(tmp_path / "pooled")
+    cfg_path = tmp_path / "pooled" / "config.json"
+    config = json.loads(cfg_path.read_text())
+    config.pop("decoder", None)  # as written before decoder types existed
+    cfg_path.write_text(json.dumps(config))
+    back = load_decoder(tmp_path / "pooled")
+    assert type(back) is ShowAndTell
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in m.state_dict().items())
+
+
+def test_packed_forward_matches_the_step_by_step_decoder():
+    m = tiny_model()
+    feats = torch.randn(3, *GRID, DIM)
+    caps = torch.tensor([[1, 4, 5, 6, 2, 0], [1, 7, 2, 0, 0, 0], [1, 4, 8, 9, 7, 2]])
+    lengths = torch.tensor([5, 3, 6])
+    logits, targets = m(feats, caps, lengths)
+    assert logits.shape == (int((lengths - 1).sum()), m.vocab_size) and targets.shape == (logits.shape[0],)
+    # teacher-forced log-probs of each caption equal the sum of decoding steps
+    with torch.no_grad():
+        for b in range(3):
+            state, total = m.init_state(feats[b:b + 1]), 0.0
+            for t in range(int(lengths[b]) - 1):
+                logp, state = m.step(caps[b, t:t + 1], state)
+                total += float(logp[0, caps[b, t + 1]])
+            tf, _ = fit.TeacherForcing(m)(feats[b:b + 1], caps[b:b + 1, : int(lengths[b])], lengths[b:b + 1])
+            ref = torch.log_softmax(tf, -1).gather(1, caps[b, 1:int(lengths[b])][:, None]).sum()
+            assert total == pytest.approx(float(ref), abs=1e-4)
+
+
+def test_attention_penalty_counts_real_steps_only():
+    alphas = torch.zeros(2, 3, 4)
+    alphas[:, :, 0] = 1.0  # every step looks at region 0
+    lengths = torch.tensor([4, 2])  # 3 and 1 real steps
+    # row 0: coverage (3, 0, 0, 0) -> (1-3)^2 + 1 + 1 + 1 = 7; row 1: (1, 0, 0, 0) -> 0 + 3 = 3; mean over 8 = 10/8
+    assert float(attention_penalty(alphas, lengths)) == pytest.approx(10 / 8)
+
+
+# -- training --------------------------------------------------------------------------------------
+
+def test_fit_attention_learns_where_the_object_is(grid_cache, tmp_path):
+    out = tmp_path / "run"
+    fit.main(att_args(grid_cache, out, "--epochs", "12", "--attention-reg", "0"))
+    model = load_decoder(out / "model")
+    assert isinstance(model, ShowAttendTell)
+    cache = FeatureCache.open(grid_cache)
+    val = cache.split("validation")
+    cells = np.array(cache.manifest["dataset"]["cells"])[val]
+    feats = torch.from_numpy(np.asarray(cache.grid[val], dtype=np.float32))
+    caps = greedy_search(model, feats, max_len=8)
+    named = [next((w for w in OBJECTS if w in c.text.split()), None) for c in caps]
+    truth = [cache.captions[r][0].split()[1] for r in val]
+    assert np.mean([n == t for n, t in zip(named, truth)]) >= 0.9, [c.text for c in caps]
+    # the weight on the object's cell when the object's word was chosen, against 1/9 for a model that looks anywhere
+    on_object = [float(c.attention[c.text.split().index(n)].flatten()[cell])
+                 for c, n, cell in zip(caps, named, cells) if n is not None]
+    assert np.mean(on_object) > 3 / (GRID[0] * GRID[1]), on_object
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["decoder"] == "show_attend_tell" and config["extra"]["training"]["hyperparameters"]["attention_reg"] == 0.0
+
+
+def test_fit_attention_resumes_exactly(grid_cache, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    fit.main(att_args(grid_cache, straight, "--epochs", "2"))
+    fit.main(att_args(grid_cache, resumed, "--epochs", "2", "--stop-after-epochs", "1"))
+    assert not (resumed / "model").exists()
+    fit.main(att_args(grid_cache, resumed, "--epochs", "2", "--resume"))
+    a, b = load_file(straight / "model" / "model.safetensors"), load_file(resumed / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

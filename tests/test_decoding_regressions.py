@@ -1,0 +1,95 @@
+"""Beam search keeps the hypotheses with the best *length-normalised* score at every step when alpha > 0.
+
+The exhaustive test (a beam as wide as the search space) never prunes, so it cannot see which
+hypotheses a narrow beam keeps. Here a fixed Markov decoder (next-word log-probabilities depend on
+the last word only) and a beam of 2 make ranking by raw log-probability and ranking by the
+normalised score keep different hypotheses; an independent reference beam search says which is right.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from storyteller.decoding import beam_search
+from storyteller.vocab import Vocabulary
+
+WORDS = ["a", "b", "c", "d"]
+PAD, START, END, UNK = 0, 1, 2, 3
+
+
+class MarkovDecoder(torch.nn.Module):
+    """``init_state``/``step`` over a fixed (V, V) table of next-word log-probabilities."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = torch.nn.Parameter(table, requires_grad=False)
+        self.vocab = Vocabulary(WORDS)
+
+    def init_state(self, features: torch.Tensor):
+        zeros = torch.zeros(1, features.shape[0], 1)
+        return zeros, zeros.clone()
+
+    def step(self, tokens: torch.Tensor, state):
+        return self.table[tokens], state
+
+
+def random_table(seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.log_softmax(torch.randn(4 + len(WORDS), 4 + len(WORDS), generator=g) * 2.0, dim=-1)
+
+
+def reference_beam(table: torch.Tensor, K: int, max_len: int, alpha: float, normalised_pruning: bool = True):
+    """A plain-Python beam search with the documented semantics; returns [(word ids, raw log-prob, score)]."""
+    def penalty(n: int) -> float:
+        return ((5 + n) / 6) ** alpha if alpha else 1.0
+
+    beams = [([], 0.0, False)]  # (emitted ids incl. <end>, raw log-prob, finished)
+    for t in range(max_len):
+        cands = []
+        for ids, raw, done in beams:
+            if done:
+                cands.append((ids, raw, True))
+                continue
+            last = ids[-1] if ids else START
+            for v in range(table.shape[1]):
+                if v in (PAD, START, UNK) or (v == END and t < 1):
+                    continue
+                cands.append((ids + [v], raw + float(table[last, v]), v == END))
+        key = (lambda h: h[1] / penalty(len(h[0]))) if normalised_pruning else (lambda h: h[1])
+        beams = sorted(cands, key=key, reverse=True)[:K]
+        if all(done for _, _, done in beams):
+            break
+    final = sorted(beams, key=lambda h: h[1] / penalty(len(h[0])), reverse=True)
+    return [([i for i in ids if i != END], raw, raw / penalty(len(ids))) for ids, raw, _ in final]
+
+
+def discriminating_seed(K: int, max_len: int, alpha: float) -> int:
+    """The first table where raw-log-prob pruning keeps a different best caption than normalised pruning."""
+    for seed in range(500):
+        t = random_table(seed)
+        if reference_beam(t, K, max_len, alpha)[0][0] != reference_beam(t, K, max_len, alpha, False)[0][0]:
+            return seed
+    raise AssertionError("no discriminating table found")
+
+
+@pytest.mark.parametrize("alpha", [0.7, 1.5])
+def test_narrow_beam_prunes_by_the_length_normalised_score(alpha):
+    K, max_len = 2, 6
+    seed = discriminating_seed(K, max_len, alpha)
+    table = random_table(seed)
+    expected = reference_beam(table, K, max_len, alpha)
+    raw_pruned = reference_beam(table, K, max_len, alpha, normalised_pruning=False)
+    assert expected[0][0] != raw_pruned[0][0]  # the test can tell the two rankings apart
+    got = beam_search(MarkovDecoder(table), torch.zeros(1, 1), beam_size=K, max_len=max_len, alpha=alpha,
+                      n_best=K, suppress_unk=True)[0]
+    assert [c.tokens for c in got] == [ids for ids, _, _ in expected], (seed, got, expected)
+    for c, (_, raw, score) in zip(got, expected):
+        assert math.isclose(c.log_prob, raw, abs_tol=1e-4) and math.isclose(c.score, score, abs_tol=1e-4)
+
+
+def test_alpha_zero_prunes_by_raw_log_probability():
+    table = random_table(discriminating_seed(2, 6, 0.7))
+    got = beam_search(MarkovDecoder(table), torch.zeros(1, 1), beam_size=2, max_len=6, alpha=0.0, n_best=2)[0]
+    assert [c.tokens for c in got] == [ids for ids, _, _ in reference_beam(table, 2, 6, 0.0)]
