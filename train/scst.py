@@ -49,7 +49,7 @@ import torch.distributed as dist
 from storyteller.fileio import write_json_atomic, write_text_atomic
 from storyteller.attention import DECODER as ATTENTION
 from storyteller.model import load_decoder
-from storyteller.vocab import SPECIAL_TOKENS, Vocabulary
+from storyteller.vocab import Vocabulary
 from train import fit
 from train.evaluate import DECODING_FALLBACK, caption_statistics, decode_all
 from train.reward import BAD_ENDINGS, CaptionReward, parse_reward_weights
@@ -385,7 +385,6 @@ def validate(model: torch.nn.Module, features: torch.Tensor, refs: list[list[str
         texts = decode_all(model, features, beam, batch_size=batch_size, alpha=decoding["alpha"], amp_dtype=amp_dtype, **kw)
         scores = evaluate_captions(texts, refs)
         out[name] = {**{k: scores[k] for k in ("bleu1", "bleu2", "bleu3", "bleu4", "cider")}, **caption_statistics(texts)}
-    out["examples"] = texts[:5]
     return out
 
 
