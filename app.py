@@ -153,8 +153,9 @@ def _examples() -> list[list[str]]:
 
 # -- the handlers (pure: the loaded captioner and the inputs in, the outputs out) ------------------------
 OUTPUT_NAMES = ("greedy caption", "greedy figures", "beam caption", "beam figures", "n-best list", "timings",
-                "notice", "result")
-CLEARED = ("", "", "", "", "", "", "", None)  # what every output shows before a caption (no placeholder numbers)
+                "notice", "result", "attention")
+CLEARED = ("", "", "", "", "", "", "", None, None)  # what every output shows before a caption (no placeholder numbers)
+ATTENTION_PANEL = 320  # px width of each word's overlay in the attention gallery
 
 
 def notice_html(kind: str, title: str, message: str) -> str:
@@ -212,7 +213,8 @@ def caption_photo(captioner: Captioner, image: Any, beam_size: Any, max_len: Any
     n = _setting(max_len, "Max length", *MAX_LEN_RANGE, int)
     a = _setting(alpha, "Length normalisation alpha", *ALPHA_RANGE, float)
     try:
-        r = captioner.caption([src], beam_size=k, max_len=n, alpha=a, n_best=k)[0]
+        photo = captioner.load_image(src) if captioner.has_attention else src  # decoded once, drawn on below
+        r = captioner.caption([photo], beam_size=k, max_len=n, alpha=a, n_best=k)[0]
     except ImageError as e:
         raise refuse(f"Cannot caption this file: {e}", "Not a usable image") from None
     t = r.timings_ms
@@ -229,7 +231,26 @@ def caption_photo(captioner: Captioner, image: Any, beam_size: Any, max_len: Any
               "warnings": list(r.warnings)}
     return (r.greedy.text, f"log-probability **{r.greedy.log_prob:.3f}** · **{greedy_ms:.0f} ms**",
             best.text, f"log-probability **{best.log_prob:.3f}** · score **{best.score:.3f}** · **{beam_ms:.0f} ms**",
-            nbest_html(r.beam), timing, notice, result)
+            nbest_html(r.beam), timing, notice, result, attention_gallery(captioner, photo, best))
+
+
+def attention_gallery(captioner: Captioner, photo: Any, caption: Any) -> list[tuple[Any, str]] | None:
+    """The beam caption's attention view: one (overlay, word) per word; None for a pooled model.
+
+    Args:
+        captioner: the loaded model.
+        photo: the decoded photo (PIL) the caption is of.
+        caption: the beam caption (with its per-word attention maps).
+    """
+    if caption.attention is None:
+        return None
+    from storyteller.heatmap import overlay
+
+    small = photo.convert("RGB")
+    small = small.resize((ATTENTION_PANEL, max(1, round(ATTENTION_PANEL * small.height / small.width))))
+    pre = captioner.backbone.spec["preprocessing"]
+    words = [captioner.model.vocab.itos[t] for t in caption.tokens]
+    return [(overlay(small, m, pre), w) for w, m in zip(words, caption.attention)]
 
 
 def caption_for_page(captioner: Captioner, *inputs: Any) -> tuple:
@@ -244,11 +265,11 @@ def caption_for_page(captioner: Captioner, *inputs: Any) -> tuple:
         return caption_photo(captioner, *inputs)
     except gr.Error as e:
         return (*CLEARED[:6], notice_html("error", f"{e.title}:" if e.title else "Error:", html.unescape(str(e.message))),
-                None)
+                None, None)
     except Exception:  # a bug, not the user's fault: keep the traceback for the log
         log.exception("caption failed")
         return (*CLEARED[:6], notice_html("error", "Something went wrong:", "the server could not caption this photo. "
-                                          "Try another one."), None)
+                                          "Try another one."), None, None)
 
 
 CSS = """
@@ -303,9 +324,13 @@ def build_demo(captioner: Captioner, concurrency: int = DEFAULT_CONCURRENCY, max
         return caption_for_page(captioner, image, beam_size, max_len, alpha)
 
     with gr.Blocks(title="Neural Storyteller", analytics_enabled=False, delete_cache=(max(1, max_age // 10), max_age)) as demo:
-        gr.Markdown("# Neural Storyteller\nShow-and-Tell image captioning: a frozen ImageNet CNN summarises the photo in "
-                    "one feature vector, an LSTM writes the caption. Upload, paste or take a photo, or click an "
-                    "example: it is captioned at once, with greedy and beam search side by side.")
+        how = ("Show-Attend-Tell image captioning: a frozen ImageNet CNN turns the photo into a grid of features, "
+               "an LSTM writes the caption and looks at the grid for every word (shown below the captions)."
+               if captioner.has_attention else
+               "Show-and-Tell image captioning: a frozen ImageNet CNN summarises the photo in one feature vector, "
+               "an LSTM writes the caption.")
+        gr.Markdown(f"# Neural Storyteller\n{how} Upload, paste or take a photo, or click an example: it is "
+                    "captioned at once, with greedy and beam search side by side.")
         with gr.Row():
             with gr.Column(scale=2, min_width=300):
                 image = gr.Image(label="Photo", type="filepath", image_mode=None,
@@ -333,6 +358,10 @@ def build_demo(captioner: Captioner, concurrency: int = DEFAULT_CONCURRENCY, max
                         beam_stats = gr.Markdown(elem_id="beam-stats")
                 with gr.Accordion("n-best list (beam search)", open=False, elem_id="nbest-accordion"):
                     nbest = gr.HTML(elem_id="nbest")
+                # attention models: where the model looked for each word of the beam caption (hidden for pooled ones)
+                attention = gr.Gallery(label="Where it looked: the beam caption, word by word", columns=4,
+                                       height="auto", object_fit="contain", elem_id="attention",
+                                       visible=captioner.has_attention, show_label=True, preview=False)
                 timing = gr.Markdown(elem_id="timing")
                 result = gr.JSON(visible=False)
         examples = _examples()
@@ -342,7 +371,7 @@ def build_demo(captioner: Captioner, concurrency: int = DEFAULT_CONCURRENCY, max
         with gr.Accordion("Model", open=False):
             gr.Markdown(model_markdown(info), elem_id="model-info")
 
-        outputs = [greedy_text, greedy_stats, beam_text, beam_stats, nbest, timing, notice, result]
+        outputs = [greedy_text, greedy_stats, beam_text, beam_stats, nbest, timing, notice, result, attention]
         inputs = [image, beam, max_len, alpha]
         # The page: a new photo (upload, paste, webcam, example click) clears the old captions at once and
         # is captioned; the button re-runs with new settings. Refusals are one notice, not an error per output.

@@ -1,7 +1,7 @@
 """Command line: caption image files with a Neural Storyteller model.
 
     python -m storyteller caption [--model M] [--revision R] [--beam K] [--max-len N] [--alpha A]
-                                  [--n-best N] [--json] [--batch-size B] [--device D] IMAGE...
+                                  [--n-best N] [--json] [--batch-size B] [--device D] [--attention DIR] IMAGE...
     python -m storyteller info [--model M] [--revision R]
 
 ``caption`` prints one line per image, in input order: ``IMAGE<TAB>beam caption<TAB>greedy caption``
@@ -11,12 +11,15 @@ their log-probabilities, ``warnings`` and the timings of the batch the image was
 warning (on stderr; in the JSON's ``warnings``). An image that cannot be read gets an error line (on stderr; with
 ``--json`` an object with ``"error"`` on stdout) and the others are still captioned. Exit status:
 0 if every image was captioned, 1 if some failed, 2 if the model could not be loaded.
+``--attention DIR`` (attention models) also writes ``DIR/<image name>.attention.png`` per image:
+the photo under the heat map of each word of the beam caption, the word below each panel.
 ``--model`` takes a local model folder or a Hub repo id; without it, ``$STORYTELLER_MODEL`` or the
 bundled ``models/flickr8k-lite0/``. ``info`` prints the model's backbone, sizes and scores as JSON.
 
 Example::
 
     python -m storyteller caption --model models/flickr8k-lite0 --beam 5 examples/*.jpg
+    python -m storyteller caption --attention attention_maps/ examples/*.jpg   # with an attention model
 """
 from __future__ import annotations
 
@@ -50,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--n-best", type=int, default=1, metavar="N", help="with --json, list the N best beam captions")
     c.add_argument("--batch-size", type=int, default=16, metavar="B", help="images per batch (default 16)")
     c.add_argument("--json", action="store_true", help="one JSON object per line")
+    c.add_argument("--attention", default=None, metavar="DIR",
+                   help="attention models: write DIR/<image>.attention.png, the heat map of each word of the beam caption")
 
     i = sub.add_parser("info", help="print the model's backbone, sizes and scores as JSON")
     model_args(i)
@@ -86,12 +91,29 @@ def _cmd_caption(args: argparse.Namespace, captioner: Any) -> int:
             print(f"{path}\terror: {message}", file=sys.stderr, flush=True)
 
     pending: list[tuple[str, Any]] = []  # (path, decoded image) waiting for a batch
+    written: set[str] = set()  # attention pictures of this run: two photos named alike get distinct files
+
+    def save_attention(path: str, image: Any, result: Any) -> None:
+        from pathlib import Path
+
+        stem = Path(path).name
+        name, k = f"{stem}.attention.png", 1
+        while name in written:
+            k += 1
+            name = f"{stem}.{k}.attention.png"
+        written.add(name)
+        out = Path(args.attention) / name
+        captioner.attention_figure(image, result.beam[0]).save(out)
+        if not args.json:
+            print(f"{path}	attention: {out}", file=sys.stderr, flush=True)
 
     def flush() -> None:
         if not pending:
             return
         results = captioner.caption([img for _, img in pending], **settings)
-        for (path, _), r in zip(pending, results):
+        for (path, img), r in zip(pending, results):
+            if args.attention:
+                save_attention(path, img, r)
             if args.json:
                 print(json.dumps(_caption_record(path, r, beam_size, args.n_best)), flush=True)
             else:
@@ -137,6 +159,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModelLoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.command == "caption" and args.attention:
+        if not captioner.has_attention:
+            print(f"error: --attention: {captioner.info['model_name']} is a pooled (Show-and-Tell) model with no "
+                  "attention maps; use an attention (Show-Attend-Tell) model", file=sys.stderr)
+            return 2
+        from pathlib import Path
+
+        try:
+            Path(args.attention).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            print(f"error: --attention: cannot create {args.attention} ({e.strerror})", file=sys.stderr)
+            return 2
     if args.command == "info":
         print(json.dumps(captioner.info, indent=2, default=str))
         return 0

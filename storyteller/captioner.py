@@ -32,7 +32,7 @@ from PIL import Image
 
 from .decoding import Caption, beam_search, greedy_search
 from .images import ImageSource, image_warnings, load_image
-from .model import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, ShowAndTell
+from .model import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, ShowAndTell, load_decoder
 
 __all__ = ["Captioner", "CaptionResult", "ModelLoadError", "load", "default_model", "DEFAULT_MODEL_DIR",
            "MODEL_ENV_VAR", "MODEL_FILES", "OPTIONAL_MODEL_FILES", "MODEL_EXAMPLES_GLOB", "DECODING_DEFAULTS",
@@ -81,13 +81,25 @@ class CaptionResult:
         return self.beam[0] if self.beam else self.greedy  # type: ignore[return-value]
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able form: ``{"greedy": {...} | None, "beam": [{...}], "timings_ms": {...}}``."""
-        return {"greedy": asdict(self.greedy) if self.greedy else None, "beam": [asdict(c) for c in self.beam],
+        """JSON-able form: ``{"greedy": {...} | None, "beam": [{...}], "timings_ms": {...}}``; an attention
+        decoder's maps come as nested lists (words x h x w)."""
+        return {"greedy": _caption_dict(self.greedy) if self.greedy else None,
+                "beam": [_caption_dict(c) for c in self.beam],
                 "timings_ms": dict(self.timings_ms), "batch_size": self.batch_size, "warnings": list(self.warnings)}
 
 
+def _caption_dict(c: Caption) -> dict[str, Any]:
+    d = asdict(c)
+    if c.attention is None:
+        d.pop("attention")
+    else:
+        d["attention"] = [[[round(float(v), 4) for v in row] for row in m] for m in c.attention.tolist()]
+    return d
+
+
 class Captioner:
-    """A Show-and-Tell decoder with the frozen backbone (and preprocessing) it was trained on.
+    """A caption decoder (Show-and-Tell, or Show-Attend-Tell over the feature grid) with the frozen
+    backbone (and preprocessing) it was trained on.
 
     Build it with :func:`load`. Captioning runs under ``torch.inference_mode`` and changes no state,
     so one Captioner can serve concurrent requests.
@@ -110,6 +122,8 @@ class Captioner:
         self.source, self.revision = source, revision
         self.model_dir = Path(model_dir) if model_dir else None
         self.decoding = {**DECODING_DEFAULTS, **_decoding_hints(model.extra)}
+        # an attention decoder reads the backbone's feature grid, a pooled one its pooled vector
+        self.has_attention = bool(getattr(model, "has_attention", False))
 
     @property
     def device(self) -> torch.device:
@@ -123,6 +137,7 @@ class Captioner:
         return {"model": self.source, "model_name": model_label(self.source), "revision": self.revision,
                 "backbone": spec.get("name"),
                 "backbone_weights": spec.get("weights"), "feature_dim": m.feature_dim, "vocab_size": m.vocab_size,
+                "decoder": getattr(m, "decoder_type", "show_and_tell"),
                 "embed_dim": m.embed_dim, "hidden_dim": m.hidden_dim, "num_layers": m.num_layers,
                 "dataset": (m.extra or {}).get("dataset"), "metrics": (m.extra or {}).get("metrics") or {},
                 "evaluations": _read_evaluations(self.model_dir), "decoding": dict(self.decoding)}
@@ -163,14 +178,15 @@ class Captioner:
             timings: if given, receives ``"preprocess"`` (decode + resize + normalise) and ``"backbone"`` in ms.
 
         Returns:
-            (len(images), feature_dim) float32 tensor on the model's device.
+            (len(images), feature_dim) float32 tensor on the model's device; for an attention decoder
+            the grids, (len(images), h, w, feature_dim).
 
         Raises:
             ImageError: an input is not a usable image.
         """
         timings = {} if timings is None else timings
         pils, _ = self._load_all(images, draft_size, timings)
-        features = self.backbone.encode(pils, timings=timings)
+        features = self.backbone.encode(pils, timings=timings, grid=self.has_attention)
         timings["preprocess"] += timings.pop("decode")
         return features
 
@@ -223,7 +239,7 @@ class Captioner:
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
         pils, notes = self._load_all(images, draft_size, timings)
-        features = self.backbone.encode(pils, timings=timings)  # what self.features(images) computes
+        features = self.backbone.encode(pils, timings=timings, grid=self.has_attention)  # = self.features(images)
         timings["preprocess"] += timings.pop("decode")
         t2 = time.perf_counter()
         kw = dict(max_len=max_len, no_repeat_ngram_size=ngram, min_len=min_len, bad_endings=d["bad_endings"])
@@ -234,6 +250,28 @@ class Captioner:
         t4 = time.perf_counter()
         timings.update(greedy=(t3 - t2) * 1e3, beam=(t4 - t3) * 1e3, total=(t4 - t0) * 1e3)
         return [CaptionResult(g, b, dict(timings), len(images), w) for g, b, w in zip(greedy_caps, beam_caps, notes)]
+
+    def attention_figure(self, image: Image.Image, caption: Caption, panel_width: int = 200, columns: int = 5
+                         ) -> Image.Image:
+        """Where the model looked for each word of ``caption``: one panel per word (``storyteller.heatmap``).
+
+        Args:
+            image: the photo the caption is of (as returned by :meth:`load_image`).
+            caption: a caption of an attention decoder (its ``attention`` is set).
+            panel_width: width of each word's panel in pixels.
+            columns: panels per row.
+
+        Raises:
+            ValueError: the caption has no attention maps (a pooled decoder) or no words.
+        """
+        from .heatmap import attention_figure
+
+        if caption.attention is None:
+            raise ValueError(f"{model_label(self.source)} is a pooled (Show-and-Tell) model: it has no attention "
+                             "maps to show; use an attention (Show-Attend-Tell) model")
+        words = [self.model.vocab.itos[t] for t in caption.tokens]
+        return attention_figure(image, words, caption.attention, self.backbone.spec["preprocessing"],
+                                panel_width=panel_width, columns=columns)
 
     def warmup(self) -> float:
         """Caption one blank image so the first real request does not pay PyTorch's one-off start-up costs.
@@ -455,7 +493,7 @@ def load(name_or_path: str | os.PathLike | None = None, revision: str | None = N
                              f"computed; re-export the model with its backbone spec (ShowAndTell(..., backbone=spec))")
     check_weights_file(model_dir / WEIGHTS_FILE)
     try:
-        model = ShowAndTell.from_pretrained(str(model_dir))
+        model = load_decoder(str(model_dir))
     except (ValueError, OSError, TypeError) as e:  # vocab/config/weights mismatch, missing file, bad config keys
         raise ModelLoadError(f"{source}: cannot load the decoder: {e}") from None
     except Exception as e:  # safetensors' own SafetensorError on a file corrupt past its header

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from storyteller.backbones import backbone_spec
+from storyteller.attention import ShowAttendTell
 from storyteller.model import ShowAndTell
 from storyteller.vocab import Vocabulary
 
@@ -24,7 +25,7 @@ SPECIAL = ("<pad>", "<start>", "<end>", "<unk>")
 
 
 def save_test_model(folder: Path, backbone: str = "efficientnet_lite0", seed: int = 0, pretrained_backbone: bool = True,
-                    extra: dict[str, Any] | None = None, hidden_dim: int = 32) -> Path:
+                    extra: dict[str, Any] | None = None, hidden_dim: int = 32, attention: bool = False) -> Path:
     """Write a small random decoder (``config.json``, ``model.safetensors``, ``vocab.json``) to ``folder``.
 
     Args:
@@ -34,6 +35,7 @@ def save_test_model(folder: Path, backbone: str = "efficientnet_lite0", seed: in
         pretrained_backbone: False stores ``"weights": null`` (random CNN, no weight file needed).
         extra: ``config["extra"]`` (e.g. metrics for the app's model panel).
         hidden_dim: LSTM size (small keeps tests fast).
+        attention: write a Show-Attend-Tell decoder (reads the backbone's feature grid) instead.
     """
     spec = backbone_spec(backbone)
     if not pretrained_backbone:
@@ -41,9 +43,13 @@ def save_test_model(folder: Path, backbone: str = "efficientnet_lite0", seed: in
     vocab = Vocabulary(list(dict.fromkeys(WORDS)))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = ShowAndTell(vocab_size=len(vocab), feature_dim=spec["feature_dim"], embed_dim=16,
-                            hidden_dim=hidden_dim, num_layers=1, backbone=spec,
-                            extra=extra if extra is not None else {"dataset": "test", "metrics": {"bleu4": 0.123, "cider": 0.456, "split": "validation"}})
+        extra = extra if extra is not None else {"dataset": "test", "metrics": {"bleu4": 0.123, "cider": 0.456, "split": "validation"}}
+        if attention:
+            model = ShowAttendTell(vocab_size=len(vocab), feature_dim=spec["feature_dim"], embed_dim=16,
+                                   hidden_dim=hidden_dim, attention_dim=16, grid=[7, 7], backbone=spec, extra=extra)
+        else:
+            model = ShowAndTell(vocab_size=len(vocab), feature_dim=spec["feature_dim"], embed_dim=16,
+                                hidden_dim=hidden_dim, num_layers=1, backbone=spec, extra=extra)
     model.vocab = vocab
     model.save_pretrained(folder)
     return Path(folder)

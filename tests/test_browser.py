@@ -213,3 +213,45 @@ def test_tiny_photo_is_captioned_with_a_visible_warning(page, shots, tmp_path):
     assert notice.is_displayed() and "1x1 pixels" in notice.text
     no_sideways_overflow(driver)
     print(f"\nscreenshot: {screenshot(driver, shots, f'{screen}-tiny-photo')}")
+
+
+@pytest.fixture(scope="module")
+def attention_app_url(tmp_path_factory):
+    model_dir = save_test_model(tmp_path_factory.mktemp("browser-att-model") / "tiny-att", attention=True)
+    with running_app(model_dir, tmp_path_factory.mktemp("browser-att-log") / "app.log") as url:
+        yield url
+
+
+@pytest.mark.parametrize("screen", list(SCREENS))
+def test_attention_view_shows_one_overlay_per_word_and_is_absent_for_pooled_models(browser, app_url, attention_app_url,
+                                                                                   shots, screen):
+    width, height, mobile = SCREENS[screen]
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": mobile})
+    try:
+        browser.get(app_url)  # pooled model: no attention view at all
+        WebDriverWait(browser, WAIT_S).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#photo input[type=file]"))
+        upload(browser, EXAMPLES[0])
+        wait_for_captions(browser)
+        assert not [e for e in browser.find_elements(By.ID, "attention") if e.is_displayed()]
+
+        browser.get(attention_app_url)
+        WebDriverWait(browser, WAIT_S).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#photo input[type=file]"))
+        upload(browser, EXAMPLES[0])
+        _, beam = wait_for_captions(browser)
+        words = beam.split()
+        wait = WebDriverWait(browser, WAIT_S)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#attention img")) == len(words))
+        gallery = browser.find_element(By.ID, "attention")
+        assert gallery.is_displayed()
+        labels = [e.text.strip() for e in gallery.find_elements(By.CSS_SELECTOR, ".caption-label, figcaption") if e.text.strip()]
+        assert labels == words, (labels, words)  # one overlay per word, in order, the word under it
+        # greedy and beam stay side by side on the desktop
+        if screen == "desktop":
+            lefts = browser.execute_script("""return ['greedy-caption', 'beam-caption'].map(
+                id => document.querySelector('#' + id).getBoundingClientRect().left)""")
+            assert lefts[0] < lefts[1]
+        no_sideways_overflow(browser)
+        print(f"\nscreenshot: {screenshot(browser, shots, f'{screen}-attention')}")
+    finally:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})

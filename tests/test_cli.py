@@ -190,3 +190,33 @@ def test_subprocess_offline_hub_repo_from_the_cache(model_dir, photos, tmp_path)
     run = subprocess.run([sys.executable, "-m", "storyteller", "caption", "--model", "someone/not-cached", str(photos[0])],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180)
     assert run.returncode == 2 and "HF_HUB_OFFLINE" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_attention_pictures_one_per_photo_at_its_aspect_ratio(tmp_path, photos, capsys):
+    from PIL import Image
+
+    att_model = save_test_model(tmp_path / "att", attention=True)
+    out = tmp_path / "maps"
+    twin = tmp_path / "other" / photos[0].name  # same file name in another folder: its own picture
+    twin.parent.mkdir()
+    twin.write_bytes(photos[0].read_bytes())
+    assert main(["caption", "--model", str(att_model), "--attention", str(out), "--json",
+                 *map(str, photos), str(twin)]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    pictures = sorted(out.iterdir())
+    assert len(pictures) == len(photos) + 1 == len(records)
+    for path in photos:
+        pic = Image.open(out / f"{path.name}.attention.png")
+        words = next(r["beam"] for r in records if r["image"] == str(path)).split()
+        cols = min(5, len(words))
+        panel_h = round(200 * Image.open(path).height / Image.open(path).width)  # the photo's own aspect ratio
+        rows = -(-len(words) // cols)
+        assert pic.width == cols * 206 + 6 and pic.height > rows * panel_h
+    assert (out / f"{photos[0].name}.2.attention.png").is_file()
+
+
+def test_attention_pictures_need_an_attention_model(model_dir, photos, tmp_path, capsys):
+    assert main(["caption", "--model", str(model_dir), "--attention", str(tmp_path / "maps"), str(photos[0])]) == 2
+    err = capsys.readouterr().err
+    assert "pooled" in err and "attention" in err and "Traceback" not in err
+    assert not (tmp_path / "maps").exists()

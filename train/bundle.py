@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from storyteller.card import public_dataset, published_local_paths, write_model_card
 from storyteller.fileio import atomic_path, write_json_atomic
-from storyteller.model import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, ShowAndTell
+from storyteller.model import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, load_decoder
 
 CARRIED_FILES = ("loss_curve.png", "metric_curve.png")
 # The recommended decoding settings a bundle may carry: (lowest, highest) allowed value, None = unbounded.
@@ -79,7 +79,7 @@ def bundle(model_dir: str | Path, out: str | Path, decoding: dict, dtype: str = 
     """Write a shippable copy of ``model_dir`` to ``out``.
 
     Args:
-        model_dir: a folder written by ``ShowAndTell.save_pretrained`` (loaded strictly first).
+        model_dir: a folder written by ``save_pretrained`` (either decoder) (loaded strictly first).
         out: the new folder; refused if it exists and is not empty.
         decoding: recommended decoding settings (beam_size, alpha, no_repeat_ngram_size, max_len);
             checked by ``validate_decoding``.
@@ -87,7 +87,7 @@ def bundle(model_dir: str | Path, out: str | Path, decoding: dict, dtype: str = 
     """
     validate_decoding(decoding)
     model_dir, out = Path(model_dir), Path(out)
-    model = ShowAndTell.from_pretrained(model_dir)  # validates config, weights and vocabulary together
+    model = load_decoder(model_dir)  # validates config, weights and vocabulary together
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; remove it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
@@ -106,7 +106,7 @@ def bundle(model_dir: str | Path, out: str | Path, decoding: dict, dtype: str = 
     for name in CARRIED_FILES:
         if (model_dir / name).is_file():
             shutil.copy2(model_dir / name, out / name)
-    ShowAndTell.from_pretrained(out)  # the bundle loads strictly, or we fail here rather than in the app
+    load_decoder(out)  # the bundle loads strictly, or we fail here rather than in the app
     write_model_card(out)
     leaks = published_local_paths(out)
     if leaks:  # a field this code does not know about: better refuse than ship a machine's folders

@@ -42,7 +42,7 @@ from storyteller.captioner import DECODING_DEFAULTS, _decoding_hints, model_labe
 from storyteller.card import dataset_label
 from storyteller.decoding import beam_search, greedy_search
 from storyteller.fileio import atomic_path, write_json_atomic, write_text_atomic
-from storyteller.model import ShowAndTell
+from storyteller.model import ShowAndTell, load_decoder
 from storyteller.vocab import tokenize
 
 EVALUATION_FORMAT = "storyteller-evaluation-v1"
@@ -90,9 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
 # -- features ------------------------------------------------------------------------------------
 
 @torch.inference_mode()
-def live_features(images, backbone_spec: dict[str, Any], device: torch.device, batch_size: int, workers: int) -> torch.Tensor:
+def live_features(images, backbone_spec: dict[str, Any], device: torch.device, batch_size: int, workers: int,
+                  grid: bool = False) -> torch.Tensor:
     """(N, F) float32 features of ``images`` (a CaptionedImages) from the model's own backbone, decoded
-    as the app decodes uploads (``Captioner.load_image``: JPEG draft mode down to the resize size).
+    as the app decodes uploads (``Captioner.load_image``: JPEG draft mode down to the resize size);
+    with ``grid``, the (N, h, w, F) feature grids an attention decoder reads.
 
     Args:
         images: the captioned images, in order.
@@ -100,6 +102,7 @@ def live_features(images, backbone_spec: dict[str, Any], device: torch.device, b
         device: where the backbone runs.
         batch_size: images per forward.
         workers: DataLoader processes decoding images.
+        grid: return feature grids instead of pooled vectors.
     """
     from storyteller.backbones import create_backbone
     from train.extract import make_loader
@@ -108,6 +111,8 @@ def live_features(images, backbone_spec: dict[str, Any], device: torch.device, b
     images = copy.copy(images)  # the caller's stays at full resolution (report thumbnails)
     images.draft_size = int(getattr(backbone.transform, "preprocessing", {}).get("resize", 0)) or None
     loader = make_loader(images, backbone.transform, 0, batch_size, workers, pin_memory=device.type == "cuda")
+    if grid:
+        return torch.cat([backbone.forward_grid(pixels.to(device, non_blocking=True))[1] for pixels in loader])
     return torch.cat([backbone(pixels.to(device, non_blocking=True)).float() for pixels in loader])
 
 
@@ -316,7 +321,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.features is None and args.dataset is None:
         sys.exit("give --dataset (features computed live) or --features (a feature cache)")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    model = ShowAndTell.from_pretrained(args.model).to(device).eval()
+    try:
+        model = load_decoder(args.model).to(device).eval()
+    except (ValueError, OSError) as e:
+        sys.exit(f"{args.model}: {e}")
+    attention = bool(getattr(model, "has_attention", False))
     decoding = decoding_settings(args, model.extra)
 
     images = None  # CaptionedImages of the split, when --dataset is given
@@ -340,7 +349,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rows = rows[: args.limit]
         ids = [cache.ids[r] for r in rows]
         references = [cache.captions[r] for r in rows]
-        features = torch.from_numpy(np.asarray(cache.features[rows], dtype=np.float32)).to(device)  # (N, F)
+        if attention:
+            try:
+                grid = cache.require_grid()
+            except FeatureCacheError as e:
+                sys.exit(str(e))
+            features = torch.from_numpy(np.asarray(grid[rows], dtype=np.float32)).to(device)  # (N, h, w, F)
+        else:
+            features = torch.from_numpy(np.asarray(cache.features[rows], dtype=np.float32)).to(device)  # (N, F)
         dataset_desc = cache.manifest.get("dataset") or {}
     else:
         if model.backbone is None:
@@ -348,7 +364,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ids = [r.id for r in images.records]
         references = [r.captions for r in images.records]
         t0 = time.perf_counter()
-        features = live_features(images, model.backbone, device, args.batch_size, args.workers)
+        features = live_features(images, model.backbone, device, args.batch_size, args.workers, grid=attention)
         extraction = {"images_per_s": round(len(ids) / (time.perf_counter() - t0), 2)}
         dataset_desc = images.description
     if not ids:
