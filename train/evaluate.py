@@ -179,9 +179,8 @@ def decode_all(model: ShowAndTell, features: torch.Tensor, beam: int, *, max_len
         amp_dtype: autocast dtype (e.g. torch.bfloat16) or None for full precision.
         bad_endings: words after which ``<end>`` is forbidden.
     """
-    kw = dict(max_len=max_len, no_repeat_ngram_size=no_repeat_ngram_size, min_len=min(min_len, max_len))
-    if bad_endings:
-        kw["bad_endings"] = tuple(bad_endings)
+    kw = dict(max_len=max_len, no_repeat_ngram_size=no_repeat_ngram_size, min_len=min(min_len, max_len),
+              bad_endings=tuple(bad_endings))
     texts = []
     for chunk in features.split(batch_size):
         with torch.autocast(features.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
