@@ -49,7 +49,8 @@ OPTIONAL_MODEL_FILES = ("README.md", "evaluation.json", "loss_curve.png", "metri
 MODEL_EXAMPLES_GLOB = "examples/*.jpg"
 # Decoding when a model recommends nothing (config["extra"]["decoding"]): the one source for the
 # captioner, the app, the CLI and `train evaluate`. Beam 3 was the best width on Flickr8k (README).
-DECODING_DEFAULTS = {"beam_size": 3, "max_len": 20, "alpha": 0.0, "no_repeat_ngram_size": 0, "min_len": 1}
+DECODING_DEFAULTS = {"beam_size": 3, "max_len": 20, "alpha": 0.0, "no_repeat_ngram_size": 0, "min_len": 1,
+                     "bad_endings": ()}
 _LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 
 
@@ -241,7 +242,7 @@ class Captioner:
         features = self.backbone.encode(pils, timings=timings, grid=self.has_attention)  # = self.features(images)
         timings["preprocess"] += timings.pop("decode")
         t2 = time.perf_counter()
-        kw = dict(max_len=max_len, no_repeat_ngram_size=ngram, min_len=min_len)
+        kw = dict(max_len=max_len, no_repeat_ngram_size=ngram, min_len=min_len, bad_endings=d["bad_endings"])
         greedy_caps = greedy_search(self.model, features, **kw) if greedy else [None] * len(images)
         t3 = time.perf_counter()
         beam_caps = (beam_search(self.model, features, beam_size=beam_size, alpha=alpha, n_best=n_best, **kw)
@@ -306,7 +307,11 @@ def _decoding_hints(extra: dict[str, Any] | None) -> dict[str, Any]:
     hints = (extra or {}).get("decoding")
     if not isinstance(hints, dict):
         return {}
-    return {k: type(v)(hints[k]) for k, v in DECODING_DEFAULTS.items() if isinstance(hints.get(k), (int, float))}
+    out = {k: type(v)(hints[k]) for k, v in DECODING_DEFAULTS.items() if isinstance(hints.get(k), (int, float))}
+    words = hints.get("bad_endings")  # words after which <end> is forbidden (SCST models)
+    if isinstance(words, list) and all(isinstance(w, str) for w in words):
+        out["bad_endings"] = tuple(words)
+    return out
 
 
 def _read_evaluations(model_dir: Path | None) -> list[dict[str, Any]]:

@@ -271,6 +271,8 @@ def write_model_card(model_dir: str | os.PathLike, *, repo_id: str | None = None
 
     out += ["## Training data", ""]
     out.append(f"- **Dataset**: {ds_name}" + (f" ([{hub_id}](https://huggingface.co/datasets/{hub_id}))" if hub_id else ""))
+    if training.get("method"):
+        out.append(f"- **Training**: {training['method']}.")
     if training:
         out.append(f"- **Splits**: trained on `{training.get('train_split')}` ({training.get('train_images')} images), "
                    f"model selected on `{training.get('val_split')}` ({training.get('val_images')} images) by "

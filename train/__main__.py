@@ -2,6 +2,7 @@
 
     python -m train extract --dataset ../shared/data/flickr8k --backbone efficientnet_lite0 --out feats/
     python -m train fit ...
+    python -m train scst --init models/NAME --features feats/ --out runs/scst
     python -m train evaluate ...
     python -m train bundle --model RUN/model --out models/NAME
 
@@ -16,6 +17,7 @@ import sys
 
 COMMANDS = {"extract": "cache pooled CNN features of a captioned-image dataset",
             "fit": "train the caption decoder on a feature cache",
+            "scst": "fine-tune a trained model on CIDEr-D (self-critical sequence training)",
             "evaluate": "score a trained model's captions",
             "bundle": "package a trained model for shipping (float16, decoding defaults, card)"}
 

@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.0, help="recommended length-normalisation alpha")
     p.add_argument("--no-repeat-ngram-size", type=int, default=0, help="recommended n-gram blocking (0: off)")
     p.add_argument("--max-len", type=int, default=20, help="recommended most decoding steps (1..100)")
+    p.add_argument("--bad-endings", default=None,
+                   help="comma-separated words after which <end> is forbidden, 'none': off (unset: the model's own)")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored weight dtype")
     return p
 
@@ -56,10 +58,14 @@ def validate_decoding(decoding: dict) -> None:
     Raises:
         ValueError: an unknown key or a value out of range, naming it.
     """
-    unknown = sorted(set(decoding) - set(DECODING_LIMITS))
+    unknown = sorted(set(decoding) - set(DECODING_LIMITS) - {"bad_endings"})
     if unknown:
-        raise ValueError(f"unknown decoding settings {unknown}; known: {sorted(DECODING_LIMITS)}")
+        raise ValueError(f"unknown decoding settings {unknown}; known: {sorted(DECODING_LIMITS) + ['bad_endings']}")
     for key, value in decoding.items():
+        if key == "bad_endings":  # words after which <end> is forbidden
+            if not isinstance(value, (list, tuple)) or not all(isinstance(w, str) and w.strip() for w in value):
+                raise ValueError(f"decoding bad_endings must be a list of words, got {value!r}")
+            continue
         lo, hi = DECODING_LIMITS[key]
         whole = key != "alpha"
         if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) or not math.isfinite(value):
@@ -86,6 +92,9 @@ def bundle(model_dir: str | Path, out: str | Path, decoding: dict, dtype: str = 
         raise FileExistsError(f"{out} is not empty; remove it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     config = json.loads((model_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    own = ((config.get("extra") or {}).get("decoding") or {}).get("bad_endings")
+    if "bad_endings" not in decoding and own:  # keep the model's own rule (SCST models) unless told otherwise
+        decoding = {**decoding, "bad_endings": list(own)}
     config["extra"] = {**(config.get("extra") or {}), "decoding": decoding}
     if "dataset" in config["extra"]:  # its name or Hub id, never the training machine's path
         config["extra"]["dataset"] = public_dataset(config["extra"]["dataset"])
@@ -110,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     decoding = {"beam_size": args.beam, "alpha": args.alpha, "no_repeat_ngram_size": args.no_repeat_ngram_size,
                 "max_len": args.max_len}
+    if args.bad_endings is not None:
+        decoding["bad_endings"] = [] if args.bad_endings == "none" else [w.strip() for w in args.bad_endings.split(",") if w.strip()]
     try:
         validate_decoding(decoding)
     except ValueError as e:

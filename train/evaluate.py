@@ -32,6 +32,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -72,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="forbid repeating n-grams of this size, 0: off (unset: the model's recommended, else 0)")
     p.add_argument("--min-len", type=int, default=None,
                    help="fewest words before <end> (unset: the model's recommended, else 1)")
+    p.add_argument("--bad-endings", default=None,
+                   help="comma-separated words after which <end> is forbidden, 'none': off (unset: the model's recommended)")
     p.add_argument("--batch-size", type=int, default=256, help="images per decoding / feature-extraction batch")
     p.add_argument("--workers", type=int, default=0, help="DataLoader processes decoding photos for live features")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
@@ -142,6 +145,9 @@ def decoding_settings(args: argparse.Namespace, extra: dict[str, Any] | None) ->
     given = {"alpha": args.alpha, "no_repeat_ngram_size": args.no_repeat_ngram_size, "max_len": args.max_len,
              "min_len": args.min_len}
     settings = {k: recommended[k] if v is None else v for k, v in given.items()}
+    bad = getattr(args, "bad_endings", None)
+    settings["bad_endings"] = list(recommended["bad_endings"] if bad is None else [] if bad == "none"
+                                   else [w.strip() for w in bad.split(",") if w.strip()])
     beams = args.beam if args.beam is not None else [1, recommended["beam_size"]]
     settings["beams"] = list(dict.fromkeys(beams))
     if any(b < 1 for b in settings["beams"]):
@@ -158,7 +164,7 @@ def decoding_settings(args: argparse.Namespace, extra: dict[str, Any] | None) ->
 
 def decode_all(model: ShowAndTell, features: torch.Tensor, beam: int, *, max_len: int, batch_size: int,
                alpha: float = 0.0, no_repeat_ngram_size: int = 0, min_len: int = 1,
-               amp_dtype: torch.dtype | None = None) -> list[str]:
+               amp_dtype: torch.dtype | None = None, bad_endings: Sequence[str] = ()) -> list[str]:
     """Captions of every row of ``features`` (N, F), in batches; beam 1 runs greedy search.
 
     Args:
@@ -171,8 +177,10 @@ def decode_all(model: ShowAndTell, features: torch.Tensor, beam: int, *, max_len
         no_repeat_ngram_size: n-gram blocking (0: off).
         min_len: fewest words before ``<end>`` (at most max_len).
         amp_dtype: autocast dtype (e.g. torch.bfloat16) or None for full precision.
+        bad_endings: words after which ``<end>`` is forbidden.
     """
-    kw = dict(max_len=max_len, no_repeat_ngram_size=no_repeat_ngram_size, min_len=min(min_len, max_len))
+    kw = dict(max_len=max_len, no_repeat_ngram_size=no_repeat_ngram_size, min_len=min(min_len, max_len),
+              bad_endings=tuple(bad_endings))
     texts = []
     for chunk in features.split(batch_size):
         with torch.autocast(features.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
@@ -184,14 +192,17 @@ def decode_all(model: ShowAndTell, features: torch.Tensor, beam: int, *, max_len
 
 
 def caption_statistics(hypotheses: list[str]) -> dict[str, float]:
-    """Mean caption length in words and the number of distinct words over all captions.
+    """Mean caption length in words, the number of distinct words over all captions, and the share of
+    captions ending on a function word (``train.reward.BAD_ENDINGS``).
 
     Args:
         hypotheses: generated captions.
     """
+    from train.reward import bad_ending_share
+
     toks = [tokenize(h) for h in hypotheses]
     return {"mean_length": float(np.mean([len(t) for t in toks])) if toks else 0.0,
-            "vocab_used": len({w for t in toks for w in t})}
+            "vocab_used": len({w for t in toks for w in t}), "bad_ending_share": bad_ending_share(hypotheses)}
 
 
 # -- outputs -------------------------------------------------------------------------------------
@@ -227,6 +238,8 @@ def decoding_summary(result: dict[str, Any]) -> str:
         parts.append(f"no repeated {ngram}-grams" if ngram else "no n-gram blocking")
     if result.get("min_len") not in (None, 1):
         parts.append(f"min length {result['min_len']}")
+    if result.get("bad_endings"):
+        parts.append("no ending on " + "/".join(result["bad_endings"]))
     summary = ", ".join(parts)
     recommended = result.get("recommended_decoding")
     if recommended:
@@ -359,7 +372,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     methods: dict[str, dict[str, Any]] = {}
     captions: dict[str, list[str]] = {}
     decode_all(model, features[:2], max(decoding["beams"]), max_len=2, batch_size=2)  # warm-up
-    settings = {k: decoding[k] for k in ("alpha", "no_repeat_ngram_size", "max_len", "min_len")}
+    settings = {k: decoding[k] for k in ("alpha", "no_repeat_ngram_size", "max_len", "min_len", "bad_endings")}
     for beam in decoding["beams"]:
         if device.type == "cuda":
             torch.cuda.synchronize()

@@ -401,15 +401,16 @@ def save_checkpoint(path: Path, ckpt: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def load_checkpoint(path: Path, fmt: str = CHECKPOINT_FORMAT) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint` without unpickling any code.
 
     Args:
         path: the checkpoint file.
+        fmt: the ``format`` it must declare (fit's, or ``train.scst``'s).
     """
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a fit checkpoint (format {ckpt.get('format')!r})")
+    if ckpt.get("format") != fmt:
+        raise ValueError(f"{path}: not a {fmt} checkpoint (format {ckpt.get('format')!r})")
     return ckpt
 
 
@@ -488,7 +489,8 @@ def _broadcast_flag(flag: bool, device: torch.device, world: int) -> bool:
 
 # -- main ----------------------------------------------------------------------------------------
 
-def _check_resume_args(ckpt_path: Path, saved: dict[str, Any], args: argparse.Namespace) -> None:
+def _check_resume_args(ckpt_path: Path, saved: dict[str, Any], args: argparse.Namespace,
+                       may_differ: set[str] = RESUME_MAY_DIFFER, parser: argparse.ArgumentParser | None = None) -> None:
     """Refuse to resume a checkpoint with other arguments than the ones it was trained with.
 
     The arguments compared are the ones stored in the checkpoint, not RUN_DIR/args.json: a fresh
@@ -499,10 +501,14 @@ def _check_resume_args(ckpt_path: Path, saved: dict[str, Any], args: argparse.Na
         ckpt_path: the checkpoint (for the message).
         saved: the checkpoint's ``args``.
         args: this invocation's arguments.
+        may_differ: argument names that may change (fit's RESUME_MAY_DIFFER by default).
+        parser: the command's parser (fit's by default), whose defaults stand in for arguments added
+            since the checkpoint was written.
     """
     new = vars(args)
-    saved = {**vars(build_parser().parse_args(["--features", "-", "--out", "-"])), **saved}  # args added since: defaults
-    diff = sorted(k for k in set(saved) | set(new) if k not in RESUME_MAY_DIFFER and saved.get(k) != new.get(k))
+    parser = parser or build_parser()
+    saved = {**{k: parser.get_default(k) for k in new}, **saved}  # args added since: defaults
+    diff = sorted(k for k in set(saved) | set(new) if k not in may_differ and saved.get(k) != new.get(k))
     if diff:
         raise SystemExit(f"--resume: arguments differ from those of {ckpt_path}: "
                          + ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} -> {new.get(k)!r}" for k in diff)
@@ -730,7 +736,7 @@ def export_best(run_dir: Path, best: dict[str, Any], model_kwargs: dict[str, Any
     Returns:
         the model folder.
     """
-    from storyteller.card import public_dataset, write_model_card
+    from storyteller.card import public_dataset
 
     if best["model"] is None:
         raise RuntimeError("no epoch finished, nothing to export")
@@ -753,11 +759,32 @@ def export_best(run_dir: Path, best: dict[str, Any], model_kwargs: dict[str, Any
     examples = [{"id": cache.ids[int(r)], "references": val_refs[i], "captions": {"greedy": caps[i]}}
                 for i, r in enumerate(rows)]
 
+    final = write_model_folder(run_dir, model, examples)
+    print(f"exported epoch {best['epoch']} ({args.select} {best['value']:.4f}) to {final}", file=sys.stderr)
+    return final
+
+
+def write_model_folder(run_dir: Path, model: torch.nn.Module, examples: list[dict[str, Any]],
+                       carry: tuple[str, ...] = ("loss_curve.png",)) -> Path:
+    """Save ``model`` (vocab attached) to RUN_DIR/model/ in the Hub layout with a model card, atomically.
+
+    Args:
+        run_dir: the run folder.
+        model: the model to export (``save_pretrained``).
+        examples: example captions for the card.
+        carry: files of RUN_DIR copied into the folder when present (plots).
+
+    Returns:
+        the model folder.
+    """
+    from storyteller.card import write_model_card
+
     final, tmp, old = run_dir / "model", run_dir / "model.tmp", run_dir / "model.old"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
-    if (run_dir / "loss_curve.png").is_file():
-        shutil.copyfile(run_dir / "loss_curve.png", tmp / "loss_curve.png")
+    for name in carry:
+        if (run_dir / name).is_file():
+            shutil.copyfile(run_dir / name, tmp / name)
     write_model_card(tmp, examples=examples)
     # Swap folders: a reader sees the old complete model or the new one, never a half-written one.
     shutil.rmtree(old, ignore_errors=True)
@@ -765,7 +792,6 @@ def export_best(run_dir: Path, best: dict[str, Any], model_kwargs: dict[str, Any
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
-    print(f"exported epoch {best['epoch']} ({args.select} {best['value']:.4f}) to {final}", file=sys.stderr)
     return final
 
 

@@ -1,4 +1,4 @@
-"""Plots and small file helpers shared by ``train.fit`` and ``train.evaluate``.
+"""Plots and small file helpers shared by ``train.fit``, ``train.scst`` and ``train.evaluate``.
 
     python -m train.report runs/flickr8k-lite0/metrics.jsonl   # redraw the two curves of a run
 
@@ -63,6 +63,51 @@ def plot_curves(history: list[dict[str, Any]], loss_png: str | os.PathLike, metr
     ax.legend(lines, [ln.get_label() for ln in lines], loc="lower right")
     ax.set_title("Validation captions")
     ax.grid(alpha=0.3)
+    _save_figure(fig, Path(metric_png))
+    plt.close(fig)
+
+
+def plot_scst_curves(history: list[dict[str, Any]], reward_png: str | os.PathLike, metric_png: str | os.PathLike) -> None:
+    """Draw SCST's mean sample reward and validation CIDEr-D (greedy and beam) per epoch.
+
+    Args:
+        history: the lines of an scst metrics.jsonl (epoch 0 is the starting model, without a reward).
+        reward_png: output path of the reward curve.
+        metric_png: output path of the validation curve.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    trained = [h for h in history if "mean_reward" in h]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([h["epoch"] for h in trained], [h["mean_reward"] for h in trained], "o-", label="mean sample reward")
+    if any("mean_greedy_reward" in h for h in trained):
+        ax.plot([h["epoch"] for h in trained], [h.get("mean_greedy_reward") for h in trained], "s-", label="greedy reward")
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("reward (training images)")
+    ax.set_title("SCST reward")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save_figure(fig, Path(reward_png))
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    epochs = [h["epoch"] for h in history]
+    ax.plot(epochs, [h["greedy_cider"] for h in history], "o-", label="greedy")
+    ax.plot(epochs, [h["beam_cider"] for h in history], "s-", label="beam (default decoding)")
+    best = [h for h in history if h.get("best_epoch") == h["epoch"]]
+    if best:
+        ax.axvline(best[-1]["epoch"], color="grey", ls=":", label=f"best epoch {best[-1]['epoch']}")
+    ax.set_xlabel("epoch (0: starting model)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("validation CIDEr-D")
+    ax.set_title("Validation captions")
+    ax.grid(alpha=0.3)
+    ax.legend()
     _save_figure(fig, Path(metric_png))
     plt.close(fig)
 

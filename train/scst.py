@@ -1,0 +1,643 @@
+"""Self-critical sequence training (SCST, Rennie et al. 2017): fine-tune a trained captioner on CIDEr-D.
+
+    python -m train scst --init models/flickr8k-lite0 --features feats/flickr8k-lite0 --out runs/scst
+    python -m train scst --init runs/f8k --features feats/flickr8k-lite0 --out runs/scst --resume   # after a kill
+    torchrun --nproc_per_node=2 -m train scst --init runs/f8k --features feats/flickr8k-lite0 --out runs/scst-ddp
+
+``--init`` is a model folder in the Hub layout (or a Hub id), or a ``fit`` run folder (its model/).
+Each step takes a batch of training images and, for each image:
+
+1. samples K captions (``--samples``, default 5) from the model, all K x B of the batch in one
+   ``model.step`` call per time step, without gradient, dropout off;
+2. scores each sample against the image's references: CIDEr-D with document frequencies from the
+   training split's references, computed once (``train.reward``), optionally mixed with sentence
+   BLEU-4 (``--reward cider:1,bleu4:0.5``);
+3. subtracts a baseline: the mean reward of the image's *other* K-1 samples (default), or the reward
+   of the greedy caption (``--baseline greedy``);
+4. re-scores the samples with one teacher-forced ``model.forward(features, captions, lengths)`` with
+   gradient, and minimises -(reward - baseline) x (mean log-probability of the sample's tokens).
+
+The sampling policy and the re-scored one are the same distribution: both run in eval mode (no
+dropout) and forbid the same tokens (``<pad>``, ``<start>``, ``<unk>``, and ``<end>`` as the first
+word, as greedy and beam search do). The model is touched only through ``init_state``, ``step`` and
+``forward``, and the features of a split come from :func:`load_split_features`, so another decoder
+with that interface trains unchanged.
+
+Validation after every epoch (and once before the first, the starting model as "epoch 0"): greedy
+and beam search with the starting model's recommended decoding (``config["extra"]["decoding"]``)
+plus the bad-ending rule (``--bad-endings``), BLEU-1..4, CIDEr-D, mean length, distinct words and
+the share of captions ending on a function word. The epoch with the best beam CIDEr-D (the model's
+default decoding) is kept, with early stopping (``--patience``). Engineering as in ``fit``:
+RUN_DIR/args.json, checkpoint.pt (atomic, ``weights_only=True``), metrics.jsonl, reward_curve.png,
+metric_curve.png, ``--resume`` with bit-identical results on CPU, DDP under torchrun (rank r takes
+every world-th batch, gradients averaged), and model/ in the Hub layout with a card that names the
+starting model, with the bad-ending rule in its decoding settings.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from storyteller.fileio import write_json_atomic, write_text_atomic
+from storyteller.attention import DECODER as ATTENTION
+from storyteller.model import load_decoder
+from storyteller.vocab import Vocabulary
+from train import fit
+from train.evaluate import DECODING_FALLBACK, caption_statistics, decode_all
+from train.reward import BAD_ENDINGS, CaptionReward, parse_reward_weights
+
+CHECKPOINT_FORMAT = "storyteller-scst-checkpoint-v1"
+# Arguments that may differ between a run and its --resume. Unlike fit (whose cosine schedule spans
+# --epochs), the learning rate is constant, so epoch e does the same whatever --epochs is: a finished
+# run can be continued for more epochs with --resume --epochs N, as if it had been asked for N at first.
+RESUME_MAY_DIFFER = fit.RESUME_MAY_DIFFER | {"epochs"}
+# Tokens the policy never emits (as in storyteller.decoding with suppress_unk=True).
+BANNED = (Vocabulary.pad_id, Vocabulary.start_id, Vocabulary.unk_id)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train scst", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    io = p.add_argument_group("data and outputs")
+    io.add_argument("--init", required=True, help="model to fine-tune: model folder (Hub layout), Hub id, or fit run folder")
+    io.add_argument("--features", required=True, help="feature cache of the model's backbone (python -m train extract)")
+    io.add_argument("--out", required=True, help="run folder for args.json, checkpoint.pt, metrics, plots and model/")
+    io.add_argument("--train-split", default="train", help="split to train on; its references give the document frequencies")
+    io.add_argument("--val-split", default="validation", help="split for validation and model selection")
+    io.add_argument("--max-train-images", type=int, default=0, help="train on the first N images of the split only (0: all)")
+    io.add_argument("--max-val-images", type=int, default=0, help="validate on the first N images only (0: all)")
+    io.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt (same arguments)")
+    io.add_argument("--stop-after-epochs", type=int, default=0,
+                    help="leave after this many epochs of this invocation without exporting, as if killed (0: run to the end)")
+
+    s = p.add_argument_group("SCST")
+    s.add_argument("--samples", type=int, default=5, help="captions sampled per image (K)")
+    s.add_argument("--baseline", choices=["mean", "greedy"], default="mean",
+                   help="mean: mean reward of the image's other K-1 samples; greedy: reward of its greedy caption")
+    s.add_argument("--reward", default="cider:1", help="reward mix NAME:WEIGHT,... of cider (CIDEr-D) and bleu4")
+    s.add_argument("--max-len", type=int, default=20, help="most decoder steps of a sampled caption (<end> included)")
+    s.add_argument("--epochs", type=int, default=5, help="most epochs (passes over the training images)")
+    s.add_argument("--batch-size", type=int, default=50, help="images per step (per process under torchrun)")
+    s.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate (constant)")
+    s.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay")
+    s.add_argument("--clip-grad", type=float, default=5.0, help="clip the gradient's global L2 norm (0: off)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the image order and of the sampling")
+
+    v = p.add_argument_group("validation and model selection")
+    v.add_argument("--beam", type=int, default=0, help="beam size of validation (0: the model's recommended, else 3)")
+    v.add_argument("--bad-endings", default="standard",
+                   help="words after which <end> is forbidden at decoding (validation and the exported model's "
+                        "settings): 'standard' (" + " ".join(BAD_ENDINGS) + "), 'none', or a comma-separated list")
+    v.add_argument("--patience", type=int, default=3, help="stop after this many epochs without a better beam CIDEr-D (0: never)")
+    v.add_argument("--eval-batch-size", type=int, default=500, help="images per validation decoding batch")
+
+    r = p.add_argument_group("runtime")
+    r.add_argument("--device", default="auto", help="cpu, cuda, cuda:1... (auto: cuda when available)")
+    r.add_argument("--amp", choices=["auto", "bf16", "off"], default="auto", help="bfloat16 autocast (as fit)")
+    r.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    r.add_argument("--progress", choices=["auto", "on", "off"], default="auto", help="tqdm bar per epoch")
+    return p
+
+
+# -- model and data --------------------------------------------------------------------------------
+
+def load_init_model(init: str) -> tuple[torch.nn.Module, str]:
+    """The model to fine-tune and a short name for it (no machine path).
+
+    Args:
+        init: a model folder, a fit run folder (its ``model/``), or a Hub repo id.
+    """
+    path = Path(init)
+    if (path / "model" / "config.json").is_file() and not (path / "config.json").is_file():
+        path = path / "model"  # a fit run folder
+    try:
+        model = load_decoder(str(path) if path.is_dir() else init)  # Show-and-Tell or Show-Attend-Tell
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"scst: cannot load --init {init}: {e}") from None
+    name = init if not path.is_dir() else (path.parent.name if path.name == "model" else path.name)
+    return model, name
+
+
+def load_split_features(cache, rows: np.ndarray, model: torch.nn.Module) -> torch.Tensor:
+    """Features of the cache rows ``rows`` as the model takes them: the one place that reads them.
+
+    Show-and-Tell: (N, F) float32 pooled vectors. Show-Attend-Tell: (N, h, w, F) float16 grids
+    (the model casts a batch to its weights' dtype), as ``fit`` keeps them.
+
+    Args:
+        cache: the FeatureCache.
+        rows: row numbers.
+        model: the decoder (its ``feature_dim`` must match the cache's).
+
+    Raises:
+        SystemExit: another feature size, or no grids for an attention model.
+    """
+    from storyteller.features import FeatureCacheError
+
+    if cache.feature_dim != model.feature_dim:
+        raise SystemExit(f"scst: the cache has {cache.feature_dim}-d features but the model takes {model.feature_dim}-d")
+    rows = np.asarray(rows)
+    if getattr(model, "decoder_type", None) == ATTENTION:
+        try:
+            return torch.from_numpy(np.array(cache.require_grid()[rows]))  # (N, h, w, F) float16
+        except FeatureCacheError as e:
+            raise SystemExit(f"scst: {e}") from None
+    return torch.from_numpy(np.asarray(cache.features[rows], dtype=np.float32))  # (N, F)
+
+
+def parse_bad_endings(spec: str, vocab: Vocabulary) -> list[str]:
+    """``--bad-endings`` -> the word list (only words of the model's vocabulary matter, others are dropped)."""
+    if spec == "none":
+        return []
+    words = BAD_ENDINGS if spec == "standard" else [w.strip() for w in spec.split(",") if w.strip()]
+    return [w for w in words if w in vocab.stoi]
+
+
+def check_vocabulary(vocab: Vocabulary, references: list[list[str]], where: str) -> None:
+    """Refuse a cache whose captions the model's vocabulary mostly does not know (another dataset or language)."""
+    from storyteller.vocab import tokenize
+
+    tokens = [t for refs in references[:2000] for r in refs for t in tokenize(r)]
+    known = sum(t in vocab.stoi for t in tokens) / max(len(tokens), 1)
+    if known < 0.5:
+        raise SystemExit(f"scst: the model's vocabulary knows only {known:.0%} of the words of {where}'s captions; "
+                         f"the model and the feature cache do not belong together")
+
+
+# -- one SCST step ---------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample_captions(model: torch.nn.Module, features: torch.Tensor, k: int, max_len: int,
+                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample ``k`` captions per image, all images and samples in one ``model.step`` per time step.
+
+    Args:
+        model: the decoder (``init_state``, ``step``), in eval mode.
+        features: (B, ...) image features.
+        k: samples per image.
+        max_len: most steps; a caption cut there has no ``<end>``.
+        generator: the sampling RNG.
+
+    Returns:
+        ``(captions, lengths)``: captions (B*k, T) ``<start> w.. [<end>] <pad>..`` (samples of image b
+        are rows b*k .. b*k+k-1), lengths (B*k,) CPU real tokens per row, ``<start>`` included.
+    """
+    feats = features.repeat_interleave(k, dim=0)  # (N = B*k, ...)
+    state = model.init_state(feats)
+    N, dev = feats.shape[0], feats.device
+    tokens = torch.full((N,), Vocabulary.start_id, dtype=torch.long, device=dev)
+    columns = [tokens]
+    finished = torch.zeros(N, dtype=torch.bool, device=dev)
+    lengths = torch.ones(N, dtype=torch.long, device=dev)
+    for t in range(max_len):
+        logp, state = model.step(tokens, state)  # (N, V) log-probabilities
+        logp = logp.float()
+        logp[:, BANNED] = float("-inf")
+        if t == 0:
+            logp[:, Vocabulary.end_id] = float("-inf")  # at least one word
+        nxt = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)  # (N,)
+        nxt = torch.where(finished, Vocabulary.pad_id, nxt)
+        lengths += (~finished).long()
+        finished |= nxt == Vocabulary.end_id
+        columns.append(nxt)
+        tokens = nxt
+        if bool(finished.all()):
+            break
+    return torch.stack(columns, 1), lengths.cpu()  # (N, T), (N,)
+
+
+def forward_rows(captions: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample and time step of each row ``model.forward`` returned: (N,) each, on the CPU.
+
+    ``forward`` returns the real positions in an order of its choosing: packed (time-major over the
+    samples sorted by length, as ``ShowAndTell`` does) or batch-major. Both candidates are built
+    from the lengths and the one whose targets equal the returned ones is used.
+
+    Args:
+        captions: (S, T) the captions passed to forward.
+        lengths: (S,) CPU lengths passed to forward.
+        targets: (N,) the targets forward returned.
+
+    Raises:
+        ValueError: neither order matches.
+    """
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    S, T = captions.shape
+    steps = lengths - 1
+    grid = torch.stack([torch.arange(S)[:, None].expand(S, T - 1), torch.arange(T - 1)[None, :].expand(S, T - 1)], -1)
+    packed = pack_padded_sequence(grid, steps, batch_first=True, enforce_sorted=False).data  # (N, 2) time-major
+    batch_major = grid[torch.arange(T - 1)[None, :] < steps[:, None]]  # (N, 2)
+    cpu_targets = targets.cpu()
+    for rows in (packed, batch_major):
+        if rows.shape[0] == cpu_targets.shape[0] and torch.equal(captions.cpu()[rows[:, 0], rows[:, 1] + 1], cpu_targets):
+            return rows[:, 0], rows[:, 1]
+    raise ValueError("model.forward returned its positions in an unknown order (neither packed nor batch-major)")
+
+
+def policy_loss(forward: torch.nn.Module, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
+                advantage: torch.Tensor) -> torch.Tensor:
+    """-mean over samples of advantage x (mean log-probability of the sample's tokens), with gradient.
+
+    Args:
+        forward: the model (or its DDP wrapper): ``(features, captions, lengths) -> (logits (N, V), targets (N,))``.
+        features: (S, ...) features, one row per sample.
+        captions: (S, T) sampled captions.
+        lengths: (S,) CPU lengths.
+        advantage: (S,) reward - baseline.
+    """
+    logits, targets = forward(features, captions, lengths)  # (N, V), (N,) over real positions
+    sample, time_step = forward_rows(captions, lengths, targets)
+    sample, time_step = sample.to(logits.device), time_step.to(logits.device)
+    logits = logits.float()
+    mask = torch.zeros(logits.shape[1], device=logits.device)
+    mask[list(BANNED)] = float("-inf")
+    first = torch.zeros_like(mask)
+    first[Vocabulary.end_id] = float("-inf")
+    logits = logits + mask  # the tokens sampling forbids, and <end> as the first word
+    logits = torch.where((time_step == 0)[:, None], logits + first, logits)
+    logp = torch.log_softmax(logits, -1).gather(1, targets[:, None]).squeeze(1)  # (N,)
+    steps = (lengths - 1).to(logits.device).float()  # tokens predicted per sample
+    weight = advantage.to(logits.device)[sample] / steps[sample]  # (N,): mean over each sample's tokens
+    return -(weight * logp).sum() / captions.shape[0]
+
+
+def rewards_of(captions: torch.Tensor, lengths: torch.Tensor, image: np.ndarray, refs: list[list[np.ndarray]],
+               scorer: CaptionReward, vocab_map: np.ndarray, weights: dict[str, float]) -> np.ndarray:
+    """(S,) reward of each caption: sum of weight x metric against the references of its image.
+
+    Args:
+        captions: (S, T) ``<start> w.. [<end>] <pad>..`` ids.
+        lengths: (S,) CPU lengths.
+        image: (S,) index into ``refs``.
+        refs: reference word ids per image (``CaptionReward.encode_references``).
+        scorer: the reward with its document frequencies.
+        vocab_map: (V,) model id -> reward word id.
+        weights: ``{"cider": w, "bleu4": w}``.
+    """
+    rows = captions.cpu().numpy()
+    hyps = []
+    for row, n in zip(rows, lengths.tolist()):
+        ids = row[1:n]
+        hyps.append(vocab_map[ids[ids > Vocabulary.unk_id]])  # words only (drops <end>)
+    cider, bleu4 = scorer.score(hyps, image, refs)
+    return weights.get("cider", 0.0) * cider + weights.get("bleu4", 0.0) * bleu4
+
+
+def advantages(reward: np.ndarray, k: int, baseline: np.ndarray | None = None) -> np.ndarray:
+    """reward - baseline per sample: the mean of the image's other k-1 samples, or ``baseline`` per image.
+
+    Args:
+        reward: (B*k,) rewards, samples of one image adjacent.
+        k: samples per image.
+        baseline: (B,) greedy rewards, or None for the mean of the others.
+    """
+    r = reward.reshape(-1, k)  # (B, k)
+    if baseline is not None:
+        return (r - baseline[:, None]).reshape(-1)
+    others = (r.sum(1, keepdims=True) - r) / (k - 1)  # (B, k): excludes the sample itself
+    return (r - others).reshape(-1)
+
+
+def scst_step(policy: torch.nn.Module, model: torch.nn.Module, optimizer: torch.optim.Optimizer, feats: torch.Tensor,
+              refs: list[list[np.ndarray]], scorer: CaptionReward, vocab_map: np.ndarray, weights: dict[str, float],
+              k: int, max_len: int, baseline: str, generator: torch.Generator, clip_grad: float = 0.0,
+              amp_dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """One SCST update on a batch of images: sample, reward, baseline, policy-gradient step.
+
+    Args:
+        policy: the model or its DDP wrapper (its forward gives the gradient).
+        model: the bare model (sampling, greedy baseline, gradient clipping).
+        optimizer: the optimiser of its parameters.
+        feats: (B, ...) features of the batch's images.
+        refs: their references as reward word ids, per image.
+        scorer: the reward (document frequencies).
+        vocab_map: (V,) model id -> reward word id.
+        weights: the reward mix.
+        k: samples per image.
+        max_len: most sampling steps.
+        baseline: ``mean`` (of the other k-1 samples) or ``greedy``.
+        generator: the sampling RNG.
+        clip_grad: gradient-norm clip (0: off).
+        amp_dtype: autocast dtype or None.
+
+    Returns:
+        ``{"reward": (B*k,) rewards, "greedy_reward": (B,) or None, "loss": float,
+        "sample_seconds", "reward_seconds", "update_seconds"}``.
+    """
+    autocast = dict(device_type=feats.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
+    image = np.repeat(np.arange(feats.shape[0]), k)  # (B*k,) image of each sample
+    ta = time.perf_counter()
+    with torch.autocast(**autocast):
+        captions, lengths = sample_captions(model, feats, k, max_len, generator)  # (B*k, T), (B*k,)
+    tb = time.perf_counter()
+    reward = rewards_of(captions, lengths, image, refs, scorer, vocab_map, weights)  # (B*k,)
+    base = None
+    if baseline == "greedy":
+        from storyteller.decoding import greedy_search
+
+        with torch.autocast(**autocast):
+            greedy = greedy_search(model, feats, max_len=max_len)
+        cider, bleu4 = scorer.score([vocab_map[np.array(c.tokens, dtype=np.int64)] for c in greedy],
+                                    np.arange(len(greedy)), refs)
+        base = weights.get("cider", 0.0) * cider + weights.get("bleu4", 0.0) * bleu4  # (B,)
+    adv = torch.from_numpy(advantages(reward, k, base)).float()  # (B*k,)
+    tc = time.perf_counter()
+    with torch.autocast(**autocast):
+        loss = policy_loss(policy, feats.repeat_interleave(k, dim=0), captions, lengths, adv)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    optimizer.step()
+    td = time.perf_counter()
+    return {"reward": reward, "greedy_reward": base, "loss": float(loss.detach()),
+            "sample_seconds": tb - ta, "reward_seconds": tc - tb, "update_seconds": td - tc}
+
+
+# -- validation ------------------------------------------------------------------------------------
+
+def validate(model: torch.nn.Module, features: torch.Tensor, refs: list[list[str]], decoding: dict[str, Any],
+             batch_size: int, amp_dtype: torch.dtype | None) -> dict[str, Any]:
+    """Greedy and beam figures on the validation features: ``{"greedy": {...}, "beam": {...}}``.
+
+    Args:
+        model: the decoder.
+        features: (N, ...) validation features on the model's device.
+        refs: raw references per image.
+        decoding: ``beam_size``, ``alpha``, ``no_repeat_ngram_size``, ``max_len``, ``min_len``, ``bad_endings``.
+        batch_size: images per decoder batch.
+        amp_dtype: autocast dtype or None.
+    """
+    from storyteller.metrics import evaluate_captions
+
+    kw = {k: decoding[k] for k in ("max_len", "no_repeat_ngram_size", "min_len", "bad_endings")}
+    out = {}
+    for name, beam in (("greedy", 1), ("beam", decoding["beam_size"])):
+        texts = decode_all(model, features, beam, batch_size=batch_size, alpha=decoding["alpha"], amp_dtype=amp_dtype, **kw)
+        scores = evaluate_captions(texts, refs)
+        out[name] = {**{k: scores[k] for k in ("bleu1", "bleu2", "bleu3", "bleu4", "cider")}, **caption_statistics(texts)}
+    return out
+
+
+# -- main ------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m train scst``: see the module docstring and ``--help``.
+
+    Args:
+        argv: command line without the program name; defaults to ``sys.argv[1:]``.
+    """
+    args = build_parser().parse_args(argv)
+    from storyteller.features import FeatureCache, FeatureCacheError
+
+    try:
+        weights = parse_reward_weights(args.reward)
+    except ValueError as e:
+        raise SystemExit(f"scst: {e}") from None
+    if args.samples < 2 and args.baseline == "mean":
+        raise SystemExit("scst: --baseline mean needs --samples >= 2 (the mean of the other samples)")
+    rank, world, device = fit.setup_runtime(args.device)
+    is_main = rank == 0
+    if args.num_threads > 0:
+        torch.set_num_threads(args.num_threads)
+    amp_dtype = torch.bfloat16 if args.amp == "bf16" else fit.default_amp(device) if args.amp == "auto" else None
+    run_dir = Path(args.out)
+    ckpt_path = run_dir / fit.CHECKPOINT
+    ckpt = fit.load_checkpoint(ckpt_path, CHECKPOINT_FORMAT) if args.resume and ckpt_path.is_file() else None
+    if ckpt is not None:
+        fit._check_resume_args(ckpt_path, ckpt["args"], args, may_differ=RESUME_MAY_DIFFER, parser=build_parser())
+
+    model, init_name = load_init_model(args.init)
+    vocab = model.vocab
+    try:
+        cache = FeatureCache.open(args.features, expect_backbone=model.backbone) if model.backbone else FeatureCache.open(args.features)
+        train_rows, val_rows = cache.split(args.train_split), cache.split(args.val_split)
+    except FeatureCacheError as e:  # missing cache or split, other backbone: one line
+        raise SystemExit(f"scst: {e}") from None
+    if args.max_train_images > 0:
+        train_rows = train_rows[: args.max_train_images]
+    if args.max_val_images > 0:
+        val_rows = val_rows[: args.max_val_images]
+    train_refs = [cache.captions[r] for r in train_rows]
+    val_refs = [cache.captions[r] for r in val_rows]
+    check_vocabulary(vocab, train_refs, f"split {args.train_split!r} of {args.features}")
+    if ckpt is not None and ckpt["vocab"] != list(vocab.itos):
+        raise SystemExit(f"scst: --resume: the vocabulary of {args.init} is not the one {ckpt_path} was trained with")
+    train_feats = load_split_features(cache, train_rows, model).to(device)  # (N_train, F)
+    val_feats = load_split_features(cache, val_rows, model).to(device)  # (N_val, F)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / "args.json", vars(args))
+
+    # -- reward: document frequencies of the training references, computed once --
+    t0 = time.perf_counter()
+    scorer = CaptionReward(train_refs)
+    train_ref_ids = scorer.encode_references(train_refs)
+    vocab_map = scorer.vocab_map(vocab.itos)
+    df_seconds = time.perf_counter() - t0
+
+    # -- decoding of validation and of the exported model: the starting model's, plus bad endings --
+    from storyteller.captioner import _decoding_hints
+
+    init_decoding = {**DECODING_FALLBACK, **_decoding_hints(model.extra)}
+    if args.beam > 0:
+        init_decoding["beam_size"] = args.beam
+    bad_endings = parse_bad_endings(args.bad_endings, vocab)
+    decoding = {**init_decoding, "bad_endings": bad_endings}
+
+    # -- optimiser and state --
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                                  fused=device.type == "cuda")
+    start_epoch, history, bad_epochs, stopped = 0, [], 0, False
+    best = {"epoch": -1, "value": None, "metrics": {}, "model": None}
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch, history, best = ckpt["epoch"], ckpt["history"], ckpt["best"]
+        bad_epochs, stopped = ckpt["bad_epochs"], ckpt["stopped"]
+        if is_main:
+            print(f"resuming {run_dir} after epoch {start_epoch}", file=sys.stderr)
+    model.eval()  # SCST samples and re-scores without dropout: one policy
+    policy = model
+    if world > 1:
+        policy = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if is_main:
+        print(f"scst: from {init_name}, {len(train_rows)} train images x {args.samples} samples, {len(val_rows)} val images, "
+              f"reward {weights}, baseline {args.baseline}, device {device}{f' x {world} ranks' if world > 1 else ''}, "
+              f"amp {amp_dtype}; document frequencies in {df_seconds:.1f}s", file=sys.stderr)
+    show_bar = is_main and (args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty()))
+
+    def checkpoint(epoch: int) -> None:
+        fit.save_checkpoint(ckpt_path, {
+            "format": CHECKPOINT_FORMAT, "epoch": epoch, "model": fit._cpu_state(model),
+            "optimizer": optimizer.state_dict(), "best": best, "bad_epochs": bad_epochs, "stopped": stopped,
+            "history": history, "vocab": list(vocab.itos), "args": vars(args)})
+        write_metrics(run_dir, history)
+
+    def validation_record(epoch: int, extra: dict[str, Any]) -> dict[str, Any]:
+        t1 = time.perf_counter()
+        val = validate(model, val_feats, val_refs, decoding, args.eval_batch_size, amp_dtype)
+        return {"epoch": epoch, **extra, **{f"greedy_{k}": v for k, v in val["greedy"].items()},
+                **{f"beam_{k}": v for k, v in val["beam"].items()}, "cider": val["beam"]["cider"],
+                "bleu4": val["beam"]["bleu4"], "val_seconds": round(time.perf_counter() - t1, 3)}
+
+    def consider(record: dict[str, Any]) -> None:
+        nonlocal best, bad_epochs, stopped
+        if best["value"] is None or record["cider"] > best["value"]:
+            best = {"epoch": record["epoch"], "value": record["cider"], "metrics": record, "model": fit._cpu_state(model)}
+            bad_epochs = 0
+        else:
+            bad_epochs += 1
+        stopped = args.patience > 0 and bad_epochs >= args.patience
+        record["best_epoch"] = best["epoch"]
+
+    # -- epoch 0: the starting model, so that SCST has to beat it --
+    if ckpt is None and is_main:
+        record = validation_record(0, {})
+        consider(record)
+        history.append(record)
+        checkpoint(0)
+        print(f"epoch 0 (start): beam {decoding['beam_size']} BLEU-4 {record['bleu4']:.4f} CIDEr-D {record['cider']:.4f}, "
+              f"greedy CIDEr-D {record['greedy_cider']:.4f}", file=sys.stderr)
+    if world > 1:
+        stopped = fit._broadcast_flag(stopped, device, world)
+
+    epochs_this_run = 0
+    n_images = len(train_rows)
+    for epoch in range(start_epoch, args.epochs):
+        if stopped:
+            break
+        t0 = time.perf_counter()
+        batches = fit.epoch_order(torch.zeros(n_images), args.batch_size, args.seed, epoch, rank, world, bucket=0)
+        gen = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + epoch * 1_009 + rank)  # sampling
+        seconds = {"sample": 0.0, "reward": 0.0, "update": 0.0}
+        reward_sum = torch.zeros(3, dtype=torch.float64)  # (sum of rewards, samples, sum of greedy rewards), this rank
+        from tqdm import tqdm
+
+        bar = tqdm(batches, desc=f"scst {epoch + 1}/{args.epochs}", disable=not show_bar, leave=False, file=sys.stderr)
+        for step, idx in enumerate(bar):
+            feats = train_feats[idx.to(device)]  # (B, F)
+            refs = [train_ref_ids[i] for i in idx.tolist()]
+            out = scst_step(policy, model, optimizer, feats, refs, scorer, vocab_map, weights, args.samples, args.max_len,
+                            args.baseline, gen, args.clip_grad, amp_dtype)
+            for key in seconds:
+                seconds[key] += out[f"{key}_seconds"]
+            greedy = out["greedy_reward"]
+            reward_sum += torch.tensor([float(out["reward"].sum()), float(out["reward"].size),
+                                        float(greedy.sum()) if greedy is not None else 0.0], dtype=torch.float64)
+            if show_bar and step % 5 == 0:
+                bar.set_postfix(reward=f"{reward_sum[0] / reward_sum[1]:.3f}")
+        bar.close()
+        if world > 1:  # the logged reward covers every rank's samples
+            agg = reward_sum.to(device)
+            dist.all_reduce(agg)
+            reward_sum = agg.cpu()
+        train_seconds = time.perf_counter() - t0
+
+        if is_main:
+            extra = {"mean_reward": float(reward_sum[0] / reward_sum[1]), "lr": optimizer.param_groups[0]["lr"],
+                     "train_seconds": round(train_seconds, 3), **{f"{k}_seconds": round(v, 3) for k, v in seconds.items()}}
+            if args.baseline == "greedy":
+                extra["mean_greedy_reward"] = float(reward_sum[2] * args.samples / reward_sum[1])
+            record = validation_record(epoch + 1, extra)
+            consider(record)
+            history.append(record)
+            checkpoint(epoch + 1)
+            print(f"epoch {epoch + 1}: reward {record['mean_reward']:.4f}  beam {decoding['beam_size']} BLEU-4 "
+                  f"{record['bleu4']:.4f} CIDEr-D {record['cider']:.4f}  greedy CIDEr-D {record['greedy_cider']:.4f}  "
+                  f"bad endings {record['beam_bad_ending_share']:.3f}  ({train_seconds:.0f}s: sample {seconds['sample']:.0f}s, "
+                  f"reward {seconds['reward']:.1f}s, forward+backward {seconds['update']:.0f}s)"
+                  f"{'  *' if best['epoch'] == epoch + 1 else ''}", file=sys.stderr)
+            if stopped:
+                print(f"early stop: no better beam CIDEr-D for {args.patience} epochs (best epoch {best['epoch']})", file=sys.stderr)
+        if world > 1:
+            stopped = fit._broadcast_flag(stopped, device, world)
+        epochs_this_run += 1
+        if args.stop_after_epochs and epochs_this_run >= args.stop_after_epochs and epoch + 1 < args.epochs and not stopped:
+            if is_main:
+                print(f"stopping after {epochs_this_run} epochs as asked; continue with --resume", file=sys.stderr)
+            fit._finish_distributed(world)
+            return
+
+    if is_main:
+        export(run_dir, best, model, init_name, cache, n_images, args, decoding, val_feats, val_rows, val_refs, history, weights)
+    fit._finish_distributed(world)
+
+
+def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    """metrics.jsonl (from the checkpoint's history) and the reward / validation curves."""
+    import json
+
+    from train.report import plot_scst_curves
+
+    write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    plot_scst_curves(history, run_dir / "reward_curve.png", run_dir / "metric_curve.png")
+
+
+def export(run_dir: Path, best: dict[str, Any], model: torch.nn.Module, init_name: str, cache, n_train: int,
+           args: argparse.Namespace,
+           decoding: dict[str, Any], val_feats: torch.Tensor, val_rows: np.ndarray, val_refs: list[list[str]],
+           history: list[dict[str, Any]], weights: dict[str, float]) -> Path:
+    """The best epoch's model to RUN_DIR/model/ (Hub layout, card naming the starting model, decoding settings).
+
+    Args:
+        run_dir: the run folder.
+        best: ``{"epoch", "value", "metrics", "model"}`` of the best epoch (epoch 0: the starting model).
+        model: the trained model (copied, not changed).
+        init_name: the starting model's name.
+        cache: the FeatureCache.
+        n_train: training images used.
+        args: the scst arguments.
+        decoding: the recommended decoding (the starting model's plus bad endings).
+        val_feats: (N_val, ...) validation features.
+        val_rows: validation rows (example ids).
+        val_refs: their references.
+        history: per-epoch records.
+        weights: the reward mix.
+    """
+    m = best["metrics"]
+    reward = " + ".join(f"{w:g} x {'CIDEr-D' if k == 'cider' else 'BLEU-4'}" for k, w in weights.items() if w)
+    training = {**(model.extra.get("training") or {}), "train_split": args.train_split, "val_split": args.val_split,
+                "train_images": int(n_train),
+                "val_images": int(len(val_rows)), "select": f"beam {decoding['beam_size']} CIDEr-D",
+                "epochs_run": len(history) - 1, "best_epoch": best["epoch"],
+                "method": f"fine-tuned from `{init_name}` with self-critical sequence training (SCST): reward {reward} "
+                          f"(document frequencies of the {args.train_split} references), {args.samples} samples per image, "
+                          f"baseline {'mean of the other samples' if args.baseline == 'mean' else 'greedy caption'}",
+                "init_model": init_name, "init_training": model.extra.get("training"),
+                "hyperparameters": {k: getattr(args, k) for k in (
+                    "samples", "baseline", "reward", "max_len", "epochs", "batch_size", "lr", "weight_decay",
+                    "clip_grad", "seed", "patience")}}
+    metrics = {"split": args.val_split, "decoding": "greedy, max_len " + str(decoding["max_len"]),
+               **{k: m[f"greedy_{k}"] for k in ("bleu1", "bleu2", "bleu3", "bleu4", "cider")}}
+    recommended = {k: decoding[k] for k in ("beam_size", "alpha", "no_repeat_ngram_size", "max_len")}
+    if decoding.get("bad_endings"):
+        recommended["bad_endings"] = list(decoding["bad_endings"])
+    # A new instance of the model's own class from its init arguments (the Hub mixin records them),
+    # with the new metadata: save_pretrained writes those arguments to config.json.
+    config = {**copy.deepcopy(model._hub_mixin_config),
+              "extra": {**model.extra, "training": training, "metrics": metrics, "decoding": recommended}}
+    out = type(model)(**config)
+    out.load_state_dict(best["model"])
+    out.vocab = model.vocab
+    out.eval()
+    rows = val_rows[:5]
+    texts = decode_all(out, val_feats[: len(rows)].cpu(), 1, max_len=decoding["max_len"], batch_size=len(rows) or 1) if len(rows) else []
+    examples = [{"id": cache.ids[int(r)], "references": val_refs[i], "captions": {"greedy": texts[i]}} for i, r in enumerate(rows)]
+    final = fit.write_model_folder(run_dir, out, examples, carry=("reward_curve.png", "metric_curve.png"))
+    print(f"exported epoch {best['epoch']} (beam CIDEr-D {best['value']:.4f}) to {final}", file=sys.stderr)
+    return final
+
+
+if __name__ == "__main__":
+    main()
