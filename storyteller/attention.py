@@ -75,16 +75,10 @@ class ShowAttendTell(
         decoder: str = DECODER,
     ):
         super().__init__()
-        self._check_decoder(decoder)
-        if vocab_size < 5:
-            raise ValueError(f"vocab_size must cover the 4 special tokens and a word, got {vocab_size}")
-        self.vocab_size, self.feature_dim = vocab_size, feature_dim
+        self._init_common(decoder, vocab_size, feature_dim, backbone, extra)
         self.embed_dim, self.hidden_dim, self.attention_dim = embed_dim, hidden_dim, attention_dim
         self.num_layers = 1
         self.grid = list(grid) if grid is not None else None
-        self.backbone = backbone
-        self.extra = extra or {}
-        self.vocab: Vocabulary | None = None
 
         self.feature_dropout = nn.Dropout(dropout)
         self.init_h = nn.Linear(feature_dim, hidden_dim)

@@ -51,10 +51,18 @@ class HubDecoder:
     has_attention: bool = False
     vocab: Vocabulary | None
 
-    def _check_decoder(self, decoder: str) -> None:
+    def _init_common(self, decoder: str, vocab_size: int, feature_dim: int, backbone: dict[str, Any] | None,
+                     extra: dict[str, Any] | None) -> None:
+        """Check the decoder type and vocabulary size; set what every decoder records."""
         if decoder != self.decoder_type:
             raise ValueError(f"config.json says decoder {decoder!r} but {type(self).__name__} is {self.decoder_type!r}; "
                              f"load it with storyteller.model.load_decoder")
+        if vocab_size < 5:
+            raise ValueError(f"vocab_size must cover the 4 special tokens and a word, got {vocab_size}")
+        self.vocab_size, self.feature_dim = vocab_size, feature_dim
+        self.backbone = backbone
+        self.extra = extra or {}
+        self.vocab = None  # attached by from_pretrained / the trainer
 
     def select_state(self, state: tuple, rows: torch.Tensor) -> tuple:
         """The state of batch rows ``rows`` (N,) (rows may repeat: beam search copies hypotheses)."""
@@ -142,14 +150,8 @@ class ShowAndTell(
         decoder: str = DECODER,
     ):
         super().__init__()
-        self._check_decoder(decoder)
-        if vocab_size < 5:
-            raise ValueError(f"vocab_size must cover the 4 special tokens and a word, got {vocab_size}")
-        self.vocab_size, self.feature_dim = vocab_size, feature_dim
+        self._init_common(decoder, vocab_size, feature_dim, backbone, extra)
         self.embed_dim, self.hidden_dim, self.num_layers = embed_dim, hidden_dim, num_layers
-        self.backbone = backbone
-        self.extra = extra or {}
-        self.vocab: Vocabulary | None = None  # attached by from_pretrained / the trainer
 
         self.feature_dropout = nn.Dropout(dropout)
         self.init_h = nn.Linear(feature_dim, num_layers * hidden_dim)

@@ -215,6 +215,15 @@ def test_fit_attention_learns_where_the_object_is(grid_cache, tmp_path):
     config = json.loads((out / "model" / "config.json").read_text())
     assert config["decoder"] == "show_attend_tell" and config["extra"]["training"]["hyperparameters"]["attention_reg"] == 0.0
 
+    # bundle and evaluate work unchanged on an attention model (grids read from the cache)
+    from train import bundle, evaluate
+
+    bundle.main(["--model", str(out / "model"), "--out", str(tmp_path / "bundled"), "--beam", "2"])
+    assert isinstance(load_decoder(tmp_path / "bundled"), ShowAttendTell)
+    result = evaluate.main(["--model", str(tmp_path / "bundled"), "--features", str(grid_cache), "--beam", "1", "2",
+                            "--out", str(tmp_path / "eval.json"), "--device", "cpu"])
+    assert result["methods"]["beam2"]["cider"] > 1.0 and result["methods"]["greedy"]["bleu4"] > 0.5, result["methods"]
+
 
 def test_fit_attention_resumes_exactly(grid_cache, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
