@@ -155,7 +155,7 @@ def _examples() -> list[list[str]]:
 OUTPUT_NAMES = ("greedy caption", "greedy figures", "beam caption", "beam figures", "n-best list", "timings",
                 "notice", "result", "attention")
 CLEARED = ("", "", "", "", "", "", "", None, None)  # what every output shows before a caption (no placeholder numbers)
-ATTENTION_PANEL = 320  # px width of each word's overlay in the attention gallery
+ATTENTION_PANEL = 256  # px width of each word's overlay in the attention gallery (shown at ~140 px on a desktop)
 
 
 def notice_html(kind: str, title: str, message: str) -> str:
@@ -244,13 +244,13 @@ def attention_gallery(captioner: Captioner, photo: Any, caption: Any) -> list[tu
     """
     if caption.attention is None:
         return None
-    from storyteller.heatmap import overlay
+    from storyteller.heatmap import PhotoOverlay
 
     small = photo.convert("RGB")
     small = small.resize((ATTENTION_PANEL, max(1, round(ATTENTION_PANEL * small.height / small.width))))
-    pre = captioner.backbone.spec["preprocessing"]
+    draw_map = PhotoOverlay(small, captioner.backbone.spec["preprocessing"])  # the photo prepared once
     words = [captioner.model.vocab.itos[t] for t in caption.tokens]
-    return [(overlay(small, m, pre), w) for w, m in zip(words, caption.attention)]
+    return [(draw_map(m), w) for w, m in zip(words, caption.attention)]
 
 
 def caption_for_page(captioner: Captioner, *inputs: Any) -> tuple:
@@ -359,7 +359,7 @@ def build_demo(captioner: Captioner, concurrency: int = DEFAULT_CONCURRENCY, max
                 with gr.Accordion("n-best list (beam search)", open=False, elem_id="nbest-accordion"):
                     nbest = gr.HTML(elem_id="nbest")
                 # attention models: where the model looked for each word of the beam caption (hidden for pooled ones)
-                attention = gr.Gallery(label="Where it looked: the beam caption, word by word", columns=4,
+                attention = gr.Gallery(label="Where it looked: the beam caption, word by word", columns=4, format="jpeg",
                                        height="auto", object_fit="contain", elem_id="attention",
                                        visible=captioner.has_attention, show_label=True, preview=False)
                 timing = gr.Markdown(elem_id="timing")

@@ -31,12 +31,46 @@ def crop_box(size: tuple[int, int], preprocessing: dict[str, Any]) -> tuple[int,
     return round(left), round(top), round(left + side), round(top + side)
 
 
-def _colour(weights: np.ndarray) -> np.ndarray:
-    """(H, W) values in [0, 1] -> (H, W, 3) colours of the ramp."""
-    out = np.empty((*weights.shape, 3), dtype=np.float32)
-    for c in range(3):
-        out[..., c] = np.interp(weights, _RAMP[:, 0], _RAMP[:, c + 1])
-    return out
+_LEVELS = np.linspace(0.0, 1.0, 256, dtype=np.float32)
+# the ramp as a 256-entry table: colouring a map is one indexing, not an interpolation per pixel
+_LUT = np.stack([np.interp(_LEVELS, _RAMP[:, 0], _RAMP[:, c + 1]) for c in range(3)], axis=1).astype(np.float32)
+
+
+class PhotoOverlay:
+    """Draws any number of heat maps over one photo; the photo's arrays are prepared once.
+
+    Args:
+        photo: the photo (any mode and size).
+        preprocessing: the backbone's preprocessing (``resize``, ``crop``) from the model's config.
+        strength: how much of the heat map is blended in where attention peaks (0..1).
+    """
+
+    def __init__(self, photo: Image.Image, preprocessing: dict[str, Any], strength: float = 0.65):
+        base = np.asarray(photo.convert("RGB"), dtype=np.float32)
+        self.box = crop_box((base.shape[1], base.shape[0]), preprocessing)
+        self.bw, self.bh = max(1, self.box[2] - self.box[0]), max(1, self.box[3] - self.box[1])
+        self.dimmed = base * 0.35  # outside the crop: dimmed, the model never saw it
+        self.region = base[self.box[1]:self.box[1] + self.bh, self.box[0]:self.box[0] + self.bw]
+        # Per attention level b (256 steps): the photo is darkened where the model did not look,
+        # lit = photo * (0.45 + 0.55 b), and the ramp colour blended in with weight a = strength * b:
+        # out = photo * scale[b] + tint[b], so a map costs one multiply-add per pixel.
+        a = strength * _LEVELS
+        self.scale = ((0.45 + 0.55 * _LEVELS) * (1 - a))[:, None].astype(np.float32)  # (256, 1)
+        self.tint = (_LUT * a[:, None]).astype(np.float32)  # (256, 3)
+
+    def __call__(self, weights: torch.Tensor | np.ndarray) -> Image.Image:
+        """The photo with ``weights`` (h, w), one word's attention over the grid, as a heat map."""
+        w = np.asarray(weights, dtype=np.float32)
+        if w.ndim != 2:
+            raise ValueError(f"weights must be (h, w), got shape {w.shape}")
+        w = w / max(float(w.max()), 1e-12)  # each word's map scaled to its own peak
+        # bilinear upsampling of the grid to the crop, on cell centres (as the CNN's receptive fields are)
+        big = np.asarray(Image.fromarray(w).resize((self.bw, self.bh), Image.BILINEAR), dtype=np.float32)
+        level = (big.clip(0, 1) * 255 + 0.5).astype(np.uint8)  # (bh, bw) in 0..255
+        out = self.dimmed.copy()
+        out[self.box[1]:self.box[1] + self.bh, self.box[0]:self.box[0] + self.bw] = (
+            self.region * self.scale[level] + self.tint[level])
+        return Image.fromarray(out.clip(0, 255).astype(np.uint8))
 
 
 def overlay(photo: Image.Image, weights: torch.Tensor | np.ndarray, preprocessing: dict[str, Any],
@@ -49,22 +83,7 @@ def overlay(photo: Image.Image, weights: torch.Tensor | np.ndarray, preprocessin
         preprocessing: the backbone's preprocessing (``resize``, ``crop``) from the model's config.
         strength: how much of the heat map is blended in where attention peaks (0..1).
     """
-    photo = photo.convert("RGB")
-    w = np.asarray(weights, dtype=np.float32)
-    if w.ndim != 2:
-        raise ValueError(f"weights must be (h, w), got shape {w.shape}")
-    w = w / max(float(w.max()), 1e-12)  # each word's map scaled to its own peak
-    box = crop_box(photo.size, preprocessing)
-    bw, bh = max(1, box[2] - box[0]), max(1, box[3] - box[1])
-    # bilinear upsampling of the grid to the crop, on cell centres (as the CNN's receptive fields are)
-    big = np.asarray(Image.fromarray(w).resize((bw, bh), Image.BILINEAR), dtype=np.float32).clip(0, 1)
-    base = np.asarray(photo, dtype=np.float32)
-    out = base * 0.35  # outside the crop: dimmed, the model never saw it
-    region = base[box[1]:box[1] + bh, box[0]:box[0] + bw]
-    a = (strength * big)[..., None]
-    lit = region * (0.45 + 0.55 * big[..., None])  # darken where the model did not look
-    out[box[1]:box[1] + bh, box[0]:box[0] + bw] = lit * (1 - a) + _colour(big) * a
-    return Image.fromarray(out.clip(0, 255).astype(np.uint8))
+    return PhotoOverlay(photo, preprocessing, strength)(weights)
 
 
 def _font(size: int) -> ImageFont.ImageFont:
@@ -101,10 +120,11 @@ def attention_figure(photo: Image.Image, words: Sequence[str], maps: torch.Tenso
     rows = -(-len(words) // cols)
     sheet = Image.new("RGB", (cols * (panel_width + pad) + pad, rows * (ph + label_h + pad) + pad), "white")
     draw = ImageDraw.Draw(sheet)
+    draw_map = PhotoOverlay(small, preprocessing)
     for i, (word, m) in enumerate(zip(words, maps)):
         x = pad + (i % cols) * (panel_width + pad)
         y = pad + (i // cols) * (ph + label_h + pad)
-        sheet.paste(overlay(small, m, preprocessing), (x, y))
+        sheet.paste(draw_map(m), (x, y))
         tw = draw.textlength(word, font=font)
         draw.text((x + (panel_width - tw) / 2, y + ph + 3), word, fill="black", font=font)
     return sheet
