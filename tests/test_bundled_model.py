@@ -1,5 +1,6 @@
-"""The model that ships in models/flickr8k-lite0: it loads and captions offline on a fresh clone, and
-the figures in its model card are reproduced by the project's own evaluation."""
+"""The models that ship in models/: the default flickr8k-lite0 (pooled) and flickr8k-lite0-attention.
+Each loads and captions offline on a fresh clone, and the figures in its model card are reproduced
+by the project's own evaluation."""
 from __future__ import annotations
 
 import json
@@ -13,19 +14,23 @@ from storyteller.vocab import SPECIAL_TOKENS
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "models" / "flickr8k-lite0"
+ATTENTION = REPO / "models" / "flickr8k-lite0-attention"
 EXAMPLES = REPO / "examples"
+SHIPPED = pytest.mark.parametrize("model_dir", [BUNDLED, ATTENTION], ids=["pooled", "attention"])
 
 
-def card_evaluation() -> dict:
-    data = json.loads((BUNDLED / "evaluation.json").read_text(encoding="utf-8"))
+def card_evaluation(model_dir=BUNDLED) -> dict:
+    data = json.loads((model_dir / "evaluation.json").read_text(encoding="utf-8"))
     return next(e for e in data["evaluations"] if e["split"] == "validation")
 
 
-def test_bundled_model_captions_the_example_photos_offline(monkeypatch):
+@SHIPPED
+def test_bundled_model_captions_the_example_photos_offline(monkeypatch, model_dir):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("STORYTELLER_MODEL", raising=False)
-    captioner = load()  # no name: the bundled model
-    assert Path(captioner.info["model"]).resolve() == BUNDLED.resolve()
+    captioner = load() if model_dir == BUNDLED else load(model_dir)  # no name: the bundled model
+    assert Path(captioner.info["model"]).resolve() == model_dir.resolve()
+    assert captioner.has_attention == (model_dir == ATTENTION)
     human = json.loads((EXAMPLES / "captions.json").read_text(encoding="utf-8"))["captions"]
     names = sorted(human)
     results = captioner.caption([captioner.load_image(EXAMPLES / n) for n in names])
@@ -39,25 +44,32 @@ def test_bundled_model_captions_the_example_photos_offline(monkeypatch):
     other = evaluate_captions(beam, [human[n] for n in names[1:] + names[:1]])
     assert own["bleu1"] > 0.4, (beam, own)
     assert own["f1"] > other["f1"] + 0.1, (beam, own, other)
+    if captioner.has_attention:  # one map per word, each a distribution over the 7x7 grid
+        for r in results:
+            cap = r.beam[0]
+            assert cap.attention.shape == (len(cap.tokens), 7, 7)
+            assert cap.attention.flatten(1).sum(1) == pytest.approx([1.0] * len(cap.tokens), abs=1e-4)
 
 
-def test_card_reports_the_validation_figures():
-    ev = card_evaluation()
-    card = (BUNDLED / "README.md").read_text(encoding="utf-8")
-    beam = json.loads((BUNDLED / "config.json").read_text(encoding="utf-8"))["extra"]["decoding"]["beam_size"]
+@SHIPPED
+def test_card_reports_the_validation_figures(model_dir):
+    ev = card_evaluation(model_dir)
+    card = (model_dir / "README.md").read_text(encoding="utf-8")
+    beam = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))["extra"]["decoding"]["beam_size"]
     bleu4 = ev["methods"][f"beam{beam}"]["bleu4"]
     assert f"{bleu4:.3f}" in card
     assert ev["num_images"] == 1000
 
 
-def test_bundled_model_reproduces_its_card_bleu4(flickr8k_dir, tmp_path):
+@SHIPPED
+def test_bundled_model_reproduces_its_card_bleu4(flickr8k_dir, tmp_path, model_dir):
     from train.evaluate import main as evaluate
 
-    ev = card_evaluation()
-    beam = json.loads((BUNDLED / "config.json").read_text(encoding="utf-8"))["extra"]["decoding"]["beam_size"]
+    ev = card_evaluation(model_dir)
+    beam = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))["extra"]["decoding"]["beam_size"]
     out = tmp_path / "eval.json"
     # live features from the photos (not the cache the card was made from): the app's path
-    evaluate(["--model", str(BUNDLED), "--dataset", str(flickr8k_dir), "--split", "validation",
+    evaluate(["--model", str(model_dir), "--dataset", str(flickr8k_dir), "--split", "validation",
               "--beam", str(beam), "--examples", "0", "--out", str(out)])
     got = json.loads(out.read_text(encoding="utf-8"))["methods"][f"beam{beam}"]["bleu4"]
     assert got == pytest.approx(ev["methods"][f"beam{beam}"]["bleu4"], abs=0.01)
