@@ -14,6 +14,26 @@ import numpy as np
 from PIL import Image
 
 
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220)}
+
+
+def colour_imagefolder(data: Path, per_split: dict[str, int]) -> Path:
+    """A tiny imagefolder of flat-colour PNGs: ``per_split[split]`` photos of each colour, captioned
+    "a <colour> picture" / "all <colour>"."""
+    import json
+
+    for split, n in per_split.items():
+        (data / split).mkdir(parents=True)
+        lines = []
+        for colour, rgb in COLOURS.items():
+            for _ in range(n):
+                name = f"{split}{len(lines)}.png"
+                Image.new("RGB", (64, 48), rgb).save(data / split / name)
+                lines.append(json.dumps({"file_name": name, "captions": [f"a {colour} picture", f"all {colour}"]}))
+        (data / split / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return data
+
+
 def photo_like(size: tuple[int, int] = (320, 240), seed: int = 0) -> Image.Image:
     """A noisy RGB image (JPEG-compresses like a photo, unlike a flat colour)."""
     rng = np.random.default_rng(seed)

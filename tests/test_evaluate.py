@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.helpers_images import colour_imagefolder
 from storyteller.data import open_captioned_images
 from storyteller.decoding import beam_search, greedy_search
 from storyteller.features import FeatureCache
@@ -16,7 +17,6 @@ from storyteller.model import ShowAndTell
 from storyteller.vocab import Vocabulary
 from train import evaluate
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220)}
 
 
 @pytest.fixture(scope="module")
@@ -24,15 +24,7 @@ def setup(tmp_path_factory):
     """A 9-image imagefolder, its cache from a random-weights lite0, and an untrained model on that backbone."""
     root = tmp_path_factory.mktemp("eval")
     data = root / "data"
-    for split, n in (("train", 1), ("validation", 2)):
-        (data / split).mkdir(parents=True)
-        lines = []
-        for colour, rgb in COLOURS.items():
-            for k in range(n):
-                name = f"{split}{len(lines)}.png"
-                Image.new("RGB", (64, 48), rgb).save(data / split / name)
-                lines.append(json.dumps({"file_name": name, "captions": [f"a {colour} picture", f"all {colour}"]}))
-        (data / split / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    colour_imagefolder(data, {"train": 1, "validation": 2})
     from train import extract
 
     threads = torch.get_num_threads()

@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.helpers_images import colour_imagefolder
 from storyteller.card import local_paths, published_local_paths
 from train import bundle, evaluate, extract, fit
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220)}
 
 
 @pytest.fixture(scope="module")
@@ -21,15 +21,7 @@ def pipeline(tmp_path_factory) -> dict[str, Path]:
     """extract -> fit -> bundle -> evaluate --write-to-model on a 9-photo imagefolder, every path absolute."""
     root = tmp_path_factory.mktemp("paths").resolve()
     data = root / "secret-home" / "flickr-mini"
-    for split, n in (("train", 2), ("validation", 1)):
-        (data / split).mkdir(parents=True)
-        lines = []
-        for colour, rgb in COLOURS.items():
-            for k in range(n):
-                name = f"{split}{len(lines)}.png"
-                Image.new("RGB", (64, 48), rgb).save(data / split / name)
-                lines.append(json.dumps({"file_name": name, "captions": [f"a {colour} picture", f"all {colour}"]}))
-        (data / split / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    colour_imagefolder(data, {"train": 2, "validation": 1})
     threads = torch.get_num_threads()
     try:
         extract.main(["--dataset", str(data), "--backbone", "efficientnet_lite0", "--random-weights", "--out",
