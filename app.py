@@ -3,7 +3,7 @@
     python app.py [--model M] [--revision R] [--host 127.0.0.1] [--port 7860] [--concurrency N] [--threads T]
     STORYTELLER_MODEL=user/model gradio app.py      # reload mode; the env var picks the model
 
-The model (``--model``, else ``$STORYTELLER_MODEL``, else the bundled ``models/flickr8k-lite0/``) is
+The model (``--model``, else ``$STORYTELLER_MODEL``, else the bundled ``models/flickr8k-lite0-scst/``) is
 loaded once at start-up; the handlers are pure functions of their inputs. A photo is captioned as
 soon as it arrives (upload, paste, webcam, example click); the button re-runs with new settings. On
 the page a refused input is one notice above cleared outputs and one log line; for API callers
@@ -15,7 +15,7 @@ API: ``Client(url).predict(handle_file("photo.jpg"), 5, 20, 0.0, api_name="/capt
 
 Example::
 
-    python app.py --model models/flickr8k-lite0 --port 7860
+    python app.py --model models/flickr8k-lite0-attention --port 7860
 """
 from __future__ import annotations
 
@@ -390,7 +390,7 @@ def build_demo(captioner: Captioner, concurrency: int = DEFAULT_CONCURRENCY, max
 def _parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Neural Storyteller web app.")
     p.add_argument("--model", default=None,
-                   help="local model folder or Hub repo id (default: $STORYTELLER_MODEL, else models/flickr8k-lite0)")
+                   help="local model folder or Hub repo id (default: $STORYTELLER_MODEL, else models/flickr8k-lite0-scst)")
     p.add_argument("--revision", default=None, help="Hub branch, tag or commit")
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                    help="address to bind (default 127.0.0.1; a Space sets GRADIO_SERVER_NAME)")

@@ -13,14 +13,14 @@
    evaluation or card names an absolute path of some machine is refused.
 4. With ``--space-id``: push the Space — ``app.py``, ``requirements.txt``, ``storyteller/``,
    ``examples/``, a ``README.md`` with the Space front matter, and the model folder bundled as
-   ``models/flickr8k-lite0/`` (the app's default model, so the Space needs no download at start-up).
+   ``models/flickr8k-lite0-scst/`` (the app's default model, so the Space needs no download at start-up).
 
 The token comes from ``hf auth login`` or ``HF_TOKEN``. ``--dry-run`` validates, renders the card in
 a temporary copy, lists what would be uploaded, and makes no network call and no change.
 
 Example::
 
-    python hub_upload.py models/flickr8k-lite0 --repo-id me/storyteller-flickr8k-lite0 --space-id me/storyteller --dry-run
+    python hub_upload.py models/flickr8k-lite0-scst --repo-id me/storyteller-flickr8k-lite0-scst --space-id me/storyteller --dry-run
 """
 from __future__ import annotations
 
@@ -31,12 +31,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from storyteller.captioner import MODEL_EXAMPLES_GLOB, MODEL_FILES, OPTIONAL_MODEL_FILES
+from storyteller.captioner import DEFAULT_MODEL_DIR, MODEL_EXAMPLES_GLOB, MODEL_FILES, OPTIONAL_MODEL_FILES
 from storyteller.card import CARD_FILE as CARD
 from storyteller.vocab import SPECIAL_TOKENS
 
 REPO = Path(__file__).resolve().parent
-SPACE_MODEL_DIR = "models/flickr8k-lite0"  # the app's default model folder
+SPACE_MODEL_DIR = DEFAULT_MODEL_DIR.relative_to(REPO).as_posix()  # the app's default model folder: models/flickr8k-lite0-scst
 SPACE_SOURCES = ("app.py", "requirements.txt", "LICENSE")
 
 
@@ -141,7 +141,7 @@ def stage_space(model_dir: Path, repo_id: str, space_id: str, dest: Path) -> lis
     """Copy what the Space needs into ``dest``; returns the staged files (relative paths, sorted).
 
     Args:
-        model_dir: the (validated) model folder, bundled as ``models/flickr8k-lite0``.
+        model_dir: the (validated) model folder, bundled as ``SPACE_MODEL_DIR``.
         repo_id: the model repo (for the README front matter).
         space_id: the Space.
         dest: an empty staging folder.

@@ -14,11 +14,11 @@ warning (on stderr; in the JSON's ``warnings``). An image that cannot be read ge
 ``--attention DIR`` (attention models) also writes ``DIR/<image name>.attention.png`` per image:
 the photo under the heat map of each word of the beam caption, the word below each panel.
 ``--model`` takes a local model folder or a Hub repo id; without it, ``$STORYTELLER_MODEL`` or the
-bundled ``models/flickr8k-lite0/``. ``info`` prints the model's backbone, sizes and scores as JSON.
+bundled ``models/flickr8k-lite0-scst/``. ``info`` prints the model's backbone, sizes and scores as JSON.
 
 Example::
 
-    python -m storyteller caption --model models/flickr8k-lite0 --beam 5 examples/*.jpg
+    python -m storyteller caption --model models/flickr8k-lite0-scst --beam 5 examples/*.jpg
     python -m storyteller caption --attention attention_maps/ examples/*.jpg   # with an attention model
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def model_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--model", default=None,
-                        help="local model folder or Hub repo id (default: $STORYTELLER_MODEL, else models/flickr8k-lite0)")
+                        help="local model folder or Hub repo id (default: $STORYTELLER_MODEL, else models/flickr8k-lite0-scst)")
         sp.add_argument("--revision", default=None, help="Hub branch, tag or commit (repo ids only)")
         sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
 

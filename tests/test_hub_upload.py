@@ -11,6 +11,7 @@ import pytest
 from gradio_client import Client, handle_file
 
 import hub_upload
+from hub_upload import SPACE_MODEL_DIR
 from tests.helpers_models import save_test_model
 from tests.helpers_server import REPO, running_app
 
@@ -74,8 +75,8 @@ def test_dry_run_with_a_space(model_dir, hub, capsys):
     assert res["model_files"] == ["config.json", "model.safetensors", "vocab.json", "evaluation.json", "README.md"]
     space = set(res["space_files"])
     for f in ("app.py", "requirements.txt", "README.md", "storyteller/captioner.py", "storyteller/images.py",
-              "models/flickr8k-lite0/config.json", "models/flickr8k-lite0/model.safetensors",
-              "models/flickr8k-lite0/vocab.json", "models/flickr8k-lite0/README.md"):
+              f"{SPACE_MODEL_DIR}/config.json", f"{SPACE_MODEL_DIR}/model.safetensors",
+              f"{SPACE_MODEL_DIR}/vocab.json", f"{SPACE_MODEL_DIR}/README.md"):
         assert f in space, f
     assert any(f.startswith("examples/") and f.endswith(".jpg") for f in space)
     assert not any("__pycache__" in f or f.endswith(".pyc") for f in space)
@@ -158,6 +159,6 @@ def test_card_thumbnails_and_curves_are_uploaded(model_dir, hub, capsys):
     listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
     assert "examples/img1.jpg" in listed and "metric_curve.png" in listed
     res = hub_upload.publish(model_dir, "me/tiny", dry_run=True, space_id="me/space", log=lambda *a: None)
-    assert "models/flickr8k-lite0/examples/img1.jpg" in res["space_files"]
+    assert f"{SPACE_MODEL_DIR}/examples/img1.jpg" in res["space_files"]
     hub_upload.publish(model_dir, "me/tiny", log=lambda *a: None)
     assert "examples/img1.jpg" in hub[-1][2]["allow_patterns"]

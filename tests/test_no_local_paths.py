@@ -93,8 +93,9 @@ def test_hub_upload_refuses_a_folder_that_names_a_local_path(pipeline, tmp_path)
     hub_upload.publish(pipeline["bundled"], "me/model", dry_run=True, log=lambda *a: None)  # the clean one passes
 
 
-def test_the_bundled_model_names_no_local_path():
-    bundled = Path(__file__).resolve().parents[1] / "models" / "flickr8k-lite0"
+@pytest.mark.parametrize("name", ["flickr8k-lite0-scst", "flickr8k-lite0", "flickr8k-lite0-attention"])
+def test_the_shipped_models_name_no_local_path(name):
+    bundled = Path(__file__).resolve().parents[1] / "models" / name
     assert published_local_paths(bundled) == {}
     config = json.loads((bundled / "config.json").read_text(encoding="utf-8"))
     assert config["extra"]["dataset"]["name"] == "flickr8k"

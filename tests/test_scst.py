@@ -156,6 +156,29 @@ def test_forward_rows_match_the_models_packed_order(init_run):
         scst.forward_rows(caps, lengths, targets.flip(0) + 1)
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_policy_forward_is_the_eval_function_in_train_mode(device):
+    """The policy's log-probabilities are computed in training mode (cuDNN refuses to differentiate an
+    eval-mode nn.LSTM) with dropout off: equal to eval mode, no random numbers drawn, modes restored."""
+    torch.manual_seed(0)
+    vocab = Vocabulary.build([" ".join(WORDS)] * 5, min_freq=1)
+    model = ShowAndTell(len(vocab), feature_dim=12, embed_dim=8, hidden_dim=16, num_layers=2, dropout=0.5).to(device)
+    model.eval()
+    feats = torch.randn(6, 12, device=device)
+    caps, lengths = scst.sample_captions(model, feats, 1, 6, torch.Generator(device=device).manual_seed(0))
+    with torch.no_grad():
+        want, _ = model(feats, caps, lengths)
+    state = torch.get_rng_state()
+    with scst.dropout_off_train_mode(model):
+        assert model.training
+        got, _ = model(feats, caps, lengths)
+        got.sum().backward()  # the step CUDA refused in eval mode
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.allclose(got, want, atol=1e-5 if device == "cuda" else 0, rtol=0)
+    assert not model.training and model.lstm.dropout == 0.5
+    assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {0.5}
+
+
 # -- the command -----------------------------------------------------------------------------------
 
 def test_scst_writes_run_folder_and_exports_a_fine_tuned_model(init_run, cache, tmp_path):

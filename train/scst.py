@@ -36,6 +36,7 @@ starting model, with the bad-ending rule in its decoding settings.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import sys
 import time
@@ -243,6 +244,30 @@ def forward_rows(captions: torch.Tensor, lengths: torch.Tensor, targets: torch.T
     raise ValueError("model.forward returned its positions in an unknown order (neither packed nor batch-major)")
 
 
+@contextlib.contextmanager
+def dropout_off_train_mode(model: torch.nn.Module):
+    """Training mode with every dropout at p = 0: the function of eval mode (the policy that sampled),
+    in the mode cuDNN needs for an RNN forward that is differentiated (on CUDA, ``nn.LSTM`` in eval mode
+    raises "cudnn RNN backward can only be called in training mode"). Dropout at p = 0 returns its input
+    unchanged and draws no random numbers, so CPU results are bit-identical to eval mode."""
+    drops = [(m, m.p) for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    rnns = [(m, m.dropout) for m in model.modules() if isinstance(m, torch.nn.RNNBase)]
+    was_training = model.training
+    try:
+        for m, _ in drops:
+            m.p = 0.0
+        for m, _ in rnns:
+            m.dropout = 0.0
+        model.train(True)
+        yield model
+    finally:
+        model.train(was_training)
+        for m, p in drops:
+            m.p = p
+        for m, p in rnns:
+            m.dropout = p
+
+
 def policy_loss(forward: torch.nn.Module, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
                 advantage: torch.Tensor) -> torch.Tensor:
     """-mean over samples of advantage x (mean log-probability of the sample's tokens), with gradient.
@@ -351,7 +376,7 @@ def scst_step(policy: torch.nn.Module, model: torch.nn.Module, optimizer: torch.
         base = weights.get("cider", 0.0) * cider + weights.get("bleu4", 0.0) * bleu4  # (B,)
     adv = torch.from_numpy(advantages(reward, k, base)).float()  # (B*k,)
     tc = time.perf_counter()
-    with torch.autocast(**autocast):
+    with torch.autocast(**autocast), dropout_off_train_mode(model):
         loss = policy_loss(policy, feats.repeat_interleave(k, dim=0), captions, lengths, adv)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
