@@ -6,7 +6,7 @@
 """
 from __future__ import annotations
 
-from .decoding import Caption, beam_search, greedy_search
+from .decoding import Caption, beam_search, greedy_and_beam_search, greedy_search
 from .metrics import evaluate_captions
 from .model import ShowAndTell
 from .vocab import Vocabulary, tokenize
@@ -30,5 +30,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'storyteller' has no attribute {name!r}")
 
 
-__all__ = ["Caption", "ShowAndTell", "Vocabulary", "beam_search", "evaluate_captions", "greedy_search",
+__all__ = ["Caption", "ShowAndTell", "Vocabulary", "beam_search", "evaluate_captions", "greedy_and_beam_search", "greedy_search",
            "tokenize", *_LAZY]

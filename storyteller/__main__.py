@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="local model folder or Hub repo id (default: $STORYTELLER_MODEL, else models/flickr8k-lite0-scst)")
         sp.add_argument("--revision", default=None, help="Hub branch, tag or commit (repo ids only)")
         sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+        sp.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "int8"],
+                        help="decoder weights on a CPU (default: $STORYTELLER_PRECISION, else auto: the fastest "
+                             "this CPU supports)")
 
     c = sub.add_parser("caption", help="caption image files")
     model_args(c)
@@ -155,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .captioner import ModelLoadError, load
 
     try:
-        captioner = load(args.model, revision=args.revision, device=args.device)
+        captioner = load(args.model, revision=args.revision, device=args.device, precision=args.precision)
     except ModelLoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

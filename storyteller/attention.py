@@ -28,6 +28,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from .model import HubDecoder
+from .precision import packed
 from .vocab import Vocabulary
 
 DECODER = "show_attend_tell"
@@ -122,26 +123,48 @@ class ShowAttendTell(
         h[:, rows], c[:, rows] = sub[0], sub[1]
         return h, c, img, V, enc  # rows never change photo within a step
 
-    def attend(self, h: torch.Tensor, img: torch.Tensor | None, V: torch.Tensor, enc: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gated context (N, D) and attention weights alpha (N, R) for hidden states h (N, H)."""
+    def attend(self, h: torch.Tensor, img: torch.Tensor | None, V: torch.Tensor, enc: torch.Tensor,
+               fast=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gated context (N, D) and attention weights alpha (N, R) for hidden states h (N, H).
+        ``fast``: packed low-precision step weights (``storyteller.precision``), or None."""
         if img is not None:  # rows -> their photo's regions
             V, enc = V[img], enc[img]  # (N, R, D), (N, R, A)
-        e = self.att_out(torch.tanh(enc + self.att_hid(h)[:, None, :])).squeeze(-1)  # (N, R)
+        q = fast["att_hid"](h) if fast is not None else self.att_hid(h)  # (N, A)
+        e = self.att_out(torch.tanh(enc + q[:, None, :])).squeeze(-1)  # (N, R)
         alpha = torch.softmax(e.float(), dim=-1).to(V.dtype)
         context = torch.bmm(alpha[:, None, :], V).squeeze(1)  # (N, D)
-        return torch.sigmoid(self.gate(h)) * context, alpha
+        beta = fast["gate"](h) if fast is not None else self.gate(h)  # (N, D)
+        return torch.sigmoid(beta) * context, alpha
 
     def step(self, tokens: torch.Tensor, state: AttentionState, return_attention: bool = False):
         """One decoder step. tokens (N,) -> log-probabilities (N, V), the new state, and with
         ``return_attention`` the attention weights (N, R) that chose this word's context."""
         h, c, img, V, enc = state
-        context, alpha = self.attend(h[0], img, V, enc)
+        fast = packed(self)  # low-precision copies of the step's weights (storyteller.precision), or None
+        context, alpha = self.attend(h[0], img, V, enc, fast)
         x = torch.cat([self.embed_dropout(self.embed(tokens)), context], dim=-1)  # (N, E + D)
-        h1, c1 = self.cell(x, (h[0], c[0]))
-        logp = torch.log_softmax(self.head(self.out_dropout(h1)).float(), dim=-1)
+        if fast is not None:  # nn.LSTMCell on packed weights; gates in its order i, f, g, o
+            # the input's two parts (embedding, context) have their own ranges: one matrix product each,
+            # so int8 quantises each activation with its own scale
+            E = self.embed_dim
+            gates = fast["ih_word"](x[:, :E]) + fast["ih_context"](x[:, E:]) + fast["hh"](h[0])  # (N, 4H)
+            i, f, g, o = gates.chunk(4, 1)
+            c1 = torch.sigmoid(f) * c[0] + torch.sigmoid(i) * torch.tanh(g)
+            h1 = torch.sigmoid(o) * torch.tanh(c1)
+            logp = torch.log_softmax(fast["head"](h1).float(), dim=-1)
+        else:
+            h1, c1 = self.cell(x, (h[0], c[0]))
+            logp = torch.log_softmax(self.head(self.out_dropout(h1)).float(), dim=-1)
         new = (h1[None], c1[None], img, V, enc)
         return (logp, new, alpha) if return_attention else (logp, new)
+
+    def step_linears(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """The matrices ``step`` multiplies by, for ``storyteller.precision.prepare``: name -> (weight, bias)."""
+        return {"att_hid": (self.att_hid.weight, None), "gate": (self.gate.weight, self.gate.bias),
+                "ih_word": (self.cell.weight_ih[:, :self.embed_dim], self.cell.bias_ih),
+                "ih_context": (self.cell.weight_ih[:, self.embed_dim:], None),
+                "hh": (self.cell.weight_hh, self.cell.bias_hh),
+                "head": (self.head.weight, self.head.bias)}
 
     # -- teacher-forced training -----------------------------------------------------------------
     def unroll(self, features: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

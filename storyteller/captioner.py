@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .decoding import Caption, beam_search, greedy_search
+from .decoding import Caption, beam_search, greedy_and_beam_search, greedy_search
+from .precision import prepare, resolve_precision
 from .images import ImageSource, image_warnings, load_image
 from .model import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, ShowAndTell, load_decoder
 
@@ -64,7 +65,8 @@ class CaptionResult:
 
     ``beam`` holds the ``n_best`` best beam hypotheses, best first (empty when beam search was off);
     ``greedy`` is None when greedy search was off. ``timings_ms`` has ``preprocess`` (decode +
-    resize + normalise), ``backbone``, ``greedy``, ``beam`` and ``total``, for the whole batch of
+    resize + normalise), ``backbone``, ``search`` (greedy and beam search, run in one pass when both
+are on) and ``total``, for the whole batch of
     ``batch_size`` images. ``warnings`` says why the caption may be a guess (a tiny or nearly
     uniform photo; see ``storyteller.images.image_warnings``).
     """
@@ -124,6 +126,8 @@ class Captioner:
         self.decoding = {**DECODING_DEFAULTS, **_decoding_hints(model.extra)}
         # an attention decoder reads the backbone's feature grid, a pooled one its pooled vector
         self.has_attention = bool(getattr(model, "has_attention", False))
+        # the decoder step's weight precision (storyteller.precision); load() picks it, fp32 otherwise
+        self.precision, self.precision_timings = "fp32", {}
 
     @property
     def device(self) -> torch.device:
@@ -140,7 +144,8 @@ class Captioner:
                 "decoder": getattr(m, "decoder_type", "show_and_tell"),
                 "embed_dim": m.embed_dim, "hidden_dim": m.hidden_dim, "num_layers": m.num_layers,
                 "dataset": (m.extra or {}).get("dataset"), "metrics": (m.extra or {}).get("metrics") or {},
-                "evaluations": _read_evaluations(self.model_dir), "decoding": dict(self.decoding)}
+                "evaluations": _read_evaluations(self.model_dir), "decoding": dict(self.decoding),
+                "precision": self.precision}
 
     @property
     def draft_size(self) -> int:
@@ -243,12 +248,16 @@ class Captioner:
         timings["preprocess"] += timings.pop("decode")
         t2 = time.perf_counter()
         kw = dict(max_len=max_len, no_repeat_ngram_size=ngram, min_len=min_len, bad_endings=d["bad_endings"])
-        greedy_caps = greedy_search(self.model, features, **kw) if greedy else [None] * len(images)
+        if greedy and beam:  # one pass: one decoder call per step for the rows of both searches
+            greedy_caps, beam_caps = greedy_and_beam_search(self.model, features, beam_size=beam_size, alpha=alpha,
+                                                            n_best=n_best, **kw)
+        elif greedy:
+            greedy_caps, beam_caps = greedy_search(self.model, features, **kw), [[] for _ in images]
+        else:
+            greedy_caps = [None] * len(images)
+            beam_caps = beam_search(self.model, features, beam_size=beam_size, alpha=alpha, n_best=n_best, **kw)
         t3 = time.perf_counter()
-        beam_caps = (beam_search(self.model, features, beam_size=beam_size, alpha=alpha, n_best=n_best, **kw)
-                     if beam else [[] for _ in images])
-        t4 = time.perf_counter()
-        timings.update(greedy=(t3 - t2) * 1e3, beam=(t4 - t3) * 1e3, total=(t4 - t0) * 1e3)
+        timings.update(search=(t3 - t2) * 1e3, total=(t3 - t0) * 1e3)
         return [CaptionResult(g, b, dict(timings), len(images), w) for g, b, w in zip(greedy_caps, beam_caps, notes)]
 
     def attention_figure(self, image: Image.Image, caption: Caption, panel_width: int = 200, columns: int = 5
@@ -464,7 +473,7 @@ def resolve_model_dir(name_or_path: str, revision: str | None = None) -> Path:
 
 
 def load(name_or_path: str | os.PathLike | None = None, revision: str | None = None,
-         device: str | torch.device = "cpu") -> Captioner:
+         device: str | torch.device = "cpu", precision: str | None = None) -> Captioner:
     """Load a captioner: the decoder, its vocabulary, and the backbone named in its config.
 
     Args:
@@ -473,6 +482,9 @@ def load(name_or_path: str | os.PathLike | None = None, revision: str | None = N
             ``models/flickr8k-lite0-scst/``.
         revision: Hub branch, tag or commit to load (repo ids only).
         device: where to run (``"cpu"``, ``"cuda"``...).
+        precision: the decoder's step weights on a CPU: ``fp32``, ``bf16``, ``int8`` or ``auto`` (default:
+            ``$STORYTELLER_PRECISION``, else ``auto``: the fastest this CPU supports, by a one-off
+            micro-benchmark of one decoder step; see ``storyteller.precision``). A GPU runs fp32.
 
     Returns:
         a ready :class:`Captioner` in eval mode.
@@ -504,4 +516,12 @@ def load(name_or_path: str | os.PathLike | None = None, revision: str | None = N
         backbone = create_backbone(config["backbone"], device=device)
     except (ValueError, TypeError, KeyError, RuntimeError) as e:
         raise ModelLoadError(f"{source}: cannot build its backbone {_backbone_name(config)!r}: {e}") from None
-    return Captioner(model.to(device), backbone, source=source, revision=revision, model_dir=model_dir)
+    model = model.to(device).eval()
+    try:
+        chosen, step_ms = resolve_precision(precision, model)
+        prepare(model, chosen)
+    except ValueError as e:
+        raise ModelLoadError(f"{source}: {e}") from None
+    captioner = Captioner(model, backbone, source=source, revision=revision, model_dir=model_dir)
+    captioner.precision, captioner.precision_timings = chosen, step_ms
+    return captioner

@@ -109,23 +109,28 @@ def _live_step(model, tokens: torch.Tensor, state, live: torch.Tensor, attention
     return logp, _scatter(model, state, idx, sub), alpha
 
 
-def _bad_ending_ids(vocab: Vocabulary, bad_endings) -> torch.Tensor | None:
+def _bad_ending_ids(vocab: Vocabulary, bad_endings, device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """(len(vocab),) bool table: True for the ids a caption may not end on; None when there are none."""
     if not bad_endings:
         return None
     if isinstance(bad_endings, str):
         raise TypeError("bad_endings must be a sequence of words, not one string")
     ids = sorted({vocab.stoi[w] for w in bad_endings if w in vocab.stoi and vocab.stoi[w] > Vocabulary.unk_id})
-    return torch.tensor(ids, dtype=torch.long) if ids else None
+    if not ids:
+        return None
+    table = torch.zeros(len(vocab), dtype=torch.bool, device=device)
+    table[ids] = True
+    return table
 
 
 def _mask(logp: torch.Tensor, history: torch.Tensor, suppress_unk: bool, no_repeat_ngram_size: int,
           min_len: int, bad_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Forbid special tokens, too-early <end>, <end> after a bad ending, and repeated n-grams.
 
-    logp (N, V), history (N, t) emitted ids. A row left with no allowed token may take ``<end>``.
+    logp (N, V), changed in place (callers pass the step's fresh output), history (N, t) emitted ids,
+    bad_ids the (V,) table of ``_bad_ending_ids``. A row left with no allowed token may take ``<end>``.
     """
     raw_end = logp[:, Vocabulary.end_id].clone()
-    logp = logp.clone()
     logp[:, Vocabulary.pad_id] = float("-inf")
     logp[:, Vocabulary.start_id] = float("-inf")
     if suppress_unk:
@@ -134,7 +139,7 @@ def _mask(logp: torch.Tensor, history: torch.Tensor, suppress_unk: bool, no_repe
     if t < min_len:  # live sequences have emitted t words so far
         logp[:, Vocabulary.end_id] = float("-inf")
     if bad_ids is not None and t > 0:
-        ends_badly = torch.isin(history[:, -1], bad_ids.to(history.device))  # (N,)
+        ends_badly = bad_ids[history[:, -1]]  # (N,)
         logp[:, Vocabulary.end_id] = logp[:, Vocabulary.end_id].masked_fill(ends_badly, float("-inf"))
     if n > 0 and t >= n:
         windows = history.unfold(1, n, 1)  # (N, t-n+1, n): every n-gram emitted so far
@@ -180,6 +185,126 @@ def _grid_of(features: torch.Tensor) -> tuple[int, int] | None:
     return (int(features.shape[1]), int(features.shape[2])) if features.dim() == 4 else None
 
 
+class _Beams:
+    """The hypotheses of one search over B images: K per image, as (B, K) tensors.
+
+    A greedy search is the width-1 case that takes the argmax of each step (``greedy=True``), exactly
+    what greedy decoding does; a beam search ranks all K x V extensions of each image by their
+    length-normalised score. Finished hypotheses stay in their slot, continuing with ``<pad>`` at zero cost.
+    """
+
+    def __init__(self, B: int, K: int, greedy: bool, alpha: float, device: torch.device):
+        self.B, self.K, self.greedy, self.alpha = B, K, greedy, alpha
+        self.scores = torch.full((B, K), float("-inf"), device=device)  # raw log-prob sums
+        self.scores[:, 0] = 0.0  # all beams start identical: expand one, or the top-K would be K copies
+        self.lengths = torch.zeros((B, K), dtype=torch.long, device=device)
+        self.finished = torch.zeros((B, K), dtype=torch.bool, device=device)
+        self.history = torch.empty((B, K, 0), dtype=torch.long, device=device)
+        self.att = None  # (B, K, t, R) attention weights of each hypothesis's steps
+        self.offsets = torch.arange(B, device=device)[:, None] * K  # (B, 1) row of each image's first beam
+
+    @property
+    def rows(self) -> int:
+        return self.B * self.K
+
+    def live(self) -> torch.Tensor:
+        return (~self.finished & torch.isfinite(self.scores)).view(-1)  # (B*K,)
+
+    def done(self) -> bool:
+        return bool((self.finished | ~torch.isfinite(self.scores)).all())
+
+    def advance(self, logp: torch.Tensor, alpha_t: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Extend every hypothesis by one token. logp (B*K, V) masked log-probabilities (rows not live:
+        -inf), alpha_t (B*K, R) or None -> (the rows, within this search, the new hypotheses continue
+        (B*K,), their tokens (B*K,))."""
+        B, K, t = self.B, self.K, self.history.shape[2]
+        if self.greedy:  # width 1: the argmax, as greedy decoding always did
+            fin = self.finished[:, 0]
+            tok = torch.where(fin, Vocabulary.pad_id, logp.argmax(-1))  # (B,)
+            self.scores[:, 0] += torch.where(fin, 0.0, logp.gather(1, tok[:, None]).squeeze(1))
+            self.lengths[:, 0] += (~fin).long()
+            self.finished[:, 0] = fin | (tok == Vocabulary.end_id)
+            self.history = torch.cat([self.history, tok.view(B, 1, 1)], 2)
+            if alpha_t is not None:
+                step = alpha_t.view(B, 1, 1, -1)
+                self.att = step if self.att is None else torch.cat([self.att, step], 2)
+            return torch.arange(B, device=logp.device), tok
+        V = logp.shape[-1]
+        logp = logp.view(B, K, V)
+        # a finished hypothesis has one continuation, <pad>, at zero cost: it keeps its slot
+        done_row = torch.full((V,), float("-inf"), device=logp.device)
+        done_row[Vocabulary.pad_id] = 0.0
+        logp = torch.where(self.finished[..., None], done_row, logp)
+        cand = self.scores[..., None] + logp  # (B, K, V) raw scores of every extension
+        cand_len = self.lengths + (~self.finished).long()  # (B, K)
+        ranked = cand / _length_penalty(cand_len, self.alpha)[..., None] if self.alpha else cand
+        _, top = ranked.view(B, K * V).topk(K, dim=1)  # (B, K) best extensions per image
+        beam, tok = top // V, top % V
+        self.scores = cand.view(B, K * V).gather(1, top)
+        self.lengths = cand_len.gather(1, beam)
+        self.finished = self.finished.gather(1, beam) | (tok == Vocabulary.end_id)
+        self.history = torch.cat([self.history.gather(1, beam[..., None].expand(-1, -1, t)), tok[..., None]], 2)
+        if alpha_t is not None:
+            R = alpha_t.shape[-1]
+            step_att = alpha_t.view(B, K, 1, R)
+            if self.att is not None:
+                step_att = torch.cat([self.att, step_att], 2)  # (B, K, t+1, R) before reordering
+            self.att = step_att.gather(1, beam[:, :, None, None].expand(-1, -1, t + 1, R))
+        return (beam + self.offsets).view(-1), tok.view(-1)
+
+    def captions(self, vocab: Vocabulary, n_best: int, grid: tuple[int, int] | None) -> list[list[Caption]]:
+        """Per image, up to ``n_best`` captions best first (greedy: its one caption, score = log_prob)."""
+        final = self.scores if self.greedy else self.scores / _length_penalty(self.lengths, self.alpha)
+        order = final.argsort(dim=1, descending=True, stable=True)
+        results = []
+        for b in range(self.B):
+            caps = []
+            for k in order[b].tolist():
+                if not torch.isfinite(self.scores[b, k]) or len(caps) == n_best:
+                    continue
+                caps.append(_to_caption(vocab, self.history[b, k].tolist(), float(self.scores[b, k]),
+                                        float(final[b, k]), None if self.att is None else self.att[b, k], grid))
+            results.append(caps)
+        return results
+
+
+def _search(model, features: torch.Tensor, searches: list[tuple[int, bool, float]], vocab: Vocabulary,
+            max_len: int, suppress_unk: bool, no_repeat_ngram_size: int, min_len: int,
+            bad_endings: Sequence[str]) -> list[_Beams]:
+    """Run several searches (``(width, greedy, alpha)`` each) over the same images in one decoder call
+    per step: their rows are stacked, [search 0: B*K0 rows | search 1: B*K1 rows | ...], so the
+    weights are read once per step for all of them, and rows whose caption ended drop out of the call."""
+    _check(model, features, max_len, min_len)
+    want_att = bool(getattr(model, "has_attention", False))
+    bad_ids = _bad_ending_ids(vocab, bad_endings, features.device)
+    with _eval_mode(model):
+        B, dev = features.shape[0], features.device
+        groups = [_Beams(B, K, greedy, alpha, dev) for K, greedy, alpha in searches]
+        starts = [0]
+        for g in groups:
+            starts.append(starts[-1] + g.rows)
+        state = model.init_state(features)  # B rows, one per image
+        if any(g.K > 1 for g in groups) or len(groups) > 1:  # image-major rows of every search
+            state = _select(model, state, torch.cat([torch.arange(B, device=dev).repeat_interleave(g.K) for g in groups]))
+        tokens = torch.full((starts[-1],), Vocabulary.start_id, dtype=torch.long, device=dev)
+        for t in range(max_len):
+            live = torch.cat([g.live() for g in groups])
+            logp, state, alpha_t = _live_step(model, tokens, state, live, want_att)
+            history = torch.cat([g.history.view(g.rows, t) for g in groups])
+            logp = _mask(logp, history, suppress_unk, no_repeat_ngram_size, min_len, bad_ids)
+            rows, toks = [], []
+            for g, s0 in zip(groups, starts):
+                r, tok = g.advance(logp[s0:s0 + g.rows], None if alpha_t is None else alpha_t[s0:s0 + g.rows])
+                rows.append(r + s0)
+                toks.append(tok)
+            if all(g.done() for g in groups):
+                break
+            if not all(g.greedy for g in groups):  # greedy rows never move; beams reorder
+                state = _select(model, state, torch.cat(rows))
+            tokens = torch.cat(toks)
+    return groups
+
+
 @torch.inference_mode()
 def greedy_search(model, features: torch.Tensor, vocab: Vocabulary | None = None, max_len: int = 20,
                   suppress_unk: bool = True, no_repeat_ngram_size: int = 0, min_len: int = 1,
@@ -200,34 +325,16 @@ def greedy_search(model, features: torch.Tensor, vocab: Vocabulary | None = None
         one :class:`Caption` per image, in input order (with ``attention`` maps for attention decoders).
     """
     vocab = vocab or model.vocab
-    _check(model, features, max_len, min_len)
-    want_att = bool(getattr(model, "has_attention", False))
-    bad_ids = _bad_ending_ids(vocab, bad_endings)
-    with _eval_mode(model):
-        B, dev = features.shape[0], features.device
-        state = model.init_state(features)
-        tokens = torch.full((B,), Vocabulary.start_id, dtype=torch.long, device=dev)
-        history = torch.empty((B, 0), dtype=torch.long, device=dev)
-        att_history = []  # per step: (B, R) attention weights
-        log_prob = torch.zeros(B, device=dev)
-        finished = torch.zeros(B, dtype=torch.bool, device=dev)
-        for _ in range(max_len):
-            logp, state, alpha = _live_step(model, tokens, state, ~finished, want_att)
-            logp = _mask(logp, history, suppress_unk, no_repeat_ngram_size, min_len, bad_ids)
-            nxt = logp.argmax(-1)  # (B,)
-            nxt = torch.where(finished, Vocabulary.pad_id, nxt)
-            log_prob += torch.where(finished, 0.0, logp.gather(1, nxt[:, None]).squeeze(1))
-            history = torch.cat([history, nxt[:, None]], 1)
-            if alpha is not None:
-                att_history.append(alpha)
-            finished |= nxt == Vocabulary.end_id
-            tokens = nxt
-            if bool(finished.all()):
-                break
-        att = torch.stack(att_history, 1) if att_history else None  # (B, steps, R)
-    grid = _grid_of(features)
-    return [_to_caption(vocab, history[b].tolist(), float(log_prob[b]), float(log_prob[b]),
-                        None if att is None else att[b], grid) for b in range(B)]
+    (g,) = _search(model, features, [(1, True, 0.0)], vocab, max_len, suppress_unk, no_repeat_ngram_size,
+                   min_len, bad_endings)
+    return [caps[0] for caps in g.captions(vocab, 1, _grid_of(features))]
+
+
+def _check_beam(beam_size: int, n_best: int) -> None:
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    if not 1 <= n_best <= beam_size:
+        raise ValueError(f"n_best must be in 1..beam_size={beam_size}, got {n_best}")
 
 
 @torch.inference_mode()
@@ -258,65 +365,28 @@ def beam_search(model, features: torch.Tensor, vocab: Vocabulary | None = None, 
         empty (with ``attention`` maps for attention decoders).
     """
     vocab = vocab or model.vocab
-    _check(model, features, max_len, min_len)
-    want_att = bool(getattr(model, "has_attention", False))
-    bad_ids = _bad_ending_ids(vocab, bad_endings)
-    if beam_size < 1:
-        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
-    if not 1 <= n_best <= beam_size:
-        raise ValueError(f"n_best must be in 1..beam_size={beam_size}, got {n_best}")
-    with _eval_mode(model):
-        B, K, dev = features.shape[0], beam_size, features.device
-        state = model.init_state(features)  # B rows
-        state = _select(model, state, torch.arange(B, device=dev).repeat_interleave(K))  # B*K rows, image-major
-        tokens = torch.full((B * K,), Vocabulary.start_id, dtype=torch.long, device=dev)
-        history = torch.empty((B, K, 0), dtype=torch.long, device=dev)
-        att_history = None  # (B, K, t, R) attention weights of each hypothesis's steps
-        scores = torch.full((B, K), float("-inf"), device=dev)  # raw log-prob sums
-        scores[:, 0] = 0.0  # all beams start identical: expand one, or the top-K would be K copies
-        lengths = torch.zeros((B, K), dtype=torch.long, device=dev)
-        finished = torch.zeros((B, K), dtype=torch.bool, device=dev)
-        offsets = torch.arange(B, device=dev)[:, None] * K  # (B, 1) row of each image's first beam
-        for t in range(max_len):
-            live = ~finished & torch.isfinite(scores)
-            logp, state, alpha_t = _live_step(model, tokens, state, live.view(-1), want_att)
-            logp = _mask(logp, history.view(B * K, t), suppress_unk, no_repeat_ngram_size, min_len, bad_ids)
-            V = logp.shape[-1]
-            logp = logp.view(B, K, V)
-            # a finished hypothesis has one continuation, <pad>, at zero cost: it keeps its slot
-            done_row = torch.full((V,), float("-inf"), device=dev)
-            done_row[Vocabulary.pad_id] = 0.0
-            logp = torch.where(finished[..., None], done_row, logp)
-            cand = scores[..., None] + logp  # (B, K, V) raw scores of every extension
-            cand_len = lengths + (~finished).long()  # (B, K)
-            ranked = cand / _length_penalty(cand_len, alpha)[..., None]
-            _, top = ranked.view(B, K * V).topk(K, dim=1)  # (B, K) best extensions per image
-            beam, tok = top // V, top % V
-            scores = cand.view(B, K * V).gather(1, top)
-            lengths = cand_len.gather(1, beam)
-            finished = finished.gather(1, beam) | (tok == Vocabulary.end_id)
-            history = torch.cat([history.gather(1, beam[..., None].expand(-1, -1, t)), tok[..., None]], 2)
-            if alpha_t is not None:
-                R = alpha_t.shape[-1]
-                step_att = alpha_t.view(B, K, 1, R)
-                if att_history is not None:
-                    step_att = torch.cat([att_history, step_att], 2)  # (B, K, t+1, R) before reordering
-                att_history = step_att.gather(1, beam[:, :, None, None].expand(-1, -1, t + 1, R))
-            rows = (beam + offsets).view(-1)
-            state = _select(model, state, rows)
-            tokens = tok.view(-1)
-            if bool((finished | ~torch.isfinite(scores)).all()):
-                break
-        final = scores / _length_penalty(lengths, alpha)
-        order = final.argsort(dim=1, descending=True, stable=True)
+    _check_beam(beam_size, n_best)
+    (g,) = _search(model, features, [(beam_size, False, alpha)], vocab, max_len, suppress_unk,
+                   no_repeat_ngram_size, min_len, bad_endings)
+    return g.captions(vocab, n_best, _grid_of(features))
+
+
+@torch.inference_mode()
+def greedy_and_beam_search(model, features: torch.Tensor, vocab: Vocabulary | None = None, beam_size: int = 5,
+                           max_len: int = 20, alpha: float = 0.0, n_best: int = 1, suppress_unk: bool = True,
+                           no_repeat_ngram_size: int = 0, min_len: int = 1, bad_endings: Sequence[str] = ()
+                           ) -> tuple[list[Caption], list[list[Caption]]]:
+    """Greedy search and beam search of the same images in one pass: one decoder call per step for
+    the rows of both (B greedy rows, then B x beam_size beam rows), so the weights are read once per
+    step instead of twice. Same arguments and results as :func:`greedy_search` and :func:`beam_search`
+    run separately (``alpha`` and ``n_best`` are the beam search's).
+
+    Returns:
+        ``(greedy captions, beam caption lists)``, each in input order.
+    """
+    vocab = vocab or model.vocab
+    _check_beam(beam_size, n_best)
+    g, b = _search(model, features, [(1, True, 0.0), (beam_size, False, alpha)], vocab, max_len, suppress_unk,
+                   no_repeat_ngram_size, min_len, bad_endings)
     grid = _grid_of(features)
-    results = []
-    for b in range(B):
-        caps = []
-        for k in order[b].tolist():
-            if not torch.isfinite(scores[b, k]) or len(caps) == n_best:
-                continue
-            caps.append(_to_caption(vocab, history[b, k].tolist(), float(scores[b, k]), float(final[b, k]),
-                                    None if att_history is None else att_history[b, k], grid))
-        results.append(caps)
-    return results
+    return [caps[0] for caps in g.captions(vocab, 1, grid)], b.captions(vocab, n_best, grid)

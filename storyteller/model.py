@@ -31,6 +31,7 @@ import torch.nn as nn
 from huggingface_hub import PyTorchModelHubMixin
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from .precision import packed
 from .vocab import Vocabulary
 
 VOCAB_FILE = "vocab.json"
@@ -181,17 +182,33 @@ class ShowAndTell(
         """
         x = self.embed_dropout(self.embed(tokens))  # (B, E)
         h, c = state  # (L, B, H) each
+        fast = packed(self)  # low-precision copies of the step's weights (storyteller.precision), or None
         hs, cs = [], []
         for layer in range(self.num_layers):
-            w = [getattr(self.lstm, f"{n}_l{layer}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-            h_l, c_l = torch.lstm_cell(x, (h[layer], c[layer]), *w)
+            if fast is not None:  # the same cell, on packed weights; gates in nn.LSTM's order i, f, g, o
+                gates = fast[f"ih{layer}"](x) + fast[f"hh{layer}"](h[layer])  # (B, 4H)
+                i, f, g, o = gates.chunk(4, 1)
+                c_l = torch.sigmoid(f) * c[layer] + torch.sigmoid(i) * torch.tanh(g)
+                h_l = torch.sigmoid(o) * torch.tanh(c_l)
+            else:
+                w = [getattr(self.lstm, f"{n}_l{layer}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+                h_l, c_l = torch.lstm_cell(x, (h[layer], c[layer]), *w)
             hs.append(h_l)
             cs.append(c_l)
             x = h_l
             if layer < self.num_layers - 1:  # nn.LSTM's dropout between layers
                 x = nn.functional.dropout(x, self.lstm.dropout, self.training)
-        logits = self.head(self.out_dropout(x))  # (B, V)
+        logits = fast["head"](x) if fast is not None else self.head(self.out_dropout(x))  # (B, V)
         return torch.log_softmax(logits.float(), dim=-1), (torch.stack(hs), torch.stack(cs))
+
+    def step_linears(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """The matrices ``step`` multiplies by, for ``storyteller.precision.prepare``: name -> (weight, bias)."""
+        out = {}
+        for layer in range(self.num_layers):
+            out[f"ih{layer}"] = (getattr(self.lstm, f"weight_ih_l{layer}"), getattr(self.lstm, f"bias_ih_l{layer}"))
+            out[f"hh{layer}"] = (getattr(self.lstm, f"weight_hh_l{layer}"), getattr(self.lstm, f"bias_hh_l{layer}"))
+        out["head"] = (self.head.weight, self.head.bias)
+        return out
 
     # -- teacher-forced training -----------------------------------------------------------------
     def forward(self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

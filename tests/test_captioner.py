@@ -65,11 +65,34 @@ def test_caption_a_batch_returns_greedy_beam_and_timings(cap):
             assert_clean(c.text)
             assert c.log_prob < 0
         assert r.best is r.beam[0]
-        assert set(r.timings_ms) == {"preprocess", "backbone", "greedy", "beam", "total"}
+        assert set(r.timings_ms) == {"preprocess", "backbone", "search", "total"}
         assert all(v >= 0 for v in r.timings_ms.values())
         assert r.timings_ms["total"] >= r.timings_ms["backbone"]
     d = results[0].to_dict()
     assert json.loads(json.dumps(d)) == d and d["greedy"]["text"] == results[0].greedy.text
+
+
+def test_caption_runs_greedy_and_beam_in_one_pass_with_their_separate_results(cap, monkeypatch):
+    """Captioner.caption decodes greedy + beam in one pass (one decoder call per step for both), and
+    gets what greedy_search and beam_search give run separately."""
+    from storyteller.decoding import beam_search, greedy_search
+
+    images = [photo_like((500, 333), seed=s) for s in range(4)]
+    calls = []
+    step = cap.model.step
+    monkeypatch.setattr(cap.model, "step", lambda *a, **k: calls.append(a[0].shape[0]) or step(*a, **k))
+    results = cap.caption(images, beam_size=3, max_len=12, n_best=3)
+    # one call a step for the rows of both: 4 greedy + 4 beams at first (the other slots start empty), then 4 + 4 x 3
+    assert calls[:2] == [4 + 4, 4 + 4 * 3] and len(calls) <= 12
+    monkeypatch.setattr(cap.model, "step", step)
+    feats = cap.features(images)
+    kw = dict(max_len=12, no_repeat_ngram_size=cap.decoding["no_repeat_ngram_size"], bad_endings=cap.decoding["bad_endings"])
+    greedy = greedy_search(cap.model, feats, **kw)
+    beams = beam_search(cap.model, feats, beam_size=3, alpha=cap.decoding["alpha"], n_best=3, **kw)
+    for r, g, b in zip(results, greedy, beams):
+        assert r.greedy.tokens == g.tokens and r.greedy.log_prob == pytest.approx(g.log_prob, abs=1e-5)
+        assert [c.tokens for c in r.beam] == [c.tokens for c in b]
+        assert [c.score for c in r.beam] == pytest.approx([c.score for c in b], abs=1e-5)
 
 
 def test_caption_uses_the_configured_backbone_and_preprocessing(cap):

@@ -43,6 +43,7 @@ from storyteller.card import dataset_label
 from storyteller.decoding import beam_search, greedy_search
 from storyteller.fileio import atomic_path, write_json_atomic, write_text_atomic
 from storyteller.model import ShowAndTell, load_decoder
+from storyteller.precision import prepare, resolve_precision
 from storyteller.vocab import tokenize
 
 EVALUATION_FORMAT = "storyteller-evaluation-v1"
@@ -78,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="images per decoding / feature-extraction batch")
     p.add_argument("--workers", type=int, default=0, help="DataLoader processes decoding photos for live features")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8", "auto"],
+                   help="decoder step weights on a CPU (storyteller.precision; the app's default is auto). "
+                        "Default fp32, so figures do not depend on the CPU they were measured on")
     p.add_argument("--out", required=True, help="JSON file for the results")
     p.add_argument("--report", default=None, help="Markdown report file (thumbnails go to a folder beside it)")
     p.add_argument("--examples", type=int, default=5, help="random example images in the JSON and the report")
@@ -322,6 +326,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     try:
         model = load_decoder(args.model).to(device).eval()
+        precision = resolve_precision(args.precision if device.type == "cpu" else "fp32", model)[0]
+        prepare(model, precision)
     except (ValueError, OSError) as e:
         sys.exit(f"{args.model}: {e}")
     attention = bool(getattr(model, "has_attention", False))
@@ -394,7 +400,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     name, hub = dataset_label(dataset_desc if dataset_desc.get("source") else str(args.dataset or ""))
     features_name = Path(args.features).resolve().name if args.features else None
     result = {"format": EVALUATION_FORMAT, "model": model_label(args.model), "dataset": hub or name,
-              "dataset_name": name, "split": args.split, "num_images": len(ids), "features": features_name,
+              "dataset_name": name, "split": args.split, "num_images": len(ids), "precision": precision, "features": features_name,
               "backbone": model.backbone, **settings, "recommended_decoding": _decoding_hints(model.extra),
               "extraction": extraction, "methods": methods, "seed": args.seed, "examples": examples}
 

@@ -1,0 +1,233 @@
+"""Inference precision of a decoder's per-step weights on a CPU: float32, bfloat16 or int8.
+
+    precision = resolve_precision("auto", model)   # env STORYTELLER_PRECISION, else what this CPU does fastest
+    prepare(model, precision)                      # model.step now reads low-precision weights
+
+At batch 1 a decoder step is bound by memory bandwidth: the pooled model's LSTM layers and output layer
+read ~22 MB of float32 weights per step. ``prepare`` packs the step's matrices once:
+
+- ``int8``: per-output-channel int8 weights with float activations quantised per call (PyTorch's
+  dynamic-quantisation kernel, fbgemm/oneDNN; any x86-64 CPU with AVX2). A quarter of the bytes. The
+  output layer stays float32: the logits are where 8-bit activations cost accuracy.
+- ``bf16``: bfloat16 weights and activations, float32 state. Fast only where the CPU has bfloat16
+  instructions (AVX-512 BF16 or AMX); elsewhere it is emulated and slower than float32.
+- ``fp32``: the model's own weights (nothing packed).
+
+Embeddings (a row lookup), the per-photo projections of ``init_state`` and the LSTM state stay float32;
+so does training: packed weights are used only in eval mode and only while the model's weights are the
+ones that were packed (any in-place change, e.g. an optimizer step, makes ``step`` fall back to the
+model's own weights). A GPU keeps its own path (no packing; autocast where the caller asks for it).
+
+``resolve_precision("auto", model)`` times one batch-1 step of each precision this CPU supports (a few
+tens of ms, once per load) and keeps the fastest; ``STORYTELLER_PRECISION`` or an explicit value
+overrides it. The quality cost is measured on the shipped models (tests/test_precision.py, README).
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+PRECISIONS = ("fp32", "bf16", "int8")
+ENV = "STORYTELLER_PRECISION"
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where it is not readable, e.g. not Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def supported_precisions(device: torch.device | str = "cpu") -> list[str]:
+    """Precisions worth trying on ``device``: fp32 always; on a CPU also int8 where PyTorch has a
+    dynamic-quantisation engine, and bf16 where the CPU has bfloat16 instructions."""
+    if torch.device(device).type != "cpu":
+        return ["fp32"]
+    out = ["fp32"]
+    flags = cpu_flags()
+    if {"avx512_bf16", "amx_bf16"} & flags:
+        out.append("bf16")
+    if {"x86", "fbgemm", "onednn"} & set(torch.backends.quantized.supported_engines) and _int8_works():
+        out.append("int8")
+    return out
+
+
+def _int8_works() -> bool:
+    try:
+        _Int8Linear(torch.ones(4, 4), torch.zeros(4))(torch.ones(1, 4))
+        return True
+    except Exception:  # an engine listed but unusable, or a PyTorch without quantized ops
+        return False
+
+
+class _Fp32Linear:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.weight, self.bias = weight, bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class _Bf16Linear:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.weight = weight.detach().to(torch.bfloat16).contiguous()
+        self.bias = None if bias is None else bias.detach().float()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x.to(torch.bfloat16), self.weight).float()
+        return y if self.bias is None else y + self.bias
+
+
+class _Int8Linear:
+    """y = x W^T + b with W stored int8 per output channel (symmetric) and x quantised per call."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        import warnings
+
+        w = weight.detach().float()
+        scale = (w.abs().amax(1) / 127.0).clamp_min(1e-12).double()
+        with warnings.catch_warnings():  # PyTorch flags its quantized-tensor API as deprecated; it still works
+            warnings.simplefilter("ignore")
+            q = torch.quantize_per_channel(w, scale, torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
+            self.packed = torch.ops.quantized.linear_prepack(q, None if bias is None else bias.detach().float())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(x.float().contiguous(), self.packed)
+
+
+_KINDS: dict[str, Callable] = {"fp32": _Fp32Linear, "bf16": _Bf16Linear, "int8": _Int8Linear}
+FLOAT_LAYERS = ("head",)  # step matrices int8 leaves in float32
+
+
+class PackedWeights:
+    """The step's matrices of one model in one precision: ``name -> callable(x) -> y``.
+
+    Args:
+        precision: one of ``PRECISIONS``.
+        linears: ``name -> (weight (out, in), bias (out,) or None)``, the model's own tensors.
+    """
+
+    def __init__(self, precision: str, linears: dict[str, tuple[torch.Tensor, torch.Tensor | None]]):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.precision = precision
+        # int8 keeps the output layer float32: quantising the hidden state that feeds the logits cost the
+        # attention model 0.007 greedy BLEU-4 on validation; every other matrix together cost < 0.001
+        self.ops = {name: (_Fp32Linear if precision == "int8" and name in FLOAT_LAYERS else _KINDS[precision])(w, b)
+                    for name, (w, b) in linears.items()}
+        # what the packs were made from: (tensor, its version counter) -- an in-place update bumps it
+        self._sources = [(t, t._version) for w, b in linears.values() for t in (w, b) if t is not None]
+
+    def fresh(self) -> bool:
+        """True while the model's weights are still the ones that were packed."""
+        return all(t._version == v for t, v in self._sources)
+
+    def __getitem__(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        return self.ops[name]
+
+
+def prepare(model: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """Pack ``model``'s step weights in ``precision`` (``fp32`` removes any packing). Returns the model.
+
+    Args:
+        model: a decoder with ``step_linears()`` (``ShowAndTell``, ``ShowAttendTell``).
+        precision: ``fp32``, ``bf16`` or ``int8``.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp32" or not hasattr(model, "step_linears"):
+        model._packed = None
+        return model
+    if next(model.parameters()).device.type != "cpu":
+        raise ValueError(f"precision {precision!r} is for CPU inference; a GPU keeps its own path (use fp32)")
+    with torch.no_grad():
+        model._packed = PackedWeights(precision, model.step_linears())
+    return model
+
+
+def packed(model: torch.nn.Module) -> PackedWeights | None:
+    """The packed weights ``model.step`` may use now: set, in eval mode and still fresh; else None."""
+    p = getattr(model, "_packed", None)
+    if p is None or model.training or not p.fresh():
+        return None
+    return p
+
+
+@torch.inference_mode()
+def time_step(model: torch.nn.Module, features: torch.Tensor, repeats: int = 7, rows: int = 1) -> float:
+    """Median ms of one ``model.step`` for ``rows`` rows (after two warm-up steps), in the model's
+    current precision.
+
+    Args:
+        model: the decoder (eval mode).
+        features: one photo's features, (1, F) or (1, h, w, D).
+        repeats: timed steps.
+        rows: rows per step (1: one greedy caption; beam rows for a beam search).
+    """
+    state = model.init_state(features)
+    if rows > 1:
+        state = model.select_state(state, torch.zeros(rows, dtype=torch.long))
+    tokens = torch.full((rows,), 1, dtype=torch.long)  # <start>
+    times = []
+    for i in range(repeats + 2):
+        t = time.perf_counter()
+        model.step(tokens, state)
+        if i >= 2:
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def resolve_precision(requested: str | None, model: torch.nn.Module | None = None,
+                      features: torch.Tensor | None = None) -> tuple[str, dict[str, float]]:
+    """The precision to run ``model`` in, and the step timings that chose it (ms; empty if none ran).
+
+    ``requested`` (else ``$STORYTELLER_PRECISION``, else ``auto``): a name from ``PRECISIONS``, or
+    ``auto``: on a CPU, time a batch-1 step in each supported precision and keep the fastest, fp32
+    unless another is at least 10% faster; on a GPU, fp32.
+
+    Args:
+        requested: ``auto``, ``fp32``, ``bf16``, ``int8`` or None.
+        model: the decoder (needed for ``auto``).
+        features: one photo's features for the timing (``auto``; default: zeros of the model's shape).
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    requested = (requested or os.environ.get(ENV) or "auto").strip().lower()
+    if requested != "auto":
+        if requested not in PRECISIONS:
+            source = "" if requested != os.environ.get(ENV, "").strip().lower() else f" (from ${ENV})"
+            raise ValueError(f"precision must be auto, {', '.join(PRECISIONS)}; got {requested!r}{source}")
+        return requested, {}
+    if model is None:
+        return "fp32", {}
+    device = next(model.parameters()).device
+    candidates = supported_precisions(device)
+    if len(candidates) == 1:
+        return "fp32", {}
+    if features is None:
+        shape = (1, *model.grid, model.feature_dim) if getattr(model, "has_attention", False) and model.grid \
+            else (1, model.feature_dim)
+        features = torch.zeros(shape)
+    timings = {}
+    was = getattr(model, "_packed", None)
+    try:
+        for p in candidates:
+            prepare(model, p)
+            timings[p] = time_step(model, features)
+    finally:
+        model._packed = was
+    best = min(timings, key=timings.get)
+    if timings[best] > 0.9 * timings["fp32"]:
+        best = "fp32"
+    return best, timings

@@ -1,0 +1,139 @@
+"""storyteller.precision: packed low-precision step weights (int8, bf16) for both decoders, how the
+precision is chosen (argument, $STORYTELLER_PRECISION, auto), staleness after training, and the
+quality of the shipped models in int8 on the real validation photos (where ../shared is present)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from storyteller import precision as P
+from storyteller.attention import ShowAttendTell
+from storyteller.captioner import ModelLoadError, load
+from storyteller.decoding import greedy_search
+from storyteller.model import ShowAndTell
+from storyteller.vocab import Vocabulary
+from tests.helpers_models import WORDS, save_test_model
+
+INT8 = pytest.mark.skipif("int8" not in P.supported_precisions(), reason="no PyTorch int8 engine on this CPU")
+
+
+def decoders():
+    torch.manual_seed(0)
+    vocab = Vocabulary.build([" ".join(WORDS)] * 5, min_freq=1)
+    pooled = ShowAndTell(len(vocab), feature_dim=64, embed_dim=32, hidden_dim=64, num_layers=2)
+    att = ShowAttendTell(len(vocab), feature_dim=64, embed_dim=32, hidden_dim=64, attention_dim=32, grid=[3, 3])
+    for m in (pooled, att):
+        m.vocab = vocab
+        m.eval()
+    return [(pooled, torch.randn(5, 64)), (att, torch.randn(5, 3, 3, 64))]
+
+
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+@pytest.mark.parametrize("kind", [0, 1], ids=["pooled", "attention"])
+def test_packed_step_is_the_float_step_to_within_its_precision(precision, kind):
+    if precision == "int8" and "int8" not in P.supported_precisions():
+        pytest.skip("no int8 engine")
+    model, feats = decoders()[kind]
+    tokens = torch.tensor([1, 5, 6, 7, 8])
+    with torch.inference_mode():
+        state = model.init_state(feats)
+        want, want_state = model.step(tokens, state)[:2]
+        P.prepare(model, precision)
+        assert P.packed(model) is not None and P.packed(model).precision == precision
+        got, got_state = model.step(tokens, state)[:2]
+    prob_err = (got.exp() - want.exp()).abs().max().item()
+    assert 0 < prob_err < 0.02, prob_err  # packed (not the float path), and close
+    assert (got_state[0] - want_state[0]).abs().max() < 0.1  # hidden states in (-1, 1)
+    P.prepare(model, "fp32")  # unpacks
+    assert P.packed(model) is None
+
+
+@INT8
+def test_packed_weights_are_dropped_when_the_weights_change_or_in_training():
+    model, feats = decoders()[0]
+    P.prepare(model, "int8")
+    model.train()
+    assert P.packed(model) is None  # training never sees packed copies
+    model.eval()
+    assert P.packed(model) is not None
+    with torch.no_grad():
+        model.lstm.weight_hh_l1.mul_(0.5)  # an optimizer step changes weights in place
+    assert P.packed(model) is None  # stale: step falls back to the model's own weights
+    with torch.inference_mode():
+        state = model.init_state(feats)
+        got = model.step(torch.tensor([1] * 5), state)[0]
+        model._packed = None
+        want = model.step(torch.tensor([1] * 5), state)[0]
+    assert torch.equal(got, want)
+
+
+def test_precision_is_chosen_by_argument_then_environment_then_auto(monkeypatch):
+    model, _ = decoders()[0]
+    monkeypatch.delenv(P.ENV, raising=False)
+    assert P.resolve_precision("fp32", model) == ("fp32", {})
+    monkeypatch.setenv(P.ENV, "bf16")
+    assert P.resolve_precision(None, model)[0] == "bf16"
+    assert P.resolve_precision("fp32", model)[0] == "fp32"  # the argument wins
+    monkeypatch.setenv(P.ENV, "int4")
+    with pytest.raises(ValueError, match=r"int4.*\$STORYTELLER_PRECISION"):
+        P.resolve_precision(None, model)
+    monkeypatch.delenv(P.ENV)
+    chosen, timings = P.resolve_precision(None, model)  # auto: timed, the fastest supported one
+    assert chosen in P.supported_precisions()
+    if len(P.supported_precisions()) > 1:
+        assert set(timings) == set(P.supported_precisions()) and all(t > 0 for t in timings.values())
+        assert timings[chosen] <= timings["fp32"]
+    assert P.packed(model) is None  # timing leaves the model as it was
+
+
+def test_bf16_is_offered_only_on_cpus_with_bfloat16_instructions(monkeypatch):
+    monkeypatch.setattr(P, "cpu_flags", lambda: {"avx2", "fma"})
+    assert "bf16" not in P.supported_precisions()
+    monkeypatch.setattr(P, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    assert "bf16" in P.supported_precisions()
+    assert P.supported_precisions("meta") == ["fp32"]  # not a CPU: no packing
+
+
+@INT8
+def test_load_applies_the_precision_and_refuses_unknown_ones(tmp_path, monkeypatch):
+    model_dir = save_test_model(tmp_path / "m", pretrained_backbone=False, hidden_dim=64)
+    monkeypatch.delenv(P.ENV, raising=False)
+    cap = load(model_dir, precision="int8")
+    assert cap.precision == "int8" and cap.info["precision"] == "int8" and P.packed(cap.model) is not None
+    assert load(model_dir, precision="fp32").info["precision"] == "fp32"
+    with pytest.raises(ModelLoadError, match="precision must be"):
+        load(model_dir, precision="fp8")
+
+
+@INT8
+def test_shipped_models_in_int8_hold_their_validation_scores(flickr8k_dir):
+    """Validation (1,000 photos, live Lite0 features): each shipped model's BLEU-4 and CIDEr-D at greedy
+    and at its default beam in int8 are within 0.005 of float32."""
+    from storyteller.data import open_captioned_images
+    from storyteller.decoding import beam_search
+    from storyteller.metrics import evaluate_captions
+    from storyteller.model import load_decoder
+    from train.evaluate import live_features
+    from tests.test_bundled_model import ATTENTION, BUNDLED
+
+    images = open_captioned_images(flickr8k_dir, "validation")
+    refs = [r.captions for r in images.records]
+    assert load_decoder(BUNDLED).backbone == load_decoder(ATTENTION).backbone  # one Lite0 pass serves both
+    grids = live_features(images, load_decoder(BUNDLED).backbone, torch.device("cpu"), 64, 0, grid=True)
+    inputs = {BUNDLED: grids.mean((1, 2)), ATTENTION: grids}  # the pooled vector is the grid's mean
+    for model_dir, feats in inputs.items():
+        model = load_decoder(model_dir).float().eval()
+        d = model.extra["decoding"]
+        kw = dict(max_len=d["max_len"], no_repeat_ngram_size=d.get("no_repeat_ngram_size", 0),
+                  bad_endings=d.get("bad_endings", ()))
+        scores = {}
+        for precision in ("fp32", "int8"):
+            P.prepare(model, precision)
+            greedy = [c.text for c in greedy_search(model, feats, **kw)]
+            beam = [c[0].text for c in beam_search(model, feats, beam_size=d["beam_size"], alpha=d["alpha"], **kw)]
+            scores[precision] = {name: evaluate_captions(caps, refs) for name, caps in (("greedy", greedy), ("beam", beam))}
+        for name in ("greedy", "beam"):
+            for metric in ("bleu4", "cider"):
+                a, b = scores["fp32"][name][metric], scores["int8"][name][metric]
+                assert abs(a - b) <= 0.005, (model_dir.name, name, metric, a, b)
