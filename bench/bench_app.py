@@ -4,8 +4,8 @@
                               [--single 20] [--beam 5] [--concurrency N] [--threads T]
 
 1. **One photo alone, in process**: ``Captioner.caption`` (greedy + beam) on real photos one at a
-   time; p50 / p95 of each stage — preprocessing (decode + resize + normalise), backbone, greedy,
-   beam — and of the total. Target: p50 < 250 ms end to end for efficientnet_lite0 on a 2-core CPU.
+   time; p50 / p95 of each stage — preprocessing (decode + resize + normalise), backbone, search
+   (greedy and beam in one pass) — and of the total. Target: p50 < 250 ms end to end for efficientnet_lite0 on a 2-core CPU.
 2. **One photo alone, over HTTP**: the same through ``gradio_client`` against the running app
    (adds upload, queue and JSON overhead).
 3. **Load**: ``--clients`` threads, each with its own ``gradio_client.Client``, send ``--requests``
@@ -106,7 +106,7 @@ def bench_in_process(model: str, paths: list[Path], n: int, beam: int, max_len: 
 
     cap = load(model)
     cap.warmup()
-    stages: dict[str, list[float]] = {k: [] for k in ("preprocess", "backbone", "greedy", "beam", "total")}
+    stages: dict[str, list[float]] = {k: [] for k in ("preprocess", "backbone", "search", "total")}
     for i in range(n):
         r = cap.caption([paths[i % len(paths)]], beam_size=beam, max_len=max_len)[0]
         for k in stages:

@@ -120,3 +120,43 @@ def test_extract_fit_evaluate_learns_held_out_scenes(tmp_path):
     assert (shipped["alpha"], shipped["no_repeat_ngram_size"], shipped["max_len"]) == (0.5, 3, 16)
     card = (tmp_path / "bundle" / "README.md").read_text(encoding="utf-8")
     assert "max 16 words, length-normalisation alpha 0.5, no repeated 3-grams" in card
+
+
+def test_attention_extract_grid_fit_evaluate_learns_held_out_scenes(tmp_path):
+    """The same rendered scenes through the attention path: extract --grid -> fit --decoder attention ->
+    evaluate on live grids -> bundle -> the captioner's per-word maps over the real Lite0 7x7 grid."""
+    from storyteller.captioner import load
+
+    data = make_shapes_dataset(tmp_path / "shapes", {"train": 8, "validation": 2})
+    threads = torch.get_num_threads()
+    try:
+        train_main(["extract", "--dataset", str(data), "--backbone", "efficientnet_lite0", "--grid",
+                    "--out", str(tmp_path / "feats"), "--workers", "0", "--threads", "1", "--quiet"])
+        train_main(["fit", "--features", str(tmp_path / "feats"), "--out", str(tmp_path / "run"), "--decoder", "attention",
+                    "--epochs", "10", "--batch-size", "32", "--embed-dim", "64", "--hidden-dim", "128",
+                    "--attention-dim", "64", "--min-freq", "1", "--lr", "3e-3", "--dropout", "0.2", "--num-threads", "1",
+                    "--progress", "off"])
+        train_main(["evaluate", "--model", str(tmp_path / "run" / "model"), "--dataset", str(data), "--split", "validation",
+                    "--beam", "1", "3", "--out", str(tmp_path / "eval.json"), "--examples", "0"])
+        train_main(["bundle", "--model", str(tmp_path / "run" / "model"), "--out", str(tmp_path / "bundle"),
+                    "--beam", "3", "--alpha", "0.5"])
+    finally:
+        torch.set_num_threads(threads)
+
+    result = json.loads((tmp_path / "eval.json").read_text(encoding="utf-8"))
+    assert result["num_images"] == 48 and result["features"] is None  # live grids from the photos
+    refs = [json.loads(line)["captions"] for line in (data / "validation" / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
+    baseline, constant = best_constant_bleu4(data / "train", refs)
+    for method in ("greedy", "beam3"):
+        bleu4 = result["methods"][method]["bleu4"]
+        assert bleu4 > baseline + 0.3 and bleu4 > 0.8, (method, bleu4, baseline, constant)
+
+    captioner = load(tmp_path / "bundle", precision="fp32")
+    assert captioner.has_attention and captioner.info["decoder"] == "show_attend_tell"
+    photo = captioner.load_image(data / "validation" / "validation_0000.jpg")
+    best = captioner.caption([photo])[0].beam[0]
+    assert best.attention.shape == (len(best.tokens), 7, 7)
+    assert torch.allclose(best.attention.flatten(1).sum(1), torch.ones(len(best.tokens)), atol=1e-4)
+    figure = captioner.attention_figure(photo, best, panel_width=80, columns=4)
+    rows = -(-len(best.tokens) // 4)  # one panel per word, 4 to a row
+    assert figure.width >= 4 * 80 and figure.height >= rows * 80 * photo.height / photo.width
