@@ -12,6 +12,8 @@ Prints a table and one JSON line:
   and in the precision ``auto`` picks; and greedy + beam 5 in one pass (``greedy_and_beam_search``);
 - the original project's per-image beam search (a Python loop over hypotheses, one step call each) on
   the same decoder in fp32, over the first ``--seed-images`` photos;
+- one photo's search alone (20 photos): greedy then beam 5 as two searches, against one pass, in fp32
+  and in the auto precision;
 - one photo through ``Captioner.caption`` (greedy + beam 5, the app's call) against its feature
   extraction alone (``Captioner.features``), p50 over the example photos x ``--repeats``.
 Photos: the first ``--images`` validation photos of ``--dataset`` (live features), or ``--features``.
@@ -152,6 +154,17 @@ def main(argv: list[str] | None = None) -> dict:
     res["captions_per_s"] = {k: round(v, 1) for k, v in rates.items()}
     res["batched_beam5_vs_original"] = round(rates[f"beam 5 ({auto})"] / rates["original per-image beam 5 (fp32)"], 1)
 
+    # -- one photo's search alone: greedy then beam 5 (two searches, as before) against one pass
+    one_feats = [f[None] for f in feats[:20]]
+    one_search = {}
+    for prec in dict.fromkeys(["fp32", auto]):
+        P.prepare(model, prec)
+        one_search[f"greedy, then beam 5 ({prec})"] = statistics.median(
+            median_ms(lambda f=f: (searches["greedy"](f), searches["beam 5"](f)), 3) for f in one_feats)
+        one_search[f"greedy + beam 5, one pass ({prec})"] = statistics.median(
+            median_ms(lambda f=f: searches["greedy + beam 5, one pass"](f), 3) for f in one_feats)
+    res["one_photo_search_ms"] = {k: round(v, 2) for k, v in one_search.items()}
+
     # -- one photo through the app's call, at the auto precision
     P.prepare(model, auto)
     captioner.precision = auto
@@ -182,6 +195,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"captions/s over {n} photos (batches of {args.batch_size}; the original loop over {args.seed_images}):")
     for k, v in rates.items():
         print(f"  {k:<40}{v:>9.1f}")
+    print("one photo's search, median over 20 photos (ms):")
+    for k, v in one_search.items():
+        print(f"  {k:<40}{v:>9.2f}")
     print(f"one photo (greedy + beam 5, p50 over {len(whole)}): caption {one['caption_p50_ms']:.1f} ms, its "
           f"features alone {one['features_p50_ms']:.1f} ms ({one['caption_vs_features']:.2f}x), search "
           f"{one['search_p50_ms']:.1f} ms")
