@@ -48,14 +48,24 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def cpu_has_bf16() -> bool:
+    """True on CPUs with bfloat16 instructions: AMX tiles or AVX-512 BF16 (flags, or PyTorch's own probe)."""
+    if {"avx512_bf16", "amx_bf16"} & cpu_flags():
+        return True
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private; absent means "don't know"
+    try:
+        return bool(probe()) if probe is not None else False
+    except Exception:
+        return False
+
+
 def supported_precisions(device: torch.device | str = "cpu") -> list[str]:
     """Precisions worth trying on ``device``: fp32 always; on a CPU also int8 where PyTorch has a
     dynamic-quantisation engine, and bf16 where the CPU has bfloat16 instructions."""
     if torch.device(device).type != "cpu":
         return ["fp32"]
     out = ["fp32"]
-    flags = cpu_flags()
-    if {"avx512_bf16", "amx_bf16"} & flags:
+    if cpu_has_bf16():
         out.append("bf16")
     if {"x86", "fbgemm", "onednn"} & set(torch.backends.quantized.supported_engines) and _int8_works():
         out.append("int8")

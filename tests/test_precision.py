@@ -88,10 +88,17 @@ def test_precision_is_chosen_by_argument_then_environment_then_auto(monkeypatch)
 
 
 def test_bf16_is_offered_only_on_cpus_with_bfloat16_instructions(monkeypatch):
+    """Inference and fit's default autocast use the same check: AMX or AVX-512 BF16 (not AMX alone)."""
+    from train.fit import default_amp
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     monkeypatch.setattr(P, "cpu_flags", lambda: {"avx2", "fma"})
-    assert "bf16" not in P.supported_precisions()
-    monkeypatch.setattr(P, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
-    assert "bf16" in P.supported_precisions()
+    assert "bf16" not in P.supported_precisions() and default_amp(torch.device("cpu")) is None
+    monkeypatch.setattr(P, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})  # AVX-512 BF16, no AMX
+    assert "bf16" in P.supported_precisions() and default_amp(torch.device("cpu")) == torch.bfloat16
+    monkeypatch.setattr(P, "cpu_flags", lambda: {"avx2"})
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)  # PyTorch's AMX probe
+    assert P.cpu_has_bf16() and default_amp(torch.device("cpu")) == torch.bfloat16
     assert P.supported_precisions("meta") == ["fp32"]  # not a CPU: no packing
 
 
