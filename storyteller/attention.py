@@ -127,12 +127,17 @@ class ShowAttendTell(
                fast=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Gated context (N, D) and attention weights alpha (N, R) for hidden states h (N, H).
         ``fast``: packed low-precision step weights (``storyteller.precision``), or None."""
-        if img is not None:  # rows -> their photo's regions
-            V, enc = V[img], enc[img]  # (N, R, D), (N, R, A)
         q = fast["att_hid"](h) if fast is not None else self.att_hid(h)  # (N, A)
-        e = self.att_out(torch.tanh(enc + q[:, None, :])).squeeze(-1)  # (N, R)
-        alpha = torch.softmax(e.float(), dim=-1).to(V.dtype)
-        context = torch.bmm(alpha[:, None, :], V).squeeze(1)  # (N, D)
+        if img is not None and V.shape[0] == 1:  # one photo (the app): all rows share its regions, no copies
+            e = self.att_out(torch.tanh(enc[0] + q[:, None, :])).squeeze(-1)  # (N, R)
+            alpha = torch.softmax(e.float(), dim=-1).to(V.dtype)
+            context = alpha @ V[0]  # (N, D)
+        else:
+            if img is not None:  # rows -> their photo's regions
+                V, enc = V[img], enc[img]  # (N, R, D), (N, R, A)
+            e = self.att_out(torch.tanh(enc + q[:, None, :])).squeeze(-1)  # (N, R)
+            alpha = torch.softmax(e.float(), dim=-1).to(V.dtype)
+            context = torch.bmm(alpha[:, None, :], V).squeeze(1)  # (N, D)
         beta = fast["gate"](h) if fast is not None else self.gate(h)  # (N, D)
         return torch.sigmoid(beta) * context, alpha
 
