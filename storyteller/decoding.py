@@ -145,8 +145,8 @@ def _mask(logp: torch.Tensor, history: torch.Tensor, suppress_unk: bool, no_repe
         windows = history.unfold(1, n, 1)  # (N, t-n+1, n): every n-gram emitted so far
         prefix = history[:, t - n + 1:]  # (N, n-1): the tokens a new n-gram would start with
         match = (windows[:, :, : n - 1] == prefix[:, None, :]).all(-1)  # (N, t-n+1)
-        banned = torch.zeros_like(logp).scatter_add_(1, windows[:, :, n - 1], match.to(logp.dtype))
-        logp = logp.masked_fill(banned > 0, float("-inf"))
+        rows, at = match.nonzero(as_tuple=True)  # each earlier n-gram the new one would repeat
+        logp[rows, windows[rows, at, n - 1]] = float("-inf")
     # Rules that leave a (live) row nothing to emit must not lose its caption: let it end here.
     stuck = torch.isinf(logp).all(-1) & torch.isfinite(raw_end)
     if bool(stuck.any()):
@@ -232,9 +232,10 @@ class _Beams:
         V = logp.shape[-1]
         logp = logp.view(B, K, V)
         # a finished hypothesis has one continuation, <pad>, at zero cost: it keeps its slot
-        done_row = torch.full((V,), float("-inf"), device=logp.device)
-        done_row[Vocabulary.pad_id] = 0.0
-        logp = torch.where(self.finished[..., None], done_row, logp)
+        if bool(self.finished.any()):
+            done_row = torch.full((V,), float("-inf"), device=logp.device)
+            done_row[Vocabulary.pad_id] = 0.0
+            logp = torch.where(self.finished[..., None], done_row, logp)
         cand = self.scores[..., None] + logp  # (B, K, V) raw scores of every extension
         cand_len = self.lengths + (~self.finished).long()  # (B, K)
         ranked = cand / _length_penalty(cand_len, self.alpha)[..., None] if self.alpha else cand
