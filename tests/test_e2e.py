@@ -122,12 +122,58 @@ def test_extract_fit_evaluate_learns_held_out_scenes(tmp_path):
     assert "max 16 words, length-normalisation alpha 0.5, no repeated 3-grams" in card
 
 
-def test_attention_extract_grid_fit_evaluate_learns_held_out_scenes(tmp_path):
-    """The same rendered scenes through the attention path: extract --grid -> fit --decoder attention ->
-    evaluate on live grids -> bundle -> the captioner's per-word maps over the real Lite0 7x7 grid."""
+SPOTS = {"top left": (0.3, 0.3), "top right": (0.7, 0.3), "bottom left": (0.3, 0.7), "bottom right": (0.7, 0.7)}
+
+
+def make_placed_shapes_dataset(root: Path, per_scene: dict[str, int], seed: int = 0) -> dict[str, tuple]:
+    """Like ``make_shapes_dataset``, with each smaller shape in one of four places (the captions do not
+    say where). Returns ``{file name: (shape, (cx, cy, r))}`` in pixels of the 160-px photo."""
+    rng = random.Random(seed)
+    boxes = {}
+    for split, n in per_scene.items():
+        (root / split).mkdir(parents=True)
+        lines = []
+        for colour in COLOURS:
+            for shape in SHAPES:
+                for background in BACKGROUNDS:
+                    for fx, fy in SPOTS.values():
+                        for _ in range(n):
+                            name = f"{split}_{len(lines):04d}.jpg"
+                            image = Image.new("RGB", (160, 160), BACKGROUNDS[background])
+                            draw = ImageDraw.Draw(image)
+                            cx, cy, r = fx * 160 + rng.uniform(-4, 4), fy * 160 + rng.uniform(-4, 4), 0.14 * 160
+                            if shape == "circle":
+                                draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=COLOURS[colour])
+                            elif shape == "square":
+                                draw.rectangle([cx - 0.9 * r, cy - 0.9 * r, cx + 0.9 * r, cy + 0.9 * r], fill=COLOURS[colour])
+                            else:
+                                draw.polygon([(cx, cy - r), (cx - r, cy + 0.8 * r), (cx + r, cy + 0.8 * r)], fill=COLOURS[colour])
+                            image.save(root / split / name, quality=90)
+                            boxes[name] = (shape, (cx, cy, r))
+                            lines.append(json.dumps({"file_name": name, "captions": captions_for(colour, shape, background)}))
+        (root / split / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return boxes
+
+
+def shape_cells(box: tuple, size: int = 160) -> torch.Tensor:
+    """(7, 7) mask of the Lite0 grid cells a shape's square box overlaps: the photo is resized to 256 and
+    centre-cropped to 224 (16 px off each side), and each cell covers 32 x 32 of the crop."""
+    cx, cy, r = box
+    x0, x1, y0, y1 = ((v * 256 / size - 16) / 32 for v in (cx - r, cx + r, cy - r, cy + r))
+    cols = (torch.arange(7) + 1 > x0) & (torch.arange(7) < x1)
+    rows = (torch.arange(7) + 1 > y0) & (torch.arange(7) < y1)
+    return (rows[:, None] & cols[None, :]).float()
+
+
+def test_attention_extract_grid_fit_evaluate_learns_held_out_scenes_and_where_the_shape_is(tmp_path):
+    """Rendered scenes with the shape in one of four places, through the attention path: extract --grid ->
+    fit --decoder attention -> evaluate on live grids -> bundle -> the captioner's per-word maps. The map
+    of the shape's word must fall on the shape's grid cells far above chance: a model that ignores where
+    things are (uniform maps) scores 1x chance."""
     from storyteller.captioner import load
 
-    data = make_shapes_dataset(tmp_path / "shapes", {"train": 8, "validation": 2})
+    data = tmp_path / "shapes"
+    boxes = make_placed_shapes_dataset(data, {"train": 3, "validation": 1})
     threads = torch.get_num_threads()
     try:
         train_main(["extract", "--dataset", str(data), "--backbone", "efficientnet_lite0", "--grid",
@@ -144,7 +190,7 @@ def test_attention_extract_grid_fit_evaluate_learns_held_out_scenes(tmp_path):
         torch.set_num_threads(threads)
 
     result = json.loads((tmp_path / "eval.json").read_text(encoding="utf-8"))
-    assert result["num_images"] == 48 and result["features"] is None  # live grids from the photos
+    assert result["num_images"] == 96 and result["features"] is None  # live grids from the photos
     refs = [json.loads(line)["captions"] for line in (data / "validation" / "metadata.jsonl").read_text(encoding="utf-8").splitlines()]
     baseline, constant = best_constant_bleu4(data / "train", refs)
     for method in ("greedy", "beam3"):
@@ -153,10 +199,26 @@ def test_attention_extract_grid_fit_evaluate_learns_held_out_scenes(tmp_path):
 
     captioner = load(tmp_path / "bundle", precision="fp32")
     assert captioner.has_attention and captioner.info["decoder"] == "show_attend_tell"
-    photo = captioner.load_image(data / "validation" / "validation_0000.jpg")
-    best = captioner.caption([photo])[0].beam[0]
-    assert best.attention.shape == (len(best.tokens), 7, 7)
-    assert torch.allclose(best.attention.flatten(1).sum(1), torch.ones(len(best.tokens)), atol=1e-4)
+    names = sorted(n for n in boxes if n.startswith("validation"))
+    results = captioner.caption([data / "validation" / n for n in names], greedy=False)
+    ratios, masses = [], []
+    for name, r in zip(names, results):
+        best = r.beam[0]
+        assert best.attention.shape == (len(best.tokens), 7, 7)
+        assert torch.allclose(best.attention.flatten(1).sum(1), torch.ones(len(best.tokens)), atol=1e-4)
+        shape, box = boxes[name]
+        words = best.text.split()
+        if shape in words:
+            cells = shape_cells(box)
+            mass = float((best.attention[words.index(shape)] * cells).sum())
+            masses.append(mass)
+            ratios.append(mass / float(cells.mean()))  # uniform attention: mass = share of cells
+    assert len(ratios) >= 0.8 * len(names)  # it names the right shape
+    mean_ratio, mean_mass = sum(ratios) / len(ratios), sum(masses) / len(masses)
+    assert mean_ratio > 2.0 and mean_mass > 0.5, (mean_ratio, mean_mass)  # measured: 2.7x chance, 0.68 of the mass
+
+    photo = captioner.load_image(data / "validation" / names[0])
+    best = results[0].beam[0]
     figure = captioner.attention_figure(photo, best, panel_width=80, columns=4)
     rows = -(-len(best.tokens) // 4)  # one panel per word, 4 to a row
     assert figure.width >= 4 * 80 and figure.height >= rows * 80 * photo.height / photo.width
