@@ -29,22 +29,13 @@ sys.path.insert(0, str(REPO))
 
 from storyteller.attention import ShowAttendTell  # noqa: E402
 from storyteller.captioner import load  # noqa: E402
+from storyteller.precision import time_step  # noqa: E402
 from storyteller.vocab import Vocabulary  # noqa: E402
 
 
 def step_ms(captioner, repeats: int = 200) -> float:
-    """Median ms of one decoder step for one image."""
-    model = captioner.model
-    feats = captioner.features([Image_blank()])
-    with torch.inference_mode():
-        state = model.init_state(feats)
-        tok = torch.tensor([Vocabulary.start_id])
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            model.step(tok, state)
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    """Median ms of one decoder step for one image (``storyteller.precision.time_step``)."""
+    return time_step(captioner.model, captioner.features([Image_blank()]), repeats=repeats)
 
 
 def Image_blank():

@@ -24,6 +24,7 @@ overrides it. The quality cost is measured on the shipped models (tests/test_pre
 """
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import time
@@ -37,15 +38,16 @@ PRECISIONS = ("fp32", "bf16", "int8")
 ENV = "STORYTELLER_PRECISION"
 
 
-def cpu_flags() -> set[str]:
-    """The CPU feature flags of /proc/cpuinfo (empty where it is not readable, e.g. not Linux)."""
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where it is not readable, e.g. not Linux); read once."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
+                return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def cpu_has_bf16() -> bool:
@@ -72,6 +74,7 @@ def supported_precisions(device: torch.device | str = "cpu") -> list[str]:
     return out
 
 
+@functools.lru_cache(maxsize=1)
 def _int8_works() -> bool:
     try:
         _Int8Linear(torch.ones(4, 4), torch.zeros(4))(torch.ones(1, 4))
