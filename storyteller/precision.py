@@ -102,7 +102,14 @@ class _Bf16Linear:
 
 
 class _Int8Linear:
-    """y = x W^T + b with W stored int8 per output channel (symmetric) and x quantised per call."""
+    """y = x W^T + b with W stored int8 per output channel (symmetric) and x quantised per row.
+
+    PyTorch's dynamic int8 linear quantises its input with one scale for the whole batch, so a row's
+    result would depend on the other rows beside it (greedy next to beam rows, one photo next to
+    another). Each row is scaled to max |x| = 1 first and a fixed row (+1, -1, 0, ...) is appended, so
+    the batch's range is always [-1, 1]: every row is quantised the same way whatever shares its batch,
+    and the integer product is exact, so a row's output is the same alone or in any batch.
+    """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         import warnings
@@ -112,10 +119,19 @@ class _Int8Linear:
         with warnings.catch_warnings():  # PyTorch flags its quantized-tensor API as deprecated; it still works
             warnings.simplefilter("ignore")
             q = torch.quantize_per_channel(w, scale, torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
-            self.packed = torch.ops.quantized.linear_prepack(q, None if bias is None else bias.detach().float())
+            # no bias in the pack: it is added after the per-row rescale
+            self.packed = torch.ops.quantized.linear_prepack(q, None)
+        self.bias = None if bias is None else bias.detach().float()
+        self.anchor = torch.zeros(1, w.shape[1])
+        self.anchor[0, 0], self.anchor[0, -1] = 1.0, -1.0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantized.linear_dynamic(x.float().contiguous(), self.packed)
+        x = x.float()
+        lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])          # (rows, in)
+        s = x.abs().amax(1, keepdim=True).clamp_min(1e-30)          # (rows, 1)
+        y = torch.ops.quantized.linear_dynamic(torch.cat([x / s, self.anchor]), self.packed)[:-1]  # (rows, out)
+        y = y * s if self.bias is None else torch.addcmul(self.bias, y, s)
+        return y.reshape(*lead, y.shape[-1])
 
 
 _KINDS: dict[str, Callable] = {"fp32": _Fp32Linear, "bf16": _Bf16Linear, "int8": _Int8Linear}

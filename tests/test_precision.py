@@ -50,6 +50,50 @@ def test_packed_step_is_the_float_step_to_within_its_precision(precision, kind):
 
 
 @INT8
+def test_int8_rows_do_not_depend_on_the_other_rows_of_their_batch():
+    """PyTorch's dynamic int8 linear quantises a batch with one scale; ours quantises each row alone, so
+    a photo's greedy row gives the same numbers beside beam rows, or beside another photo's large ones."""
+    torch.manual_seed(0)
+    w, b = torch.randn(96, 48) * 0.1, torch.randn(96)
+    lin = P._Int8Linear(w, b)
+    rows = torch.randn(6, 48) * torch.logspace(-2, 2, 6)[:, None]  # magnitudes 0.01 .. 100
+    alone = torch.cat([lin(rows[i:i + 1]) for i in range(6)])
+    assert torch.equal(lin(rows), alone)
+    assert torch.equal(lin(rows.flip(0)), alone.flip(0))
+    ref = rows @ w.T + b
+    rel = ((alone - ref).norm(dim=1) / (rows @ w.T).norm(dim=1)).max().item()
+    # each row to within 7-8-bit precision of its own scale (0.09 measured at 48 inputs), small rows included:
+    # one scale for the batch would round the 0.01-sized row to zeros (error 1.0)
+    assert rel < 0.2, rel
+    assert torch.equal(lin(rows[None]), alone[None])  # (1, rows, in) inputs keep their shape
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8", "bf16"])
+@pytest.mark.parametrize("kind", [0, 1], ids=["pooled", "attention"])
+def test_one_pass_and_batches_decode_as_separate_searches_in_every_precision(precision, kind):
+    """greedy_and_beam_search (the app's one pass) = greedy_search + beam_search run apart, and a batch
+    = its photos one by one, in each precision: a row's numbers must not depend on its batch."""
+    from storyteller.decoding import beam_search, greedy_and_beam_search
+
+    if precision not in P.supported_precisions() and precision != "bf16":  # bf16 runs anywhere, if slowly
+        pytest.skip(f"no {precision} engine on this CPU")
+    model, feats = decoders()[kind]
+    P.prepare(model, precision)
+    kw = dict(max_len=8, no_repeat_ngram_size=2)
+    g, b = greedy_and_beam_search(model, feats, beam_size=3, alpha=0.5, n_best=2, **kw)
+    g_apart = greedy_search(model, feats, **kw)
+    b_apart = beam_search(model, feats, beam_size=3, alpha=0.5, n_best=2, **kw)
+    one_by_one = [greedy_and_beam_search(model, feats[i:i + 1], beam_size=3, alpha=0.5, n_best=2, **kw)
+                  for i in range(len(feats))]
+    for i in range(len(feats)):
+        for other_g, other_b in ((g_apart[i], b_apart[i]), (one_by_one[i][0][0], one_by_one[i][1][0])):
+            assert g[i].tokens == other_g.tokens and g[i].log_prob == pytest.approx(other_g.log_prob, rel=1e-4, abs=1e-4)
+            assert [c.tokens for c in b[i]] == [c.tokens for c in other_b]
+            assert [c.score for c in b[i]] == pytest.approx([c.score for c in other_b], rel=1e-4, abs=1e-4)
+    assert P.packed(model) is None if precision == "fp32" else P.packed(model).precision == precision
+
+
+@INT8
 def test_packed_weights_are_dropped_when_the_weights_change_or_in_training():
     model, feats = decoders()[0]
     P.prepare(model, "int8")
