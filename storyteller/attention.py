@@ -124,10 +124,11 @@ class ShowAttendTell(
         return h, c, img, V, enc  # rows never change photo within a step
 
     def attend(self, h: torch.Tensor, img: torch.Tensor | None, V: torch.Tensor, enc: torch.Tensor,
-               fast=None) -> tuple[torch.Tensor, torch.Tensor]:
+               q: torch.Tensor | None = None, beta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Gated context (N, D) and attention weights alpha (N, R) for hidden states h (N, H).
-        ``fast``: packed low-precision step weights (``storyteller.precision``), or None."""
-        q = fast["att_hid"](h) if fast is not None else self.att_hid(h)  # (N, A)
+        ``q`` (N, A) and ``beta`` (N, D): ``att_hid(h)`` and ``gate(h)`` where the caller computed them
+        already (the packed step does, in one product with the recurrent matrix)."""
+        q = self.att_hid(h) if q is None else q  # (N, A)
         if img is not None and V.shape[0] == 1:  # one photo (the app): all rows share its regions, no copies
             e = self.att_out(torch.tanh(enc[0] + q[:, None, :])).squeeze(-1)  # (N, R)
             alpha = torch.softmax(e.float(), dim=-1).to(V.dtype)
@@ -138,7 +139,7 @@ class ShowAttendTell(
             e = self.att_out(torch.tanh(enc + q[:, None, :])).squeeze(-1)  # (N, R)
             alpha = torch.softmax(e.float(), dim=-1).to(V.dtype)
             context = torch.bmm(alpha[:, None, :], V).squeeze(1)  # (N, D)
-        beta = fast["gate"](h) if fast is not None else self.gate(h)  # (N, D)
+        beta = self.gate(h) if beta is None else beta  # (N, D)
         return torch.sigmoid(beta) * context, alpha
 
     def step(self, tokens: torch.Tensor, state: AttentionState, return_attention: bool = False):
@@ -146,30 +147,42 @@ class ShowAttendTell(
         ``return_attention`` the attention weights (N, R) that chose this word's context."""
         h, c, img, V, enc = state
         fast = packed(self)  # low-precision copies of the step's weights (storyteller.precision), or None
-        context, alpha = self.attend(h[0], img, V, enc, fast)
-        x = torch.cat([self.embed_dropout(self.embed(tokens)), context], dim=-1)  # (N, E + D)
         if fast is not None:  # nn.LSTMCell on packed weights; gates in its order i, f, g, o
-            # the input's two parts (embedding, context) have their own ranges: one matrix product each,
-            # so int8 quantises each activation with its own scale
-            E = self.embed_dim
-            gates = fast["ih_word"](x[:, :E]) + fast["ih_context"](x[:, E:]) + fast["hh"](h[0])  # (N, 4H)
+            # everything that reads h in one product: attention query, gate, recurrent gates
+            q, beta, hh = fast["hid"](h[0]).split([self.att_hid.out_features, self.gate.out_features,
+                                                   4 * self.hidden_dim], 1)  # (N, A), (N, D), (N, 4H)
+            context, alpha = self.attend(h[0], img, V, enc, q=q, beta=beta)
+            # the word's input gates are a table row; the context (its own range) gets its own product, so
+            # int8 quantises it with its own scale
+            gates = fast["word"](tokens) + fast["ih_context"](context) + hh  # (N, 4H)
             i, f, g, o = gates.chunk(4, 1)
             c1 = torch.sigmoid(f) * c[0] + torch.sigmoid(i) * torch.tanh(g)
             h1 = torch.sigmoid(o) * torch.tanh(c1)
             logp = torch.log_softmax(fast["head"](h1).float(), dim=-1)
         else:
+            context, alpha = self.attend(h[0], img, V, enc)
+            x = torch.cat([self.embed_dropout(self.embed(tokens)), context], dim=-1)  # (N, E + D)
             h1, c1 = self.cell(x, (h[0], c[0]))
             logp = torch.log_softmax(self.head(self.out_dropout(h1)).float(), dim=-1)
         new = (h1[None], c1[None], img, V, enc)
         return (logp, new, alpha) if return_attention else (logp, new)
 
-    def step_linears(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-        """The matrices ``step`` multiplies by, for ``storyteller.precision.prepare``: name -> (weight, bias)."""
-        return {"att_hid": (self.att_hid.weight, None), "gate": (self.gate.weight, self.gate.bias),
-                "ih_word": (self.cell.weight_ih[:, :self.embed_dim], self.cell.bias_ih),
-                "ih_context": (self.cell.weight_ih[:, self.embed_dim:], None),
-                "hh": (self.cell.weight_hh, self.cell.bias_hh),
-                "head": (self.head.weight, self.head.bias)}
+    def step_linears(self) -> dict[str, Any]:
+        """The matrices ``step`` multiplies by, for ``storyteller.precision.prepare``: name -> (weight, bias),
+        or name -> a lookup table by token id.
+
+        - ``hid``: [att_hid; gate; W_hh] stacked, (A + D + 4H, H): the three products of h in one
+        - ``word``: the input gates of every word, embedding x W_ih[:, :E] + b_ih, (V, 4H): a row lookup
+        - ``ih_context``: W_ih[:, E:], the context's input gates
+        - ``head``: the output layer
+        """
+        E, cell = self.embed_dim, self.cell
+        with torch.no_grad():
+            w = torch.cat([self.att_hid.weight, self.gate.weight, cell.weight_hh], 0)
+            b = torch.cat([self.att_hid.weight.new_zeros(self.att_hid.out_features), self.gate.bias, cell.bias_hh])
+            word = nn.functional.linear(self.embed.weight.float(), cell.weight_ih[:, :E].float(), cell.bias_ih.float())
+            return {"hid": (w, b), "word": word, "ih_context": (cell.weight_ih[:, E:], None),
+                    "head": (self.head.weight, self.head.bias)}
 
     # -- teacher-forced training -----------------------------------------------------------------
     def unroll(self, features: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

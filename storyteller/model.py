@@ -180,13 +180,16 @@ class ShowAndTell(
         step that is the same computation as ``self.lstm`` (a test checks it against the packed
         forward) at a quarter of the call overhead, which dominates decoding one photo on a CPU.
         """
-        x = self.embed_dropout(self.embed(tokens))  # (B, E)
         h, c = state  # (L, B, H) each
         fast = packed(self)  # low-precision copies of the step's weights (storyteller.precision), or None
+        x = self.embed_dropout(self.embed(tokens)) if fast is None else None  # (B, E); packed: a table row
         hs, cs = [], []
         for layer in range(self.num_layers):
             if fast is not None:  # the same cell, on packed weights; gates in nn.LSTM's order i, f, g, o
-                gates = fast[f"ih{layer}"](x) + fast[f"hh{layer}"](h[layer])  # (B, 4H)
+                if layer == 0:  # the word's input gates are a row of a table
+                    gates = fast["word0"](tokens) + fast["hh0"](h[0])  # (B, 4H)
+                else:  # one product for [input | recurrent]
+                    gates = fast[f"ihh{layer}"](torch.cat([x, h[layer]], 1))
                 i, f, g, o = gates.chunk(4, 1)
                 c_l = torch.sigmoid(f) * c[layer] + torch.sigmoid(i) * torch.tanh(g)
                 h_l = torch.sigmoid(o) * torch.tanh(c_l)
@@ -201,13 +204,24 @@ class ShowAndTell(
         logits = fast["head"](x) if fast is not None else self.head(self.out_dropout(x))  # (B, V)
         return torch.log_softmax(logits.float(), dim=-1), (torch.stack(hs), torch.stack(cs))
 
-    def step_linears(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-        """The matrices ``step`` multiplies by, for ``storyteller.precision.prepare``: name -> (weight, bias)."""
-        out = {}
-        for layer in range(self.num_layers):
-            out[f"ih{layer}"] = (getattr(self.lstm, f"weight_ih_l{layer}"), getattr(self.lstm, f"bias_ih_l{layer}"))
-            out[f"hh{layer}"] = (getattr(self.lstm, f"weight_hh_l{layer}"), getattr(self.lstm, f"bias_hh_l{layer}"))
-        out["head"] = (self.head.weight, self.head.bias)
+    def step_linears(self) -> dict[str, Any]:
+        """The matrices ``step`` multiplies by, for ``storyteller.precision.prepare``: name -> (weight, bias),
+        or name -> a lookup table by token id.
+
+        - ``word0``: layer 0's input gates of every word, embedding x W_ih0 + b_ih0, (V, 4H): a row lookup
+        - ``hh0``: layer 0's recurrent matrix
+        - ``ihh{l}`` (l >= 1): [W_ih | W_hh] of layer l, for the input [h_{l-1} new, h_l old] (both in (-1, 1))
+        - ``head``: the output layer
+        """
+        lstm = self.lstm
+        with torch.no_grad():
+            out: dict[str, Any] = {
+                "word0": nn.functional.linear(self.embed.weight.float(), lstm.weight_ih_l0.float(), lstm.bias_ih_l0.float()),
+                "hh0": (lstm.weight_hh_l0, lstm.bias_hh_l0)}
+            for layer in range(1, self.num_layers):
+                w = torch.cat([getattr(lstm, f"weight_ih_l{layer}"), getattr(lstm, f"weight_hh_l{layer}")], 1)
+                out[f"ihh{layer}"] = (w, getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}"))
+            out["head"] = (self.head.weight, self.head.bias)
         return out
 
     # -- teacher-forced training -----------------------------------------------------------------

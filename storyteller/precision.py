@@ -6,14 +6,20 @@
 At batch 1 a decoder step is bound by memory bandwidth: the pooled model's LSTM layers and output layer
 read ~22 MB of float32 weights per step. ``prepare`` packs the step's matrices once:
 
-- ``int8``: per-output-channel int8 weights with float activations quantised per call (PyTorch's
-  dynamic-quantisation kernel, fbgemm/oneDNN; any x86-64 CPU with AVX2). A quarter of the bytes. The
-  output layer stays float32: the logits are where 8-bit activations cost accuracy.
+- ``int8``: per-output-channel int8 weights with float activations quantised per row (PyTorch's
+  dynamic-quantisation kernel, fbgemm/oneDNN; any x86-64 CPU with AVX2), so a row's result does not
+  depend on the rows that share its batch. A quarter of the bytes. The output layer stays float32: the
+  logits are where 8-bit activations cost accuracy.
 - ``bf16``: bfloat16 weights and activations, float32 state. Fast only where the CPU has bfloat16
   instructions (AVX-512 BF16 or AMX); elsewhere it is emulated and slower than float32.
 - ``fp32``: the model's own weights (nothing packed).
 
-Embeddings (a row lookup), the per-photo projections of ``init_state`` and the LSTM state stay float32;
+A matrix whose input is a word embedding becomes a float32 table, one row per word (the embedding times
+the matrix, computed once): the step reads the row of each token instead of multiplying. Matrices that
+share an input are stacked, and matrices whose inputs share a range (hidden states) are joined, so a
+step makes two low-precision products plus the output layer.
+
+The per-photo projections of ``init_state`` and the LSTM state stay float32;
 so does training: packed weights are used only in eval mode and only while the model's weights are the
 ones that were packed (any in-place change, e.g. an optimizer step, makes ``step`` fall back to the
 model's own weights). A GPU keeps its own path (no packing; autocast where the caller asks for it).
@@ -138,24 +144,49 @@ _KINDS: dict[str, Callable] = {"fp32": _Fp32Linear, "bf16": _Bf16Linear, "int8":
 FLOAT_LAYERS = ("head",)  # step matrices int8 leaves in float32
 
 
+class _Table:
+    """A float32 lookup table: token ids (N,) -> rows (N, out). A matrix product whose input is an
+    embedding row is precomputed for every word once, so the step reads one row instead of a matrix."""
+
+    def __init__(self, table: torch.Tensor):
+        self.table = table.detach().float().contiguous()
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table.index_select(0, ids)
+
+
+StepMatrices = dict[str, "tuple[torch.Tensor, torch.Tensor | None] | torch.Tensor"]
+
+
 class PackedWeights:
     """The step's matrices of one model in one precision: ``name -> callable(x) -> y``.
 
     Args:
         precision: one of ``PRECISIONS``.
-        linears: ``name -> (weight (out, in), bias (out,) or None)``, the model's own tensors.
+        linears: ``name -> (weight (out, in), bias (out,) or None)``, packed in ``precision``; or
+            ``name -> table (V, out)``, a float32 lookup by token id in every precision.
+        sources: the tensors the packs were made from (default: those in ``linears``); an in-place
+            change to any of them makes the packs stale.
     """
 
-    def __init__(self, precision: str, linears: dict[str, tuple[torch.Tensor, torch.Tensor | None]]):
+    def __init__(self, precision: str, linears: StepMatrices, sources: list[torch.Tensor] | None = None):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.precision = precision
         # int8 keeps the output layer float32: quantising the hidden state that feeds the logits cost the
-        # attention model 0.007 greedy BLEU-4 on validation; every other matrix together cost < 0.001
-        self.ops = {name: (_Fp32Linear if precision == "int8" and name in FLOAT_LAYERS else _KINDS[precision])(w, b)
-                    for name, (w, b) in linears.items()}
+        # attention model 0.005-0.007 greedy BLEU-4 on validation; every other matrix together cost < 0.001
+        self.ops = {}
+        for name, spec in linears.items():
+            if isinstance(spec, torch.Tensor):
+                self.ops[name] = _Table(spec)
+            else:
+                kind = _Fp32Linear if precision == "int8" and name in FLOAT_LAYERS else _KINDS[precision]
+                self.ops[name] = kind(*spec)
+        if sources is None:
+            sources = [t for spec in linears.values()
+                       for t in ((spec,) if isinstance(spec, torch.Tensor) else spec) if t is not None]
         # what the packs were made from: (tensor, its version counter) -- an in-place update bumps it
-        self._sources = [(t, t._version) for w, b in linears.values() for t in (w, b) if t is not None]
+        self._sources = [(t, t._version) for t in sources]
 
     def fresh(self) -> bool:
         """True while the model's weights are still the ones that were packed."""
@@ -180,7 +211,8 @@ def prepare(model: torch.nn.Module, precision: str) -> torch.nn.Module:
     if next(model.parameters()).device.type != "cpu":
         raise ValueError(f"precision {precision!r} is for CPU inference; a GPU keeps its own path (use fp32)")
     with torch.no_grad():
-        model._packed = PackedWeights(precision, model.step_linears())
+        # the step's matrices may be derived (joined, stacked, a word table): staleness follows every parameter
+        model._packed = PackedWeights(precision, model.step_linears(), sources=list(model.parameters()))
     return model
 
 

@@ -94,22 +94,27 @@ def test_one_pass_and_batches_decode_as_separate_searches_in_every_precision(pre
 
 
 @INT8
-def test_packed_weights_are_dropped_when_the_weights_change_or_in_training():
-    model, feats = decoders()[0]
+@pytest.mark.parametrize("kind, changed", [(0, "lstm.weight_hh_l1"), (0, "embed.weight"), (1, "gate.weight"),
+                                           (1, "embed.weight")])
+def test_packed_weights_are_dropped_when_the_weights_change_or_in_training(kind, changed):
+    model, feats = decoders()[kind]
     P.prepare(model, "int8")
     model.train()
     assert P.packed(model) is None  # training never sees packed copies
     model.eval()
     assert P.packed(model) is not None
-    with torch.no_grad():
-        model.lstm.weight_hh_l1.mul_(0.5)  # an optimizer step changes weights in place
+    with torch.no_grad():  # an optimizer step changes weights in place; the embedding feeds a derived word table
+        model.get_parameter(changed).mul_(0.5)
     assert P.packed(model) is None  # stale: step falls back to the model's own weights
     with torch.inference_mode():
         state = model.init_state(feats)
         got = model.step(torch.tensor([1] * 5), state)[0]
         model._packed = None
         want = model.step(torch.tensor([1] * 5), state)[0]
+        P.prepare(model, "int8")  # packing again picks the change up
+        repacked = model.step(torch.tensor([1] * 5), state)[0]
     assert torch.equal(got, want)
+    assert (repacked.exp() - want.exp()).abs().max() < 0.02
 
 
 def test_precision_is_chosen_by_argument_then_environment_then_auto(monkeypatch):
