@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from .decoding import Caption, beam_search, greedy_and_beam_search, greedy_search
-from .precision import prepare, resolve_precision
+from .precision import use_precision
 from .images import ImageSource, image_warnings, load_image
 from .model import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, ShowAndTell, load_decoder
 
@@ -518,8 +518,7 @@ def load(name_or_path: str | os.PathLike | None = None, revision: str | None = N
         raise ModelLoadError(f"{source}: cannot build its backbone {_backbone_name(config)!r}: {e}") from None
     model = model.to(device).eval()
     try:
-        chosen, step_ms = resolve_precision(precision, model)
-        prepare(model, chosen)
+        chosen, step_ms = use_precision(model, precision)
     except ValueError as e:
         raise ModelLoadError(f"{source}: {e}") from None
     captioner = Captioner(model, backbone, source=source, revision=revision, model_dir=model_dir)

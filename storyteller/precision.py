@@ -1,7 +1,7 @@
 """Inference precision of a decoder's per-step weights on a CPU: float32, bfloat16 or int8.
 
-    precision = resolve_precision("auto", model)   # env STORYTELLER_PRECISION, else what this CPU does fastest
-    prepare(model, precision)                      # model.step now reads low-precision weights
+    precision, _ = use_precision(model)   # env STORYTELLER_PRECISION, else what this CPU does fastest;
+                                          # model.step now reads low-precision weights
 
 At batch 1 a decoder step is bound by memory bandwidth: the pooled model's LSTM layers and output layer
 read ~22 MB of float32 weights per step. ``prepare`` packs the step's matrices once:
@@ -165,11 +165,11 @@ class PackedWeights:
         precision: one of ``PRECISIONS``.
         linears: ``name -> (weight (out, in), bias (out,) or None)``, packed in ``precision``; or
             ``name -> table (V, out)``, a float32 lookup by token id in every precision.
-        sources: the tensors the packs were made from (default: those in ``linears``); an in-place
-            change to any of them makes the packs stale.
+        sources: the tensors the packs were made from (the model's parameters: some packs are derived,
+            joined or stacked); an in-place change to any of them makes the packs stale.
     """
 
-    def __init__(self, precision: str, linears: StepMatrices, sources: list[torch.Tensor] | None = None):
+    def __init__(self, precision: str, linears: StepMatrices, sources: list[torch.Tensor]):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.precision = precision
@@ -182,9 +182,6 @@ class PackedWeights:
             else:
                 kind = _Fp32Linear if precision == "int8" and name in FLOAT_LAYERS else _KINDS[precision]
                 self.ops[name] = kind(*spec)
-        if sources is None:
-            sources = [t for spec in linears.values()
-                       for t in ((spec,) if isinstance(spec, torch.Tensor) else spec) if t is not None]
         # what the packs were made from: (tensor, its version counter) -- an in-place update bumps it
         self._sources = [(t, t._version) for t in sources]
 
@@ -251,6 +248,7 @@ def time_step(model: torch.nn.Module, features: torch.Tensor, repeats: int = 7, 
 def resolve_precision(requested: str | None, model: torch.nn.Module | None = None,
                       features: torch.Tensor | None = None) -> tuple[str, dict[str, float]]:
     """The precision to run ``model`` in, and the step timings that chose it (ms; empty if none ran).
+    The model is left as it was; :func:`use_precision` also packs it.
 
     ``requested`` (else ``$STORYTELLER_PRECISION``, else ``auto``): a name from ``PRECISIONS``, or
     ``auto``: on a CPU, time a batch-1 step in each supported precision and keep the fastest, fp32
@@ -264,31 +262,54 @@ def resolve_precision(requested: str | None, model: torch.nn.Module | None = Non
     Raises:
         ValueError: an unknown name.
     """
+    best, timings, _ = _resolve(requested, model, features)
+    return best, timings
+
+
+def use_precision(model: torch.nn.Module, requested: str | None = None) -> tuple[str, dict[str, float]]:
+    """:func:`resolve_precision`, then :func:`prepare` ``model`` in the chosen precision, reusing the
+    pack that ``auto`` timed instead of packing it again. Returns what ``resolve_precision`` returns.
+
+    Args:
+        model: the decoder (eval mode).
+        requested: ``auto``, ``fp32``, ``bf16``, ``int8`` or None (then ``$STORYTELLER_PRECISION``, else auto).
+    """
+    best, timings, packs = _resolve(requested, model, None)
+    if best in packs:
+        model._packed = packs[best]
+    else:
+        prepare(model, best)
+    return best, timings
+
+
+def _resolve(requested: str | None, model: torch.nn.Module | None, features: torch.Tensor | None
+             ) -> tuple[str, dict[str, float], dict[str, PackedWeights | None]]:
+    """resolve_precision's work, plus the packs ``auto`` made while timing (precision -> pack)."""
     requested = (requested or os.environ.get(ENV) or "auto").strip().lower()
     if requested != "auto":
         if requested not in PRECISIONS:
             source = "" if requested != os.environ.get(ENV, "").strip().lower() else f" (from ${ENV})"
             raise ValueError(f"precision must be auto, {', '.join(PRECISIONS)}; got {requested!r}{source}")
-        return requested, {}
+        return requested, {}, {}
     if model is None:
-        return "fp32", {}
+        return "fp32", {}, {}
     device = next(model.parameters()).device
     candidates = supported_precisions(device)
     if len(candidates) == 1:
-        return "fp32", {}
+        return "fp32", {}, {}
     if features is None:
         shape = (1, *model.grid, model.feature_dim) if getattr(model, "has_attention", False) and model.grid \
             else (1, model.feature_dim)
         features = torch.zeros(shape)
-    timings = {}
+    timings, packs = {}, {}
     was = getattr(model, "_packed", None)
     try:
         for p in candidates:
-            prepare(model, p)
+            packs[p] = prepare(model, p)._packed
             timings[p] = time_step(model, features)
     finally:
         model._packed = was
     best = min(timings, key=timings.get)
     if timings[best] > 0.9 * timings["fp32"]:
         best = "fp32"
-    return best, timings
+    return best, timings, packs

@@ -136,6 +136,27 @@ def test_precision_is_chosen_by_argument_then_environment_then_auto(monkeypatch)
     assert P.packed(model) is None  # timing leaves the model as it was
 
 
+@INT8
+@pytest.mark.parametrize("fastest", ["int8", "fp32"])
+def test_use_precision_packs_the_chosen_precision_once(monkeypatch, fastest):
+    """use_precision (what load() and evaluate call) keeps the pack auto timed: each candidate is packed
+    once, the chosen one is not packed again, and the model ends in the chosen precision."""
+    model, _ = decoders()[0]
+    monkeypatch.delenv(P.ENV, raising=False)
+    monkeypatch.setattr(P, "supported_precisions", lambda device="cpu": ["fp32", "int8"])
+    monkeypatch.setattr(P, "time_step", lambda m, f, **k: 1.0 if (P.packed(m) is not None) == (fastest == "int8") else 5.0)
+    packed_from = []
+    step_linears = model.step_linears
+    monkeypatch.setattr(model, "step_linears", lambda: packed_from.append(1) or step_linears())
+    chosen, timings = P.use_precision(model)
+    assert chosen == fastest and set(timings) == {"fp32", "int8"}
+    assert len(packed_from) == 1  # int8 packed for its timing only
+    assert (P.packed(model) is None) == (fastest == "fp32")
+    if fastest == "int8":
+        assert P.packed(model).precision == "int8"
+    assert P.use_precision(model, "fp32") == ("fp32", {}) and P.packed(model) is None  # an explicit name: no timing
+
+
 def test_bf16_is_offered_only_on_cpus_with_bfloat16_instructions(monkeypatch):
     """Inference and fit's default autocast use the same check: AMX or AVX-512 BF16 (not AMX alone)."""
     from train.fit import default_amp

@@ -43,7 +43,7 @@ from storyteller.card import dataset_label
 from storyteller.decoding import beam_search, greedy_search
 from storyteller.fileio import atomic_path, write_json_atomic, write_text_atomic
 from storyteller.model import ShowAndTell, load_decoder
-from storyteller.precision import prepare, resolve_precision
+from storyteller.precision import use_precision
 from storyteller.vocab import tokenize
 
 EVALUATION_FORMAT = "storyteller-evaluation-v1"
@@ -326,8 +326,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     try:
         model = load_decoder(args.model).to(device).eval()
-        precision = resolve_precision(args.precision if device.type == "cpu" else "fp32", model)[0]
-        prepare(model, precision)
+        precision = use_precision(model, args.precision if device.type == "cpu" else "fp32")[0]
     except (ValueError, OSError) as e:
         sys.exit(f"{args.model}: {e}")
     attention = bool(getattr(model, "has_attention", False))
