@@ -91,20 +91,29 @@ def _step(model, tokens: torch.Tensor, state, attention: bool):
 
 
 def _live_step(model, tokens: torch.Tensor, state, live: torch.Tensor, attention: bool = False):
-    """Run ``model.step`` on the rows where ``live`` is True only.
+    """Run ``model.step`` for the rows where ``live`` is True.
 
     tokens (N,), state of N rows, live (N,) bool -> log_probs (N, V) (rows not live are -inf), the
-    new state (rows not live unchanged) and, with ``attention``, the weights (N, R) (zeros where not live).
+    new state and, with ``attention``, the weights (N, R) (zeros where not live). While more than half
+    the rows are live, all rows run and the others are masked (a row's numbers do not depend on its
+    batch, and picking rows out and back costs more than the step saves); after that only the live rows
+    run and the others keep their state. A row that is not live never uses its state again.
     """
-    if bool(live.all()):
-        return _step(model, tokens, state, attention)
+    N, n = tokens.shape[0], int(live.sum())
+    if 2 * n > N:
+        logp, state, alpha = _step(model, tokens, state, attention)
+        if n < N:
+            dead = ~live[:, None]
+            logp = logp.masked_fill_(dead, float("-inf"))
+            alpha = None if alpha is None else alpha.masked_fill(dead, 0.0)
+        return logp, state, alpha
     idx = live.nonzero().squeeze(1)
     logp_live, sub, alpha_live = _step(model, tokens[idx], _select(model, state, idx), attention)
-    logp = logp_live.new_full((tokens.shape[0], logp_live.shape[1]), float("-inf"))
+    logp = logp_live.new_full((N, logp_live.shape[1]), float("-inf"))
     logp[idx] = logp_live
     alpha = None
     if alpha_live is not None:
-        alpha = alpha_live.new_zeros((tokens.shape[0], alpha_live.shape[1]))
+        alpha = alpha_live.new_zeros((N, alpha_live.shape[1]))
         alpha[idx] = alpha_live
     return logp, _scatter(model, state, idx, sub), alpha
 
@@ -123,35 +132,45 @@ def _bad_ending_ids(vocab: Vocabulary, bad_endings, device: torch.device | str =
     return table
 
 
-def _mask(logp: torch.Tensor, history: torch.Tensor, suppress_unk: bool, no_repeat_ngram_size: int,
-          min_len: int, bad_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Forbid special tokens, too-early <end>, <end> after a bad ending, and repeated n-grams.
+class _Rules:
+    """The token rules of one search, prepared once: the (V,) rows added to every step's log-probabilities
+    (``-inf`` at ``<pad>``, ``<start>``, maybe ``<unk>``, and ``<end>`` before ``min_len``), the bad-ending
+    table, and the n-gram size."""
 
-    logp (N, V), changed in place (callers pass the step's fresh output), history (N, t) emitted ids,
-    bad_ids the (V,) table of ``_bad_ending_ids``. A row left with no allowed token may take ``<end>``.
-    """
-    raw_end = logp[:, Vocabulary.end_id].clone()
-    logp[:, Vocabulary.pad_id] = float("-inf")
-    logp[:, Vocabulary.start_id] = float("-inf")
-    if suppress_unk:
-        logp[:, Vocabulary.unk_id] = float("-inf")
-    n, t = no_repeat_ngram_size, history.shape[1]
-    if t < min_len:  # live sequences have emitted t words so far
-        logp[:, Vocabulary.end_id] = float("-inf")
-    if bad_ids is not None and t > 0:
-        ends_badly = bad_ids[history[:, -1]]  # (N,)
-        logp[:, Vocabulary.end_id] = logp[:, Vocabulary.end_id].masked_fill(ends_badly, float("-inf"))
-    if n > 0 and t >= n:
-        windows = history.unfold(1, n, 1)  # (N, t-n+1, n): every n-gram emitted so far
-        prefix = history[:, t - n + 1:]  # (N, n-1): the tokens a new n-gram would start with
-        match = (windows[:, :, : n - 1] == prefix[:, None, :]).all(-1)  # (N, t-n+1)
-        rows, at = match.nonzero(as_tuple=True)  # each earlier n-gram the new one would repeat
-        logp[rows, windows[rows, at, n - 1]] = float("-inf")
-    # Rules that leave a (live) row nothing to emit must not lose its caption: let it end here.
-    stuck = torch.isinf(logp).all(-1) & torch.isfinite(raw_end)
-    if bool(stuck.any()):
-        logp[stuck, Vocabulary.end_id] = raw_end[stuck]
-    return logp
+    def __init__(self, V: int, suppress_unk: bool, no_repeat_ngram_size: int, min_len: int,
+                 bad_ids: torch.Tensor | None, device: torch.device):
+        self.V, self.n, self.min_len, self.bad_ids = V, no_repeat_ngram_size, min_len, bad_ids
+        self.banned = [Vocabulary.pad_id, Vocabulary.start_id] + ([Vocabulary.unk_id] if suppress_unk else [])
+        self.base = torch.zeros(V, device=device)
+        self.base[self.banned] = float("-inf")
+        self.base_no_end = self.base.clone()
+        self.base_no_end[Vocabulary.end_id] = float("-inf")
+
+    def apply(self, logp: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        """Forbid special tokens, too-early <end>, <end> after a bad ending, and repeated n-grams.
+
+        logp (N, V), changed in place (callers pass the step's fresh output), history (N, t) emitted ids.
+        A row left with no allowed token may take ``<end>``.
+        """
+        n, t = self.n, history.shape[1]
+        blockable = len(self.banned) + (t - n + 1 if 0 < n <= t else 0)  # most non-<end> tokens a row can lose
+        may_stick = self.V - 1 <= blockable  # only with tiny vocabularies; then keep the model's own <end>
+        raw_end = logp[:, Vocabulary.end_id].clone() if may_stick else None
+        logp.add_(self.base_no_end if t < self.min_len else self.base)  # live sequences have emitted t words
+        if self.bad_ids is not None and t > 0:
+            logp[:, Vocabulary.end_id].masked_fill_(self.bad_ids[history[:, t - 1]], float("-inf"))
+        if 0 < n <= t:
+            windows = history.unfold(1, n, 1)  # (N, t-n+1, n): every n-gram emitted so far
+            prefix = history[:, t - n + 1:]  # (N, n-1): the tokens a new n-gram would start with
+            match = (windows[:, :, : n - 1] == prefix[:, None, :]).all(-1)  # (N, t-n+1)
+            rows, at = match.nonzero(as_tuple=True)  # each earlier n-gram the new one would repeat
+            logp[rows, windows[rows, at, n - 1]] = float("-inf")
+        # Rules that leave a (live) row nothing to emit must not lose its caption: let it end here.
+        if may_stick:
+            stuck = (logp.amax(-1) == float("-inf")) & (raw_end > float("-inf"))
+            if bool(stuck.any()):
+                logp[stuck, Vocabulary.end_id] = raw_end[stuck]
+        return logp
 
 
 def _length_penalty(lengths: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -191,6 +210,8 @@ class _Beams:
     A greedy search is the width-1 case that takes the argmax of each step (``greedy=True``), exactly
     what greedy decoding does; a beam search ranks all K x V extensions of each image by their
     length-normalised score. Finished hypotheses stay in their slot, continuing with ``<pad>`` at zero cost.
+    ``history`` (B*K, max_len) is this search's part of the preallocated token history of ``_search``;
+    ``open`` marks the hypotheses still growing (not finished, finite score).
     """
 
     def __init__(self, B: int, K: int, greedy: bool, alpha: float, device: torch.device):
@@ -199,7 +220,9 @@ class _Beams:
         self.scores[:, 0] = 0.0  # all beams start identical: expand one, or the top-K would be K copies
         self.lengths = torch.zeros((B, K), dtype=torch.long, device=device)
         self.finished = torch.zeros((B, K), dtype=torch.bool, device=device)
-        self.history = torch.empty((B, K, 0), dtype=torch.long, device=device)
+        self.open = torch.isfinite(self.scores)
+        self.history = torch.empty((B * K, 0), dtype=torch.long, device=device)  # set by _search
+        self.steps = 0  # tokens emitted so far (columns of ``history`` in use)
         self.att = None  # (B, K, t, R) attention weights of each hypothesis's steps
         self.offsets = torch.arange(B, device=device)[:, None] * K  # (B, 1) row of each image's first beam
 
@@ -207,28 +230,24 @@ class _Beams:
     def rows(self) -> int:
         return self.B * self.K
 
-    def live(self) -> torch.Tensor:
-        return (~self.finished & torch.isfinite(self.scores)).view(-1)  # (B*K,)
-
-    def done(self) -> bool:
-        return bool((self.finished | ~torch.isfinite(self.scores)).all())
-
-    def advance(self, logp: torch.Tensor, alpha_t: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def advance(self, logp: torch.Tensor, alpha_t: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Extend every hypothesis by one token. logp (B*K, V) masked log-probabilities (rows not live:
         -inf), alpha_t (B*K, R) or None -> (the rows, within this search, the new hypotheses continue
-        (B*K,), their tokens (B*K,))."""
-        B, K, t = self.B, self.K, self.history.shape[2]
+        (B*K,), or None where every row continues itself (greedy); their tokens (B*K,)). The caller
+        writes the tokens into ``history`` at column ``steps - 1``."""
+        B, K, t = self.B, self.K, self.steps
+        self.steps += 1
         if self.greedy:  # width 1: the argmax, as greedy decoding always did
             fin = self.finished[:, 0]
             tok = torch.where(fin, Vocabulary.pad_id, logp.argmax(-1))  # (B,)
             self.scores[:, 0] += torch.where(fin, 0.0, logp.gather(1, tok[:, None]).squeeze(1))
             self.lengths[:, 0] += (~fin).long()
             self.finished[:, 0] = fin | (tok == Vocabulary.end_id)
-            self.history = torch.cat([self.history, tok.view(B, 1, 1)], 2)
+            self.open = ~self.finished & (self.scores > float("-inf"))
             if alpha_t is not None:
                 step = alpha_t.view(B, 1, 1, -1)
                 self.att = step if self.att is None else torch.cat([self.att, step], 2)
-            return torch.arange(B, device=logp.device), tok
+            return None, tok
         V = logp.shape[-1]
         logp = logp.view(B, K, V)
         # a finished hypothesis has one continuation, <pad>, at zero cost: it keeps its slot
@@ -244,26 +263,29 @@ class _Beams:
         self.scores = cand.view(B, K * V).gather(1, top)
         self.lengths = cand_len.gather(1, beam)
         self.finished = self.finished.gather(1, beam) | (tok == Vocabulary.end_id)
-        self.history = torch.cat([self.history.gather(1, beam[..., None].expand(-1, -1, t)), tok[..., None]], 2)
+        self.open = ~self.finished & (self.scores > float("-inf"))
+        rows = (beam + self.offsets).view(-1)  # (B*K,) the row each new hypothesis continues
+        self.history.copy_(self.history.index_select(0, rows))  # in place: a view of _search's buffer
         if alpha_t is not None:
             R = alpha_t.shape[-1]
             step_att = alpha_t.view(B, K, 1, R)
             if self.att is not None:
                 step_att = torch.cat([self.att, step_att], 2)  # (B, K, t+1, R) before reordering
             self.att = step_att.gather(1, beam[:, :, None, None].expand(-1, -1, t + 1, R))
-        return (beam + self.offsets).view(-1), tok.view(-1)
+        return rows, tok.view(-1)
 
     def captions(self, vocab: Vocabulary, n_best: int, grid: tuple[int, int] | None) -> list[list[Caption]]:
         """Per image, up to ``n_best`` captions best first (greedy: its one caption, score = log_prob)."""
         final = self.scores if self.greedy else self.scores / _length_penalty(self.lengths, self.alpha)
         order = final.argsort(dim=1, descending=True, stable=True)
+        history = self.history[:, :self.steps].view(self.B, self.K, self.steps)
         results = []
         for b in range(self.B):
             caps = []
             for k in order[b].tolist():
                 if not torch.isfinite(self.scores[b, k]) or len(caps) == n_best:
                     continue
-                caps.append(_to_caption(vocab, self.history[b, k].tolist(), float(self.scores[b, k]),
+                caps.append(_to_caption(vocab, history[b, k].tolist(), float(self.scores[b, k]),
                                         float(final[b, k]), None if self.att is None else self.att[b, k], grid))
             results.append(caps)
         return results
@@ -277,32 +299,39 @@ def _search(model, features: torch.Tensor, searches: list[tuple[int, bool, float
     weights are read once per step for all of them, and rows whose caption ended drop out of the call."""
     _check(model, features, max_len, min_len)
     want_att = bool(getattr(model, "has_attention", False))
-    bad_ids = _bad_ending_ids(vocab, bad_endings, features.device)
     with _eval_mode(model):
         B, dev = features.shape[0], features.device
         groups = [_Beams(B, K, greedy, alpha, dev) for K, greedy, alpha in searches]
         starts = [0]
         for g in groups:
             starts.append(starts[-1] + g.rows)
+        history = torch.zeros((starts[-1], max_len), dtype=torch.long, device=dev)  # (N, max_len) emitted ids
+        for g, s0 in zip(groups, starts):
+            g.history = history[s0:s0 + g.rows]  # a view: each search reorders its own rows in place
         state = model.init_state(features)  # B rows, one per image
         if any(g.K > 1 for g in groups) or len(groups) > 1:  # image-major rows of every search
             state = _select(model, state, torch.cat([torch.arange(B, device=dev).repeat_interleave(g.K) for g in groups]))
         tokens = torch.full((starts[-1],), Vocabulary.start_id, dtype=torch.long, device=dev)
+        live = torch.cat([g.open.view(-1) for g in groups])
+        rules = None
         for t in range(max_len):
-            live = torch.cat([g.live() for g in groups])
             logp, state, alpha_t = _live_step(model, tokens, state, live, want_att)
-            history = torch.cat([g.history.view(g.rows, t) for g in groups])
-            logp = _mask(logp, history, suppress_unk, no_repeat_ngram_size, min_len, bad_ids)
+            if rules is None:
+                rules = _Rules(logp.shape[1], suppress_unk, no_repeat_ngram_size, min_len,
+                               _bad_ending_ids(vocab, bad_endings, dev), dev)
+            logp = rules.apply(logp, history[:, :t])
             rows, toks = [], []
             for g, s0 in zip(groups, starts):
                 r, tok = g.advance(logp[s0:s0 + g.rows], None if alpha_t is None else alpha_t[s0:s0 + g.rows])
-                rows.append(r + s0)
+                rows.append(torch.arange(s0, s0 + g.rows, device=dev) if r is None else r + s0)
                 toks.append(tok)
-            if all(g.done() for g in groups):
+            tokens = torch.cat(toks) if len(toks) > 1 else toks[0]
+            history[:, t] = tokens
+            live = torch.cat([g.open.view(-1) for g in groups]) if len(groups) > 1 else groups[0].open.view(-1)
+            if not bool(live.any()):
                 break
             if not all(g.greedy for g in groups):  # greedy rows never move; beams reorder
                 state = _select(model, state, torch.cat(rows))
-            tokens = torch.cat(toks)
     return groups
 
 

@@ -68,6 +68,23 @@ def test_int8_rows_do_not_depend_on_the_other_rows_of_their_batch():
     assert torch.equal(lin(rows[None]), alone[None])  # (1, rows, in) inputs keep their shape
 
 
+@INT8
+def test_int8_output_layer_cannot_overflow_the_kernels_16_bit_sums():
+    """fbgemm's AVX2 kernel adds pairs of uint8 x int8 products in int16: 8-bit activations at their
+    largest (255) times weights at theirs (127) overflow it. The output layer quantises to 7 bits, so even
+    the worst row comes out right; the gates keep 8 bits (measured on validation: they hold)."""
+    w, x = torch.ones(8, 64), torch.ones(2, 64)  # every product at its largest
+    x[1] = torch.linspace(-1, 1, 64)  # and a row whose products cancel
+    y = P._Int8Linear(w, torch.zeros(8), reduce_range=True)(x)
+    assert y[0].tolist() == pytest.approx([64.0] * 8, rel=0.02)  # 8 bits gave 0.5 here (AVX2, no VNNI)
+    assert y[1].abs().max() < 0.5
+    for model, _ in decoders():
+        P.prepare(model, "int8")
+        ops = P.packed(model).ops
+        assert ops["head"].reduce_range and not any(op.reduce_range for name, op in ops.items()
+                                                     if name != "head" and isinstance(op, P._Int8Linear))
+
+
 @pytest.mark.parametrize("precision", ["fp32", "int8", "bf16"])
 @pytest.mark.parametrize("kind", [0, 1], ids=["pooled", "attention"])
 def test_one_pass_and_batches_decode_as_separate_searches_in_every_precision(precision, kind):
