@@ -16,7 +16,9 @@ which asks the model to look at every region over the whole caption rather than 
 
 State for decoding: ``(h, c, img, V, enc)``: h, c (1, N, H) per row; ``img`` (N,) the photo each row
 belongs to (None: row i is photo i), and the per-photo tensors V (B, R, D) and enc (B, R, A) that
-rows share. Beam search copies rows, never photos, so the grid is projected once per photo.
+rows share. Beam search copies rows, never photos, so the grid is projected once per photo. A step on
+packed weights (``storyteller.precision``) adds a sixth part, ``pre`` (N, A + D + 4H): the products
+of h the next step needs (query, gate, recurrent gates), made with the output layer in one product.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from .precision import packed
 from .vocab import Vocabulary
 
 DECODER = "show_attend_tell"
-AttentionState = tuple  # (h (1, N, H), c (1, N, H), img (N,) | None, V (B, R, D), enc (B, R, A))
+AttentionState = tuple  # (h (1, N, H), c (1, N, H), img (N,) | None, V (B, R, D), enc (B, R, A)[, pre (N, A+D+4H)])
 
 
 class ShowAttendTell(
@@ -114,13 +116,18 @@ class ShowAttendTell(
         return h, c, None, V, self.att_enc(V)
 
     def select_state(self, state: AttentionState, rows: torch.Tensor) -> AttentionState:
-        h, c, img, V, enc = state
-        return h[:, rows], c[:, rows], rows if img is None else img[rows], V, enc
+        h, c, img, V, enc = state[:5]
+        out = (h.index_select(1, rows), c.index_select(1, rows), rows if img is None else img[rows], V, enc)
+        return out + (state[5].index_select(0, rows),) if len(state) > 5 else out
 
     def scatter_state(self, state: AttentionState, rows: torch.Tensor, sub: AttentionState) -> AttentionState:
-        h, c, img, V, enc = state
+        h, c, img, V, enc = state[:5]
         h, c = h.clone(), c.clone()
         h[:, rows], c[:, rows] = sub[0], sub[1]
+        if len(state) > 5 and len(sub) > 5:  # pre: a cache the next step can rebuild, kept only where both have it
+            pre = state[5].clone()
+            pre[rows] = sub[5]
+            return h, c, img, V, enc, pre
         return h, c, img, V, enc  # rows never change photo within a step
 
     def attend(self, h: torch.Tensor, img: torch.Tensor | None, V: torch.Tensor, enc: torch.Tensor,
@@ -145,44 +152,53 @@ class ShowAttendTell(
     def step(self, tokens: torch.Tensor, state: AttentionState, return_attention: bool = False):
         """One decoder step. tokens (N,) -> log-probabilities (N, V), the new state, and with
         ``return_attention`` the attention weights (N, R) that chose this word's context."""
-        h, c, img, V, enc = state
+        h, c, img, V, enc = state[:5]
         fast = packed(self)  # low-precision copies of the step's weights (storyteller.precision), or None
-        if fast is not None:  # nn.LSTMCell on packed weights; gates in its order i, f, g, o
-            # everything that reads h in one product: attention query, gate, recurrent gates
-            q, beta, hh = fast["hid"](h[0]).split([self.att_hid.out_features, self.gate.out_features,
-                                                   4 * self.hidden_dim], 1)  # (N, A), (N, D), (N, 4H)
+        if fast is not None:  # nn.LSTMCell on packed weights, gate rows in the order i, f, o, g
+            A, D, G = self.att_hid.out_features, self.gate.out_features, 4 * self.hidden_dim
+            # pre: every product of h (attention query, gate, recurrent gates), made by the last step together
+            # with its logits; a state from init_state has it made here
+            pre = state[5] if len(state) > 5 else fast["head"](h[0])[:, -(A + D + G):]
+            q, beta, hh = pre.split([A, D, G], 1)  # (N, A), (N, D), (N, 4H)
             context, alpha = self.attend(h[0], img, V, enc, q=q, beta=beta)
             # the word's input gates are a table row; the context (its own range) gets its own product, so
             # int8 quantises it with its own scale
             gates = fast["word"](tokens) + fast["ih_context"](context) + hh  # (N, 4H)
-            i, f, g, o = gates.chunk(4, 1)
-            c1 = torch.sigmoid(f) * c[0] + torch.sigmoid(i) * torch.tanh(g)
-            h1 = torch.sigmoid(o) * torch.tanh(c1)
-            logp = torch.log_softmax(fast["head"](h1).float(), dim=-1)
+            H3 = 3 * self.hidden_dim
+            i, f, o = torch.sigmoid(gates[:, :H3]).chunk(3, 1)
+            c1 = torch.addcmul(f * c[0], i, torch.tanh(gates[:, H3:]))
+            h1 = o * torch.tanh(c1)
+            out = fast["head"](h1)  # (N, vocab + A + D + 4H): the logits, and the next step's pre
+            logp = torch.log_softmax(out[:, :-(A + D + G)].float(), dim=-1)
+            new = (h1[None], c1[None], img, V, enc, out[:, -(A + D + G):])
         else:
             context, alpha = self.attend(h[0], img, V, enc)
             x = torch.cat([self.embed_dropout(self.embed(tokens)), context], dim=-1)  # (N, E + D)
             h1, c1 = self.cell(x, (h[0], c[0]))
             logp = torch.log_softmax(self.head(self.out_dropout(h1)).float(), dim=-1)
-        new = (h1[None], c1[None], img, V, enc)
+            new = (h1[None], c1[None], img, V, enc)
         return (logp, new, alpha) if return_attention else (logp, new)
 
     def step_linears(self) -> dict[str, Any]:
-        """The matrices ``step`` multiplies by, for ``storyteller.precision.prepare``: name -> (weight, bias),
-        or name -> a lookup table by token id.
+        """The matrices the packed step multiplies by, for ``storyteller.precision.prepare``: name ->
+        (weight, bias), or name -> a lookup table by token id.
 
-        - ``hid``: [att_hid; gate; W_hh] stacked, (A + D + 4H, H): the three products of h in one
         - ``word``: the input gates of every word, embedding x W_ih[:, :E] + b_ih, (V, 4H): a row lookup
         - ``ih_context``: W_ih[:, E:], the context's input gates
-        - ``head``: the output layer
+        - ``head``: [output layer; att_hid; gate; W_hh] stacked, (V + A + D + 4H, H): every product of
+          the new h in one, the logits now and the rest for the next step
+
+        Gate rows are reordered i, f, o, g (nn.LSTMCell's are i, f, g, o), so the sigmoids are one call.
         """
-        E, cell = self.embed_dim, self.cell
+        E, H, cell = self.embed_dim, self.hidden_dim, self.cell
+        order = torch.cat([torch.arange(2 * H), torch.arange(3 * H, 4 * H), torch.arange(2 * H, 3 * H)])  # i f o g
         with torch.no_grad():
-            w = torch.cat([self.att_hid.weight, self.gate.weight, cell.weight_hh], 0)
-            b = torch.cat([self.att_hid.weight.new_zeros(self.att_hid.out_features), self.gate.bias, cell.bias_hh])
-            word = nn.functional.linear(self.embed.weight.float(), cell.weight_ih[:, :E].float(), cell.bias_ih.float())
-            return {"hid": (w, b), "word": word, "ih_context": (cell.weight_ih[:, E:], None),
-                    "head": (self.head.weight, self.head.bias)}
+            w = torch.cat([self.head.weight, self.att_hid.weight, self.gate.weight, cell.weight_hh[order]], 0)
+            b = torch.cat([self.head.bias, self.att_hid.weight.new_zeros(self.att_hid.out_features), self.gate.bias,
+                           cell.bias_hh[order]])
+            word = nn.functional.linear(self.embed.weight.float(), cell.weight_ih[order, :E].float(),
+                                        cell.bias_ih[order].float())
+            return {"word": word, "ih_context": (cell.weight_ih[order, E:], None), "head": (w, b)}
 
     # -- teacher-forced training -----------------------------------------------------------------
     def unroll(self, features: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

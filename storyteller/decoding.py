@@ -225,6 +225,7 @@ class _Beams:
         self.steps = 0  # tokens emitted so far (columns of ``history`` in use)
         self.att = None  # (B, K, t, R) attention weights of each hypothesis's steps
         self.offsets = torch.arange(B, device=device)[:, None] * K  # (B, 1) row of each image's first beam
+        self.penalty = torch.empty(0, device=device)  # length -> GNMT penalty, set by _search (it knows max_len)
 
     @property
     def rows(self) -> int:
@@ -248,19 +249,23 @@ class _Beams:
                 step = alpha_t.view(B, 1, 1, -1)
                 self.att = step if self.att is None else torch.cat([self.att, step], 2)
             return None, tok
-        V = logp.shape[-1]
-        logp = logp.view(B, K, V)
+        # Each hypothesis's k best tokens first: within one hypothesis, log-probability, raw score and
+        # normalised score rank its extensions alike, so the image's K best are among these K x k.
+        k = min(K, logp.shape[-1])
+        lp, ids = logp.topk(k, dim=1)  # (B*K, k)
+        lp, ids = lp.view(B, K, k), ids.view(B, K, k)
         # a finished hypothesis has one continuation, <pad>, at zero cost: it keeps its slot
         if bool(self.finished.any()):
-            done_row = torch.full((V,), float("-inf"), device=logp.device)
-            done_row[Vocabulary.pad_id] = 0.0
-            logp = torch.where(self.finished[..., None], done_row, logp)
-        cand = self.scores[..., None] + logp  # (B, K, V) raw scores of every extension
+            done = torch.full((k,), float("-inf"), device=lp.device)
+            done[0] = 0.0
+            lp = torch.where(self.finished[..., None], done, lp)
+            ids = ids.masked_fill(self.finished[..., None], Vocabulary.pad_id)
+        cand = self.scores[..., None] + lp  # (B, K, k) raw scores of the extensions
         cand_len = self.lengths + (~self.finished).long()  # (B, K)
-        ranked = cand / _length_penalty(cand_len, self.alpha)[..., None] if self.alpha else cand
-        _, top = ranked.view(B, K * V).topk(K, dim=1)  # (B, K) best extensions per image
-        beam, tok = top // V, top % V
-        self.scores = cand.view(B, K * V).gather(1, top)
+        ranked = cand / self.penalty[cand_len][..., None] if self.alpha else cand
+        _, top = ranked.view(B, K * k).topk(K, dim=1)  # (B, K) best extensions per image
+        beam, tok = top // k, ids.view(B, K * k).gather(1, top)
+        self.scores = cand.view(B, K * k).gather(1, top)
         self.lengths = cand_len.gather(1, beam)
         self.finished = self.finished.gather(1, beam) | (tok == Vocabulary.end_id)
         self.open = ~self.finished & (self.scores > float("-inf"))
@@ -308,22 +313,27 @@ def _search(model, features: torch.Tensor, searches: list[tuple[int, bool, float
         history = torch.zeros((starts[-1], max_len), dtype=torch.long, device=dev)  # (N, max_len) emitted ids
         for g, s0 in zip(groups, starts):
             g.history = history[s0:s0 + g.rows]  # a view: each search reorders its own rows in place
-        state = model.init_state(features)  # B rows, one per image
-        if any(g.K > 1 for g in groups) or len(groups) > 1:  # image-major rows of every search
-            state = _select(model, state, torch.cat([torch.arange(B, device=dev).repeat_interleave(g.K) for g in groups]))
-        tokens = torch.full((starts[-1],), Vocabulary.start_id, dtype=torch.long, device=dev)
+            g.penalty = _length_penalty(torch.arange(max_len + 1, device=dev), g.alpha)  # one per length
         live = torch.cat([g.open.view(-1) for g in groups])
-        rules = None
+        # the first step is the same for every row of an image (one state, <start>): run it once per image
+        state = model.init_state(features)  # B rows, one per image
+        logp, state, alpha_t = _step(model, torch.full((B,), Vocabulary.start_id, dtype=torch.long, device=dev),
+                                     state, want_att)
+        if starts[-1] != B:  # image-major rows of every search; rows not live yet (beams 2..K) are -inf
+            rows = torch.cat([torch.arange(B, device=dev).repeat_interleave(g.K) for g in groups])
+            state, logp = _select(model, state, rows), logp[rows].masked_fill_(~live[:, None], float("-inf"))
+            alpha_t = None if alpha_t is None else alpha_t[rows].masked_fill_(~live[:, None], 0.0)
+        rules = _Rules(logp.shape[1], suppress_unk, no_repeat_ngram_size, min_len,
+                       _bad_ending_ids(vocab, bad_endings, dev), dev)
+        unmoved = [torch.arange(s0, s0 + g.rows, device=dev) for g, s0 in zip(groups, starts)]  # greedy rows stay
         for t in range(max_len):
-            logp, state, alpha_t = _live_step(model, tokens, state, live, want_att)
-            if rules is None:
-                rules = _Rules(logp.shape[1], suppress_unk, no_repeat_ngram_size, min_len,
-                               _bad_ending_ids(vocab, bad_endings, dev), dev)
+            if t > 0:
+                logp, state, alpha_t = _live_step(model, tokens, state, live, want_att)
             logp = rules.apply(logp, history[:, :t])
             rows, toks = [], []
-            for g, s0 in zip(groups, starts):
+            for g, s0, same in zip(groups, starts, unmoved):
                 r, tok = g.advance(logp[s0:s0 + g.rows], None if alpha_t is None else alpha_t[s0:s0 + g.rows])
-                rows.append(torch.arange(s0, s0 + g.rows, device=dev) if r is None else r + s0)
+                rows.append(same if r is None else r + s0)
                 toks.append(tok)
             tokens = torch.cat(toks) if len(toks) > 1 else toks[0]
             history[:, t] = tokens

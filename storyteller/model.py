@@ -37,7 +37,7 @@ from .vocab import Vocabulary
 VOCAB_FILE = "vocab.json"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-State = tuple[torch.Tensor, torch.Tensor]
+State = tuple  # (h, c), each (L, B, H); with packed weights also r (L, B, 4H), see ShowAndTell.step
 DECODER = "show_and_tell"
 
 
@@ -67,10 +67,11 @@ class HubDecoder:
 
     def select_state(self, state: tuple, rows: torch.Tensor) -> tuple:
         """The state of batch rows ``rows`` (N,) (rows may repeat: beam search copies hypotheses)."""
-        return tuple(s[:, rows] for s in state)
+        return tuple(s.index_select(1, rows) for s in state)
 
     def scatter_state(self, state: tuple, rows: torch.Tensor, sub: tuple) -> tuple:
-        """``state`` with batch rows ``rows`` replaced by ``sub`` (a new tuple; ``state`` is unchanged)."""
+        """``state`` with batch rows ``rows`` replaced by ``sub`` (a new tuple; ``state`` is unchanged).
+        A part only one of them has (a cache ``step`` can rebuild, e.g. ``r``) is dropped."""
         out = []
         for s, new in zip(state, sub):
             s = s.clone()
@@ -179,49 +180,78 @@ class ShowAndTell(
         Runs ``torch.lstm_cell`` layer by layer on the ``nn.LSTM``'s own weights: for a single time
         step that is the same computation as ``self.lstm`` (a test checks it against the packed
         forward) at a quarter of the call overhead, which dominates decoding one photo on a CPU.
+        With packed weights (``storyteller.precision``) it runs :meth:`_packed_step` instead.
         """
-        h, c = state  # (L, B, H) each
         fast = packed(self)  # low-precision copies of the step's weights (storyteller.precision), or None
-        x = self.embed_dropout(self.embed(tokens)) if fast is None else None  # (B, E); packed: a table row
+        if fast is not None:
+            return self._packed_step(fast, tokens, state)
+        h, c = state[0], state[1]  # (L, B, H) each; a packed step's r, if any, is not needed here
+        x = self.embed_dropout(self.embed(tokens))  # (B, E)
         hs, cs = [], []
         for layer in range(self.num_layers):
-            if fast is not None:  # the same cell, on packed weights; gates in nn.LSTM's order i, f, g, o
-                if layer == 0:  # the word's input gates are a row of a table
-                    gates = fast["word0"](tokens) + fast["hh0"](h[0])  # (B, 4H)
-                else:  # one product for [input | recurrent]
-                    gates = fast[f"ihh{layer}"](torch.cat([x, h[layer]], 1))
-                i, f, g, o = gates.chunk(4, 1)
-                c_l = torch.sigmoid(f) * c[layer] + torch.sigmoid(i) * torch.tanh(g)
-                h_l = torch.sigmoid(o) * torch.tanh(c_l)
-            else:
-                w = [getattr(self.lstm, f"{n}_l{layer}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-                h_l, c_l = torch.lstm_cell(x, (h[layer], c[layer]), *w)
+            w = [getattr(self.lstm, f"{n}_l{layer}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            h_l, c_l = torch.lstm_cell(x, (h[layer], c[layer]), *w)
             hs.append(h_l)
             cs.append(c_l)
             x = h_l
             if layer < self.num_layers - 1:  # nn.LSTM's dropout between layers
                 x = nn.functional.dropout(x, self.lstm.dropout, self.training)
-        logits = fast["head"](x) if fast is not None else self.head(self.out_dropout(x))  # (B, V)
+        logits = self.head(self.out_dropout(x))  # (B, V)
         return torch.log_softmax(logits.float(), dim=-1), (torch.stack(hs), torch.stack(cs))
 
+    def _packed_step(self, fast, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """The same LSTM cell on packed weights, one product per layer (a step's products cost more in
+        call overhead than in arithmetic on a CPU): layer l's new h_l is multiplied once, by
+        [W_ih(l+1); W_hh(l)] (the next layer's input gates now, and this layer's recurrent gates for the
+        next step) or, for the last layer, by [head; W_hh(l)] (the logits now, and the recurrent gates).
+        The recurrent half travels in the state as r (L, B, 4H); a state without it (from
+        ``init_state``) has it made first. The packed gate rows are in the order i, f, o, g (nn.LSTM's
+        are i, f, g, o), so the three sigmoid gates are one call.
+        """
+        h, c = state[0], state[1]  # (L, B, H) each
+        L, G = self.num_layers, 4 * self.hidden_dim
+        names = [f"out{layer}" for layer in range(L - 1)] + ["head"]
+        if len(state) > 2:
+            r = state[2]  # (L, B, 4H): W_hh(l) h_l + b_hh(l), made by the previous step
+        else:  # the first step: the recurrent half of each layer's product on the initial state
+            r = torch.stack([fast[name](h[layer])[:, -G:] for layer, name in enumerate(names)])
+        x = fast["word0"](tokens)  # (B, 4H) layer 0's input gates: a row of the word table
+        hs, cs, rs = [], [], []
+        H3 = 3 * self.hidden_dim
+        for layer, name in enumerate(names):
+            gates = x + r[layer]  # (B, 4H), packed in the order i, f, o, g: one sigmoid, one tanh
+            i, f, o = torch.sigmoid(gates[:, :H3]).chunk(3, 1)
+            c_l = torch.addcmul(f * c[layer], i, torch.tanh(gates[:, H3:]))
+            h_l = o * torch.tanh(c_l)
+            out = fast[name](h_l)  # (B, 4H + 4H) or (B, V + 4H)
+            x = out[:, :-G]  # the next layer's input gates; after the last layer, the logits
+            hs.append(h_l)
+            cs.append(c_l)
+            rs.append(out[:, -G:])
+        return torch.log_softmax(x.float(), dim=-1), (torch.stack(hs), torch.stack(cs), torch.stack(rs))
+
     def step_linears(self) -> dict[str, Any]:
-        """The matrices ``step`` multiplies by, for ``storyteller.precision.prepare``: name -> (weight, bias),
-        or name -> a lookup table by token id.
+        """The matrices the packed step multiplies by, for ``storyteller.precision.prepare``: name ->
+        (weight, bias), or name -> a lookup table by token id.
 
         - ``word0``: layer 0's input gates of every word, embedding x W_ih0 + b_ih0, (V, 4H): a row lookup
-        - ``hh0``: layer 0's recurrent matrix
-        - ``ihh{l}`` (l >= 1): [W_ih | W_hh] of layer l, for the input [h_{l-1} new, h_l old] (both in (-1, 1))
-        - ``head``: the output layer
+        - ``out{l}`` (l < L-1): [W_ih(l+1); W_hh(l)] with [b_ih(l+1); b_hh(l)], for h_l
+        - ``head``: [output layer; W_hh(L-1)] with [its bias; b_hh(L-1)], for the last layer's h
+
+        Every gate block's rows are reordered i, f, o, g (see ``_packed_step``).
         """
-        lstm = self.lstm
+        lstm, H = self.lstm, self.hidden_dim
+        order = torch.cat([torch.arange(2 * H), torch.arange(3 * H, 4 * H), torch.arange(2 * H, 3 * H)])  # i f o g
         with torch.no_grad():
             out: dict[str, Any] = {
-                "word0": nn.functional.linear(self.embed.weight.float(), lstm.weight_ih_l0.float(), lstm.bias_ih_l0.float()),
-                "hh0": (lstm.weight_hh_l0, lstm.bias_hh_l0)}
-            for layer in range(1, self.num_layers):
-                w = torch.cat([getattr(lstm, f"weight_ih_l{layer}"), getattr(lstm, f"weight_hh_l{layer}")], 1)
-                out[f"ihh{layer}"] = (w, getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}"))
-            out["head"] = (self.head.weight, self.head.bias)
+                "word0": nn.functional.linear(self.embed.weight.float(), lstm.weight_ih_l0.float(),
+                                              lstm.bias_ih_l0.float())[:, order]}
+            for layer in range(self.num_layers):
+                above = (getattr(lstm, f"weight_ih_l{layer + 1}")[order], getattr(lstm, f"bias_ih_l{layer + 1}")[order]) \
+                    if layer < self.num_layers - 1 else (self.head.weight, self.head.bias)
+                w = torch.cat([above[0], getattr(lstm, f"weight_hh_l{layer}")[order]])
+                b = torch.cat([above[1], getattr(lstm, f"bias_hh_l{layer}")[order]])
+                out[f"out{layer}" if layer < self.num_layers - 1 else "head"] = (w, b)
         return out
 
     # -- teacher-forced training -----------------------------------------------------------------

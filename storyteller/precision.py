@@ -8,17 +8,20 @@ read ~22 MB of float32 weights per step. ``prepare`` packs the step's matrices o
 
 - ``int8``: per-output-channel int8 weights with float activations quantised per row (PyTorch's
   dynamic-quantisation kernel, fbgemm/oneDNN; any x86-64 CPU with AVX2), so a row's result does not
-  depend on the rows that share its batch. A quarter of the bytes. The output layer's activations are
-  quantised to 7 bits: on AVX2, fbgemm multiplies 8-bit activations by int8 weights in 16-bit sums that
-  saturate, which cost the logits (not the gates) accuracy.
+  depend on the rows that share its batch. A quarter of the bytes. The product that holds the output
+  layer quantises its activations to 7 bits: on AVX2, fbgemm multiplies 8-bit activations by int8
+  weights in 16-bit sums that saturate, which costs the logits (not the gates) accuracy.
 - ``bf16``: bfloat16 weights and activations, float32 state. Fast only where the CPU has bfloat16
   instructions (AVX-512 BF16 or AMX); elsewhere it is emulated and slower than float32.
 - ``fp32``: the model's own weights (nothing packed).
 
 A matrix whose input is a word embedding becomes a float32 table, one row per word (the embedding times
-the matrix, computed once): the step reads the row of each token instead of multiplying. Matrices that
-share an input are stacked, and matrices whose inputs share a range (hidden states) are joined, so a
-step makes two low-precision products and the output layer's.
+the matrix, computed once): the step reads the row of each token instead of multiplying. Every other
+matrix that reads the same vector is stacked with it, so each new hidden state is multiplied once: the
+pooled decoder's layer l by [W_ih(l+1); W_hh(l)], its last layer by [output layer; W_hh]; the
+attention decoder's h by [output layer; query; gate; W_hh] (and its context by W_ih's context part).
+The part meant for the next step travels in the state. A pooled step makes one product per layer, an
+attention step two: a step's products cost more in call overhead than in arithmetic on a CPU.
 
 The per-photo projections of ``init_state`` and the LSTM state stay float32;
 so does training: packed weights are used only in eval mode and only while the model's weights are the
@@ -113,12 +116,13 @@ class _Int8Linear:
 
     PyTorch's dynamic int8 linear quantises its input with one scale for the whole batch, so a row's
     result would depend on the other rows beside it (greedy next to beam rows, one photo next to
-    another). Each row is scaled to max |x| = 1 first and a fixed row (+1, -1, 0, ...) is appended, so
-    the batch's range is always [-1, 1]: every row is quantised the same way whatever shares its batch,
-    and the integer product is exact, so a row's output is the same alone or in any batch.
+    another). Each row is scaled to max |x| = 1 first, and every row gets two more inputs, +1 and -1,
+    whose weights are zero: the batch's range is always [-1, 1], so every row is quantised the same way
+    whatever shares its batch, and the integer product is exact, so a row's output is the same alone or
+    in any batch. (Two input columns cost less than the extra row a fixed anchor row would need.)
 
     Args:
-        weight: (out, in); ``in`` >= 2 (the fixed row needs a +1 and a -1).
+        weight: (out, in).
         bias: (out,) or None.
         reduce_range: quantise activations to 7 bits instead of 8. fbgemm's AVX2 kernel adds pairs of
             uint8 x int8 products in int16 and saturates where large activations meet large weights;
@@ -129,25 +133,26 @@ class _Int8Linear:
         import warnings
 
         w = weight.detach().float()
+        w = torch.cat([w, w.new_zeros(w.shape[0], 2)], 1)  # the +1 / -1 inputs add nothing
         scale = (w.abs().amax(1) / 127.0).clamp_min(1e-12).double()
         with warnings.catch_warnings():  # PyTorch flags its quantized-tensor API as deprecated; it still works
             warnings.simplefilter("ignore")
             q = torch.quantize_per_channel(w, scale, torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
             # no bias in the pack: it is added after the per-row rescale
             self.packed = torch.ops.quantized.linear_prepack(q, None)
+        self.op = torch.ops.quantized.linear_dynamic.default  # the overload, looked up once (microseconds a call)
         self.bias = None if bias is None else bias.detach().float()
         self.reduce_range = reduce_range
-        self.anchor = torch.zeros(1, w.shape[1])
-        self.anchor[0, 0], self.anchor[0, -1] = 1.0, -1.0
+        self.range = torch.tensor([[1.0, -1.0]])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
-        lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])          # (rows, in)
-        s = x.abs().amax(1, keepdim=True).clamp_min(1e-30)          # (rows, 1)
-        y = torch.ops.quantized.linear_dynamic(torch.cat([x / s, self.anchor]), self.packed,
-                                               self.reduce_range)[:-1]  # (rows, out)
+        flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])                      # (rows, in)
+        s = torch.linalg.vector_norm(flat, float("inf"), 1, keepdim=True).clamp_min_(1e-30)  # (rows, 1) max |x|
+        y = self.op(torch.cat([flat / s, self.range.expand(flat.shape[0], 2)], 1), self.packed,
+                    self.reduce_range)  # (rows, out)
         y = y * s if self.bias is None else torch.addcmul(self.bias, y, s)
-        return y.reshape(*lead, y.shape[-1])
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 _KINDS: dict[str, Callable] = {"fp32": _Fp32Linear, "bf16": _Bf16Linear, "int8": _Int8Linear}
@@ -183,10 +188,11 @@ class PackedWeights:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.precision = precision
-        # int8: the output layer's activations get 7 bits (reduce_range). With 8 bits, fbgemm's saturating
-        # 16-bit sums on AVX2 cost the attention model 0.005 greedy BLEU-4 on validation (0.1773 against
-        # 0.1827); with 7 bits 0.0006. The gates tolerate 8 bits (< 0.001 for every figure) and lose more
-        # precision than they gain with 7 (beam CIDEr-D -0.005), so they keep 8.
+        # int8: the product holding the output layer gets 7-bit activations (reduce_range). With 8 bits,
+        # fbgemm's saturating 16-bit sums on AVX2 cost the attention model 0.005 greedy BLEU-4 on validation
+        # (0.1773 against fp32's 0.1827). The matrices stacked with the output layer get 7 bits with it; the
+        # other gate products keep 8 (7 bits on every product cost the attention model 0.0053 beam CIDEr-D).
+        # Measured on the shipped models: every figure within 0.002 of fp32 (README, tests/test_precision.py).
         self.ops = {}
         for name, spec in linears.items():
             if isinstance(spec, torch.Tensor):
@@ -237,7 +243,8 @@ def packed(model: torch.nn.Module) -> PackedWeights | None:
 @torch.inference_mode()
 def time_step(model: torch.nn.Module, features: torch.Tensor, repeats: int = 7, rows: int = 1) -> float:
     """Median ms of one ``model.step`` for ``rows`` rows (after two warm-up steps), in the model's
-    current precision.
+    current precision. Each step continues from the state the last one returned, as in a search (a
+    packed step carries part of the next step's work in its state).
 
     Args:
         model: the decoder (eval mode).
@@ -248,11 +255,11 @@ def time_step(model: torch.nn.Module, features: torch.Tensor, repeats: int = 7, 
     state = model.init_state(features)
     if rows > 1:
         state = model.select_state(state, torch.zeros(rows, dtype=torch.long))
-    tokens = torch.full((rows,), 1, dtype=torch.long)  # <start>
+    tokens = torch.full((rows,), 4, dtype=torch.long)  # a word: ids 0-3 are the special tokens
     times = []
     for i in range(repeats + 2):
         t = time.perf_counter()
-        model.step(tokens, state)
+        state = model.step(tokens, state)[1]
         if i >= 2:
             times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)

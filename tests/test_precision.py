@@ -49,6 +49,33 @@ def test_packed_step_is_the_float_step_to_within_its_precision(precision, kind):
     assert P.packed(model) is None
 
 
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+@pytest.mark.parametrize("kind", [0, 1], ids=["pooled", "attention"])
+def test_packed_state_carries_the_next_steps_products(precision, kind):
+    """A packed step multiplies each new hidden state once and passes the next step's part on in the state.
+    Over steps with beam-style row reordering it stays with the float steps, and the part it carries equals
+    what a step makes afresh from a state without it."""
+    if precision == "int8" and "int8" not in P.supported_precisions():
+        pytest.skip("no int8 engine")
+    model, feats = decoders()[kind]
+    order = torch.tensor([2, 2, 0, 4, 1])  # rows copied and dropped, as beam search does
+    with torch.inference_mode():
+        states = {}
+        for p in ("fp32", precision):
+            P.prepare(model, p)
+            state, tokens = model.init_state(feats), torch.tensor([1, 5, 6, 7, 8])
+            for _ in range(4):
+                logp, state = model.step(tokens, state)[:2]
+                state, tokens = model.select_state(state, order), logp.argmax(-1)[order]
+            states[p] = (logp, state, tokens)
+        (want, _, _), (got, state, tokens) = states["fp32"], states[precision]
+        assert len(state) == len(states["fp32"][1]) + 1  # the carried products
+        assert (got.exp() - want.exp()).abs().max() < 0.03
+        fresh = model.step(tokens, state[:-1])[0]  # the same step, its carried part made afresh
+        carried = model.step(tokens, state)[0]
+    assert torch.equal(carried, fresh)
+
+
 @INT8
 def test_int8_rows_do_not_depend_on_the_other_rows_of_their_batch():
     """PyTorch's dynamic int8 linear quantises a batch with one scale; ours quantises each row alone, so
