@@ -2,9 +2,10 @@
 Show-and-Tell decoder and the Show-Attend-Tell decoder alike (``storyteller.model`` describes the
 protocol; a decoder with ``has_attention`` also returns where it looked for every word).
 
-Both searches run one decoder call per time step for all live sequences of all images at once
-(beam search: images x beams flattened into one batch); finished sequences are dropped from the
-call, so a batch where most captions have ended costs little.
+Both searches run one decoder call per time step for all sequences of all images at once (beam
+search: images x beams flattened into one batch); the first step runs once per image, and once most
+sequences have finished, the finished ones are dropped from the call, so a batch where most captions
+have ended costs little.
 
 Conventions shared by both:
 - a caption has at most ``max_len`` decoder steps; ``<end>`` counts as a step. A sequence that
@@ -301,7 +302,8 @@ def _search(model, features: torch.Tensor, searches: list[tuple[int, bool, float
             bad_endings: Sequence[str]) -> list[_Beams]:
     """Run several searches (``(width, greedy, alpha)`` each) over the same images in one decoder call
     per step: their rows are stacked, [search 0: B*K0 rows | search 1: B*K1 rows | ...], so the
-    weights are read once per step for all of them, and rows whose caption ended drop out of the call."""
+    weights are read once per step for all of them; once most captions have ended, the rows that ended
+    drop out of the call (``_live_step``)."""
     _check(model, features, max_len, min_len)
     want_att = bool(getattr(model, "has_attention", False))
     with _eval_mode(model):
