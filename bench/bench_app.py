@@ -6,10 +6,14 @@
 1. **One photo alone, in process**: ``Captioner.caption`` (greedy + beam) on real photos one at a
    time; p50 / p95 of each stage — preprocessing (decode + resize + normalise), backbone, search
    (greedy and beam in one pass) — and of the total. Target: p50 < 250 ms end to end for efficientnet_lite0 on a 2-core CPU.
-2. **One photo alone, over HTTP**: the same through ``gradio_client`` against the running app
-   (adds upload, queue and JSON overhead).
-3. **Load**: ``--clients`` threads, each with its own ``gradio_client.Client``, send ``--requests``
-   captions each at once; every request must succeed; p50 / p95 latency and requests/s.
+2. **One photo alone, over HTTP**: the same against the running app (adds upload, queue and JSON
+   overhead), with each ``--client``: ``gradio`` (``gradio_client``, which polls what it has received
+   every 50 ms) and ``raw`` (Gradio's queue protocol spoken directly over httpx, as a browser does).
+3. **Load**: ``--clients`` threads, each with its own client, send ``--requests`` captions each at
+   once; every request must succeed; p50 / p95 latency and requests/s; once per ``--client``.
+4. **Gradio's floor** (unless ``--no-floor``): the same one-photo requests to a Gradio app whose
+   handler does nothing (same inputs, one text output): what upload, queue and transport cost here
+   with no captioning at all, the baseline for (2).
 
 Without ``--url`` the script starts ``app.py`` itself on 127.0.0.1 and a free port, and stops it at
 the end. ``--model random`` (the default when there is no bundled model) writes a random decoder of
@@ -85,20 +89,64 @@ def start_app(model: str, concurrency: int | None, threads: int | None, log: Pat
         args += ["--concurrency", str(concurrency)]
     if threads:
         args += ["--threads", str(threads)]
+    return _serve(args, url, log, "app.py")
+
+
+def _serve(args: list[str], url: str, log: Path, name: str) -> tuple[subprocess.Popen, str]:
+    """Start a Gradio server process and wait until ``url`` answers."""
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
     with open(log, "wb") as f:
         proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"app.py exited ({proc.returncode}):\n{log.read_text()[-2000:]}")
+            raise SystemExit(f"{name} exited ({proc.returncode}):\n{log.read_text()[-2000:]}")
         try:
             with urllib.request.urlopen(url, timeout=2):
                 return proc, url
         except OSError:
             time.sleep(0.5)
     proc.kill()
-    raise SystemExit("app.py did not start within 180 s")
+    raise SystemExit(f"{name} did not start within 180 s")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+# Gradio's own cost of a request: the app's request path (upload, queue, result stream) to a handler that
+# does nothing, with the app's inputs (a photo with preprocess=False, three numbers) and one text output.
+FLOOR_APP = """import sys
+import gradio as gr
+with gr.Blocks(analytics_enabled=False) as demo:
+    inputs = [gr.Image(type="filepath"), gr.Number(), gr.Number(), gr.Number()]
+    gr.Button().click(lambda *a: "ok", inputs=inputs, outputs=gr.Textbox(), api_name="caption", preprocess=False)
+demo.queue().launch(server_name="127.0.0.1", server_port=int(sys.argv[1]))
+"""
+
+
+def bench_floor(paths: list[Path], n: int, beam: int, max_len: int, tmp: Path, kinds: list[str]) -> None:
+    (tmp / "floor_app.py").write_text(FLOOR_APP)
+    port = free_port()
+    proc, url = _serve([sys.executable, str(tmp / "floor_app.py"), str(port)], f"http://127.0.0.1:{port}/",
+                       tmp / "floor.log", "the floor app")
+    try:
+        print(f"\n== Gradio's floor: the same request to a handler that does nothing ({n} runs) ==")
+        for kind in kinds:
+            client = CLIENTS[kind](url)
+            client.caption(paths[0], beam, max_len)  # warm
+            lat = []
+            for i in range(n):
+                t = time.perf_counter()
+                client.caption(paths[i % len(paths)], beam, max_len)
+                lat.append((time.perf_counter() - t) * 1e3)
+            print(f"  {client.name:<14} p50 {statistics.median(lat):7.1f} ms   p95 {pct(lat, 95):7.1f} ms")
+    finally:
+        _stop(proc)
 
 
 def bench_in_process(model: str, paths: list[Path], n: int, beam: int, max_len: int) -> None:
@@ -120,27 +168,78 @@ def bench_in_process(model: str, paths: list[Path], n: int, beam: int, max_len: 
     print(f"  target p50 < 250 ms end to end: {'met' if p50_total < 250 else 'NOT met'}")
 
 
-def bench_http_single(url: str, paths: list[Path], n: int, beam: int, max_len: int) -> None:
-    from gradio_client import Client, handle_file
+class GradioClient:
+    """``gradio_client.Client`` calling ``/caption``. It reads the server's event stream in a thread and
+    polls what it received every 50 ms (gradio_client 2.x), which adds tens of ms to every call."""
 
-    client = Client(url, verbose=False, download_files=False)
-    client.predict(handle_file(str(paths[0])), beam, max_len, 0.0, api_name="/caption")  # warm
+    name = "gradio_client"
+
+    def __init__(self, url: str):
+        from gradio_client import Client
+
+        self.client = Client(url, verbose=False, download_files=False)
+
+    def caption(self, path: Path, beam: int, max_len: int) -> list:
+        from gradio_client import handle_file
+
+        return list(self.client.predict(handle_file(str(path)), beam, max_len, 0.0, api_name="/caption"))
+
+
+class RawClient:
+    """The same call in Gradio's own HTTP protocol (what the browser speaks), with httpx: upload the photo,
+    join the queue, read the event stream until the result. No polling: the floor of a request here."""
+
+    name = "raw HTTP"
+
+    def __init__(self, url: str):
+        import httpx
+
+        self.http = httpx.Client(timeout=120)
+        config = self.http.get(url.rstrip("/") + "/config").json()
+        self.prefix = url.rstrip("/") + "/" + config.get("api_prefix", "/gradio_api").strip("/") + "/"
+        self.fn_index = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "caption")
+
+    def caption(self, path: Path, beam: int, max_len: int) -> list:
+        import uuid
+
+        with open(path, "rb") as f:
+            r = self.http.post(self.prefix + "upload", files=[("files", (path.name, f))])
+        r.raise_for_status()
+        photo = {"path": r.json()[0], "orig_name": path.name, "meta": {"_type": "gradio.FileData"}}
+        session = uuid.uuid4().hex
+        r = self.http.post(self.prefix + "queue/join",
+                           json={"data": [photo, beam, max_len, 0.0], "fn_index": self.fn_index, "session_hash": session})
+        r.raise_for_status()
+        with self.http.stream("GET", self.prefix + "queue/data", params={"session_hash": session}) as stream:
+            for line in stream.iter_lines():
+                msg = json.loads(line[5:]) if line.startswith("data:") else {}
+                if msg.get("msg") == "process_completed":
+                    if not msg.get("success"):
+                        raise RuntimeError(f"the app failed: {msg.get('output')}")
+                    return msg["output"]["data"]
+        raise RuntimeError("the event stream ended without a result")
+
+
+CLIENTS = {"gradio": GradioClient, "raw": RawClient}
+
+
+def bench_http_single(url: str, paths: list[Path], n: int, beam: int, max_len: int, kind: str) -> None:
+    client = CLIENTS[kind](url)
+    client.caption(paths[0], beam, max_len)  # warm
     lat, server = [], []
     for i in range(n):
         t = time.perf_counter()
-        out = client.predict(handle_file(str(paths[i % len(paths)])), beam, max_len, 0.0, api_name="/caption")
+        out = client.caption(paths[i % len(paths)], beam, max_len)
         lat.append((time.perf_counter() - t) * 1e3)
         server.append(float(out[7]["timings_ms"]["total"]))  # the result JSON (app.OUTPUT_NAMES)
-    print(f"\n== one photo alone, over HTTP via gradio_client ({n} runs) ==")
+    print(f"\n== one photo alone, over HTTP via {client.name} ({n} runs) ==")
     print(f"  end to end  p50 {statistics.median(lat):7.1f} ms   p95 {pct(lat, 95):7.1f} ms")
     print(f"  of which captioning in the app p50 {statistics.median(server):7.1f} ms; "
           f"upload + queue + transport p50 {statistics.median(lat) - statistics.median(server):7.1f} ms")
 
 
-def bench_load(url: str, paths: list[Path], clients: int, requests: int, beam: int, max_len: int) -> bool:
-    from gradio_client import Client, handle_file
-
-    pool = [Client(url, verbose=False, download_files=False) for _ in range(clients)]
+def bench_load(url: str, paths: list[Path], clients: int, requests: int, beam: int, max_len: int, kind: str) -> bool:
+    pool = [CLIENTS[kind](url) for _ in range(clients)]
     lat: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()
@@ -152,7 +251,7 @@ def bench_load(url: str, paths: list[Path], clients: int, requests: int, beam: i
             path = paths[(ci * requests + j) % len(paths)]
             t = time.perf_counter()
             try:
-                out = pool[ci].predict(handle_file(str(path)), beam, max_len, 0.0, api_name="/caption")
+                out = pool[ci].caption(path, beam, max_len)
                 ok = bool(out[0].strip() and out[2].strip())  # greedy and beam captions
                 err = None if ok else f"empty caption for {path.name}"
             except Exception as e:  # any failure counts
@@ -167,7 +266,8 @@ def bench_load(url: str, paths: list[Path], clients: int, requests: int, beam: i
         list(ex.map(worker, range(clients)))
     wall = time.perf_counter() - t0
     total = clients * requests
-    print(f"\n== load: {clients} concurrent clients x {requests} requests = {total} (beam {beam}, max_len {max_len}) ==")
+    print(f"\n== load: {clients} concurrent {pool[0].name} clients x {requests} requests = {total} "
+          f"(beam {beam}, max_len {max_len}) ==")
     print(f"  succeeded {total - len(errors)}/{total}" + (f"; first error: {errors[0]}" if errors else ""))
     print(f"  latency p50 {statistics.median(lat):7.0f} ms   p95 {pct(lat, 95):7.0f} ms   max {max(lat):7.0f} ms")
     print(f"  throughput {total / wall:5.2f} requests/s  ({wall:.1f} s wall)")
@@ -184,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--beam", type=int, default=5)
     p.add_argument("--max-len", type=int, default=20)
     p.add_argument("--concurrency", type=int, default=None, help="app.py --concurrency (default: the app's)")
+    p.add_argument("--client", nargs="+", choices=sorted(CLIENTS), default=["gradio", "raw"],
+                   help="HTTP clients to measure with: gradio (gradio_client) and raw (Gradio's protocol over httpx)")
+    p.add_argument("--no-floor", dest="floor", action="store_false",
+                   help="skip Gradio's floor (the same request to a do-nothing handler)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for the in-process run and app.py --threads (default: the app's rule, CPUs/concurrency)")
     args = p.parse_args(argv)
@@ -207,16 +311,17 @@ def main(argv: list[str] | None = None) -> int:
     if url is None:
         proc, url = start_app(model, args.concurrency, args.threads, tmp / "app.log")
         print(f"\nstarted app.py at {url} (concurrency {args.concurrency or 'default'}, threads {args.threads or 'default'})")
+    ok = True
     try:
-        bench_http_single(url, paths, args.single, args.beam, args.max_len)
-        ok = bench_load(url, paths, args.clients, args.requests, args.beam, args.max_len)
+        for kind in args.client:
+            bench_http_single(url, paths, args.single, args.beam, args.max_len, kind)
+        for kind in args.client:
+            ok = bench_load(url, paths, args.clients, args.requests, args.beam, args.max_len, kind) and ok
     finally:
         if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            _stop(proc)
+    if args.floor:
+        bench_floor(paths, args.single, args.beam, args.max_len, tmp, args.client)
     return 0 if ok else 1
 
 
