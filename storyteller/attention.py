@@ -29,7 +29,7 @@ import torch.nn as nn
 from huggingface_hub import PyTorchModelHubMixin
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from .model import HubDecoder
+from .model import HubDecoder, gate_order_ifog
 from .precision import packed
 from .vocab import Vocabulary
 
@@ -190,8 +190,7 @@ class ShowAttendTell(
 
         Gate rows are reordered i, f, o, g (nn.LSTMCell's are i, f, g, o), so the sigmoids are one call.
         """
-        E, H, cell = self.embed_dim, self.hidden_dim, self.cell
-        order = torch.cat([torch.arange(2 * H), torch.arange(3 * H, 4 * H), torch.arange(2 * H, 3 * H)])  # i f o g
+        E, cell, order = self.embed_dim, self.cell, gate_order_ifog(self.hidden_dim)
         with torch.no_grad():
             w = torch.cat([self.head.weight, self.att_hid.weight, self.gate.weight, cell.weight_hh[order]], 0)
             b = torch.cat([self.head.bias, self.att_hid.weight.new_zeros(self.att_hid.out_features), self.gate.bias,

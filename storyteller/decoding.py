@@ -91,6 +91,12 @@ def _step(model, tokens: torch.Tensor, state, attention: bool):
     return logp, state, None
 
 
+def _mask_dead(logp: torch.Tensor, alpha: torch.Tensor | None, live: torch.Tensor):
+    """Rows not live: log-probabilities -inf (in place: callers pass fresh tensors), attention weights 0."""
+    dead = ~live[:, None]
+    return logp.masked_fill_(dead, float("-inf")), None if alpha is None else alpha.masked_fill(dead, 0.0)
+
+
 def _live_step(model, tokens: torch.Tensor, state, live: torch.Tensor, attention: bool = False):
     """Run ``model.step`` for the rows where ``live`` is True.
 
@@ -104,9 +110,7 @@ def _live_step(model, tokens: torch.Tensor, state, live: torch.Tensor, attention
     if 2 * n > N:
         logp, state, alpha = _step(model, tokens, state, attention)
         if n < N:
-            dead = ~live[:, None]
-            logp = logp.masked_fill_(dead, float("-inf"))
-            alpha = None if alpha is None else alpha.masked_fill(dead, 0.0)
+            logp, alpha = _mask_dead(logp, alpha, live)
         return logp, state, alpha
     idx = live.nonzero().squeeze(1)
     logp_live, sub, alpha_live = _step(model, tokens[idx], _select(model, state, idx), attention)
@@ -215,7 +219,7 @@ class _Beams:
     ``open`` marks the hypotheses still growing (not finished, finite score).
     """
 
-    def __init__(self, B: int, K: int, greedy: bool, alpha: float, device: torch.device):
+    def __init__(self, B: int, K: int, greedy: bool, alpha: float, max_len: int, device: torch.device):
         self.B, self.K, self.greedy, self.alpha = B, K, greedy, alpha
         self.scores = torch.full((B, K), float("-inf"), device=device)  # raw log-prob sums
         self.scores[:, 0] = 0.0  # all beams start identical: expand one, or the top-K would be K copies
@@ -226,7 +230,7 @@ class _Beams:
         self.steps = 0  # tokens emitted so far (columns of ``history`` in use)
         self.att = None  # (B, K, t, R) attention weights of each hypothesis's steps
         self.offsets = torch.arange(B, device=device)[:, None] * K  # (B, 1) row of each image's first beam
-        self.penalty = torch.empty(0, device=device)  # length -> GNMT penalty, set by _search (it knows max_len)
+        self.penalty = _length_penalty(torch.arange(max_len + 1, device=device), alpha)  # length -> GNMT penalty
 
     @property
     def rows(self) -> int:
@@ -282,7 +286,7 @@ class _Beams:
 
     def captions(self, vocab: Vocabulary, n_best: int, grid: tuple[int, int] | None) -> list[list[Caption]]:
         """Per image, up to ``n_best`` captions best first (greedy: its one caption, score = log_prob)."""
-        final = self.scores if self.greedy else self.scores / _length_penalty(self.lengths, self.alpha)
+        final = self.scores if self.greedy else self.scores / self.penalty[self.lengths]
         order = final.argsort(dim=1, descending=True, stable=True)
         history = self.history[:, :self.steps].view(self.B, self.K, self.steps)
         results = []
@@ -308,23 +312,22 @@ def _search(model, features: torch.Tensor, searches: list[tuple[int, bool, float
     want_att = bool(getattr(model, "has_attention", False))
     with _eval_mode(model):
         B, dev = features.shape[0], features.device
-        groups = [_Beams(B, K, greedy, alpha, dev) for K, greedy, alpha in searches]
+        groups = [_Beams(B, K, greedy, alpha, max_len, dev) for K, greedy, alpha in searches]
         starts = [0]
         for g in groups:
             starts.append(starts[-1] + g.rows)
         history = torch.zeros((starts[-1], max_len), dtype=torch.long, device=dev)  # (N, max_len) emitted ids
         for g, s0 in zip(groups, starts):
             g.history = history[s0:s0 + g.rows]  # a view: each search reorders its own rows in place
-            g.penalty = _length_penalty(torch.arange(max_len + 1, device=dev), g.alpha)  # one per length
         live = torch.cat([g.open.view(-1) for g in groups])
         # the first step is the same for every row of an image (one state, <start>): run it once per image
         state = model.init_state(features)  # B rows, one per image
         logp, state, alpha_t = _step(model, torch.full((B,), Vocabulary.start_id, dtype=torch.long, device=dev),
                                      state, want_att)
-        if starts[-1] != B:  # image-major rows of every search; rows not live yet (beams 2..K) are -inf
+        if starts[-1] != B:  # image-major rows of every search; rows not live yet (beams 2..K) are masked
             rows = torch.cat([torch.arange(B, device=dev).repeat_interleave(g.K) for g in groups])
-            state, logp = _select(model, state, rows), logp[rows].masked_fill_(~live[:, None], float("-inf"))
-            alpha_t = None if alpha_t is None else alpha_t[rows].masked_fill_(~live[:, None], 0.0)
+            state = _select(model, state, rows)
+            logp, alpha_t = _mask_dead(logp[rows], None if alpha_t is None else alpha_t[rows], live)
         rules = _Rules(logp.shape[1], suppress_unk, no_repeat_ngram_size, min_len,
                        _bad_ending_ids(vocab, bad_endings, dev), dev)
         unmoved = [torch.arange(s0, s0 + g.rows, device=dev) for g, s0 in zip(groups, starts)]  # greedy rows stay

@@ -41,6 +41,13 @@ State = tuple  # (h, c), each (L, B, H); with packed weights also r (L, B, 4H), 
 DECODER = "show_and_tell"
 
 
+def gate_order_ifog(hidden_dim: int) -> torch.Tensor:
+    """Row order that turns an LSTM's gate blocks i, f, g, o into i, f, o, g (packed steps apply one
+    sigmoid to the first three blocks and one tanh to the last)."""
+    H = hidden_dim
+    return torch.cat([torch.arange(2 * H), torch.arange(3 * H, 4 * H), torch.arange(2 * H, 3 * H)])
+
+
 class HubDecoder:
     """What every decoder shares: the strict Hub save/load with ``vocab.json``, and the default
     state handling for states that are tuples of (layers, batch, hidden) tensors.
@@ -240,8 +247,7 @@ class ShowAndTell(
 
         Every gate block's rows are reordered i, f, o, g (see ``_packed_step``).
         """
-        lstm, H = self.lstm, self.hidden_dim
-        order = torch.cat([torch.arange(2 * H), torch.arange(3 * H, 4 * H), torch.arange(2 * H, 3 * H)])  # i f o g
+        lstm, order = self.lstm, gate_order_ifog(self.hidden_dim)
         with torch.no_grad():
             out: dict[str, Any] = {
                 "word0": nn.functional.linear(self.embed.weight.float(), lstm.weight_ih_l0.float(),
