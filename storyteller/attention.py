@@ -29,7 +29,7 @@ import torch.nn as nn
 from huggingface_hub import PyTorchModelHubMixin
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from .model import HubDecoder, gate_order_ifog
+from .model import HubDecoder, lstm_update, packed_gates
 from .precision import packed
 from .vocab import Vocabulary
 
@@ -154,7 +154,7 @@ class ShowAttendTell(
         ``return_attention`` the attention weights (N, R) that chose this word's context."""
         h, c, img, V, enc = state[:5]
         fast = packed(self)  # low-precision copies of the step's weights (storyteller.precision), or None
-        if fast is not None:  # nn.LSTMCell on packed weights, gate rows in the order i, f, o, g
+        if fast is not None:  # nn.LSTMCell on packed weights, gate rows i, f, o, 2g (model.packed_gates)
             A, D, G = self.att_hid.out_features, self.gate.out_features, 4 * self.hidden_dim
             # pre: every product of h (attention query, gate, recurrent gates), made by the last step together
             # with its logits; a state from init_state has it made here
@@ -164,10 +164,7 @@ class ShowAttendTell(
             # the word's input gates are a table row; the context (its own range) gets its own product, so
             # int8 quantises it with its own scale
             gates = fast["word"](tokens) + fast["ih_context"](context) + hh  # (N, 4H)
-            H3 = 3 * self.hidden_dim
-            i, f, o = torch.sigmoid(gates[:, :H3]).chunk(3, 1)
-            c1 = torch.addcmul(f * c[0], i, torch.tanh(gates[:, H3:]))
-            h1 = o * torch.tanh(c1)
+            h1, c1 = lstm_update(gates, c[0])
             out = fast["head"](h1)  # (N, vocab + A + D + 4H): the logits, and the next step's pre
             logp = torch.log_softmax(out[:, :-(A + D + G)].float(), dim=-1)
             new = (h1[None], c1[None], img, V, enc, out[:, -(A + D + G):])
@@ -179,6 +176,8 @@ class ShowAttendTell(
             new = (h1[None], c1[None], img, V, enc)
         return (logp, new, alpha) if return_attention else (logp, new)
 
+    step_unit_range = ("head",)  # packed products whose input is the hidden state, within [-1, 1]
+
     def step_linears(self) -> dict[str, Any]:
         """The matrices the packed step multiplies by, for ``storyteller.precision.prepare``: name ->
         (weight, bias), or name -> a lookup table by token id.
@@ -188,16 +187,16 @@ class ShowAttendTell(
         - ``head``: [output layer; att_hid; gate; W_hh] stacked, (V + A + D + 4H, H): every product of
           the new h in one, the logits now and the rest for the next step
 
-        Gate rows are reordered i, f, o, g (nn.LSTMCell's are i, f, g, o), so the sigmoids are one call.
+        Gate rows are i, f, o, 2g (``model.packed_gates``), so the gates are one sigmoid.
         """
-        E, cell, order = self.embed_dim, self.cell, gate_order_ifog(self.hidden_dim)
+        E, cell, H = self.embed_dim, self.cell, self.hidden_dim
         with torch.no_grad():
-            w = torch.cat([self.head.weight, self.att_hid.weight, self.gate.weight, cell.weight_hh[order]], 0)
+            w = torch.cat([self.head.weight, self.att_hid.weight, self.gate.weight, packed_gates(cell.weight_hh, H)], 0)
             b = torch.cat([self.head.bias, self.att_hid.weight.new_zeros(self.att_hid.out_features), self.gate.bias,
-                           cell.bias_hh[order]])
-            word = nn.functional.linear(self.embed.weight.float(), cell.weight_ih[order, :E].float(),
-                                        cell.bias_ih[order].float())
-            return {"word": word, "ih_context": (cell.weight_ih[order, E:], None), "head": (w, b)}
+                           packed_gates(cell.bias_hh, H)])
+            w_ih, b_ih = packed_gates(cell.weight_ih, H), packed_gates(cell.bias_ih, H)
+            word = nn.functional.linear(self.embed.weight.float(), w_ih[:, :E].float(), b_ih.float())
+            return {"word": word, "ih_context": (w_ih[:, E:], None), "head": (w, b)}
 
     # -- teacher-forced training -----------------------------------------------------------------
     def unroll(self, features: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,7 +5,8 @@ protocol; a decoder with ``has_attention`` also returns where it looked for ever
 Both searches run one decoder call per time step for all sequences of all images at once (beam
 search: images x beams flattened into one batch); the first step runs once per image, and once most
 sequences have finished, the finished ones are dropped from the call, so a batch where most captions
-have ended costs little.
+have ended costs little. Beam search stops an image as soon as its ``n_best`` captions can no longer
+change (no open hypothesis can still reach them), with exactly the captions a search to the end returns.
 
 Conventions shared by both:
 - a caption has at most ``max_len`` decoder steps; ``<end>`` counts as a step. A sequence that
@@ -216,11 +217,17 @@ class _Beams:
     what greedy decoding does; a beam search ranks all K x V extensions of each image by their
     length-normalised score. Finished hypotheses stay in their slot, continuing with ``<pad>`` at zero cost.
     ``history`` (B*K, max_len) is this search's part of the preallocated token history of ``_search``;
-    ``open`` marks the hypotheses still growing (not finished, finite score).
+    ``open`` marks the hypotheses still growing (not finished, finite score, image not done).
+
+    An image is done early once none of its open hypotheses can still reach its ``n_best``-th best finished
+    one: log-probabilities only fall, so a hypothesis's best final score is its score now over the largest
+    length penalty it can still get. Its top ``n_best`` can no longer change, so the search stops there
+    with exactly the captions a search to the end would return.
     """
 
-    def __init__(self, B: int, K: int, greedy: bool, alpha: float, max_len: int, device: torch.device):
-        self.B, self.K, self.greedy, self.alpha = B, K, greedy, alpha
+    def __init__(self, B: int, K: int, greedy: bool, alpha: float, max_len: int, device: torch.device,
+                 n_best: int = 1):
+        self.B, self.K, self.greedy, self.alpha, self.n_best = B, K, greedy, alpha, n_best
         self.scores = torch.full((B, K), float("-inf"), device=device)  # raw log-prob sums
         self.scores[:, 0] = 0.0  # all beams start identical: expand one, or the top-K would be K copies
         self.lengths = torch.zeros((B, K), dtype=torch.long, device=device)
@@ -231,6 +238,10 @@ class _Beams:
         self.att = None  # (B, K, t, R) attention weights of each hypothesis's steps
         self.offsets = torch.arange(B, device=device)[:, None] * K  # (B, 1) row of each image's first beam
         self.penalty = _length_penalty(torch.arange(max_len + 1, device=device), alpha)  # length -> GNMT penalty
+        self.most_penalty = float(self.penalty.max())  # the largest divisor a score can still get
+        self.done = torch.full((K,), float("-inf"), device=device)  # a finished hypothesis's continuations:
+        self.done[0] = 0.0  # <pad> at zero cost, nothing else
+        self.checks_scores = True  # until a step hands out a positive log-probability (then no early stop)
 
     @property
     def rows(self) -> int:
@@ -244,11 +255,12 @@ class _Beams:
         B, K, t = self.B, self.K, self.steps
         self.steps += 1
         if self.greedy:  # width 1: the argmax, as greedy decoding always did
-            fin = self.finished[:, 0]
-            tok = torch.where(fin, Vocabulary.pad_id, logp.argmax(-1))  # (B,)
-            self.scores[:, 0] += torch.where(fin, 0.0, logp.gather(1, tok[:, None]).squeeze(1))
-            self.lengths[:, 0] += (~fin).long()
-            self.finished[:, 0] = fin | (tok == Vocabulary.end_id)
+            fin = self.finished.view(-1)  # (B,)
+            best, tok = logp.max(-1)  # (B,) each: the argmax and its log-probability
+            self.scores.view(-1).add_(best.masked_fill_(fin, 0.0))  # a finished caption continues with <pad> at 0
+            self.lengths.view(-1).add_(~fin)
+            tok.masked_fill_(fin, Vocabulary.pad_id)
+            self.finished = (fin | (tok == Vocabulary.end_id)).view(B, 1)
             self.open = ~self.finished & (self.scores > float("-inf"))
             if alpha_t is not None:
                 step = alpha_t.view(B, 1, 1, -1)
@@ -260,10 +272,9 @@ class _Beams:
         lp, ids = logp.topk(k, dim=1)  # (B*K, k)
         lp, ids = lp.view(B, K, k), ids.view(B, K, k)
         # a finished hypothesis has one continuation, <pad>, at zero cost: it keeps its slot
-        if bool(self.finished.any()):
-            done = torch.full((k,), float("-inf"), device=lp.device)
-            done[0] = 0.0
-            lp = torch.where(self.finished[..., None], done, lp)
+        any_finished = bool(self.finished.any())
+        if any_finished:
+            lp = torch.where(self.finished[..., None], self.done[:k], lp)
             ids = ids.masked_fill(self.finished[..., None], Vocabulary.pad_id)
         cand = self.scores[..., None] + lp  # (B, K, k) raw scores of the extensions
         cand_len = self.lengths + (~self.finished).long()  # (B, K)
@@ -274,6 +285,8 @@ class _Beams:
         self.lengths = cand_len.gather(1, beam)
         self.finished = self.finished.gather(1, beam) | (tok == Vocabulary.end_id)
         self.open = ~self.finished & (self.scores > float("-inf"))
+        if any_finished and self.n_best < K and self.checks_scores:  # (finished this step: checked next step)
+            self._stop_done_images(lp)
         rows = (beam + self.offsets).view(-1)  # (B*K,) the row each new hypothesis continues
         self.history.copy_(self.history.index_select(0, rows))  # in place: a view of _search's buffer
         if alpha_t is not None:
@@ -283,6 +296,20 @@ class _Beams:
                 step_att = torch.cat([self.att, step_att], 2)  # (B, K, t+1, R) before reordering
             self.att = step_att.gather(1, beam[:, :, None, None].expand(-1, -1, t + 1, R))
         return rows, tok.view(-1)
+
+    def _stop_done_images(self, lp: torch.Tensor) -> None:
+        """Close the images whose top ``n_best`` can no longer change (see the class docstring).
+        lp (B, K, k): this step's best log-probabilities per hypothesis. The bound needs log-probabilities
+        (never above 0): a decoder whose step hands out a positive value is searched to the end."""
+        final = torch.where(self.finished, self.scores / self.penalty[self.lengths], float("-inf"))  # (B, K)
+        nth = final.amax(1) if self.n_best == 1 else final.topk(self.n_best, dim=1).values[:, -1]  # (B,) or -inf
+        reach = torch.where(self.open, self.scores, float("-inf")).amax(1) / self.most_penalty  # (B,)
+        done = reach < nth
+        if bool(done.any()):
+            if bool((lp[..., 0] > 0).any()):  # not log-probabilities: the bound does not hold
+                self.checks_scores = False
+                return
+            self.open &= ~done[:, None]
 
     def captions(self, vocab: Vocabulary, n_best: int, grid: tuple[int, int] | None) -> list[list[Caption]]:
         """Per image, up to ``n_best`` captions best first (greedy: its one caption, score = log_prob)."""
@@ -301,10 +328,10 @@ class _Beams:
         return results
 
 
-def _search(model, features: torch.Tensor, searches: list[tuple[int, bool, float]], vocab: Vocabulary,
+def _search(model, features: torch.Tensor, searches: list[tuple[int, bool, float, int]], vocab: Vocabulary,
             max_len: int, suppress_unk: bool, no_repeat_ngram_size: int, min_len: int,
             bad_endings: Sequence[str]) -> list[_Beams]:
-    """Run several searches (``(width, greedy, alpha)`` each) over the same images in one decoder call
+    """Run several searches (``(width, greedy, alpha, n_best)`` each) over the same images in one decoder call
     per step: their rows are stacked, [search 0: B*K0 rows | search 1: B*K1 rows | ...], so the
     weights are read once per step for all of them; once most captions have ended, the rows that ended
     drop out of the call (``_live_step``)."""
@@ -312,7 +339,7 @@ def _search(model, features: torch.Tensor, searches: list[tuple[int, bool, float
     want_att = bool(getattr(model, "has_attention", False))
     with _eval_mode(model):
         B, dev = features.shape[0], features.device
-        groups = [_Beams(B, K, greedy, alpha, max_len, dev) for K, greedy, alpha in searches]
+        groups = [_Beams(B, K, greedy, alpha, max_len, dev, n_best) for K, greedy, alpha, n_best in searches]
         starts = [0]
         for g in groups:
             starts.append(starts[-1] + g.rows)
@@ -370,7 +397,7 @@ def greedy_search(model, features: torch.Tensor, vocab: Vocabulary | None = None
         one :class:`Caption` per image, in input order (with ``attention`` maps for attention decoders).
     """
     vocab = vocab or model.vocab
-    (g,) = _search(model, features, [(1, True, 0.0)], vocab, max_len, suppress_unk, no_repeat_ngram_size,
+    (g,) = _search(model, features, [(1, True, 0.0, 1)], vocab, max_len, suppress_unk, no_repeat_ngram_size,
                    min_len, bad_endings)
     return [caps[0] for caps in g.captions(vocab, 1, _grid_of(features))]
 
@@ -411,7 +438,7 @@ def beam_search(model, features: torch.Tensor, vocab: Vocabulary | None = None, 
     """
     vocab = vocab or model.vocab
     _check_beam(beam_size, n_best)
-    (g,) = _search(model, features, [(beam_size, False, alpha)], vocab, max_len, suppress_unk,
+    (g,) = _search(model, features, [(beam_size, False, alpha, n_best)], vocab, max_len, suppress_unk,
                    no_repeat_ngram_size, min_len, bad_endings)
     return g.captions(vocab, n_best, _grid_of(features))
 
@@ -431,7 +458,7 @@ def greedy_and_beam_search(model, features: torch.Tensor, vocab: Vocabulary | No
     """
     vocab = vocab or model.vocab
     _check_beam(beam_size, n_best)
-    g, b = _search(model, features, [(1, True, 0.0), (beam_size, False, alpha)], vocab, max_len, suppress_unk,
+    g, b = _search(model, features, [(1, True, 0.0, 1), (beam_size, False, alpha, n_best)], vocab, max_len, suppress_unk,
                    no_repeat_ngram_size, min_len, bad_endings)
     grid = _grid_of(features)
     return [caps[0] for caps in g.captions(vocab, 1, grid)], b.captions(vocab, n_best, grid)

@@ -8,7 +8,8 @@ read ~22 MB of float32 weights per step. ``prepare`` packs the step's matrices o
 
 - ``int8``: per-output-channel int8 weights with float activations quantised per row (PyTorch's
   dynamic-quantisation kernel, fbgemm/oneDNN; any x86-64 CPU with AVX2), so a row's result does not
-  depend on the rows that share its batch. A quarter of the bytes. The product that holds the output
+  depend on the rows that share its batch: a hidden state (always within [-1, 1]) on that fixed
+  range, any other input on its own max |x|. A quarter of the bytes. The product that holds the output
   layer quantises its activations to 7 bits: on AVX2, fbgemm multiplies 8-bit activations by int8
   weights in 16-bit sums that saturate, which costs the logits (not the gates) accuracy.
 - ``bf16``: bfloat16 weights and activations, float32 state. Fast only where the CPU has bfloat16
@@ -38,7 +39,7 @@ import functools
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import torch
@@ -121,15 +122,22 @@ class _Int8Linear:
     whatever shares its batch, and the integer product is exact, so a row's output is the same alone or
     in any batch. (Two input columns cost less than the extra row a fixed anchor row would need.)
 
+    An LSTM's hidden state lies in [-1, 1] already (h = o * tanh(c)), and nearly every row reaches
+    close to 1 (median max |h| 0.99-1.0 on the shipped models): with ``unit_range`` the rows are not
+    rescaled, the +1 / -1 inputs alone fix the range, and the bias is added inside the kernel, which saves
+    four small operations per product. Rows stay independent of their batch the same way.
+
     Args:
         weight: (out, in).
         bias: (out,) or None.
         reduce_range: quantise activations to 7 bits instead of 8. fbgemm's AVX2 kernel adds pairs of
             uint8 x int8 products in int16 and saturates where large activations meet large weights;
             7-bit activations cannot overflow (PyTorch's own ``nn.quantized.dynamic.Linear`` sets it).
+        unit_range: the inputs always lie within [-1, 1] (hidden states): no per-row rescaling.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, reduce_range: bool = False):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, reduce_range: bool = False,
+                 unit_range: bool = False):
         import warnings
 
         w = weight.detach().float()
@@ -138,16 +146,20 @@ class _Int8Linear:
         with warnings.catch_warnings():  # PyTorch flags its quantized-tensor API as deprecated; it still works
             warnings.simplefilter("ignore")
             q = torch.quantize_per_channel(w, scale, torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
-            # no bias in the pack: it is added after the per-row rescale
-            self.packed = torch.ops.quantized.linear_prepack(q, None)
+            # rescaled rows: no bias in the pack, it is added after the per-row rescale
+            in_pack = None if bias is None or not unit_range else bias.detach().float()
+            self.packed = torch.ops.quantized.linear_prepack(q, in_pack)
         self.op = torch.ops.quantized.linear_dynamic.default  # the overload, looked up once (microseconds a call)
-        self.bias = None if bias is None else bias.detach().float()
-        self.reduce_range = reduce_range
+        self.bias = None if bias is None or unit_range else bias.detach().float()
+        self.reduce_range, self.unit_range = reduce_range, unit_range
         self.range = torch.tensor([[1.0, -1.0]])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
         flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])                      # (rows, in)
+        if self.unit_range:  # |x| <= 1: the range columns set the scale (and the kernel adds the bias)
+            y = self.op(torch.cat([flat, self.range.expand(flat.shape[0], 2)], 1), self.packed, self.reduce_range)
+            return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
         s = torch.linalg.vector_norm(flat, float("inf"), 1, keepdim=True).clamp_min_(1e-30)  # (rows, 1) max |x|
         y = self.op(torch.cat([flat / s, self.range.expand(flat.shape[0], 2)], 1), self.packed,
                     self.reduce_range)  # (rows, out)
@@ -182,9 +194,12 @@ class PackedWeights:
             ``name -> table (V, out)``, a float32 lookup by token id in every precision.
         sources: the tensors the packs were made from (the model's parameters: some packs are derived,
             joined or stacked); an in-place change to any of them makes the packs stale.
+        unit_range: the names whose inputs always lie within [-1, 1] (LSTM hidden states); int8 then
+            skips the per-row rescaling.
     """
 
-    def __init__(self, precision: str, linears: StepMatrices, sources: list[torch.Tensor]):
+    def __init__(self, precision: str, linears: StepMatrices, sources: list[torch.Tensor],
+                 unit_range: Collection[str] = ()):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.precision = precision
@@ -198,7 +213,8 @@ class PackedWeights:
             if isinstance(spec, torch.Tensor):
                 self.ops[name] = _Table(spec)
             elif precision == "int8":
-                self.ops[name] = _Int8Linear(*spec, reduce_range=name in SEVEN_BIT_LAYERS)
+                self.ops[name] = _Int8Linear(*spec, reduce_range=name in SEVEN_BIT_LAYERS,
+                                             unit_range=name in unit_range)
             else:
                 self.ops[name] = _KINDS[precision](*spec)
         # what the packs were made from: (tensor, its version counter) -- an in-place update bumps it
@@ -228,7 +244,8 @@ def prepare(model: torch.nn.Module, precision: str) -> torch.nn.Module:
         raise ValueError(f"precision {precision!r} is for CPU inference; a GPU keeps its own path (use fp32)")
     with torch.no_grad():
         # the step's matrices may be derived (joined, stacked, a word table): staleness follows every parameter
-        model._packed = PackedWeights(precision, model.step_linears(), sources=list(model.parameters()))
+        model._packed = PackedWeights(precision, model.step_linears(), sources=list(model.parameters()),
+                                      unit_range=getattr(model, "step_unit_range", ()))
     return model
 
 

@@ -253,3 +253,81 @@ def test_attention_weights_are_a_distribution_on_any_grid():
         assert cap.attention.shape == (len(cap.tokens), *grid)
     with pytest.raises(ValueError, match="grids"):
         model.init_state(torch.randn(2, 10))  # pooled features: no regions to attend over
+
+
+def _searches_to_the_end(monkeypatch):
+    """Turn the early stop off: every image runs until its hypotheses all finish or reach max_len."""
+    from storyteller import decoding
+
+    monkeypatch.setattr(decoding._Beams, "_stop_done_images", lambda self, lp: None)
+
+
+def _count_steps(model):
+    calls = []
+    step = model.step
+    model.step = lambda *a, **k: calls.append(1) or step(*a, **k)
+    return calls
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6, 1.5])
+def test_early_stop_returns_exactly_what_a_search_to_the_end_returns(kind, alpha, monkeypatch):
+    """An image stops once no open hypothesis can reach its n_best-th finished one; its captions,
+    scores and order are those of the search run to the end (batched, alone, and in the one pass
+    with greedy), and it saves decoder steps. (Stopping at the current length's penalty instead of the
+    largest one it can still get fails here at alpha 1.5.)"""
+    from storyteller.decoding import greedy_and_beam_search
+
+    def run(model, feats, kw):
+        batch = beam_search(model, feats, **kw)
+        calls = _count_steps(model)
+        alone = [beam_search(model, feats[i:i + 1], **kw)[0] for i in range(len(feats))]
+        steps = len(calls)
+        del model.step
+        one_pass = greedy_and_beam_search(model, feats, **kw)[1]
+        caps = batch + alone + one_pass
+        return [[(c.tokens, c.finished) for c in cs] for cs in caps], [c.score for cs in caps for c in cs], steps
+
+    steps_to_end = steps_early = 0
+    for seed in range(16):  # long-lasting hypotheses that win late, at alpha 1.5, appear in a few of these
+        model = make_model(kind, seed=seed)
+        with torch.no_grad():  # captions that end, some early and some late
+            model.head.bias[END] += 2.0 * (seed % 2)
+        torch.manual_seed(seed)
+        feats = rand_feats(kind, 4)
+        for n_best in (1, 2):
+            kw = dict(beam_size=4, max_len=16, alpha=alpha, n_best=n_best, no_repeat_ngram_size=2 * (seed % 3 == 0))
+            with monkeypatch.context() as m:
+                _searches_to_the_end(m)
+                want, want_scores, full = run(model, feats, kw)
+            got, scores, early = run(model, feats, kw)
+            assert got == want, (seed, n_best)
+            # fewer live rows run in smaller batches: float32 products may round the last bit differently
+            assert scores == pytest.approx(want_scores, rel=1e-6), (seed, n_best)
+            steps_to_end, steps_early = steps_to_end + full, steps_early + early
+    assert steps_early < steps_to_end  # it did stop early somewhere
+
+
+def test_early_stop_is_off_for_a_decoder_that_returns_positive_scores(kind, monkeypatch):
+    """The bound holds for log-probabilities (never above 0); a decoder returning raw scores is searched
+    to the end."""
+    from storyteller import decoding
+
+    model = make_model(kind, seed=1)
+    step = model.step
+    model.step = lambda *a, **k: (lambda out: (out[0] + 5.0, *out[1:]))(step(*a, **k))  # raw scores > 0
+    feats = rand_feats(kind, 4)
+    kw = dict(beam_size=4, max_len=10, alpha=0.6, n_best=1)
+    checked, stop = [], decoding._Beams._stop_done_images
+
+    def watched(self, lp):
+        was = self.open.clone()
+        stop(self, lp)
+        checked.append((self.checks_scores, bool(torch.equal(was, self.open))))
+
+    with monkeypatch.context() as m:
+        m.setattr(decoding._Beams, "_stop_done_images", watched)
+        got = beam_search(model, feats, **kw)
+    assert checked and all(unchanged for _, unchanged in checked)  # no image was ever closed early
+    _searches_to_the_end(monkeypatch)
+    want = beam_search(model, feats, **kw)
+    assert [[(c.tokens, c.score) for c in caps] for caps in got] == [[(c.tokens, c.score) for c in caps] for caps in want]

@@ -95,6 +95,42 @@ def test_int8_rows_do_not_depend_on_the_other_rows_of_their_batch():
     assert torch.equal(lin(rows[None]), alone[None])  # (1, rows, in) inputs keep their shape
 
 
+def test_packed_gates_give_the_lstm_cell():
+    """Gate rows reordered i, f, o, 2g and one sigmoid (tanh(g) = 2 sigmoid(2g) - 1) are the LSTM cell."""
+    from storyteller.model import lstm_update, packed_gates
+
+    torch.manual_seed(0)
+    H, E, N = 16, 8, 5
+    w_ih, w_hh, b_ih, b_hh = torch.randn(4 * H, E), torch.randn(4 * H, H), torch.randn(4 * H), torch.randn(4 * H)
+    x, h, c = torch.randn(N, E) * 2, torch.rand(N, H) * 2 - 1, torch.randn(N, H)
+    want_h, want_c = torch.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh)
+    gates = x @ packed_gates(w_ih, H).T + h @ packed_gates(w_hh, H).T + packed_gates(b_ih + b_hh, H)
+    got_h, got_c = lstm_update(gates, c)
+    assert torch.allclose(got_h, want_h, atol=1e-6) and torch.allclose(got_c, want_c, atol=1e-6)
+    table = torch.randn(7, 4 * H)  # a word table's gates are its columns
+    assert torch.equal(packed_gates(table, H, dim=1), packed_gates(table.T, H).T)
+
+
+@INT8
+def test_hidden_state_products_skip_the_row_rescaling_and_stay_batch_independent():
+    """Products of a hidden state (always within [-1, 1]) quantise on the fixed range the +1 / -1
+    columns set, with the bias in the kernel: the same numbers alone or in any batch, and as close to
+    the float product as the rescaled rows. The context (unbounded) keeps its per-row scale."""
+    torch.manual_seed(0)
+    w, b = torch.randn(96, 48) * 0.1, torch.randn(96)
+    unit, scaled = P._Int8Linear(w, b, unit_range=True), P._Int8Linear(w, b)
+    h = torch.tanh(torch.randn(6, 48) * 2)  # hidden-state-like rows, max |h| near 1
+    alone = torch.cat([unit(h[i:i + 1]) for i in range(6)])
+    assert torch.equal(unit(h), alone) and torch.equal(unit(h.flip(0)), alone.flip(0))
+    ref = h @ w.T + b
+    assert (unit(h) - ref).abs().max() < 2 * (scaled(h) - ref).abs().max() + 1e-3
+    assert unit.bias is None and scaled.bias is not None  # the bias went into the kernel
+    for model, _ in decoders():
+        P.prepare(model, "int8")
+        ops = {n: op for n, op in P.packed(model).ops.items() if isinstance(op, P._Int8Linear)}
+        assert {n for n, op in ops.items() if op.unit_range} == set(model.step_unit_range) == set(ops) - {"ih_context"}
+
+
 @INT8
 def test_int8_output_layer_cannot_overflow_the_kernels_16_bit_sums():
     """fbgemm's AVX2 kernel adds pairs of uint8 x int8 products in int16: 8-bit activations at their
