@@ -13,7 +13,8 @@ Prints a table and one JSON line:
 - the original project's per-image beam search (a Python loop over hypotheses, one step call each) on
   the same decoder in fp32, over the first ``--seed-images`` photos;
 - one photo's search alone (20 photos): greedy then beam 5 as two searches, against one pass, in fp32
-  and in the auto precision;
+  and in the auto precision; the one pass again without beam search's early stop, and the decoder
+  calls per photo with and without it;
 - one photo through ``Captioner.caption`` (greedy + beam 5, the app's call) against its feature
   extraction alone (``Captioner.features``), p50 over the example photos x ``--repeats``.
 Photos: the first ``--images`` validation photos of ``--dataset`` (live features), or ``--features``.
@@ -21,6 +22,7 @@ Photos: the first ``--images`` validation photos of ``--dataset`` (live features
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -75,6 +77,30 @@ def original_beam_search(model, feature: torch.Tensor, k: int, max_len: int) -> 
         if not beams:
             break
     return max(done + beams, key=lambda c: c[1])[0]
+
+
+@contextlib.contextmanager
+def run_to_the_end():
+    """Beam search without its early stop: every image runs until its hypotheses finish or reach max_len."""
+    from storyteller import decoding
+
+    stop = decoding._Beams._stop_done_images
+    decoding._Beams._stop_done_images = lambda self, lp: None
+    try:
+        yield
+    finally:
+        decoding._Beams._stop_done_images = stop
+
+
+@contextlib.contextmanager
+def count_steps(model):
+    """Record one entry per ``model.step`` call (the list is yielded)."""
+    calls: list[int] = []
+    model.step = lambda *a, **k: calls.append(1) or type(model).step(model, *a, **k)
+    try:
+        yield calls
+    finally:
+        del model.step
 
 
 def load_features(args, captioner) -> torch.Tensor:
@@ -163,7 +189,18 @@ def main(argv: list[str] | None = None) -> dict:
             median_ms(lambda f=f: (searches["greedy"](f), searches["beam 5"](f)), 3) for f in one_feats)
         one_search[f"greedy + beam 5, one pass ({prec})"] = statistics.median(
             median_ms(lambda f=f: searches["greedy + beam 5, one pass"](f), 3) for f in one_feats)
+    # the same one pass searched to the end (no early stop per image), and decoder calls per photo with each
+    with run_to_the_end():
+        one_search[f"greedy + beam 5, one pass, no early stop ({auto})"] = statistics.median(
+            median_ms(lambda f=f: searches["greedy + beam 5, one pass"](f), 3) for f in one_feats)
     res["one_photo_search_ms"] = {k: round(v, 2) for k, v in one_search.items()}
+    calls = {}
+    for name, ctx in (("early stop", contextlib.nullcontext), ("to the end", run_to_the_end)):
+        with ctx(), count_steps(model) as n_steps:
+            for f in one_feats:
+                searches["greedy + beam 5, one pass"](f)
+        calls[name] = len(n_steps) / len(one_feats)
+    res["decoder_calls_per_photo"] = {k: round(v, 2) for k, v in calls.items()}
 
     # -- one photo through the app's call, at the auto precision
     P.prepare(model, auto)
@@ -197,7 +234,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  {k:<40}{v:>9.1f}")
     print("one photo's search, median over 20 photos (ms):")
     for k, v in one_search.items():
-        print(f"  {k:<40}{v:>9.2f}")
+        print(f"  {k:<50}{v:>9.2f}")
+    print(f"decoder calls per photo, one pass: {calls['early stop']:.2f} with the early stop, "
+          f"{calls['to the end']:.2f} to the end")
     print(f"one photo (greedy + beam 5, p50 over {len(whole)}): caption {one['caption_p50_ms']:.1f} ms, its "
           f"features alone {one['features_p50_ms']:.1f} ms ({one['caption_vs_features']:.2f}x), search "
           f"{one['search_p50_ms']:.1f} ms")
