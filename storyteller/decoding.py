@@ -29,6 +29,7 @@ Call the decoder in ``eval()`` mode or not: decoding switches dropout off and re
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -272,8 +273,7 @@ class _Beams:
         lp, ids = logp.topk(k, dim=1)  # (B*K, k)
         lp, ids = lp.view(B, K, k), ids.view(B, K, k)
         # a finished hypothesis has one continuation, <pad>, at zero cost: it keeps its slot
-        any_finished = bool(self.finished.any())
-        if any_finished:
+        if bool(self.finished.any()):
             lp = torch.where(self.finished[..., None], self.done[:k], lp)
             ids = ids.masked_fill(self.finished[..., None], Vocabulary.pad_id)
         cand = self.scores[..., None] + lp  # (B, K, k) raw scores of the extensions
@@ -285,7 +285,7 @@ class _Beams:
         self.lengths = cand_len.gather(1, beam)
         self.finished = self.finished.gather(1, beam) | (tok == Vocabulary.end_id)
         self.open = ~self.finished & (self.scores > float("-inf"))
-        if any_finished and self.n_best < K and self.checks_scores:  # (finished this step: checked next step)
+        if self.n_best < K and self.checks_scores and bool(self.finished.any()):
             self._stop_done_images(lp)
         rows = (beam + self.offsets).view(-1)  # (B*K,) the row each new hypothesis continues
         self.history.copy_(self.history.index_select(0, rows))  # in place: a view of _search's buffer
@@ -314,16 +314,18 @@ class _Beams:
     def captions(self, vocab: Vocabulary, n_best: int, grid: tuple[int, int] | None) -> list[list[Caption]]:
         """Per image, up to ``n_best`` captions best first (greedy: its one caption, score = log_prob)."""
         final = self.scores if self.greedy else self.scores / self.penalty[self.lengths]
-        order = final.argsort(dim=1, descending=True, stable=True)
-        history = self.history[:, :self.steps].view(self.B, self.K, self.steps)
+        order = final.argsort(dim=1, descending=True, stable=True).tolist()
+        history = self.history[:, :self.steps].view(self.B, self.K, self.steps).tolist()
+        scores, final = self.scores.tolist(), final.tolist()  # one conversion each, not a few per caption
         results = []
         for b in range(self.B):
             caps = []
-            for k in order[b].tolist():
-                if not torch.isfinite(self.scores[b, k]) or len(caps) == n_best:
-                    continue
-                caps.append(_to_caption(vocab, history[b, k].tolist(), float(self.scores[b, k]),
-                                        float(final[b, k]), None if self.att is None else self.att[b, k], grid))
+            for k in order[b]:
+                if len(caps) == n_best:
+                    break
+                if math.isfinite(scores[b][k]):
+                    caps.append(_to_caption(vocab, history[b][k], scores[b][k], final[b][k],
+                                            None if self.att is None else self.att[b, k], grid))
             results.append(caps)
         return results
 
