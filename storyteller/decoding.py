@@ -165,7 +165,7 @@ class _Rules:
         raw_end = logp[:, Vocabulary.end_id].clone() if may_stick else None
         logp.add_(self.base_no_end if t < self.min_len else self.base)  # live sequences have emitted t words
         if self.bad_ids is not None and t > 0:
-            logp[:, Vocabulary.end_id].masked_fill_(self.bad_ids[history[:, t - 1]], float("-inf"))
+            logp[:, Vocabulary.end_id].masked_fill_(self.bad_ids.take(history[:, t - 1]), float("-inf"))
         if 0 < n <= t:
             windows = history.unfold(1, n, 1)  # (N, t-n+1, n): every n-gram emitted so far
             prefix = history[:, t - n + 1:]  # (N, n-1): the tokens a new n-gram would start with
@@ -277,10 +277,10 @@ class _Beams:
             lp = torch.where(self.finished[..., None], self.done[:k], lp)
             ids = ids.masked_fill(self.finished[..., None], Vocabulary.pad_id)
         cand = self.scores[..., None] + lp  # (B, K, k) raw scores of the extensions
-        cand_len = self.lengths + (~self.finished).long()  # (B, K)
-        ranked = cand / self.penalty[cand_len][..., None] if self.alpha else cand
+        cand_len = self.lengths + ~self.finished  # (B, K) lengths after this token (finished ones stay)
+        ranked = cand / self.penalty.take(cand_len).unsqueeze(-1) if self.alpha else cand
         _, top = ranked.view(B, K * k).topk(K, dim=1)  # (B, K) best extensions per image
-        beam, tok = top // k, ids.view(B, K * k).gather(1, top)
+        beam, tok = torch.div(top, k, rounding_mode="floor"), ids.view(B, K * k).gather(1, top)
         self.scores = cand.view(B, K * k).gather(1, top)
         self.lengths = cand_len.gather(1, beam)
         self.finished = self.finished.gather(1, beam) | (tok == Vocabulary.end_id)
@@ -301,7 +301,7 @@ class _Beams:
         """Close the images whose top ``n_best`` can no longer change (see the class docstring).
         lp (B, K, k): this step's best log-probabilities per hypothesis. The bound needs log-probabilities
         (never above 0): a decoder whose step hands out a positive value is searched to the end."""
-        final = torch.where(self.finished, self.scores / self.penalty[self.lengths], float("-inf"))  # (B, K)
+        final = torch.where(self.finished, self.scores / self.penalty.take(self.lengths), float("-inf"))  # (B, K)
         nth = final.amax(1) if self.n_best == 1 else final.topk(self.n_best, dim=1).values[:, -1]  # (B,) or -inf
         reach = torch.where(self.open, self.scores, float("-inf")).amax(1) / self.most_penalty  # (B,)
         done = reach < nth
