@@ -6,7 +6,8 @@ Both searches run one decoder call per time step for all sequences of all images
 search: images x beams flattened into one batch); the first step runs once per image, and once most
 sequences have finished, the finished ones are dropped from the call, so a batch where most captions
 have ended costs little. Beam search stops an image as soon as its ``n_best`` captions can no longer
-change (no open hypothesis can still reach them), with exactly the captions a search to the end returns.
+change (no open hypothesis can still reach them), with exactly the captions a search to the end returns
+(up to float32 rounding in near-ties: fewer rows then share a decoder call).
 
 Conventions shared by both:
 - a caption has at most ``max_len`` decoder steps; ``<end>`` counts as a step. A sequence that
@@ -223,7 +224,8 @@ class _Beams:
     An image is done early once none of its open hypotheses can still reach its ``n_best``-th best finished
     one: log-probabilities only fall, so a hypothesis's best final score is its score now over the largest
     length penalty it can still get. Its top ``n_best`` can no longer change, so the search stops there
-    with exactly the captions a search to the end would return.
+    with exactly the captions a search to the end would return (up to float32 rounding: the rows that
+    remain run in smaller batches, and a float32 product may round its last bit differently there).
     """
 
     def __init__(self, B: int, K: int, greedy: bool, alpha: float, max_len: int, device: torch.device,
@@ -239,7 +241,8 @@ class _Beams:
         self.att = None  # (B, K, t, R) attention weights of each hypothesis's steps
         self.offsets = torch.arange(B, device=device)[:, None] * K  # (B, 1) row of each image's first beam
         self.penalty = _length_penalty(torch.arange(max_len + 1, device=device), alpha)  # length -> GNMT penalty
-        self.most_penalty = float(self.penalty.max())  # the largest divisor a score can still get
+        self.most_penalty = float(self.penalty.max())  # the bounds of the divisor a score can still get
+        self.least_penalty = float(self.penalty.min())
         self.done = torch.full((K,), float("-inf"), device=device)  # a finished hypothesis's continuations:
         self.done[0] = 0.0  # <pad> at zero cost, nothing else
         self.checks_scores = True  # until a step hands out a positive log-probability (then no early stop)
@@ -299,11 +302,16 @@ class _Beams:
 
     def _stop_done_images(self, lp: torch.Tensor) -> None:
         """Close the images whose top ``n_best`` can no longer change (see the class docstring).
-        lp (B, K, k): this step's best log-probabilities per hypothesis. The bound needs log-probabilities
-        (never above 0): a decoder whose step hands out a positive value is searched to the end."""
+
+        lp (B, K, k): this step's best log-probabilities per hypothesis. The bound needs every step from
+        here on to return log-probabilities (never above 0), as ``step`` must; scores above 0 so far
+        only change which penalty bounds them. A decoder whose step hands out a positive value when an
+        image would stop is taken to return raw scores and is searched to the end."""
         final = torch.where(self.finished, self.scores / self.penalty.take(self.lengths), float("-inf"))  # (B, K)
         nth = final.amax(1) if self.n_best == 1 else final.topk(self.n_best, dim=1).values[:, -1]  # (B,) or -inf
-        reach = torch.where(self.open, self.scores, float("-inf")).amax(1) / self.most_penalty  # (B,)
+        best = torch.where(self.open, self.scores, float("-inf")).amax(1)  # (B,) the best open score now
+        # its final score is at most best / penalty: the largest penalty bounds a score <= 0, the smallest one above 0
+        reach = torch.where(best > 0, best / self.least_penalty, best / self.most_penalty)  # (B,)
         done = reach < nth
         if bool(done.any()):
             if bool((lp[..., 0] > 0).any()):  # not log-probabilities: the bound does not hold

@@ -45,7 +45,8 @@ def packed_gates(t: torch.Tensor, hidden_dim: int, dim: int = 0) -> torch.Tensor
     """An LSTM's gate blocks i, f, g, o along ``dim`` (weight or bias rows, or a table's columns) as the
     packed steps use them: i, f, o, 2g. The packed step applies one sigmoid to all four blocks and gets
     tanh(g) = 2 sigmoid(2g) - 1 from the last: on a CPU one sigmoid over 4H costs less than a sigmoid over
-    3H and a tanh over H. (Doubling is exact in every precision, int8's per-row scales included.)"""
+    3H and a tanh over H. (Doubling is exact in every precision: int8 keeps the same integers, with
+    twice the per-output-channel weight scale.)"""
     H = hidden_dim
     order = torch.cat([torch.arange(2 * H), torch.arange(3 * H, 4 * H), torch.arange(2 * H, 3 * H)]).to(t.device)
     scale = torch.ones(4 * H, dtype=t.dtype, device=t.device)

@@ -269,7 +269,7 @@ def _count_steps(model):
     return calls
 
 
-@pytest.mark.parametrize("alpha", [0.0, 0.6, 1.5])
+@pytest.mark.parametrize("alpha", [-1.0, 0.0, 0.6, 1.5])
 def test_early_stop_returns_exactly_what_a_search_to_the_end_returns(kind, alpha, monkeypatch):
     """An image stops once no open hypothesis can reach its n_best-th finished one; its captions,
     scores and order are those of the search run to the end (batched, alone, and in the one pass
@@ -284,8 +284,9 @@ def test_early_stop_returns_exactly_what_a_search_to_the_end_returns(kind, alpha
         steps = len(calls)
         del model.step
         one_pass = greedy_and_beam_search(model, feats, **kw)[1]
-        caps = batch + alone + one_pass
-        return [[(c.tokens, c.finished) for c in cs] for cs in caps], [c.score for cs in caps for c in cs], steps
+        caps = [c for cs in batch + alone + one_pass for c in cs]
+        maps = [c.attention for c in caps if c.attention is not None]
+        return [(c.tokens, c.finished) for c in caps], [c.score for c in caps], maps, steps
 
     steps_to_end = steps_early = 0
     for seed in range(16):  # long-lasting hypotheses that win late, at alpha 1.5, appear in a few of these
@@ -298,36 +299,50 @@ def test_early_stop_returns_exactly_what_a_search_to_the_end_returns(kind, alpha
             kw = dict(beam_size=4, max_len=16, alpha=alpha, n_best=n_best, no_repeat_ngram_size=2 * (seed % 3 == 0))
             with monkeypatch.context() as m:
                 _searches_to_the_end(m)
-                want, want_scores, full = run(model, feats, kw)
-            got, scores, early = run(model, feats, kw)
+                want, want_scores, want_maps, full = run(model, feats, kw)
+            got, scores, maps, early = run(model, feats, kw)
             assert got == want, (seed, n_best)
             # fewer live rows run in smaller batches: float32 products may round the last bit differently
             assert scores == pytest.approx(want_scores, rel=1e-6), (seed, n_best)
+            assert len(maps) == len(want_maps) and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(maps, want_maps))
             steps_to_end, steps_early = steps_to_end + full, steps_early + early
     assert steps_early < steps_to_end  # it did stop early somewhere
 
 
-def test_early_stop_is_off_for_a_decoder_that_returns_positive_scores(kind, monkeypatch):
-    """The bound holds for log-probabilities (never above 0); a decoder returning raw scores is searched
-    to the end."""
+@pytest.mark.parametrize("when", ["every step", "first step"])
+def test_early_stop_holds_for_a_decoder_that_returns_positive_scores(kind, when, monkeypatch):
+    """The bound needs log-probabilities from the stop on: a decoder returning raw scores above 0 at every
+    step is searched to the end; scores above 0 from earlier steps (here the first) only change which
+    length penalty bounds them. Either way the captions are those of a search to the end."""
     from storyteller import decoding
 
     model = make_model(kind, seed=1)
     step = model.step
-    model.step = lambda *a, **k: (lambda out: (out[0] + 5.0, *out[1:]))(step(*a, **k))  # raw scores > 0
-    feats = rand_feats(kind, 4)
+
+    def raw(tokens, *a, **k):  # +5: every step, or only the first one (its input is <start>)
+        out = step(tokens, *a, **k)
+        bonus = 5.0 if when == "every step" else 5.0 * (tokens == Vocabulary.start_id).float()[:, None]
+        return (out[0] + bonus, *out[1:])
+
+    model.step = raw
     kw = dict(beam_size=4, max_len=10, alpha=0.6, n_best=1)
     checked, stop = [], decoding._Beams._stop_done_images
 
     def watched(self, lp):
         was = self.open.clone()
         stop(self, lp)
-        checked.append((self.checks_scores, bool(torch.equal(was, self.open))))
+        checked.append(bool(torch.equal(was, self.open)))
 
-    with monkeypatch.context() as m:
-        m.setattr(decoding._Beams, "_stop_done_images", watched)
-        got = beam_search(model, feats, **kw)
-    assert checked and all(unchanged for _, unchanged in checked)  # no image was ever closed early
-    _searches_to_the_end(monkeypatch)
-    want = beam_search(model, feats, **kw)
-    assert [[(c.tokens, c.score) for c in caps] for caps in got] == [[(c.tokens, c.score) for c in caps] for caps in want]
+    for seed in range(6):
+        torch.manual_seed(seed)
+        feats = rand_feats(kind, 4)
+        with monkeypatch.context() as m:
+            m.setattr(decoding._Beams, "_stop_done_images", watched)
+            got = beam_search(model, feats, **kw)
+        with monkeypatch.context() as m:
+            _searches_to_the_end(m)
+            want = beam_search(model, feats, **kw)
+        assert [[c.tokens for c in caps] for caps in got] == [[c.tokens for c in caps] for caps in want], seed
+    assert checked
+    if when == "every step":
+        assert all(checked)  # no image was ever closed early
