@@ -319,9 +319,9 @@ class _Beams:
                 return
             self.open &= ~done[:, None]
 
-    def captions(self, vocab: Vocabulary, n_best: int, grid: tuple[int, int] | None) -> list[list[Caption]]:
+    def captions(self, vocab: Vocabulary, grid: tuple[int, int] | None) -> list[list[Caption]]:
         """Per image, up to ``n_best`` captions best first (greedy: its one caption, score = log_prob)."""
-        final = self.scores if self.greedy else self.scores / self.penalty[self.lengths]
+        final = self.scores if self.greedy else self.scores / self.penalty.take(self.lengths)
         order = final.argsort(dim=1, descending=True, stable=True).tolist()
         history = self.history[:, :self.steps].view(self.B, self.K, self.steps).tolist()
         scores, final = self.scores.tolist(), final.tolist()  # one conversion each, not a few per caption
@@ -329,7 +329,7 @@ class _Beams:
         for b in range(self.B):
             caps = []
             for k in order[b]:
-                if len(caps) == n_best:
+                if len(caps) == self.n_best:
                     break
                 if math.isfinite(scores[b][k]):
                     caps.append(_to_caption(vocab, history[b][k], scores[b][k], final[b][k],
@@ -409,7 +409,7 @@ def greedy_search(model, features: torch.Tensor, vocab: Vocabulary | None = None
     vocab = vocab or model.vocab
     (g,) = _search(model, features, [(1, True, 0.0, 1)], vocab, max_len, suppress_unk, no_repeat_ngram_size,
                    min_len, bad_endings)
-    return [caps[0] for caps in g.captions(vocab, 1, _grid_of(features))]
+    return [caps[0] for caps in g.captions(vocab, _grid_of(features))]
 
 
 def _check_beam(beam_size: int, n_best: int) -> None:
@@ -450,7 +450,7 @@ def beam_search(model, features: torch.Tensor, vocab: Vocabulary | None = None, 
     _check_beam(beam_size, n_best)
     (g,) = _search(model, features, [(beam_size, False, alpha, n_best)], vocab, max_len, suppress_unk,
                    no_repeat_ngram_size, min_len, bad_endings)
-    return g.captions(vocab, n_best, _grid_of(features))
+    return g.captions(vocab, _grid_of(features))
 
 
 @torch.inference_mode()
@@ -471,4 +471,4 @@ def greedy_and_beam_search(model, features: torch.Tensor, vocab: Vocabulary | No
     g, b = _search(model, features, [(1, True, 0.0, 1), (beam_size, False, alpha, n_best)], vocab, max_len, suppress_unk,
                    no_repeat_ngram_size, min_len, bad_endings)
     grid = _grid_of(features)
-    return [caps[0] for caps in g.captions(vocab, 1, grid)], b.captions(vocab, n_best, grid)
+    return [caps[0] for caps in g.captions(vocab, grid)], b.captions(vocab, grid)

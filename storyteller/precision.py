@@ -161,13 +161,13 @@ class _Int8Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
         flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])                      # (rows, in)
-        if self.unit_range:  # |x| <= 1: the range columns set the scale (and the kernel adds the bias)
-            y = self.op(torch.cat([flat, self.range.expand(flat.shape[0], 2)], 1), self.packed, self.reduce_range)
-            return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
-        s = torch.linalg.vector_norm(flat, float("inf"), 1, keepdim=True).clamp_min_(1e-30)  # (rows, 1) max |x|
-        y = self.op(torch.cat([flat / s, self.range.expand(flat.shape[0], 2)], 1), self.packed,
-                    self.reduce_range)  # (rows, out)
-        y = y * s if self.bias is None else torch.addcmul(self.bias, y, s)
+        # unit range: |x| <= 1 already, the range columns set the scale and the kernel adds the bias
+        s = None if self.unit_range else \
+            torch.linalg.vector_norm(flat, float("inf"), 1, keepdim=True).clamp_min_(1e-30)  # (rows, 1) max |x|
+        y = self.op(torch.cat([flat if s is None else flat / s, self.range.expand(flat.shape[0], 2)], 1),
+                    self.packed, self.reduce_range)  # (rows, out)
+        if s is not None:
+            y = y * s if self.bias is None else torch.addcmul(self.bias, y, s)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
