@@ -30,10 +30,12 @@ Call the decoder in ``eval()`` mode or not: decoding switches dropout off and re
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .vocab import Vocabulary
@@ -56,6 +58,9 @@ class Caption:
 @contextlib.contextmanager
 def _eval_mode(model: torch.nn.Module):
     was_training = model.training
+    if not was_training:  # already in eval mode (the app, evaluation): nothing to switch
+        yield
+        return
     model.eval()
     try:
         yield
@@ -100,10 +105,10 @@ def _mask_dead(logp: torch.Tensor, alpha: torch.Tensor | None, live: torch.Tenso
     return logp.masked_fill_(dead, float("-inf")), None if alpha is None else alpha.masked_fill(dead, 0.0)
 
 
-def _live_step(model, tokens: torch.Tensor, state, live: torch.Tensor, attention: bool = False):
+def _live_step(model, tokens: torch.Tensor, state, live: np.ndarray, attention: bool = False):
     """Run ``model.step`` for the rows where ``live`` is True.
 
-    tokens (N,), state of N rows, live (N,) bool -> log_probs (N, V) (rows not live are -inf), the
+    tokens (N,), state of N rows, live (N,) bool array -> log_probs (N, V) (rows not live are -inf), the
     new state and, with ``attention``, the weights (N, R) (zeros where not live). While more than half
     the rows are live, all rows run and the others are masked (a row's numbers do not depend on its
     batch, and picking rows out and back costs more than the step saves); after that only the live rows
@@ -113,9 +118,9 @@ def _live_step(model, tokens: torch.Tensor, state, live: torch.Tensor, attention
     if 2 * n > N:
         logp, state, alpha = _step(model, tokens, state, attention)
         if n < N:
-            logp, alpha = _mask_dead(logp, alpha, live)
+            logp, alpha = _mask_dead(logp, alpha, torch.from_numpy(live).to(logp.device))
         return logp, state, alpha
-    idx = live.nonzero().squeeze(1)
+    idx = torch.from_numpy(np.flatnonzero(live)).to(tokens.device)
     logp_live, sub, alpha_live = _step(model, tokens[idx], _select(model, state, idx), attention)
     logp = logp_live.new_full((N, logp_live.shape[1]), float("-inf"))
     logp[idx] = logp_live
@@ -126,7 +131,7 @@ def _live_step(model, tokens: torch.Tensor, state, live: torch.Tensor, attention
     return logp, _scatter(model, state, idx, sub), alpha
 
 
-def _bad_ending_ids(vocab: Vocabulary, bad_endings, device: torch.device | str = "cpu") -> torch.Tensor | None:
+def _bad_ending_ids(vocab: Vocabulary, bad_endings) -> np.ndarray | None:
     """(len(vocab),) bool table: True for the ids a caption may not end on; None when there are none."""
     if not bad_endings:
         return None
@@ -135,44 +140,57 @@ def _bad_ending_ids(vocab: Vocabulary, bad_endings, device: torch.device | str =
     ids = sorted({vocab.stoi[w] for w in bad_endings if w in vocab.stoi and vocab.stoi[w] > Vocabulary.unk_id})
     if not ids:
         return None
-    table = torch.zeros(len(vocab), dtype=torch.bool, device=device)
+    table = np.zeros(len(vocab), dtype=bool)
     table[ids] = True
     return table
 
 
 class _Rules:
-    """The token rules of one search, prepared once: the (V,) rows added to every step's log-probabilities
-    (``-inf`` at ``<pad>``, ``<start>``, maybe ``<unk>``, and ``<end>`` before ``min_len``), the bad-ending
-    table, and the n-gram size."""
+    """The token rules of one search, prepared once: the tokens no step may emit (``<pad>``, ``<start>``,
+    maybe ``<unk>``, and ``<end>`` before ``min_len``), the bad-ending table, and the n-gram size."""
 
     def __init__(self, V: int, suppress_unk: bool, no_repeat_ngram_size: int, min_len: int,
-                 bad_ids: torch.Tensor | None, device: torch.device):
-        self.V, self.n, self.min_len, self.bad_ids = V, no_repeat_ngram_size, min_len, bad_ids
+                 bad_ids: np.ndarray | None, device: torch.device):
+        self.V, self.n, self.min_len, self.bad_ids, self.device = V, no_repeat_ngram_size, min_len, bad_ids, device
         self.banned = [Vocabulary.pad_id, Vocabulary.start_id] + ([Vocabulary.unk_id] if suppress_unk else [])
-        self.base = torch.zeros(V, device=device)
-        self.base[self.banned] = float("-inf")
-        self.base_no_end = self.base.clone()
-        self.base_no_end[Vocabulary.end_id] = float("-inf")
+        self._flat_banned: dict[tuple[int, bool], np.ndarray] = {}
 
-    def apply(self, logp: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+    def banned_cells(self, N: int, before_min_len: bool) -> np.ndarray:
+        """Flat indices row * V + token of the banned tokens of every one of N rows (made once per N)."""
+        key = (N, before_min_len)
+        if key not in self._flat_banned:
+            cols = self.banned + ([Vocabulary.end_id] if before_min_len else [])
+            self._flat_banned[key] = (np.arange(N)[:, None] * self.V + np.array(cols)).ravel()
+        return self._flat_banned[key]
+
+    def apply(self, logp: torch.Tensor, history: np.ndarray) -> torch.Tensor:
         """Forbid special tokens, too-early <end>, <end> after a bad ending, and repeated n-grams.
 
-        logp (N, V), changed in place (callers pass the step's fresh output), history (N, t) emitted ids.
-        A row left with no allowed token may take ``<end>``.
+        logp (N, V), changed in place (callers pass the step's fresh output) and returned, history (N, t)
+        emitted ids. The (row, token) cells to forbid are found on the (small) history in NumPy and set to
+        -inf in one ``index_fill_``. A row left with no allowed token may take ``<end>``.
         """
         n, t = self.n, history.shape[1]
+        if not logp.is_contiguous():  # a decoder may return a strided view; the cells are set through a flat view
+            logp = logp.contiguous()
         blockable = len(self.banned) + (t - n + 1 if 0 < n <= t else 0)  # most non-<end> tokens a row can lose
         may_stick = self.V - 1 <= blockable  # only with tiny vocabularies; then keep the model's own <end>
         raw_end = logp[:, Vocabulary.end_id].clone() if may_stick else None
-        logp.add_(self.base_no_end if t < self.min_len else self.base)  # live sequences have emitted t words
+        # flat indices row * V + token of the cells to forbid; live sequences have emitted t words
+        forbid = [self.banned_cells(logp.shape[0], t < self.min_len)]
         if self.bad_ids is not None and t > 0:
-            logp[:, Vocabulary.end_id].masked_fill_(self.bad_ids.take(history[:, t - 1]), float("-inf"))
+            bad = self.bad_ids[history[:, t - 1]].nonzero()[0]  # rows whose last word may not end a caption
+            forbid.append(bad * self.V + Vocabulary.end_id)
         if 0 < n <= t:
-            windows = history.unfold(1, n, 1)  # (N, t-n+1, n): every n-gram emitted so far
-            prefix = history[:, t - n + 1:]  # (N, n-1): the tokens a new n-gram would start with
-            match = (windows[:, :, : n - 1] == prefix[:, None, :]).all(-1)  # (N, t-n+1)
-            rows, at = match.nonzero(as_tuple=True)  # each earlier n-gram the new one would repeat
-            logp[rows, windows[rows, at, n - 1]] = float("-inf")
+            # match[r, j]: row r's n-gram starting at j begins with the n-1 tokens a new n-gram would start with
+            w = t - n + 1  # n-grams emitted so far
+            match = np.ones((history.shape[0], w), dtype=bool)
+            for j in range(n - 1):
+                match &= history[:, j:j + w] == history[:, w + j, None]
+            r, at = match.nonzero()  # each earlier n-gram the new one would repeat: forbid its last token
+            forbid.append(r * self.V + history[r, at + n - 1])
+        cells = np.concatenate(forbid) if len(forbid) > 1 else forbid[0]
+        logp.view(-1).index_fill_(0, torch.from_numpy(cells).to(self.device), float("-inf"))
         # Rules that leave a (live) row nothing to emit must not lose its caption: let it end here.
         if may_stick:
             stuck = (logp.amax(-1) == float("-inf")) & (raw_end > float("-inf"))
@@ -181,10 +199,14 @@ class _Rules:
         return logp
 
 
-def _length_penalty(lengths: torch.Tensor, alpha: float) -> torch.Tensor:
-    if alpha == 0:
-        return torch.ones_like(lengths, dtype=torch.float32)
-    return ((5.0 + lengths.float()) / 6.0) ** alpha
+@functools.lru_cache(maxsize=64)
+def _length_penalty(max_len: int, alpha: float) -> np.ndarray:
+    """(max_len + 1,) float32: length -> GNMT penalty ((5 + length) / 6) ** alpha (read-only, shared)."""
+    lengths = torch.arange(max_len + 1)
+    penalty = torch.ones(max_len + 1) if alpha == 0 else ((5.0 + lengths.float()) / 6.0) ** alpha
+    out = penalty.numpy()
+    out.flags.writeable = False
+    return out
 
 
 def _to_caption(vocab: Vocabulary, ids: list[int], log_prob: float, score: float,
@@ -213,13 +235,18 @@ def _grid_of(features: torch.Tensor) -> tuple[int, int] | None:
 
 
 class _Beams:
-    """The hypotheses of one search over B images: K per image, as (B, K) tensors.
+    """The hypotheses of one search over B images: K per image, as (B, K) NumPy arrays.
 
     A greedy search is the width-1 case that takes the argmax of each step (``greedy=True``), exactly
     what greedy decoding does; a beam search ranks all K x V extensions of each image by their
     length-normalised score. Finished hypotheses stay in their slot, continuing with ``<pad>`` at zero cost.
     ``history`` (B*K, max_len) is this search's part of the preallocated token history of ``_search``;
     ``open`` marks the hypotheses still growing (not finished, finite score, image not done).
+
+    The bookkeeping is small ((B, K) numbers per step) and lives in NumPy: a NumPy operation on a few
+    numbers costs a fraction of a PyTorch call, and a one-photo search makes dozens of them per step. The
+    (rows, V) log-probabilities stay in PyTorch on the model's device; each step hands this class only
+    every row's best few tokens (``_search``). Float32 arithmetic is the same in both.
 
     An image is done early once none of its open hypotheses can still reach its ``n_best``-th best finished
     one: log-probabilities only fall, so a hypothesis's best final score is its score now over the largest
@@ -228,22 +255,21 @@ class _Beams:
     remain run in smaller batches, and a float32 product may round its last bit differently there).
     """
 
-    def __init__(self, B: int, K: int, greedy: bool, alpha: float, max_len: int, device: torch.device,
-                 n_best: int = 1):
+    def __init__(self, B: int, K: int, greedy: bool, alpha: float, max_len: int, n_best: int = 1):
         self.B, self.K, self.greedy, self.alpha, self.n_best = B, K, greedy, alpha, n_best
-        self.scores = torch.full((B, K), float("-inf"), device=device)  # raw log-prob sums
+        self.scores = np.full((B, K), -np.inf, dtype=np.float32)  # raw log-prob sums
         self.scores[:, 0] = 0.0  # all beams start identical: expand one, or the top-K would be K copies
-        self.lengths = torch.zeros((B, K), dtype=torch.long, device=device)
-        self.finished = torch.zeros((B, K), dtype=torch.bool, device=device)
-        self.open = torch.isfinite(self.scores)
-        self.history = torch.empty((B * K, 0), dtype=torch.long, device=device)  # set by _search
+        self.lengths = np.zeros((B, K), dtype=np.int64)
+        self.finished = np.zeros((B, K), dtype=bool)
+        self.open = np.isfinite(self.scores)
+        self.history = np.empty((B * K, 0), dtype=np.int64)  # set by _search
         self.steps = 0  # tokens emitted so far (columns of ``history`` in use)
-        self.att = None  # (B, K, t, R) attention weights of each hypothesis's steps
-        self.offsets = torch.arange(B, device=device)[:, None] * K  # (B, 1) row of each image's first beam
-        self.penalty = _length_penalty(torch.arange(max_len + 1, device=device), alpha)  # length -> GNMT penalty
-        self.most_penalty = float(self.penalty.max())  # the bounds of the divisor a score can still get
-        self.least_penalty = float(self.penalty.min())
-        self.done = torch.full((K,), float("-inf"), device=device)  # a finished hypothesis's continuations:
+        self.att = None  # (B, K, t, R) attention weights of each hypothesis's steps (a tensor on the model's device)
+        self.image = np.arange(B)[:, None]  # (B, 1) each image's index, to pick entries of (B, .) arrays
+        self.offsets = self.image * K  # (B, 1) row of each image's first beam
+        self.penalty = _length_penalty(max_len, alpha)  # length -> GNMT penalty
+        self.most_penalty, self.least_penalty = self.penalty.max(), self.penalty.min()  # the divisors a score can still get
+        self.done = np.full(K, -np.inf, dtype=np.float32)  # a finished hypothesis's continuations:
         self.done[0] = 0.0  # <pad> at zero cost, nothing else
         self.checks_scores = True  # until a step hands out a positive log-probability (then no early stop)
 
@@ -251,79 +277,83 @@ class _Beams:
     def rows(self) -> int:
         return self.B * self.K
 
-    def advance(self, logp: torch.Tensor, alpha_t: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Extend every hypothesis by one token. logp (B*K, V) masked log-probabilities (rows not live:
-        -inf), alpha_t (B*K, R) or None -> (the rows, within this search, the new hypotheses continue
-        (B*K,), or None where every row continues itself (greedy); their tokens (B*K,)). The caller
-        writes the tokens into ``history`` at column ``steps - 1``."""
+    def advance(self, lp: np.ndarray, ids: np.ndarray, alpha_t: torch.Tensor | None) -> tuple[np.ndarray | None, np.ndarray]:
+        """Extend every hypothesis by one token.
+
+        lp, ids (B*K, k): each row's k best masked log-probabilities (rows not live: -inf) and their
+        tokens, best first, k >= min(K, V); alpha_t (B*K, R) or None -> (the rows, within this search, the
+        new hypotheses continue (B*K,), or None where every row continues itself (greedy); their tokens
+        (B*K,)). The caller writes the tokens into ``history`` at column ``steps - 1``."""
         B, K, t = self.B, self.K, self.steps
         self.steps += 1
         if self.greedy:  # width 1: the argmax, as greedy decoding always did
-            fin = self.finished.view(-1)  # (B,)
-            best, tok = logp.max(-1)  # (B,) each: the argmax and its log-probability
-            self.scores.view(-1).add_(best.masked_fill_(fin, 0.0))  # a finished caption continues with <pad> at 0
-            self.lengths.view(-1).add_(~fin)
-            tok.masked_fill_(fin, Vocabulary.pad_id)
-            self.finished = (fin | (tok == Vocabulary.end_id)).view(B, 1)
-            self.open = ~self.finished & (self.scores > float("-inf"))
+            fin = self.finished[:, 0]  # (B,)
+            # (B,) each: the argmax's log-probability and token; a finished caption continues with <pad> at 0
+            best, tok = np.where(fin, np.float32(0.0), lp[:, 0]), np.where(fin, Vocabulary.pad_id, ids[:, 0])
+            self.scores += best[:, None]
+            self.lengths += ~fin[:, None]
+            self.finished = (fin | (tok == Vocabulary.end_id))[:, None]
+            self.open = ~self.finished & (self.scores > -np.inf)
             if alpha_t is not None:
                 step = alpha_t.view(B, 1, 1, -1)
                 self.att = step if self.att is None else torch.cat([self.att, step], 2)
             return None, tok
         # Each hypothesis's k best tokens first: within one hypothesis, log-probability, raw score and
         # normalised score rank its extensions alike, so the image's K best are among these K x k.
-        k = min(K, logp.shape[-1])
-        lp, ids = logp.topk(k, dim=1)  # (B*K, k)
-        lp, ids = lp.view(B, K, k), ids.view(B, K, k)
+        k = min(K, lp.shape[1])
+        lp, ids = lp[:, :k].reshape(B, K, k), ids[:, :k].reshape(B, K, k)
         # a finished hypothesis has one continuation, <pad>, at zero cost: it keeps its slot
-        if bool(self.finished.any()):
-            lp = torch.where(self.finished[..., None], self.done[:k], lp)
-            ids = ids.masked_fill(self.finished[..., None], Vocabulary.pad_id)
-        cand = self.scores[..., None] + lp  # (B, K, k) raw scores of the extensions
+        if self.finished.any():
+            lp = np.where(self.finished[..., None], self.done[:k], lp)
+            ids = np.where(self.finished[..., None], Vocabulary.pad_id, ids)
+        cand = (self.scores[..., None] + lp).reshape(B, K * k)  # raw scores of the extensions
         cand_len = self.lengths + ~self.finished  # (B, K) lengths after this token (finished ones stay)
-        ranked = cand / self.penalty.take(cand_len).unsqueeze(-1) if self.alpha else cand
-        _, top = ranked.view(B, K * k).topk(K, dim=1)  # (B, K) best extensions per image
-        beam, tok = torch.div(top, k, rounding_mode="floor"), ids.view(B, K * k).gather(1, top)
-        self.scores = cand.view(B, K * k).gather(1, top)
-        self.lengths = cand_len.gather(1, beam)
-        self.finished = self.finished.gather(1, beam) | (tok == Vocabulary.end_id)
-        self.open = ~self.finished & (self.scores > float("-inf"))
-        if self.n_best < K and self.checks_scores and bool(self.finished.any()):
+        ranked = cand / np.repeat(self.penalty[cand_len], k, axis=1) if self.alpha else cand
+        # (B, K) best extensions per image, best first; equal scores: the lower index (a stable sort)
+        top = np.argsort(-ranked, axis=1, kind="stable")[:, :K]
+        image = self.image
+        beam, tok = top // k, ids.reshape(B, K * k)[image, top]
+        self.scores = cand[image, top]
+        self.lengths = cand_len[image, beam]
+        self.finished = self.finished[image, beam] | (tok == Vocabulary.end_id)
+        self.open = ~self.finished & (self.scores > -np.inf)
+        if self.n_best < K and self.checks_scores and self.finished.any():
             self._stop_done_images(lp)
-        rows = (beam + self.offsets).view(-1)  # (B*K,) the row each new hypothesis continues
-        self.history.copy_(self.history.index_select(0, rows))  # in place: a view of _search's buffer
+        rows = (beam + self.offsets).reshape(-1)  # (B*K,) the row each new hypothesis continues
+        self.history[:, :t] = self.history[rows, :t]  # in place: a view of _search's buffer
         if alpha_t is not None:
             R = alpha_t.shape[-1]
             step_att = alpha_t.view(B, K, 1, R)
             if self.att is not None:
                 step_att = torch.cat([self.att, step_att], 2)  # (B, K, t+1, R) before reordering
-            self.att = step_att.gather(1, beam[:, :, None, None].expand(-1, -1, t + 1, R))
-        return rows, tok.view(-1)
+            index = torch.from_numpy(beam).to(alpha_t.device)[:, :, None, None].expand(-1, -1, t + 1, R)
+            self.att = step_att.gather(1, index)
+        return rows, tok.reshape(-1)
 
-    def _stop_done_images(self, lp: torch.Tensor) -> None:
+    def _stop_done_images(self, lp: np.ndarray) -> None:
         """Close the images whose top ``n_best`` can no longer change (see the class docstring).
 
         lp (B, K, k): this step's best log-probabilities per hypothesis. The bound needs every step from
         here on to return log-probabilities (never above 0), as ``step`` must; scores above 0 so far
         only change which penalty bounds them. A decoder whose step hands out a positive value when an
         image would stop is taken to return raw scores and is searched to the end."""
-        final = torch.where(self.finished, self.scores / self.penalty.take(self.lengths), float("-inf"))  # (B, K)
-        nth = final.amax(1) if self.n_best == 1 else final.topk(self.n_best, dim=1).values[:, -1]  # (B,) or -inf
-        best = torch.where(self.open, self.scores, float("-inf")).amax(1)  # (B,) the best open score now
+        final = np.where(self.finished, self.scores / self.penalty[self.lengths], -np.inf)  # (B, K)
+        nth = final.max(1) if self.n_best == 1 else np.sort(final, axis=1)[:, -self.n_best]  # (B,) or -inf
+        best = np.where(self.open, self.scores, -np.inf).max(1)  # (B,) the best open score now
         # its final score is at most best / penalty: the largest penalty bounds a score <= 0, the smallest one above 0
-        reach = torch.where(best > 0, best / self.least_penalty, best / self.most_penalty)  # (B,)
+        reach = np.where(best > 0, best / self.least_penalty, best / self.most_penalty)  # (B,)
         done = reach < nth
-        if bool(done.any()):
-            if bool((lp[..., 0] > 0).any()):  # not log-probabilities: the bound does not hold
+        if done.any():
+            if (lp[..., 0] > 0).any():  # not log-probabilities: the bound does not hold
                 self.checks_scores = False
                 return
             self.open &= ~done[:, None]
 
     def captions(self, vocab: Vocabulary, grid: tuple[int, int] | None) -> list[list[Caption]]:
         """Per image, up to ``n_best`` captions best first (greedy: its one caption, score = log_prob)."""
-        final = self.scores if self.greedy else self.scores / self.penalty.take(self.lengths)
-        order = final.argsort(dim=1, descending=True, stable=True).tolist()
-        history = self.history[:, :self.steps].view(self.B, self.K, self.steps).tolist()
+        final = self.scores if self.greedy else self.scores / self.penalty[self.lengths]
+        order = np.argsort(-final, axis=1, kind="stable").tolist()  # best first; equal scores keep their order
+        history = self.history[:, :self.steps].reshape(self.B, self.K, self.steps).tolist()
         scores, final = self.scores.tolist(), final.tolist()  # one conversion each, not a few per caption
         results = []
         for b in range(self.B):
@@ -344,46 +374,54 @@ def _search(model, features: torch.Tensor, searches: list[tuple[int, bool, float
     """Run several searches (``(width, greedy, alpha, n_best)`` each) over the same images in one decoder call
     per step: their rows are stacked, [search 0: B*K0 rows | search 1: B*K1 rows | ...], so the
     weights are read once per step for all of them; once most captions have ended, the rows that ended
-    drop out of the call (``_live_step``)."""
+    drop out of the call (``_live_step``). Per step, PyTorch applies the token rules to the (N, V)
+    log-probabilities and takes every row's best few tokens in one ``topk``; the searches' bookkeeping
+    runs on those in NumPy (see ``_Beams``)."""
     _check(model, features, max_len, min_len)
     want_att = bool(getattr(model, "has_attention", False))
     with _eval_mode(model):
         B, dev = features.shape[0], features.device
-        groups = [_Beams(B, K, greedy, alpha, max_len, dev, n_best) for K, greedy, alpha, n_best in searches]
+        groups = [_Beams(B, K, greedy, alpha, max_len, n_best) for K, greedy, alpha, n_best in searches]
         starts = [0]
         for g in groups:
             starts.append(starts[-1] + g.rows)
-        history = torch.zeros((starts[-1], max_len), dtype=torch.long, device=dev)  # (N, max_len) emitted ids
+        history = np.zeros((starts[-1], max_len), dtype=np.int64)  # (N, max_len) emitted ids
         for g, s0 in zip(groups, starts):
             g.history = history[s0:s0 + g.rows]  # a view: each search reorders its own rows in place
-        live = torch.cat([g.open.view(-1) for g in groups])
+        live = np.concatenate([g.open.reshape(-1) for g in groups])
         # the first step is the same for every row of an image (one state, <start>): run it once per image
         state = model.init_state(features)  # B rows, one per image
         logp, state, alpha_t = _step(model, torch.full((B,), Vocabulary.start_id, dtype=torch.long, device=dev),
                                      state, want_att)
         if starts[-1] != B:  # image-major rows of every search; rows not live yet (beams 2..K) are masked
-            rows = torch.cat([torch.arange(B, device=dev).repeat_interleave(g.K) for g in groups])
+            rows = torch.from_numpy(np.concatenate([np.repeat(np.arange(B), g.K) for g in groups])).to(dev)
             state = _select(model, state, rows)
-            logp, alpha_t = _mask_dead(logp[rows], None if alpha_t is None else alpha_t[rows], live)
-        rules = _Rules(logp.shape[1], suppress_unk, no_repeat_ngram_size, min_len,
-                       _bad_ending_ids(vocab, bad_endings, dev), dev)
-        unmoved = [torch.arange(s0, s0 + g.rows, device=dev) for g, s0 in zip(groups, starts)]  # greedy rows stay
+            logp, alpha_t = _mask_dead(logp[rows], None if alpha_t is None else alpha_t[rows],
+                                       torch.from_numpy(live).to(dev))
+        V = logp.shape[1]
+        rules = _Rules(V, suppress_unk, no_repeat_ngram_size, min_len, _bad_ending_ids(vocab, bad_endings), dev)
+        k = min(max(g.K for g in groups), V)  # tokens per row the searches need: the widest beam's
+        unmoved = [None if not g.greedy else np.arange(s0, s0 + g.rows) for g, s0 in zip(groups, starts)]
         for t in range(max_len):
             if t > 0:
                 logp, state, alpha_t = _live_step(model, tokens, state, live, want_att)
             logp = rules.apply(logp, history[:, :t])
+            top_lp, top_ids = logp.topk(k, dim=1) if k > 1 else logp.max(1, keepdim=True)  # (N, k) best first
+            top_lp, top_ids = top_lp.cpu().numpy(), top_ids.cpu().numpy()
             rows, toks = [], []
             for g, s0, same in zip(groups, starts, unmoved):
-                r, tok = g.advance(logp[s0:s0 + g.rows], None if alpha_t is None else alpha_t[s0:s0 + g.rows])
+                r, tok = g.advance(top_lp[s0:s0 + g.rows], top_ids[s0:s0 + g.rows],
+                                   None if alpha_t is None else alpha_t[s0:s0 + g.rows])
                 rows.append(same if r is None else r + s0)
                 toks.append(tok)
-            tokens = torch.cat(toks) if len(toks) > 1 else toks[0]
-            history[:, t] = tokens
-            live = torch.cat([g.open.view(-1) for g in groups]) if len(groups) > 1 else groups[0].open.view(-1)
-            if not bool(live.any()):
+            tokens_np = np.concatenate(toks) if len(toks) > 1 else toks[0]
+            history[:, t] = tokens_np
+            live = np.concatenate([g.open.reshape(-1) for g in groups]) if len(groups) > 1 else groups[0].open.reshape(-1)
+            if not live.any():
                 break
+            tokens = torch.from_numpy(tokens_np).to(dev)
             if not all(g.greedy for g in groups):  # greedy rows never move; beams reorder
-                state = _select(model, state, torch.cat(rows))
+                state = _select(model, state, torch.from_numpy(np.concatenate(rows)).to(dev))
     return groups
 
 

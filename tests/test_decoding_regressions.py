@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from storyteller.decoding import beam_search
+from storyteller.decoding import beam_search, greedy_and_beam_search
 from storyteller.vocab import Vocabulary
 
 WORDS = ["a", "b", "c", "d"]
@@ -93,3 +93,30 @@ def test_alpha_zero_prunes_by_raw_log_probability():
     table = random_table(discriminating_seed(2, 6, 0.7))
     got = beam_search(MarkovDecoder(table), torch.zeros(1, 1), beam_size=2, max_len=6, alpha=0.0, n_best=2)[0]
     assert [c.tokens for c in got] == [ids for ids, _, _ in reference_beam(table, 2, 6, 0.0)]
+
+
+class StridedMarkovDecoder(MarkovDecoder):
+    """The same decoder, whose step returns a transposed view (not contiguous) of its log-probabilities."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__(table)
+        self.columns = table.t().contiguous()  # (V, V): next word x last word
+
+    def step(self, tokens: torch.Tensor, state):
+        return self.columns[:, tokens].t(), state
+
+
+def test_a_step_that_returns_a_strided_view_is_searched_the_same():
+    """The token rules set forbidden cells through a flat view of the step's output: a decoder may return a
+    strided tensor, and the search must still apply every rule to it (n-grams, bad endings, special tokens)."""
+    table = random_table(3)
+    kw = dict(beam_size=3, max_len=8, alpha=0.7, n_best=3, no_repeat_ngram_size=2, bad_endings=["b"])
+    assert not StridedMarkovDecoder(table).step(torch.tensor([4, 5]), None)[0].is_contiguous()
+    want = greedy_and_beam_search(MarkovDecoder(table), torch.zeros(2, 1), **kw)
+    got = greedy_and_beam_search(StridedMarkovDecoder(table), torch.zeros(2, 1), **kw)
+    for g, w in zip([got[0], *got[1]], [want[0], *want[1]]):
+        assert [(c.tokens, c.finished) for c in g] == [(c.tokens, c.finished) for c in w]
+    for c in [*got[0], *(c for cs in got[1] for c in cs)]:
+        ids = [START, *c.tokens]
+        assert len({tuple(ids[i:i + 2]) for i in range(1, len(ids) - 1)}) == len(ids) - 2  # no repeated bigram
+        assert c.tokens[-1] != 5 or not c.finished  # never ends on "b"
