@@ -7,8 +7,11 @@
    time; p50 / p95 of each stage — preprocessing (decode + resize + normalise), backbone, search
    (greedy and beam in one pass) — and of the total. Target: p50 < 250 ms end to end for efficientnet_lite0 on a 2-core CPU.
 2. **One photo alone, over HTTP**: the same against the running app (adds upload, queue and JSON
-   overhead), with each ``--client``: ``gradio`` (``gradio_client``, which polls what it has received
-   every 50 ms) and ``raw`` (Gradio's queue protocol spoken directly over httpx, as a browser does).
+   overhead), with each ``--client``: ``gradio`` (``gradio_client`` as made by default: it builds a TLS
+   context for each of its three requests per call, about 40 ms each here, even for plain http, and polls
+   what it has received every 50 ms), ``gradio-plain`` (the same client with ``ssl_verify=False``, which
+   skips the TLS contexts; plain http only) and ``raw`` (Gradio's queue protocol spoken directly over
+   httpx, as a browser does).
 3. **Load**: ``--clients`` threads, each with its own client, send ``--requests`` captions each at
    once; every request must succeed; p50 / p95 latency and requests/s; once per ``--client``.
 4. **Gradio's floor** (unless ``--no-floor``): the same one-photo requests to a Gradio app whose
@@ -169,20 +172,38 @@ def bench_in_process(model: str, paths: list[Path], n: int, beam: int, max_len: 
 
 
 class GradioClient:
-    """``gradio_client.Client`` calling ``/caption``. It reads the server's event stream in a thread and
-    polls what it received every 50 ms (gradio_client 2.x), which adds tens of ms to every call."""
+    """``gradio_client.Client`` calling ``/caption``, as a user would make it. Two costs of its own, measured
+    on this 2-core CPU with gradio_client 2.7: it sends the upload, the queue join and the event stream of
+    every call each with a new ``httpx`` client, and each of those builds a TLS context from the CA bundle
+    (about 40 ms each here), even for a plain-http URL; and it looks at the messages it has received only
+    every 50 ms."""
 
     name = "gradio_client"
+    verify = True
 
     def __init__(self, url: str):
         from gradio_client import Client
 
-        self.client = Client(url, verbose=False, download_files=False)
+        self.client = Client(url, verbose=False, download_files=False, ssl_verify=self.verify)
 
     def caption(self, path: Path, beam: int, max_len: int) -> list:
         from gradio_client import handle_file
 
         return list(self.client.predict(handle_file(str(path)), beam, max_len, 0.0, api_name="/caption"))
+
+
+class PlainGradioClient(GradioClient):
+    """The same ``gradio_client.Client`` with ``ssl_verify=False``, for a plain-http URL only (there is no
+    certificate to verify): its requests skip the TLS context, and what is left is the app, Gradio's
+    protocol and the client's 50 ms polling."""
+
+    name = "gradio_client, ssl_verify=False"
+    verify = False
+
+    def __init__(self, url: str):
+        if not url.startswith("http://"):
+            raise SystemExit(f"--client gradio-plain is for a plain-http URL, got {url}")
+        super().__init__(url)
 
 
 class RawClient:
@@ -220,7 +241,7 @@ class RawClient:
         raise RuntimeError("the event stream ended without a result")
 
 
-CLIENTS = {"gradio": GradioClient, "raw": RawClient}
+CLIENTS = {"gradio": GradioClient, "gradio-plain": PlainGradioClient, "raw": RawClient}
 
 
 def bench_http_single(url: str, paths: list[Path], n: int, beam: int, max_len: int, kind: str) -> None:
@@ -284,8 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--beam", type=int, default=5)
     p.add_argument("--max-len", type=int, default=20)
     p.add_argument("--concurrency", type=int, default=None, help="app.py --concurrency (default: the app's)")
-    p.add_argument("--client", nargs="+", choices=sorted(CLIENTS), default=["gradio", "raw"],
-                   help="HTTP clients to measure with: gradio (gradio_client) and raw (Gradio's protocol over httpx)")
+    p.add_argument("--client", nargs="+", choices=sorted(CLIENTS), default=["gradio", "gradio-plain", "raw"],
+                   help="HTTP clients to measure with: gradio (gradio_client as made by default), gradio-plain "
+                        "(gradio_client with ssl_verify=False, plain http only) and raw (Gradio's protocol over httpx)")
     p.add_argument("--no-floor", dest="floor", action="store_false",
                    help="skip Gradio's floor (the same request to a do-nothing handler)")
     p.add_argument("--threads", type=int, default=None,
