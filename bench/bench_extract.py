@@ -6,11 +6,15 @@
 the real pipeline (train/extract.py: JPEG decode + resize in DataLoader workers, forward, float16
 chunks, assembly) on the same images. The ratio extract / forward shows what decoding and writing
 cost; the goal is >= 0.8. Random weights for both backbones (speed does not depend on the values).
+
+It also times the forward with and without BatchNorm folded into the convolutions (``fold_batchnorm``,
+the default), interleaved: at the batch size above, and at batch 1 (one photo, as the app runs it).
 """
 from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -50,6 +54,27 @@ def forward_only(backbone, batches: list[torch.Tensor]) -> float:
     return sum(len(x) for x in batches) / (time.perf_counter() - t0)
 
 
+def fold_comparison(name: str, batches: list[torch.Tensor], device: str, repeats: int) -> list[tuple]:
+    """Forward images/s (the batches) and median ms at batch 1, BatchNorm folded against not, interleaved."""
+    nets = {"BatchNorm folded": create_backbone(name, pretrained=False, device=device),
+            "BatchNorm not folded": create_backbone(name, pretrained=False, device=device, fold_bn=False)}
+    rate = {k: 0.0 for k in nets}
+    one = {k: [] for k in nets}
+    photos = [x[:1] for x in batches] * 2
+    with torch.inference_mode():
+        for r in range(repeats):
+            for k in (list(nets) if r % 2 == 0 else list(nets)[::-1]):
+                rate[k] = max(rate[k], forward_only(nets[k], batches))
+                nets[k](photos[0].to(device))
+                for x in photos:
+                    t = time.perf_counter()
+                    nets[k](x.to(device))
+                    one[k].append((time.perf_counter() - t) * 1e3)
+    base_rate, base_ms = rate["BatchNorm not folded"], statistics.median(one["BatchNorm not folded"])
+    return [(name, f"forward, {k}", rate[k], rate[k] / base_rate, statistics.median(one[k]),
+             statistics.median(one[k]) / base_ms) for k in nets]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k"))
@@ -68,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     images = Subset(open_captioned_images(args.dataset, args.split), args.images)
     print(f"{len(images)} images from {args.dataset} [{args.split}], batch {args.batch_size}, device {args.device}, "
           f"torch threads {torch.get_num_threads()}, best of {args.repeats}")
-    rows = []
+    rows, folds = [], []
     worker_counts = [int(w) for w in args.workers.split(",")]
     for name in args.backbones.split(","):
         backbone = create_backbone(name, pretrained=False, device=args.device)
@@ -96,9 +121,18 @@ def main(argv: list[str] | None = None) -> None:
         for row in rows[-(2 + len(worker_counts)):]:
             print(f"  {row[0]:<20} {row[1]:<36} {row[2]:8.1f} img/s" + (f"   {row[3]:.2f}x forward" if row[3] else ""), flush=True)
 
+        folds.extend(fold_comparison(name, batches, args.device, max(args.repeats, 2)))
+        for row in folds[-2:]:
+            print(f"  {row[0]:<20} {row[1]:<36} {row[2]:8.1f} img/s   {row[3]:.2f}x   batch 1: {row[4]:.1f} ms "
+                  f"({row[5]:.2f}x)", flush=True)
+
     print("\n| backbone | pipeline | images/s | vs forward only |\n|---|---|---:|---:|")
     for name, what, rate, ratio in rows:
         print(f"| {name} | {what} | {rate:.1f} | {'' if ratio is None else f'{ratio:.2f}'} |")
+    print(f"\n| backbone | forward | images/s (batch {args.batch_size}) | vs not folded | one photo, median ms "
+          f"| vs not folded |\n|---|---|---:|---:|---:|---:|")
+    for name, what, rate, ratio, ms, ms_ratio in folds:
+        print(f"| {name} | {what} | {rate:.1f} | {ratio:.2f} | {ms:.1f} | {ms_ratio:.2f} |")
 
 
 if __name__ == "__main__":

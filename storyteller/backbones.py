@@ -20,7 +20,7 @@ features match the cached features the decoder was trained on.
                         (downloaded once into the torch hub cache)
 
 Every BatchNorm is folded into the convolution before it (``fold_batchnorm``): the backbone is frozen,
-so that changes the features only by float rounding, and makes a forward 1.5x faster on a CPU.
+so that changes the features only by float rounding, and saves a normalisation pass per convolution.
 
 ``pretrained=False`` gives the same architecture with seeded random weights (``"weights": null`` in
 its spec): fast tests, no files or downloads, and still reproducible across processes.
@@ -337,8 +337,8 @@ def fold_batchnorm(trunk: nn.Module) -> int:
 
     A frozen backbone's BatchNorm is a fixed per-channel affine map (ImageNet statistics, eval mode), so
     conv -> BN equals one convolution with scaled weights and a bias: the same features up to float
-    rounding, without ~50 normalisation passes over the activations (1.5x faster forwards at batch 1 on
-    this project's 2-core CPU). A conv and a BN count as a pair when they are consecutive children of one
+    rounding, without ~50 normalisation passes over the activations (``bench/bench_extract.py`` times
+    both). A conv and a BN count as a pair when they are consecutive children of one
     module (how timm's EfficientNet and torchvision's ResNet apply them; tests/test_backbones.py checks
     every known backbone against its unfolded forward). timm's ``BatchNormAct2d`` keeps its dropout and
     activation.
@@ -358,7 +358,7 @@ def fold_batchnorm(trunk: nn.Module) -> int:
 
 
 def create_backbone(name_or_spec: str | dict[str, Any], pretrained: bool = True,
-                    device: str | torch.device = "cpu") -> Backbone:
+                    device: str | torch.device = "cpu", fold_bn: bool = True) -> Backbone:
     """Build a frozen backbone from a name or from a spec stored in a manifest / ``config.json``.
 
     Args:
@@ -367,6 +367,8 @@ def create_backbone(name_or_spec: str | dict[str, Any], pretrained: bool = True,
         pretrained: False gives seeded random weights (no files, no downloads) and ``weights: None``
             in the resulting spec.
         device: where the module lives.
+        fold_bn: fold each BatchNorm into its convolution (``fold_batchnorm``; False keeps the network as
+            published, for comparisons).
     """
     if isinstance(name_or_spec, str):
         spec = backbone_spec(name_or_spec)
@@ -388,6 +390,7 @@ def create_backbone(name_or_spec: str | dict[str, Any], pretrained: bool = True,
     if not pretrained:
         spec["weights"] = None
     trunk = _build_trunk(spec["name"], pretrained)
-    fold_batchnorm(trunk)  # frozen: each BatchNorm becomes part of its convolution
+    if fold_bn:
+        fold_batchnorm(trunk)  # frozen: each BatchNorm becomes part of its convolution
     # channels_last: measured 1.2-1.6x faster forwards on this project's 2-core CPU (bench/bench_extract.py).
     return Backbone(trunk, spec).to(torch.device(device), memory_format=torch.channels_last)
