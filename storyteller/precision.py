@@ -153,7 +153,10 @@ class _Int8Linear:
             # rescaled rows: no bias in the pack, it is added after the per-row rescale
             in_pack = None if bias is None or not unit_range else bias.detach().float()
             self.packed = torch.ops.quantized.linear_prepack(q, in_pack)
-        self.op = torch.ops.quantized.linear_dynamic.default  # the overload, looked up once (microseconds a call)
+        # the overload, looked up once; its C++ callable where there is one: the Python wrapper of a TorchBind
+        # op scans the arguments for fake objects (export / compile only) on every call, ~10 us here
+        op = torch.ops.quantized.linear_dynamic.default
+        self.op = getattr(op, "_op", op)
         self.bias = None if bias is None or unit_range else bias.detach().float()
         self.reduce_range, self.unit_range = reduce_range, unit_range
         self.range = torch.tensor([[1.0, -1.0]])
@@ -221,12 +224,12 @@ class PackedWeights:
                                              unit_range=name in unit_range)
             else:
                 self.ops[name] = _KINDS[precision](*spec)
-        # what the packs were made from: (tensor, its version counter) -- an in-place update bumps it
-        self._sources = [(t, t._version) for t in sources]
+        # what the packs were made from, and their version counters -- an in-place update bumps one
+        self._sources, self._versions = list(sources), [t._version for t in sources]
 
     def fresh(self) -> bool:
-        """True while the model's weights are still the ones that were packed."""
-        return all(t._version == v for t, v in self._sources)
+        """True while the model's weights are still the ones that were packed (checked every step)."""
+        return [t._version for t in self._sources] == self._versions
 
     def __getitem__(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         return self.ops[name]
