@@ -60,7 +60,7 @@ def fold_comparison(name: str, batches: list[torch.Tensor], device: str, repeats
             "BatchNorm not folded": create_backbone(name, pretrained=False, device=device, fold_bn=False)}
     rate = {k: 0.0 for k in nets}
     one = {k: [] for k in nets}
-    photos = [x[:1] for x in batches] * 2
+    photos = [x[i:i + 1] for x in batches for i in range(len(x))][:32]  # one photo at a time
     with torch.inference_mode():
         for r in range(repeats):
             for k in (list(nets) if r % 2 == 0 else list(nets)[::-1]):
