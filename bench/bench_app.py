@@ -305,14 +305,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--beam", type=int, default=5)
     p.add_argument("--max-len", type=int, default=20)
     p.add_argument("--concurrency", type=int, default=None, help="app.py --concurrency (default: the app's)")
-    p.add_argument("--client", nargs="+", choices=sorted(CLIENTS), default=["gradio", "gradio-plain", "raw"],
+    p.add_argument("--client", nargs="+", choices=sorted(CLIENTS), default=None,
                    help="HTTP clients to measure with: gradio (gradio_client as made by default), gradio-plain "
-                        "(gradio_client with ssl_verify=False, plain http only) and raw (Gradio's protocol over httpx)")
+                        "(gradio_client with ssl_verify=False, plain http only) and raw (Gradio's protocol over "
+                        "httpx); default: all three, gradio-plain left out for an https --url")
     p.add_argument("--no-floor", dest="floor", action="store_false",
                    help="skip Gradio's floor (the same request to a do-nothing handler)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for the in-process run and app.py --threads (default: the app's rule, CPUs/concurrency)")
     args = p.parse_args(argv)
+    if args.client is None:
+        args.client = ["gradio", "raw"] if (args.url or "").startswith("https://") else ["gradio", "gradio-plain", "raw"]
 
     from storyteller.captioner import DEFAULT_MODEL_DIR
 

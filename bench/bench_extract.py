@@ -8,7 +8,8 @@ chunks, assembly) on the same images. The ratio extract / forward shows what dec
 cost; the goal is >= 0.8. Random weights for both backbones (speed does not depend on the values).
 
 It also times the forward with and without BatchNorm folded into the convolutions (``fold_batchnorm``,
-the default), interleaved: at the batch size above, and at batch 1 (one photo, as the app runs it).
+the default), interleaved: at the batch size above, and at batch 1 (each of the first 32 images alone, as
+the app runs a photo).
 """
 from __future__ import annotations
 
@@ -67,8 +68,13 @@ def fold_comparison(name: str, batches: list[torch.Tensor], device: str, repeats
                 rate[k] = max(rate[k], forward_only(nets[k], batches))
                 nets[k](photos[0].to(device))
                 for x in photos:
+                    x = x.to(device)
+                    if x.device.type == "cuda":
+                        torch.cuda.synchronize()
                     t = time.perf_counter()
-                    nets[k](x.to(device))
+                    nets[k](x)
+                    if x.device.type == "cuda":
+                        torch.cuda.synchronize()
                     one[k].append((time.perf_counter() - t) * 1e3)
     base_rate, base_ms = rate["BatchNorm not folded"], statistics.median(one["BatchNorm not folded"])
     return [(name, f"forward, {k}", rate[k], rate[k] / base_rate, statistics.median(one[k]),

@@ -338,10 +338,13 @@ def fold_batchnorm(trunk: nn.Module) -> int:
     A frozen backbone's BatchNorm is a fixed per-channel affine map (ImageNet statistics, eval mode), so
     conv -> BN equals one convolution with scaled weights and a bias: the same features up to float
     rounding, without ~50 normalisation passes over the activations (``bench/bench_extract.py`` times
-    both). A conv and a BN count as a pair when they are consecutive children of one
-    module (how timm's EfficientNet and torchvision's ResNet apply them; tests/test_backbones.py checks
-    every known backbone against its unfolded forward). timm's ``BatchNormAct2d`` keeps its dropout and
-    activation.
+    both). A conv and a BN count as a pair when they are consecutive children of one module, which is
+    a rule about registration order, not about the forward: it holds for the trunks ``create_backbone``
+    builds (timm's EfficientNet, torchvision's ResNet: each such BN normalises exactly that conv's output,
+    and nothing else reads the conv's output), and tests/test_backbones.py checks every known backbone
+    against its unfolded forward. A new backbone must be added to that test; where a BN normalises another
+    layer, or the conv's output is also used unnormalised, folding would change its features. timm's
+    ``BatchNormAct2d`` keeps its dropout and activation.
     """
     folded = 0
     for module in list(trunk.modules()):

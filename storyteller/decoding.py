@@ -58,7 +58,7 @@ class Caption:
 @contextlib.contextmanager
 def _eval_mode(model: torch.nn.Module):
     was_training = model.training
-    if not was_training:  # already in eval mode (the app, evaluation): nothing to switch
+    if not any(m.training for m in model.modules()):  # all in eval mode already (the app, evaluation)
         yield
         return
     model.eval()
@@ -160,7 +160,7 @@ class _Rules:
         key = (N, before_min_len)
         if key not in self._flat_banned:
             cols = self.banned + ([Vocabulary.end_id] if before_min_len else [])
-            self._flat_banned[key] = (np.arange(N)[:, None] * self.V + np.array(cols)).ravel()
+            self._flat_banned[key] = (np.arange(N, dtype=np.int64)[:, None] * self.V + np.array(cols, dtype=np.int64)).ravel()
         return self._flat_banned[key]
 
     def apply(self, logp: torch.Tensor, history: np.ndarray) -> torch.Tensor:
@@ -189,7 +189,7 @@ class _Rules:
                 match &= history[:, j:j + w] == history[:, w + j, None]
             r, at = match.nonzero()  # each earlier n-gram the new one would repeat: forbid its last token
             forbid.append(r * self.V + history[r, at + n - 1])
-        cells = np.concatenate(forbid) if len(forbid) > 1 else forbid[0]
+        cells = (np.concatenate(forbid) if len(forbid) > 1 else forbid[0]).astype(np.int64, copy=False)
         logp.view(-1).index_fill_(0, torch.from_numpy(cells).to(self.device), float("-inf"))
         # Rules that leave a (live) row nothing to emit must not lose its caption: let it end here.
         if may_stick:
@@ -265,9 +265,9 @@ class _Beams:
         self.history = np.empty((B * K, 0), dtype=np.int64)  # set by _search
         self.steps = 0  # tokens emitted so far (columns of ``history`` in use)
         self.att = None  # (B, K, t, R) attention weights of each hypothesis's steps (a tensor on the model's device)
-        self.image = np.arange(B)[:, None]  # (B, 1) each image's index, to pick entries of (B, .) arrays
+        self.image = np.arange(B, dtype=np.int64)[:, None]  # (B, 1) each image's index, to pick entries of (B, .) arrays
         self.offsets = self.image * K  # (B, 1) row of each image's first beam
-        self.penalty = _length_penalty(max_len, alpha)  # length -> GNMT penalty
+        self.penalty = _length_penalty(max_len, float(alpha))  # length -> GNMT penalty
         self.most_penalty, self.least_penalty = self.penalty.max(), self.penalty.min()  # the divisors a score can still get
         self.done = np.full(K, -np.inf, dtype=np.float32)  # a finished hypothesis's continuations:
         self.done[0] = 0.0  # <pad> at zero cost, nothing else
@@ -309,7 +309,8 @@ class _Beams:
         cand = (self.scores[..., None] + lp).reshape(B, K * k)  # raw scores of the extensions
         cand_len = self.lengths + ~self.finished  # (B, K) lengths after this token (finished ones stay)
         ranked = cand / np.repeat(self.penalty[cand_len], k, axis=1) if self.alpha else cand
-        # (B, K) best extensions per image, best first; equal scores: the lower index (a stable sort)
+        # (B, K) best extensions per image, best first (a stable sort: of equal scores, the lower candidate
+        # index; which of a row's equal tokens are its candidates, and their order, is topk's)
         top = np.argsort(-ranked, axis=1, kind="stable")[:, :K]
         image = self.image
         beam, tok = top // k, ids.reshape(B, K * k)[image, top]
@@ -368,6 +369,17 @@ class _Beams:
         return results
 
 
+def _best_tokens(logp: torch.Tensor, g: _Beams) -> tuple[np.ndarray, np.ndarray]:
+    """One search's rows of a step (rows, V) -> each row's best tokens as NumPy arrays (log-probabilities,
+    ids), best first: a beam's ``min(K, V)`` best (``topk``); greedy rows, and a beam of 1, their argmax
+    (``max``: the first of equal values, so a beam of 1 is greedy search even where log-probabilities tie)."""
+    k = 1 if g.greedy else min(g.K, logp.shape[1])
+    best, ids = logp.max(1, keepdim=True) if k == 1 else logp.topk(k, dim=1)
+    if best.dtype == torch.bfloat16:  # NumPy has no bfloat16; float32 holds every bfloat16 value exactly
+        best = best.float()
+    return best.cpu().numpy(), ids.cpu().numpy()
+
+
 def _search(model, features: torch.Tensor, searches: list[tuple[int, bool, float, int]], vocab: Vocabulary,
             max_len: int, suppress_unk: bool, no_repeat_ngram_size: int, min_len: int,
             bad_endings: Sequence[str]) -> list[_Beams]:
@@ -375,8 +387,8 @@ def _search(model, features: torch.Tensor, searches: list[tuple[int, bool, float
     per step: their rows are stacked, [search 0: B*K0 rows | search 1: B*K1 rows | ...], so the
     weights are read once per step for all of them; once most captions have ended, the rows that ended
     drop out of the call (``_live_step``). Per step, PyTorch applies the token rules to the (N, V)
-    log-probabilities and takes every row's best few tokens in one ``topk``; the searches' bookkeeping
-    runs on those in NumPy (see ``_Beams``)."""
+    log-probabilities and takes each search's best tokens per row (``_best_tokens``); the searches'
+    bookkeeping runs on those in NumPy (see ``_Beams``)."""
     _check(model, features, max_len, min_len)
     want_att = bool(getattr(model, "has_attention", False))
     with _eval_mode(model):
@@ -394,23 +406,20 @@ def _search(model, features: torch.Tensor, searches: list[tuple[int, bool, float
         logp, state, alpha_t = _step(model, torch.full((B,), Vocabulary.start_id, dtype=torch.long, device=dev),
                                      state, want_att)
         if starts[-1] != B:  # image-major rows of every search; rows not live yet (beams 2..K) are masked
-            rows = torch.from_numpy(np.concatenate([np.repeat(np.arange(B), g.K) for g in groups])).to(dev)
+            rows = torch.from_numpy(np.concatenate([np.repeat(np.arange(B, dtype=np.int64), g.K) for g in groups])).to(dev)
             state = _select(model, state, rows)
             logp, alpha_t = _mask_dead(logp[rows], None if alpha_t is None else alpha_t[rows],
                                        torch.from_numpy(live).to(dev))
         V = logp.shape[1]
         rules = _Rules(V, suppress_unk, no_repeat_ngram_size, min_len, _bad_ending_ids(vocab, bad_endings), dev)
-        k = min(max(g.K for g in groups), V)  # tokens per row the searches need: the widest beam's
-        unmoved = [None if not g.greedy else np.arange(s0, s0 + g.rows) for g, s0 in zip(groups, starts)]
+        unmoved = [None if not g.greedy else np.arange(s0, s0 + g.rows, dtype=np.int64) for g, s0 in zip(groups, starts)]
         for t in range(max_len):
             if t > 0:
                 logp, state, alpha_t = _live_step(model, tokens, state, live, want_att)
             logp = rules.apply(logp, history[:, :t])
-            top_lp, top_ids = logp.topk(k, dim=1) if k > 1 else logp.max(1, keepdim=True)  # (N, k) best first
-            top_lp, top_ids = top_lp.cpu().numpy(), top_ids.cpu().numpy()
             rows, toks = [], []
             for g, s0, same in zip(groups, starts, unmoved):
-                r, tok = g.advance(top_lp[s0:s0 + g.rows], top_ids[s0:s0 + g.rows],
+                r, tok = g.advance(*_best_tokens(logp[s0:s0 + g.rows], g),
                                    None if alpha_t is None else alpha_t[s0:s0 + g.rows])
                 rows.append(same if r is None else r + s0)
                 toks.append(tok)

@@ -173,6 +173,9 @@ def test_decoding_restores_training_mode_and_validates_arguments(kind):
     a = greedy_search(model, feats, max_len=5)
     assert model.training  # mode restored
     assert [c.tokens for c in a] == [c.tokens for c in greedy_search(model, feats, max_len=5)]  # dropout was off
+    model.eval()
+    next(m for m in model.modules() if isinstance(m, torch.nn.Dropout)).train()  # one part left in training mode
+    assert [[c.tokens for c in greedy_search(model, feats, max_len=5)] for _ in range(4)] == [[c.tokens for c in a]] * 4
     with pytest.raises(ValueError):
         beam_search(model, feats, beam_size=0)
     with pytest.raises(ValueError):

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from storyteller.decoding import beam_search, greedy_and_beam_search
+from storyteller.decoding import beam_search, greedy_and_beam_search, greedy_search
 from storyteller.vocab import Vocabulary
 
 WORDS = ["a", "b", "c", "d"]
@@ -120,3 +120,33 @@ def test_a_step_that_returns_a_strided_view_is_searched_the_same():
         ids = [START, *c.tokens]
         assert len({tuple(ids[i:i + 2]) for i in range(1, len(ids) - 1)}) == len(ids) - 2  # no repeated bigram
         assert c.tokens[-1] != 5 or not c.finished  # never ends on "b"
+
+
+def test_exact_ties_greedy_is_the_same_alone_in_the_one_pass_and_as_a_beam_of_one():
+    """A table full of exactly equal log-probabilities (as an untrained or quantised head gives): greedy search,
+    the greedy half of the one pass, and a beam of 1 all take the first of equal tokens."""
+    g = torch.Generator().manual_seed(0)
+    words = [f"w{i}" for i in range(16)]
+    table = torch.log_softmax(torch.randint(0, 2, (4 + len(words),) * 2, generator=g).float(), -1)
+    model = MarkovDecoder(table)
+    model.vocab = Vocabulary(words)
+    feats = torch.zeros(3, 1)
+    alone = [c.tokens for c in greedy_search(model, feats, max_len=6)]
+    assert [c.tokens for c in greedy_and_beam_search(model, feats, beam_size=5, max_len=6)[0]] == alone
+    assert [cs[0].tokens for cs in beam_search(model, feats, beam_size=1, max_len=6)] == alone
+    assert [cs[0].tokens for cs in greedy_and_beam_search(model, feats, beam_size=1, max_len=6)[1]] == alone
+
+
+def test_a_decoder_with_bfloat16_log_probabilities_is_searched():
+    """NumPy has no bfloat16: a decoder stepping in bfloat16 gets the captions of the same values in float32."""
+    table = random_table(5).to(torch.bfloat16)
+
+    class Bf16Decoder(MarkovDecoder):
+        def step(self, tokens, state):
+            return self.table[tokens].to(torch.bfloat16), state
+
+    kw = dict(beam_size=3, max_len=6, alpha=0.5, n_best=2, no_repeat_ngram_size=2)
+    got = greedy_and_beam_search(Bf16Decoder(table), torch.zeros(2, 1), **kw)
+    want = greedy_and_beam_search(MarkovDecoder(table.float()), torch.zeros(2, 1), **kw)
+    assert [c.tokens for c in got[0]] == [c.tokens for c in want[0]]
+    assert [[c.tokens for c in cs] for cs in got[1]] == [[c.tokens for c in cs] for cs in want[1]]
