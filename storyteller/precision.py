@@ -153,10 +153,7 @@ class _Int8Linear:
             # rescaled rows: no bias in the pack, it is added after the per-row rescale
             in_pack = None if bias is None or not unit_range else bias.detach().float()
             self.packed = torch.ops.quantized.linear_prepack(q, in_pack)
-        # the overload, looked up once; its C++ callable where there is one: the Python wrapper of a TorchBind
-        # op scans the arguments for fake objects (export / compile only) on every call, ~10 us here
-        op = torch.ops.quantized.linear_dynamic.default
-        self.op = getattr(op, "_op", op)
+        self.op = torch.ops.quantized.linear_dynamic.default  # the overload, looked up once (microseconds a call)
         self.bias = None if bias is None or unit_range else bias.detach().float()
         self.reduce_range, self.unit_range = reduce_range, unit_range
         self.range = torch.tensor([[1.0, -1.0]])
