@@ -281,7 +281,7 @@ class _Beams:
         """Extend every hypothesis by one token.
 
         lp, ids (B*K, k): each row's k best masked log-probabilities (rows not live: -inf) and their
-        tokens, best first, k >= min(K, V); alpha_t (B*K, R) or None -> (the rows, within this search, the
+        tokens, best first (``_best_tokens``: k = 1 for greedy, else min(K, V)); alpha_t (B*K, R) or None -> (the rows, within this search, the
         new hypotheses continue (B*K,), or None where every row continues itself (greedy); their tokens
         (B*K,)). The caller writes the tokens into ``history`` at column ``steps - 1``."""
         B, K, t = self.B, self.K, self.steps
@@ -300,8 +300,8 @@ class _Beams:
             return None, tok
         # Each hypothesis's k best tokens first: within one hypothesis, log-probability, raw score and
         # normalised score rank its extensions alike, so the image's K best are among these K x k.
-        k = min(K, lp.shape[1])
-        lp, ids = lp[:, :k].reshape(B, K, k), ids[:, :k].reshape(B, K, k)
+        k = lp.shape[1]
+        lp, ids = lp.reshape(B, K, k), ids.reshape(B, K, k)
         # a finished hypothesis has one continuation, <pad>, at zero cost: it keeps its slot
         if self.finished.any():
             lp = np.where(self.finished[..., None], self.done[:k], lp)
