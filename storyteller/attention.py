@@ -158,7 +158,7 @@ class ShowAttendTell(
             A, D, G = self.att_hid.out_features, self.gate.out_features, 4 * self.hidden_dim
             # pre: every product of h (attention query, gate, recurrent gates), made by the last step together
             # with its logits; a state from init_state has it made here
-            pre = state[5] if len(state) > 5 else fast["head"](h[0])[:, -(A + D + G):]
+            pre = state[5] if len(state) > 5 else fast["pre"](h[0])
             q, beta, hh = pre.split([A, D, G], 1)  # (N, A), (N, D), (N, 4H)
             context, alpha = self.attend(h[0], img, V, enc, q=q, beta=beta)
             # the word's input gates are a table row; the context (its own range) gets its own product, so
@@ -176,7 +176,8 @@ class ShowAttendTell(
             new = (h1[None], c1[None], img, V, enc)
         return (logp, new, alpha) if return_attention else (logp, new)
 
-    step_unit_range = ("head",)  # packed products whose input is the hidden state, within [-1, 1]
+    step_unit_range = ("head", "pre")  # packed products whose input is the hidden state, within [-1, 1]
+    step_seven_bit = ("head", "pre")  # int8: 7-bit activations for the output layer's product and its rows in pre
 
     def step_linears(self) -> dict[str, Any]:
         """The matrices the packed step multiplies by, for ``storyteller.precision.prepare``: name ->
@@ -186,6 +187,7 @@ class ShowAttendTell(
         - ``ih_context``: W_ih[:, E:], the context's input gates
         - ``head``: [output layer; att_hid; gate; W_hh] stacked, (V + A + D + 4H, H): every product of
           the new h in one, the logits now and the rest for the next step
+        - ``pre``: the head's rows without the output layer, for the first step's initial state
 
         Gate rows are i, f, o, 2g (``model.packed_gates``), so the gates are one sigmoid.
         """
@@ -196,7 +198,8 @@ class ShowAttendTell(
                            packed_gates(cell.bias_hh, H)])
             w_ih, b_ih = packed_gates(cell.weight_ih, H), packed_gates(cell.bias_ih, H)
             word = nn.functional.linear(self.embed.weight.float(), w_ih[:, :E].float(), b_ih.float())
-            return {"word": word, "ih_context": (w_ih[:, E:], None), "head": (w, b)}
+            V = self.head.out_features
+            return {"word": word, "ih_context": (w_ih[:, E:], None), "head": (w, b), "pre": (w[V:], b[V:])}
 
     # -- teacher-forced training -----------------------------------------------------------------
     def unroll(self, features: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -114,7 +114,7 @@ def _live_step(model, tokens: torch.Tensor, state, live: np.ndarray, attention: 
     batch, and picking rows out and back costs more than the step saves); after that only the live rows
     run and the others keep their state. A row that is not live never uses its state again.
     """
-    N, n = tokens.shape[0], int(live.sum())
+    N, n = tokens.shape[0], np.count_nonzero(live)
     if 2 * n > N:
         logp, state, alpha = _step(model, tokens, state, attention)
         if n < N:
@@ -154,6 +154,7 @@ class _Rules:
         self.V, self.n, self.min_len, self.bad_ids, self.device = V, no_repeat_ngram_size, min_len, bad_ids, device
         self.banned = [Vocabulary.pad_id, Vocabulary.start_id] + ([Vocabulary.unk_id] if suppress_unk else [])
         self._flat_banned: dict[tuple[int, bool], np.ndarray] = {}
+        self._numpy_fill: bool | None = None  # set by the first step: float32 log-probabilities on the CPU
 
     def banned_cells(self, N: int, before_min_len: bool) -> np.ndarray:
         """Flat indices row * V + token of the banned tokens of every one of N rows (made once per N)."""
@@ -168,7 +169,8 @@ class _Rules:
 
         logp (N, V), changed in place (callers pass the step's fresh output) and returned, history (N, t)
         emitted ids. The (row, token) cells to forbid are found on the (small) history in NumPy and set to
-        -inf in one ``index_fill_``. A row left with no allowed token may take ``<end>``.
+        -inf in one store (through NumPy for float32 on the CPU, else ``index_fill_``). A row left with no
+        allowed token may take ``<end>``.
         """
         n, t = self.n, history.shape[1]
         if not logp.is_contiguous():  # a decoder may return a strided view; the cells are set through a flat view
@@ -184,13 +186,18 @@ class _Rules:
         if 0 < n <= t:
             # match[r, j]: row r's n-gram starting at j begins with the n-1 tokens a new n-gram would start with
             w = t - n + 1  # n-grams emitted so far
-            match = np.ones((history.shape[0], w), dtype=bool)
-            for j in range(n - 1):
+            match = history[:, :w] == history[:, w, None] if n > 1 else np.ones((history.shape[0], w), dtype=bool)
+            for j in range(1, n - 1):
                 match &= history[:, j:j + w] == history[:, w + j, None]
             r, at = match.nonzero()  # each earlier n-gram the new one would repeat: forbid its last token
             forbid.append(r * self.V + history[r, at + n - 1])
         cells = (np.concatenate(forbid) if len(forbid) > 1 else forbid[0]).astype(np.int64, copy=False)
-        logp.view(-1).index_fill_(0, torch.from_numpy(cells).to(self.device), float("-inf"))
+        if self._numpy_fill is None:  # the same for every step of a search
+            self._numpy_fill = logp.device.type == "cpu" and logp.dtype == torch.float32 and not logp.requires_grad
+        if self._numpy_fill:
+            logp.numpy().reshape(-1)[cells] = -np.inf  # the same memory; a NumPy store costs a fraction of a torch call
+        else:
+            logp.view(-1).index_fill_(0, torch.from_numpy(cells).to(self.device), float("-inf"))
         # Rules that leave a (live) row nothing to emit must not lose its caption: let it end here.
         if may_stick:
             stuck = (logp.amax(-1) == float("-inf")) & (raw_end > float("-inf"))
@@ -289,10 +296,15 @@ class _Beams:
         if self.greedy:  # width 1: the argmax, as greedy decoding always did
             fin = self.finished[:, 0]  # (B,)
             # (B,) each: the argmax's log-probability and token; a finished caption continues with <pad> at 0
-            best, tok = np.where(fin, np.float32(0.0), lp[:, 0]), np.where(fin, Vocabulary.pad_id, ids[:, 0])
+            if fin.any():
+                best, tok = np.where(fin, np.float32(0.0), lp[:, 0]), np.where(fin, Vocabulary.pad_id, ids[:, 0])
+                self.lengths += ~fin[:, None]
+                self.finished = (fin | (tok == Vocabulary.end_id))[:, None]
+            else:  # the usual case, in fewer operations
+                best, tok = lp[:, 0], ids[:, 0]
+                self.lengths += 1
+                self.finished = (tok == Vocabulary.end_id)[:, None]
             self.scores += best[:, None]
-            self.lengths += ~fin[:, None]
-            self.finished = (fin | (tok == Vocabulary.end_id))[:, None]
             self.open = ~self.finished & (self.scores > -np.inf)
             if alpha_t is not None:
                 step = alpha_t.view(B, 1, 1, -1)
@@ -369,15 +381,58 @@ class _Beams:
         return results
 
 
+def _numpy(best: torch.Tensor, ids: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    if best.dtype == torch.bfloat16:  # NumPy has no bfloat16; float32 holds every bfloat16 value exactly
+        best = best.float()
+    return best.cpu().numpy(), ids.cpu().numpy()
+
+
 def _best_tokens(logp: torch.Tensor, g: _Beams) -> tuple[np.ndarray, np.ndarray]:
     """One search's rows of a step (rows, V) -> each row's best tokens as NumPy arrays (log-probabilities,
     ids), best first: a beam's ``min(K, V)`` best (``topk``); greedy rows, and a beam of 1, their argmax
     (``max``: the first of equal values, so a beam of 1 is greedy search even where log-probabilities tie)."""
     k = 1 if g.greedy else min(g.K, logp.shape[1])
-    best, ids = logp.max(1, keepdim=True) if k == 1 else logp.topk(k, dim=1)
-    if best.dtype == torch.bfloat16:  # NumPy has no bfloat16; float32 holds every bfloat16 value exactly
-        best = best.float()
-    return best.cpu().numpy(), ids.cpu().numpy()
+    return _numpy(*(logp.max(1, keepdim=True) if k == 1 else logp.topk(k, dim=1)))
+
+
+def _step_tokens(logp: torch.Tensor, groups: list[_Beams], starts: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every search's ``_best_tokens`` of a step's (N, V) log-probabilities, with one ``topk`` for all
+    rows where the searches allow it: greedy (or width-1) searches beside beams of one width K, the
+    one-pass case. Each call costs more in overhead than in work on a few rows, so one call instead
+    of one per search matters for one photo. A width-1 search takes, from its rows' K best, what
+    ``max`` returns: the first (lowest) id of the best value (``topk`` orders equal values in no
+    particular way); a row whose K best all tie asks ``max`` itself."""
+    V = logp.shape[1]
+    widths = [1 if g.greedy else min(g.K, V) for g in groups]
+    k = max(widths)
+    if len(groups) == 1 or k == 1 or any(w not in (1, k) for w in widths):
+        return [_best_tokens(logp[s0:s0 + g.rows], g) for g, s0 in zip(groups, starts)]
+    best, ids = _numpy(*logp.topk(k, dim=1))  # (N, k) each
+    out = []
+    for g, s0, w in zip(groups, starts, widths):
+        b, i = best[s0:s0 + g.rows], ids[s0:s0 + g.rows]
+        if w == 1:
+            b, i = b[:, :1], _first_max(b, i, logp, s0)
+        out.append((b, i))
+    return out
+
+
+def _first_max(best: np.ndarray, ids: np.ndarray, logp: torch.Tensor, s0: int) -> np.ndarray:
+    """The argmax id (n, 1) that ``max`` returns (the lowest id of the best value) from rows' k > 1 best
+    tokens (``topk``: best (n, k), ids (n, k)); rows ``s0..`` of ``logp``."""
+    top = ids[:, :1]
+    tie = best[:, 1] == best[:, 0]  # the best value more than once among the k (rare, but exactness matters)
+    if not tie.any():
+        return top
+    top = top.copy()
+    for r in np.flatnonzero(tie):
+        if best[r, 0] == -np.inf:  # every token is -inf (a row not live): max's answer is the first id
+            top[r, 0] = 0
+        elif best[r, -1] == best[r, 0]:  # all k tie: more may lie beyond them
+            top[r, 0] = int(logp[s0 + r].argmax())
+        else:  # every token of the best value is among the k
+            top[r, 0] = ids[r][best[r] == best[r, 0]].min()
+    return top
 
 
 def _search(model, features: torch.Tensor, searches: list[tuple[int, bool, float, int]], vocab: Vocabulary,
@@ -418,9 +473,8 @@ def _search(model, features: torch.Tensor, searches: list[tuple[int, bool, float
                 logp, state, alpha_t = _live_step(model, tokens, state, live, want_att)
             logp = rules.apply(logp, history[:, :t])
             rows, toks = [], []
-            for g, s0, same in zip(groups, starts, unmoved):
-                r, tok = g.advance(*_best_tokens(logp[s0:s0 + g.rows], g),
-                                   None if alpha_t is None else alpha_t[s0:s0 + g.rows])
+            for g, s0, same, best in zip(groups, starts, unmoved, _step_tokens(logp, groups, starts)):
+                r, tok = g.advance(*best, None if alpha_t is None else alpha_t[s0:s0 + g.rows])
                 rows.append(same if r is None else r + s0)
                 toks.append(tok)
             tokens_np = np.concatenate(toks) if len(toks) > 1 else toks[0]

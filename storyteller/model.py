@@ -60,7 +60,7 @@ def lstm_update(gates: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, tor
     """The LSTM cell's update from packed gates (N, 4H) in the order i, f, o, 2g (:func:`packed_gates`) and
     the cell state c (N, H) -> (h, c), each (N, H)."""
     i, f, o, g2 = torch.sigmoid(gates).chunk(4, 1)  # g2 = sigmoid(2g), so tanh(g) = 2 g2 - 1
-    c = torch.addcmul(f * c, i, g2, value=2.0).sub_(i)  # f c + i (2 g2 - 1) = f c + i tanh(g)
+    c = (f * c).addcmul_(i, g2, value=2.0).sub_(i)  # f c + i (2 g2 - 1) = f c + i tanh(g), in one new tensor
     return o * torch.tanh(c), c
 
 
@@ -191,8 +191,12 @@ class ShowAndTell(
     # -- the two primitives every decoder uses -----------------------------------------------------
     def init_state(self, features: torch.Tensor) -> State:
         """(B, F) image features -> LSTM state (h, c), each (num_layers, B, hidden_dim)."""
+        B, L, H = features.shape[0], self.num_layers, self.hidden_dim
+        fast = packed(self)
+        if fast is not None:  # init_h and init_c stacked in one product (storyteller.precision)
+            hc = torch.tanh(fast["init"](features)).view(B, 2, L, H).permute(1, 2, 0, 3).contiguous()  # (2, L, B, H)
+            return hc[0], hc[1]
         x = self.feature_dropout(features.to(self.init_h.weight.dtype))
-        B = x.shape[0]
         h = torch.tanh(self.init_h(x)).view(B, self.num_layers, self.hidden_dim).transpose(0, 1)
         c = torch.tanh(self.init_c(x)).view(B, self.num_layers, self.hidden_dim).transpose(0, 1)
         return h.contiguous(), c.contiguous()
@@ -236,37 +240,48 @@ class ShowAndTell(
         names = [f"out{layer}" for layer in range(L - 1)] + ["head"]
         if len(state) > 2:
             r = state[2]  # (L, B, 4H): W_hh(l) h_l + b_hh(l), made by the previous step
-        else:  # the first step: the recurrent half of each layer's product on the initial state
-            r = torch.stack([fast[name](h[layer])[:, -G:] for layer, name in enumerate(names)])
+        else:  # the first step: each layer's recurrent gates on the initial state, by W_hh(l) alone
+            r = torch.stack([fast[f"rec{layer}"](h[layer]) for layer in range(L)])
         x = fast["word0"](tokens)  # (B, 4H) layer 0's input gates: a row of the word table
         hs, cs, rs = [], [], []
         for layer, name in enumerate(names):
             h_l, c_l = lstm_update(x + r[layer], c[layer])  # gates (B, 4H) packed i, f, o, 2g
             out = fast[name](h_l)  # (B, 4H + 4H) or (B, V + 4H)
-            x = out[:, :-G]  # the next layer's input gates; after the last layer, the logits
+            x, r_l = out.split([out.shape[1] - G, G], 1)  # the next layer's input gates (or the logits); W_hh h + b_hh
             hs.append(h_l)
             cs.append(c_l)
-            rs.append(out[:, -G:])
+            rs.append(r_l)
         return torch.log_softmax(x.float(), dim=-1), (torch.stack(hs), torch.stack(cs), torch.stack(rs))
 
     @property
     def step_unit_range(self) -> tuple[str, ...]:
         """The packed products whose input is a hidden state, within [-1, 1] (all of them here)."""
-        return tuple(f"out{layer}" for layer in range(self.num_layers - 1)) + ("head",)
+        return tuple(f"out{layer}" for layer in range(self.num_layers - 1)) + ("head",) + \
+            tuple(f"rec{layer}" for layer in range(self.num_layers))
+
+    @property
+    def step_seven_bit(self) -> tuple[str, ...]:
+        """The packed products whose int8 activations are 7 bits: the output layer's, and ``rec{L-1}``,
+        which holds some of its rows (the same rows must give the same numbers in both)."""
+        return ("head", f"rec{self.num_layers - 1}")
 
     def step_linears(self) -> dict[str, Any]:
         """The matrices the packed step multiplies by, for ``storyteller.precision.prepare``: name ->
         (weight, bias), or name -> a lookup table by token id.
 
+        - ``init``: [init_h; init_c] with their biases, (2 L H, F): ``init_state``'s two products in one
         - ``word0``: layer 0's input gates of every word, embedding x W_ih0 + b_ih0, (V, 4H): a row lookup
         - ``out{l}`` (l < L-1): [W_ih(l+1); W_hh(l)] with [b_ih(l+1); b_hh(l)], for h_l
         - ``head``: [output layer; W_hh(L-1)] with [its bias; b_hh(L-1)], for the last layer's h
+        - ``rec{l}``: W_hh(l) with b_hh(l) alone, for the first step's initial state (the stacked
+          products would also make the next layer's gates and the logits of a state no step continues)
 
         Every gate block's rows are i, f, o, 2g (:func:`packed_gates`).
         """
         lstm, H = self.lstm, self.hidden_dim
         with torch.no_grad():
             out: dict[str, Any] = {
+                "init": (torch.cat([self.init_h.weight, self.init_c.weight]), torch.cat([self.init_h.bias, self.init_c.bias])),
                 "word0": packed_gates(nn.functional.linear(self.embed.weight.float(), lstm.weight_ih_l0.float(),
                                                            lstm.bias_ih_l0.float()), H, dim=1)}
             for layer in range(self.num_layers):
@@ -276,6 +291,7 @@ class ShowAndTell(
                 w = torch.cat([above[0], packed_gates(getattr(lstm, f"weight_hh_l{layer}"), H)])
                 b = torch.cat([above[1], packed_gates(getattr(lstm, f"bias_hh_l{layer}"), H)])
                 out[f"out{layer}" if layer < self.num_layers - 1 else "head"] = (w, b)
+                out[f"rec{layer}"] = (w[-4 * H:], b[-4 * H:])
         return out
 
     # -- teacher-forced training -----------------------------------------------------------------

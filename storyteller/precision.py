@@ -24,7 +24,11 @@ attention decoder's h by [output layer; query; gate; W_hh] (and its context by W
 The part meant for the next step travels in the state. A pooled step makes one product per layer, an
 attention step two: a step's products cost more in call overhead than in arithmetic on a CPU.
 
-The per-photo projections of ``init_state`` and the LSTM state stay float32;
+The pooled decoder's ``init_state`` stacks its two projections of the photo's features (h and c of every
+layer) into one product (``init``). Made once per photo, on an unbounded input, it does not go int8 (that
+cost beam quality) or bfloat16: it gets float16 weights with float32 activations and sums (fbgemm's
+``linear_dynamic_fp16``, where PyTorch has it; else float32): half the bytes of float32, with errors
+near 1e-3 of float32's. The attention decoder's projections of the photo and the LSTM state stay float32;
 so does training: packed weights are used only in eval mode and only while the model's weights are the
 ones that were packed (any in-place change, e.g. an optimizer step, makes ``step`` fall back to the
 model's own weights). A GPU keeps its own path (no packing; autocast where the caller asks for it).
@@ -86,6 +90,15 @@ def supported_precisions(device: torch.device | str = "cpu") -> list[str]:
 
 
 @functools.lru_cache(maxsize=1)
+def _fp16_works() -> bool:
+    try:
+        _Fp16Linear(torch.ones(4, 4), torch.zeros(4))(torch.ones(1, 4))
+        return True
+    except Exception:  # no fbgemm (not x86), or a PyTorch without the op
+        return False
+
+
+@functools.lru_cache(maxsize=1)
 def _int8_works() -> bool:
     try:
         _Int8Linear(torch.ones(4, 4), torch.zeros(4))(torch.ones(1, 4))
@@ -100,6 +113,19 @@ class _Fp32Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+
+class _Fp16Linear:
+    """y = x W^T + b with W stored float16 (fbgemm's packed format), x and the sums float32: for the
+    products made once per photo in the int8 precision (fast on any x86-64 CPU with AVX2 and F16C)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.packed = torch.ops.quantized.linear_prepack_fp16(weight.detach().float().contiguous(),
+                                                              None if bias is None else bias.detach().float())
+        self.op = torch.ops.quantized.linear_dynamic_fp16.default
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x.float().contiguous(), self.packed)
 
 
 class _Bf16Linear:
@@ -173,6 +199,7 @@ class _Int8Linear:
 
 _KINDS: dict[str, Callable] = {"fp32": _Fp32Linear, "bf16": _Bf16Linear, "int8": _Int8Linear}
 SEVEN_BIT_LAYERS = ("head",)  # step matrices whose int8 activations are quantised to 7 bits
+PER_PHOTO = ("init",)  # products made once per photo (init_state): float16 weights (else float32) in bf16 and int8
 
 
 class _Table:
@@ -200,10 +227,12 @@ class PackedWeights:
             joined or stacked); an in-place change to any of them makes the packs stale.
         unit_range: the names whose inputs always lie within [-1, 1] (LSTM hidden states); int8 then
             skips the per-row rescaling.
+        seven_bit: the names whose int8 activations are quantised to 7 bits (the output layer's product,
+            and any pack holding some of its rows, so that they compute the same numbers).
     """
 
     def __init__(self, precision: str, linears: StepMatrices, sources: list[torch.Tensor],
-                 unit_range: Collection[str] = ()):
+                 unit_range: Collection[str] = (), seven_bit: Collection[str] = SEVEN_BIT_LAYERS):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.precision = precision
@@ -216,8 +245,10 @@ class PackedWeights:
         for name, spec in linears.items():
             if isinstance(spec, torch.Tensor):
                 self.ops[name] = _Table(spec)
+            elif name in PER_PHOTO and precision != "fp32":
+                self.ops[name] = (_Fp16Linear if _fp16_works() else _Fp32Linear)(*spec)
             elif precision == "int8":
-                self.ops[name] = _Int8Linear(*spec, reduce_range=name in SEVEN_BIT_LAYERS,
+                self.ops[name] = _Int8Linear(*spec, reduce_range=name in seven_bit,
                                              unit_range=name in unit_range)
             else:
                 self.ops[name] = _KINDS[precision](*spec)
@@ -249,7 +280,8 @@ def prepare(model: torch.nn.Module, precision: str) -> torch.nn.Module:
     with torch.no_grad():
         # the step's matrices may be derived (joined, stacked, a word table): staleness follows every parameter
         model._packed = PackedWeights(precision, model.step_linears(), sources=list(model.parameters()),
-                                      unit_range=getattr(model, "step_unit_range", ()))
+                                      unit_range=getattr(model, "step_unit_range", ()),
+                                      seven_bit=getattr(model, "step_seven_bit", SEVEN_BIT_LAYERS))
     return model
 
 

@@ -167,8 +167,31 @@ def test_int8_output_layer_cannot_overflow_the_kernels_16_bit_sums():
     for model, _ in decoders():
         P.prepare(model, "int8")
         ops = P.packed(model).ops
-        assert ops["head"].reduce_range and not any(op.reduce_range for name, op in ops.items()
-                                                     if name != "head" and isinstance(op, P._Int8Linear))
+        seven = {name for name, op in ops.items() if isinstance(op, P._Int8Linear) and op.reduce_range}
+        assert "head" in seven and seven == set(model.step_seven_bit)
+
+
+@INT8
+def test_first_step_recurrent_packs_equal_the_stacked_products():
+    """int8: the first step multiplies the initial state by the recurrent rows alone (``rec{l}``; the
+    attention model's ``pre``): exactly the numbers the stacked products that later steps use give for
+    those rows (same int8 weights, same activation bits, integer sums), so no caption depends on which
+    product made them. (float32 packs: test_packed_step_in_float32_is_the_float_step.)"""
+    for model, feats in decoders():
+        P.prepare(model, "int8")
+        ops = P.packed(model).ops
+        with torch.inference_mode():
+            h = model.init_state(feats)[0]  # (L, B, H)
+            if model.has_attention:
+                V = model.head.out_features
+                pairs = [(ops["pre"](h[0]), ops["head"](h[0])[:, V:])]
+            else:
+                G, L = 4 * model.hidden_dim, model.num_layers
+                names = [f"out{layer}" for layer in range(L - 1)] + ["head"]
+                pairs = [(ops[f"rec{layer}"](h[layer]), ops[name](h[layer])[:, -G:]) for layer, name in enumerate(names)]
+        model._packed = None
+        for alone, stacked in pairs:
+            assert torch.equal(alone, stacked)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8", "bf16"])
@@ -317,3 +340,20 @@ def test_shipped_models_in_int8_hold_their_validation_scores(flickr8k_dir):
             for metric in ("bleu4", "cider"):
                 a, b = scores["fp32"][name][metric], scores["int8"][name][metric]
                 assert abs(a - b) <= 0.005, (model_dir.name, name, metric, a, b)
+
+
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+def test_init_state_is_one_float16_product_close_to_float32(precision):
+    """The pooled decoder's init_h and init_c run as one stacked product with float16 weights (where fbgemm
+    has it) in the low precisions, not int8 or bfloat16: within float16's rounding of the float32 state."""
+    model, feats = decoders()[0]
+    with torch.inference_mode():
+        want = model.init_state(feats)
+        P.prepare(model, precision)
+        op = P.packed(model)["init"]
+        got = model.init_state(feats)
+    assert isinstance(op, P._Fp16Linear if P._fp16_works() else P._Fp32Linear)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.is_contiguous()
+        assert (g - w).abs().max() < 2e-3
+        assert not torch.equal(g, w) or not P._fp16_works()  # float16 weights are really in use
