@@ -194,7 +194,7 @@ class _Rules:
         cells = (np.concatenate(forbid) if len(forbid) > 1 else forbid[0]).astype(np.int64, copy=False)
         if self._numpy_fill is None:  # the same for every step of a search
             self._numpy_fill = logp.device.type == "cpu" and logp.dtype == torch.float32 and not logp.requires_grad
-        if self._numpy_fill:
+        if self._numpy_fill and logp._base is None:  # not a view of some other tensor (that one's version must move)
             logp.numpy().reshape(-1)[cells] = -np.inf  # the same memory; a NumPy store costs a fraction of a torch call
         else:
             logp.view(-1).index_fill_(0, torch.from_numpy(cells).to(self.device), float("-inf"))
@@ -442,8 +442,8 @@ def _search(model, features: torch.Tensor, searches: list[tuple[int, bool, float
     per step: their rows are stacked, [search 0: B*K0 rows | search 1: B*K1 rows | ...], so the
     weights are read once per step for all of them; once most captions have ended, the rows that ended
     drop out of the call (``_live_step``). Per step, PyTorch applies the token rules to the (N, V)
-    log-probabilities and takes each search's best tokens per row (``_best_tokens``); the searches'
-    bookkeeping runs on those in NumPy (see ``_Beams``)."""
+    log-probabilities and takes each search's best tokens per row (``_step_tokens``: one ``topk`` for all
+    rows where it can); the searches' bookkeeping runs on those in NumPy (see ``_Beams``)."""
     _check(model, features, max_len, min_len)
     want_att = bool(getattr(model, "has_attention", False))
     with _eval_mode(model):

@@ -193,8 +193,9 @@ class ShowAndTell(
         """(B, F) image features -> LSTM state (h, c), each (num_layers, B, hidden_dim)."""
         B, L, H = features.shape[0], self.num_layers, self.hidden_dim
         fast = packed(self)
-        if fast is not None:  # init_h and init_c stacked in one product (storyteller.precision)
-            hc = torch.tanh(fast["init"](features)).view(B, 2, L, H).permute(1, 2, 0, 3).contiguous()  # (2, L, B, H)
+        if fast is not None and not torch.is_grad_enabled():  # decoding (forward() needs the weights' gradients)
+            # init_h and init_c stacked in one product (storyteller.precision)
+            hc = torch.tanh(fast["init"](features.float())).view(B, 2, L, H).permute(1, 2, 0, 3).contiguous()  # (2, L, B, H)
             return hc[0], hc[1]
         x = self.feature_dropout(features.to(self.init_h.weight.dtype))
         h = torch.tanh(self.init_h(x)).view(B, self.num_layers, self.hidden_dim).transpose(0, 1)

@@ -117,7 +117,7 @@ class _Fp32Linear:
 
 class _Fp16Linear:
     """y = x W^T + b with W stored float16 (fbgemm's packed format), x and the sums float32: for the
-    products made once per photo in the int8 precision (fast on any x86-64 CPU with AVX2 and F16C)."""
+    products made once per photo in the int8 and bf16 precisions (fast on any x86-64 CPU with AVX2 and F16C)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         self.packed = torch.ops.quantized.linear_prepack_fp16(weight.detach().float().contiguous(),

@@ -71,9 +71,12 @@ def test_packed_state_carries_the_next_steps_products(precision, kind):
         (want, _, _), (got, state, tokens) = states["fp32"], states[precision]
         assert len(state) == len(states["fp32"][1]) + 1  # the carried products
         assert (got.exp() - want.exp()).abs().max() < 0.03
-        fresh = model.step(tokens, state[:-1])[0]  # the same step, its carried part made afresh
+        fresh = model.step(tokens, state[:-1])[0]  # the same step, its carried part made afresh (rec / pre packs)
         carried = model.step(tokens, state)[0]
-    assert torch.equal(carried, fresh)
+    if precision == "int8":  # integer sums: the recurrent rows alone give exactly the stacked product's numbers
+        assert torch.equal(carried, fresh)
+    else:  # bfloat16 kernels may sum a (4H, H) and a (V + 4H, H) product's rows in different orders
+        assert (carried - fresh).abs().max() < 1e-2
 
 
 @INT8
@@ -357,3 +360,14 @@ def test_init_state_is_one_float16_product_close_to_float32(precision):
         assert g.shape == w.shape and g.is_contiguous()
         assert (g - w).abs().max() < 2e-3
         assert not torch.equal(g, w) or not P._fp16_works()  # float16 weights are really in use
+
+
+def test_init_state_keeps_the_float32_weights_where_gradients_flow():
+    """Teacher-forced training calls init_state with gradients on: it must use the model's own float32
+    weights (gradients reach init_h and init_c), even in eval mode with fresh packs."""
+    model, feats = decoders()[0]
+    P.prepare(model, "bf16")  # packs the init product in every precision but fp32
+    h, c = model.init_state(feats)
+    assert torch.equal(h, torch.tanh(model.init_h(feats)).view(5, 2, -1).transpose(0, 1))
+    (h.sum() + c.sum()).backward()
+    assert model.init_h.weight.grad.abs().sum() > 0 and model.init_c.weight.grad.abs().sum() > 0
