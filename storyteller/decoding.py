@@ -288,7 +288,7 @@ class _Beams:
         """Extend every hypothesis by one token.
 
         lp, ids (B*K, k): each row's k best masked log-probabilities (rows not live: -inf) and their
-        tokens, best first (``_best_tokens``: k = 1 for greedy, else min(K, V)); alpha_t (B*K, R) or None -> (the rows, within this search, the
+        tokens, best first (k = ``_width``: 1 for greedy, else min(K, V)); alpha_t (B*K, R) or None -> (the rows, within this search, the
         new hypotheses continue (B*K,), or None where every row continues itself (greedy); their tokens
         (B*K,)). The caller writes the tokens into ``history`` at column ``steps - 1``."""
         B, K, t = self.B, self.K, self.steps
@@ -387,11 +387,16 @@ def _numpy(best: torch.Tensor, ids: torch.Tensor) -> tuple[np.ndarray, np.ndarra
     return best.cpu().numpy(), ids.cpu().numpy()
 
 
+def _width(g: _Beams, V: int) -> int:
+    """How many best tokens per row a search takes: 1 for greedy, else min(K, V)."""
+    return 1 if g.greedy else min(g.K, V)
+
+
 def _best_tokens(logp: torch.Tensor, g: _Beams) -> tuple[np.ndarray, np.ndarray]:
     """One search's rows of a step (rows, V) -> each row's best tokens as NumPy arrays (log-probabilities,
     ids), best first: a beam's ``min(K, V)`` best (``topk``); greedy rows, and a beam of 1, their argmax
     (``max``: the first of equal values, so a beam of 1 is greedy search even where log-probabilities tie)."""
-    k = 1 if g.greedy else min(g.K, logp.shape[1])
+    k = _width(g, logp.shape[1])
     return _numpy(*(logp.max(1, keepdim=True) if k == 1 else logp.topk(k, dim=1)))
 
 
@@ -402,8 +407,7 @@ def _step_tokens(logp: torch.Tensor, groups: list[_Beams], starts: list[int]) ->
     of one per search matters for one photo. A width-1 search takes, from its rows' K best, what
     ``max`` returns: the first (lowest) id of the best value (``topk`` orders equal values in no
     particular way); a row whose K best all tie asks ``max`` itself."""
-    V = logp.shape[1]
-    widths = [1 if g.greedy else min(g.K, V) for g in groups]
+    widths = [_width(g, logp.shape[1]) for g in groups]
     k = max(widths)
     if len(groups) == 1 or k == 1 or any(w not in (1, k) for w in widths):
         return [_best_tokens(logp[s0:s0 + g.rows], g) for g, s0 in zip(groups, starts)]

@@ -198,8 +198,8 @@ class ShowAndTell(
             hc = torch.tanh(fast["init"](features.float())).view(B, 2, L, H).permute(1, 2, 0, 3).contiguous()  # (2, L, B, H)
             return hc[0], hc[1]
         x = self.feature_dropout(features.to(self.init_h.weight.dtype))
-        h = torch.tanh(self.init_h(x)).view(B, self.num_layers, self.hidden_dim).transpose(0, 1)
-        c = torch.tanh(self.init_c(x)).view(B, self.num_layers, self.hidden_dim).transpose(0, 1)
+        h = torch.tanh(self.init_h(x)).view(B, L, H).transpose(0, 1)
+        c = torch.tanh(self.init_c(x)).view(B, L, H).transpose(0, 1)
         return h.contiguous(), c.contiguous()
 
     def step(self, tokens: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
