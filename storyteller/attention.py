@@ -107,13 +107,20 @@ class ShowAttendTell(
                              "do not have the regions it attends over (extract with --grid)")
         return features.to(self.head.weight.dtype)
 
-    def init_state(self, features: torch.Tensor) -> AttentionState:
-        """Grids (B, h, w, D) -> the decoding state ``(h, c, None, V, enc)`` (see the module docstring)."""
+    def init_state(self, features: torch.Tensor, images: torch.Tensor | None = None) -> AttentionState:
+        """Grids (B, h, w, D) -> the decoding state ``(h, c, None, V, enc)`` (see the module docstring).
+
+        ``images`` (S,): a state of S rows, row s for photo ``images[s]``, each row with its own copy of
+        its photo's regions (SCST's samples: the regions are projected once per photo, and no step
+        gathers them again). None: one row per photo."""
         V = self.regions(features)  # (B, R, D)
         mean = self.feature_dropout(V.mean(1))  # (B, D)
         h = torch.tanh(self.init_h(mean))[None]  # (1, B, H)
         c = torch.tanh(self.init_c(mean))[None]
-        return h, c, None, V, self.att_enc(V)
+        enc = self.att_enc(V)  # (B, R, A)
+        if images is not None:
+            return h[:, images], c[:, images], None, V[images], enc[images]
+        return h, c, None, V, enc
 
     def select_state(self, state: AttentionState, rows: torch.Tensor) -> AttentionState:
         h, c, img, V, enc = state[:5]
@@ -202,12 +209,15 @@ class ShowAttendTell(
             return {"word": word, "ih_context": (w_ih[:, E:], None), "head": (w, b), "pre": (w[V:], b[V:])}
 
     # -- teacher-forced training -----------------------------------------------------------------
-    def unroll(self, features: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher-forced pass over padded inputs (B, T) -> hidden states (B, T, H) and attention (B, T, R).
+    def unroll(self, features: torch.Tensor, inputs: torch.Tensor, images: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced pass over padded inputs (S, T) -> hidden states (S, T, H) and attention (S, T, R).
 
-        Rows past their length compute on padding; callers keep the real positions only.
+        Rows past their length compute on padding; callers keep the real positions only. ``images`` (S,):
+        the photo of each row, an index into ``features`` (None: row i is photo i). SCST scores several
+        captions per photo: the regions are then projected once per photo, not once per caption.
         """
-        h, c, _, V, enc = self.init_state(features)
+        h, c, _, V, enc = self.init_state(features, images)  # (1, S, H) x2, (S, R, D), (S, R, A)
         h, c = h[0], c[0]
         emb = self.embed_dropout(self.embed(inputs))  # (B, T, E)
         hs, alphas = [], []
@@ -218,17 +228,19 @@ class ShowAttendTell(
             alphas.append(alpha)
         return torch.stack(hs, 1), torch.stack(alphas, 1)
 
-    def forward(self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
+                images: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced logits, with ``ShowAndTell.forward``'s contract: (logits (N, V), targets (N,))
         over the N = sum(lengths - 1) predicted positions, in the packed (time-major) order.
 
         Args:
             features: (B, h, w, D) grids.
-            captions: (B, T) token ids ``<start> w1 .. wn <end> <pad>..``.
-            lengths: (B,) real tokens per row, ``<start>`` and ``<end>`` included.
+            captions: (S, T) token ids ``<start> w1 .. wn <end> <pad>..``.
+            lengths: (S,) real tokens per row, ``<start>`` and ``<end>`` included.
+            images: (S,) the photo of each caption, an index into ``features`` (None: S = B, row i is photo i).
         """
         steps = lengths.to("cpu", torch.int64) - 1
-        hs, _ = self.unroll(features, captions[:, :-1])  # (B, T-1, H)
+        hs, _ = self.unroll(features, captions[:, :-1], images)  # (S, T-1, H)
         packed_h = pack_padded_sequence(hs, steps, batch_first=True, enforce_sorted=False).data
         packed_tgt = pack_padded_sequence(captions[:, 1:], steps, batch_first=True, enforce_sorted=False).data
         return self.head(self.out_dropout(packed_h)), packed_tgt

@@ -189,8 +189,11 @@ class ShowAndTell(
         self.head = nn.Linear(hidden_dim, vocab_size)
 
     # -- the two primitives every decoder uses -----------------------------------------------------
-    def init_state(self, features: torch.Tensor) -> State:
-        """(B, F) image features -> LSTM state (h, c), each (num_layers, B, hidden_dim)."""
+    def init_state(self, features: torch.Tensor, images: torch.Tensor | None = None) -> State:
+        """(B, F) image features -> LSTM state (h, c), each (num_layers, B, hidden_dim); with ``images``
+        (S,), each (num_layers, S, hidden_dim), row s for photo ``images[s]``."""
+        if images is not None:
+            return tuple(s[:, images] for s in self.init_state(features))
         B, L, H = features.shape[0], self.num_layers, self.hidden_dim
         fast = packed(self)
         if fast is not None and not torch.is_grad_enabled():  # decoding (forward() needs the weights' gradients)
@@ -296,13 +299,16 @@ class ShowAndTell(
         return out
 
     # -- teacher-forced training -----------------------------------------------------------------
-    def forward(self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
+                images: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced logits over packed sequences, so padding costs no compute.
 
         Args:
             features: (B, F) image features.
-            captions: (B, T) token ids ``<start> w1 .. wn <end> <pad>..``.
-            lengths: (B,) number of real tokens per row, ``<start>`` and ``<end>`` included.
+            captions: (S, T) token ids ``<start> w1 .. wn <end> <pad>..``.
+            lengths: (S,) number of real tokens per row, ``<start>`` and ``<end>`` included.
+            images: (S,) the photo of each caption, an index into ``features`` (None: S = B, row i is
+                photo i): SCST scores several captions per photo from one initial state per photo.
 
         Returns:
             ``(logits, targets)``: logits (N, V) for the N = sum(lengths - 1) predicted positions, and
@@ -313,7 +319,7 @@ class ShowAndTell(
         steps = lengths - 1
         packed_in = pack_padded_sequence(self.embed_dropout(self.embed(inputs)), steps, batch_first=True, enforce_sorted=False)
         packed_tgt = pack_padded_sequence(targets, steps, batch_first=True, enforce_sorted=False)
-        out, _ = self.lstm(packed_in, self.init_state(features))
+        out, _ = self.lstm(packed_in, self.init_state(features, images))
         logits = self.head(self.out_dropout(out.data))  # (N, V): only real positions
         return logits, packed_tgt.data
 

@@ -233,3 +233,31 @@ def test_fit_attention_resumes_exactly(grid_cache, tmp_path):
     fit.main(att_args(grid_cache, resumed, "--epochs", "2", "--resume"))
     a, b = load_file(straight / "model" / "model.safetensors"), load_file(resumed / "model" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("attention", [False, True])
+def test_captions_of_shared_photos_score_as_with_repeated_features(attention):
+    """forward(features, captions, lengths, images) and init_state(features, images): several captions per
+    photo from one projection per photo (SCST) give what repeating each photo's features gives."""
+    torch.manual_seed(0)
+    if attention:
+        model = ShowAttendTell(vocab_size=12, feature_dim=DIM, embed_dim=8, hidden_dim=10, attention_dim=6, dropout=0.0)
+        feats = torch.randn(3, *GRID, DIM)
+    else:
+        model = ShowAndTell(vocab_size=12, feature_dim=DIM, embed_dim=8, hidden_dim=10, num_layers=2)
+        feats = torch.randn(3, DIM)
+    images = torch.tensor([0, 0, 1, 2, 2, 2])
+    captions = torch.randint(4, 12, (6, 5))
+    captions[:, 0] = Vocabulary.start_id
+    lengths = torch.tensor([5, 3, 4, 5, 2, 4])
+    shared, targets = model(feats, captions, lengths, images)
+    repeated, targets2 = model(feats[images], captions, lengths)
+    assert torch.equal(targets, targets2)
+    torch.testing.assert_close(shared, repeated)
+    shared.sum().backward()  # gradients reach the per-photo projections
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad and p.dim() > 1)
+    with torch.no_grad():
+        a, b = model.init_state(feats, images), model.init_state(feats[images])
+    for x, y in zip(a, b):
+        if isinstance(x, torch.Tensor):
+            torch.testing.assert_close(x, y)

@@ -191,9 +191,10 @@ def sample_captions(model: torch.nn.Module, features: torch.Tensor, k: int, max_
         ``(captions, lengths)``: captions (B*k, T) ``<start> w.. [<end>] <pad>..`` (samples of image b
         are rows b*k .. b*k+k-1), lengths (B*k,) CPU real tokens per row, ``<start>`` included.
     """
-    feats = features.repeat_interleave(k, dim=0)  # (N = B*k, ...)
-    state = model.init_state(feats)
-    N, dev = feats.shape[0], feats.device
+    B, dev = features.shape[0], features.device
+    images = torch.arange(B, device=dev).repeat_interleave(k)  # (N = B*k,) the photo of each sample
+    state = model.init_state(features, images)  # k rows per photo; an attention decoder projects its regions once
+    N = B * k
     tokens = torch.full((N,), Vocabulary.start_id, dtype=torch.long, device=dev)
     columns = [tokens]
     finished = torch.zeros(N, dtype=torch.bool, device=dev)
@@ -269,17 +270,18 @@ def dropout_off_train_mode(model: torch.nn.Module):
 
 
 def policy_loss(forward: torch.nn.Module, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
-                advantage: torch.Tensor) -> torch.Tensor:
+                advantage: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
     """-mean over samples of advantage x (mean log-probability of the sample's tokens), with gradient.
 
     Args:
-        forward: the model (or its DDP wrapper): ``(features, captions, lengths) -> (logits (N, V), targets (N,))``.
-        features: (S, ...) features, one row per sample.
+        forward: the model (or its DDP wrapper): ``(features, captions, lengths, images) -> (logits (N, V), targets (N,))``.
+        features: (B, ...) features, one row per photo.
         captions: (S, T) sampled captions.
         lengths: (S,) CPU lengths.
         advantage: (S,) reward - baseline.
+        images: (S,) the photo of each sample, an index into ``features`` (None: one sample per photo).
     """
-    logits, targets = forward(features, captions, lengths)  # (N, V), (N,) over real positions
+    logits, targets = forward(features, captions, lengths, images)  # (N, V), (N,) over real positions
     sample, time_step = forward_rows(captions, lengths, targets)
     sample, time_step = sample.to(logits.device), time_step.to(logits.device)
     logits = logits.float()
@@ -377,7 +379,7 @@ def scst_step(policy: torch.nn.Module, model: torch.nn.Module, optimizer: torch.
     adv = torch.from_numpy(advantages(reward, k, base)).float()  # (B*k,)
     tc = time.perf_counter()
     with torch.autocast(**autocast), dropout_off_train_mode(model):
-        loss = policy_loss(policy, feats.repeat_interleave(k, dim=0), captions, lengths, adv)
+        loss = policy_loss(policy, feats, captions, lengths, adv, torch.from_numpy(image).to(feats.device))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if clip_grad > 0:
