@@ -37,7 +37,7 @@ from .model import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, ShowAndTell, load_deco
 
 __all__ = ["Captioner", "CaptionResult", "ModelLoadError", "load", "default_model", "DEFAULT_MODEL_DIR",
            "MODEL_ENV_VAR", "MODEL_FILES", "OPTIONAL_MODEL_FILES", "MODEL_EXAMPLES_GLOB", "DECODING_DEFAULTS",
-           "check_weights_file", "model_label"]
+           "check_weights_file", "model_label", "decoding_hints"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "flickr8k-lite0-scst"
@@ -123,7 +123,7 @@ class Captioner:
         self.transform = backbone.transform
         self.source, self.revision = source, revision
         self.model_dir = Path(model_dir) if model_dir else None
-        self.decoding = {**DECODING_DEFAULTS, **_decoding_hints(model.extra)}
+        self.decoding = {**DECODING_DEFAULTS, **decoding_hints(model.extra)}
         # an attention decoder reads the backbone's feature grid, a pooled one its pooled vector
         self.has_attention = bool(getattr(model, "has_attention", False))
         # the decoder step's weight precision (storyteller.precision); load() picks it, fp32 otherwise
@@ -311,7 +311,7 @@ def _backbone_name(config: dict[str, Any]) -> str | None:
     return spec.get("name") if isinstance(spec, dict) else spec
 
 
-def _decoding_hints(extra: dict[str, Any] | None) -> dict[str, Any]:
+def decoding_hints(extra: dict[str, Any] | None) -> dict[str, Any]:
     """Decoding settings a model may recommend in ``config["extra"]["decoding"]`` (known keys only)."""
     hints = (extra or {}).get("decoding")
     if not isinstance(hints, dict):

@@ -289,7 +289,7 @@ def test_bad_endings_are_never_the_last_word_and_flow_through_bundle_evaluate_an
     from collections import Counter
 
     from storyteller import decoding
-    from storyteller.captioner import _decoding_hints
+    from storyteller.captioner import decoding_hints
     from storyteller.features import FeatureCache
     from train import bundle, evaluate
 
@@ -312,7 +312,7 @@ def test_bad_endings_are_never_the_last_word_and_flow_through_bundle_evaluate_an
         assert any(cap.finished for cap in caps)
 
     # the rule travels: captioner hints, evaluate's settings (and --bad-endings none), bundle
-    assert _decoding_hints(model.extra)["bad_endings"] == ("table", "here")
+    assert decoding_hints(model.extra)["bad_endings"] == ("table", "here")
     given = argparse.Namespace(alpha=None, no_repeat_ngram_size=None, max_len=None, min_len=None, beam=None, bad_endings=None)
     assert evaluate.decoding_settings(given, model.extra)["bad_endings"] == ["table", "here"]
     assert evaluate.decoding_settings(argparse.Namespace(**{**vars(given), "bad_endings": "none"}), model.extra)["bad_endings"] == []

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from storyteller.captioner import DECODING_DEFAULTS, _decoding_hints, model_label
+from storyteller.captioner import DECODING_DEFAULTS, decoding_hints, model_label
 from storyteller.card import dataset_label
 from storyteller.decoding import beam_search, greedy_search
 from storyteller.fileio import atomic_path, write_json_atomic, write_text_atomic
@@ -145,7 +145,7 @@ def decoding_settings(args: argparse.Namespace, extra: dict[str, Any] | None) ->
     Raises:
         SystemExit: a setting out of range (given or recommended).
     """
-    recommended = {**DECODING_FALLBACK, **_decoding_hints(extra)}
+    recommended = {**DECODING_FALLBACK, **decoding_hints(extra)}
     given = {"alpha": args.alpha, "no_repeat_ngram_size": args.no_repeat_ngram_size, "max_len": args.max_len,
              "min_len": args.min_len}
     settings = {k: recommended[k] if v is None else v for k, v in given.items()}
@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     features_name = Path(args.features).resolve().name if args.features else None
     result = {"format": EVALUATION_FORMAT, "model": model_label(args.model), "dataset": hub or name,
               "dataset_name": name, "split": args.split, "num_images": len(ids), "precision": precision, "features": features_name,
-              "backbone": model.backbone, **settings, "recommended_decoding": _decoding_hints(model.extra),
+              "backbone": model.backbone, **settings, "recommended_decoding": decoding_hints(model.extra),
               "extraction": extraction, "methods": methods, "seed": args.seed, "examples": examples}
 
     example_images = {}

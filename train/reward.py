@@ -23,12 +23,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from storyteller.rules import BAD_ENDINGS  # noqa: F401  (re-exported: bad_ending_share's default)
 from storyteller.vocab import tokenize
 
-# Words after which a caption should not end: SCST learns to stop on them ("... with a") because
-# CIDEr-D barely punishes it. The decoding option bad_endings forbids <end> after them.
-BAD_ENDINGS = ("a", "an", "the", "of", "with", "in", "on", "at", "to", "and", "his", "her", "their", "its", "is",
-               "are", "while", "for", "from", "by", "near")
 BASE = 55_000  # words per n-gram key digit: BASE**4 < 2**63
 _BLEU_TINY, _BLEU_SMALL = 1e-15, 1e-9  # coco-caption's BLEU smoothing (as storyteller.metrics)
 

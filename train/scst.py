@@ -473,9 +473,9 @@ def main(argv: list[str] | None = None) -> None:
     df_seconds = time.perf_counter() - t0
 
     # -- decoding of validation and of the exported model: the starting model's, plus bad endings --
-    from storyteller.captioner import _decoding_hints
+    from storyteller.captioner import decoding_hints
 
-    init_decoding = {**DECODING_FALLBACK, **_decoding_hints(model.extra)}
+    init_decoding = {**DECODING_FALLBACK, **decoding_hints(model.extra)}
     if args.beam > 0:
         init_decoding["beam_size"] = args.beam
     bad_endings = parse_bad_endings(args.bad_endings, vocab)
