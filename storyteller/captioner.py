@@ -204,6 +204,13 @@ class Captioner:
         return pils, notes
 
     @torch.inference_mode()
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """What the decoder reads for (B, 3, crop, crop) pixels made by :attr:`transform`: the backbone's
+        pooled features (B, feature_dim), or for an attention decoder its grids (B, h, w, feature_dim)."""
+        pixels = pixels.to(self.backbone.device)
+        return self.backbone.forward_grid(pixels)[1] if self.has_attention else self.backbone(pixels)
+
+    @torch.inference_mode()
     def caption(self, images: Sequence[ImageSource], beam_size: int | None = None, max_len: int | None = None,
                 alpha: float | None = None, n_best: int = 1, greedy: bool = True, beam: bool = True,
                 no_repeat_ngram_size: int | None = None, draft_size: int | None = None) -> list[CaptionResult]:
@@ -228,6 +235,37 @@ class Captioner:
             ImageError: an input is not a usable image (nothing is captioned then).
             ValueError: bad decoding settings.
         """
+        if len(images) == 0:
+            return []
+        t0 = time.perf_counter()
+        timings: dict[str, float] = {}
+        pils, notes = self._load_all(images, draft_size, timings)
+        features = self.backbone.encode(pils, timings=timings, grid=self.has_attention)  # = self.features(images)
+        timings["preprocess"] += timings.pop("decode")
+        timings["total"] = (time.perf_counter() - t0) * 1e3  # so far; caption_features adds the search
+        return self.caption_features(features, beam_size=beam_size, max_len=max_len, alpha=alpha, n_best=n_best,
+                                     greedy=greedy, beam=beam, no_repeat_ngram_size=no_repeat_ngram_size,
+                                     warnings=notes, timings=timings)
+
+    @torch.inference_mode()
+    def caption_features(self, features: torch.Tensor, beam_size: int | None = None, max_len: int | None = None,
+                         alpha: float | None = None, n_best: int = 1, greedy: bool = True, beam: bool = True,
+                         no_repeat_ngram_size: int | None = None, warnings: Sequence[list[str]] | None = None,
+                         timings: dict[str, float] | None = None) -> list[CaptionResult]:
+        """The searches of :meth:`caption` on features already computed (:meth:`features`, :meth:`encode_pixels`).
+
+        Args:
+            features: (B, feature_dim), or (B, h, w, feature_dim) grids for an attention decoder.
+            beam_size, max_len, alpha, n_best, greedy, beam, no_repeat_ngram_size: as in :meth:`caption`.
+            warnings: per image, the notes of ``image_warnings`` (default none).
+            timings: the batch's timings so far (ms); ``search`` is added and ``total`` grows by it.
+
+        Returns:
+            one :class:`CaptionResult` per row of ``features``.
+
+        Raises:
+            ValueError: bad decoding settings.
+        """
         d = self.decoding
         beam_size = d["beam_size"] if beam_size is None else int(beam_size)
         max_len = d["max_len"] if max_len is None else int(max_len)
@@ -235,30 +273,28 @@ class Captioner:
         ngram = d["no_repeat_ngram_size"] if no_repeat_ngram_size is None else int(no_repeat_ngram_size)
         if not (greedy or beam):
             raise ValueError("nothing to do: greedy and beam are both off")
-        if len(images) == 0:
-            return []
         if beam and not 1 <= n_best <= beam_size:
             raise ValueError(f"n_best must be in 1..beam_size={beam_size}, got {n_best}")
+        B = features.shape[0]
+        if B == 0:
+            return []
+        timings = {} if timings is None else timings
+        notes = list(warnings) if warnings is not None else [[] for _ in range(B)]
         min_len = min(d["min_len"], max_len)
 
-        t0 = time.perf_counter()
-        timings: dict[str, float] = {}
-        pils, notes = self._load_all(images, draft_size, timings)
-        features = self.backbone.encode(pils, timings=timings, grid=self.has_attention)  # = self.features(images)
-        timings["preprocess"] += timings.pop("decode")
         t2 = time.perf_counter()
         kw = dict(max_len=max_len, no_repeat_ngram_size=ngram, min_len=min_len, bad_endings=d["bad_endings"])
         if greedy and beam:  # one pass: one decoder call per step for the rows of both searches
             greedy_caps, beam_caps = greedy_and_beam_search(self.model, features, beam_size=beam_size, alpha=alpha,
                                                             n_best=n_best, **kw)
         elif greedy:
-            greedy_caps, beam_caps = greedy_search(self.model, features, **kw), [[] for _ in images]
+            greedy_caps, beam_caps = greedy_search(self.model, features, **kw), [[] for _ in range(B)]
         else:
-            greedy_caps = [None] * len(images)
+            greedy_caps = [None] * B
             beam_caps = beam_search(self.model, features, beam_size=beam_size, alpha=alpha, n_best=n_best, **kw)
-        t3 = time.perf_counter()
-        timings.update(search=(t3 - t2) * 1e3, total=(t3 - t0) * 1e3)
-        return [CaptionResult(g, b, dict(timings), len(images), w) for g, b, w in zip(greedy_caps, beam_caps, notes)]
+        search = (time.perf_counter() - t2) * 1e3
+        timings.update(search=search, total=timings.get("total", 0.0) + search)
+        return [CaptionResult(g, b, dict(timings), B, w) for g, b, w in zip(greedy_caps, beam_caps, notes)]
 
     def attention_figure(self, image: Image.Image, caption: Caption, panel_width: int = 200, columns: int = 5
                          ) -> Image.Image:
