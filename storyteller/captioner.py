@@ -32,8 +32,9 @@ from PIL import Image
 
 from .decoding import Caption, beam_search, greedy_and_beam_search, greedy_search
 from .precision import use_precision
+from .settings import DECODING_DEFAULTS, decoding_hints
 from .images import ImageSource, image_warnings, load_image
-from .model import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, ShowAndTell, load_decoder
+from .decoders import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, HubDecoder, load_decoder
 
 __all__ = ["Captioner", "CaptionResult", "ModelLoadError", "load", "default_model", "DEFAULT_MODEL_DIR",
            "MODEL_ENV_VAR", "MODEL_FILES", "OPTIONAL_MODEL_FILES", "MODEL_EXAMPLES_GLOB", "DECODING_DEFAULTS",
@@ -48,10 +49,6 @@ MODEL_ENV_VAR = "STORYTELLER_MODEL"
 MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, VOCAB_FILE)
 OPTIONAL_MODEL_FILES = ("README.md", "evaluation.json", "loss_curve.png", "metric_curve.png")
 MODEL_EXAMPLES_GLOB = "examples/*.jpg"
-# Decoding when a model recommends nothing (config["extra"]["decoding"]): the one source for the
-# captioner, the app, the CLI and `train evaluate`. Beam 3 was the best width on Flickr8k (README).
-DECODING_DEFAULTS = {"beam_size": 3, "max_len": 20, "alpha": 0.0, "no_repeat_ngram_size": 0, "min_len": 1,
-                     "bad_endings": ()}
 _LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 
 
@@ -114,7 +111,7 @@ class Captioner:
         model_dir: the local folder holding the model files (a Hub snapshot for repo ids).
     """
 
-    def __init__(self, model: ShowAndTell, backbone: torch.nn.Module, source: str, revision: str | None = None,
+    def __init__(self, model: HubDecoder, backbone: torch.nn.Module, source: str, revision: str | None = None,
                  model_dir: str | Path | None = None):
         if getattr(backbone, "feature_dim", model.feature_dim) != model.feature_dim:
             raise ModelLoadError(f"{source}: backbone gives {backbone.feature_dim}-d features but the decoder "
@@ -126,8 +123,6 @@ class Captioner:
         self.decoding = {**DECODING_DEFAULTS, **decoding_hints(model.extra)}
         # an attention decoder reads the backbone's feature grid, a pooled one its pooled vector
         self.has_attention = bool(getattr(model, "has_attention", False))
-        # the decoder step's weight precision (storyteller.precision); load() picks it, fp32 otherwise
-        self.precision, self.precision_timings = "fp32", {}
 
     @property
     def device(self) -> torch.device:
@@ -146,6 +141,11 @@ class Captioner:
                 "dataset": (m.extra or {}).get("dataset"), "metrics": (m.extra or {}).get("metrics") or {},
                 "evaluations": _read_evaluations(self.model_dir), "decoding": dict(self.decoding),
                 "precision": self.precision}
+
+    @property
+    def precision(self) -> str:
+        """How the decoder's step computes its products (``storyteller.precision``): fp32, bf16 or int8."""
+        return self.model.precision
 
     @property
     def draft_size(self) -> int:
@@ -347,18 +347,6 @@ def _backbone_name(config: dict[str, Any]) -> str | None:
     return spec.get("name") if isinstance(spec, dict) else spec
 
 
-def decoding_hints(extra: dict[str, Any] | None) -> dict[str, Any]:
-    """Decoding settings a model may recommend in ``config["extra"]["decoding"]`` (known keys only)."""
-    hints = (extra or {}).get("decoding")
-    if not isinstance(hints, dict):
-        return {}
-    out = {k: type(v)(hints[k]) for k, v in DECODING_DEFAULTS.items() if isinstance(hints.get(k), (int, float))}
-    words = hints.get("bad_endings")  # words after which <end> is forbidden (SCST models)
-    if isinstance(words, list) and all(isinstance(w, str) for w in words):
-        out["bad_endings"] = tuple(words)
-    return out
-
-
 def _read_evaluations(model_dir: Path | None) -> list[dict[str, Any]]:
     if model_dir is None:
         return []
@@ -518,9 +506,9 @@ def load(name_or_path: str | os.PathLike | None = None, revision: str | None = N
             ``models/flickr8k-lite0-scst/``.
         revision: Hub branch, tag or commit to load (repo ids only).
         device: where to run (``"cpu"``, ``"cuda"``...).
-        precision: the decoder's step weights on a CPU: ``fp32``, ``bf16``, ``int8`` or ``auto`` (default:
-            ``$STORYTELLER_PRECISION``, else ``auto``: the fastest this CPU supports, by a one-off
-            micro-benchmark of one decoder step; see ``storyteller.precision``). A GPU runs fp32.
+        precision: how the decoder's step computes on a CPU: ``fp32``, ``bf16``, ``int8`` or ``auto`` (default:
+            ``$STORYTELLER_PRECISION``, else ``auto``: a fixed rule by what this CPU supports, int8 where it
+            runs; see ``storyteller.precision``). A GPU runs fp32.
 
     Returns:
         a ready :class:`Captioner` in eval mode.
@@ -528,21 +516,36 @@ def load(name_or_path: str | os.PathLike | None = None, revision: str | None = N
     Raises:
         ModelLoadError: the model cannot be found, downloaded or loaded; the message says why.
     """
-    from .backbones import create_backbone
-
     source = str(name_or_path) if name_or_path is not None else default_model()
     model_dir = resolve_model_dir(source, revision)
     try:
+        return _load_folder(model_dir, source, revision, device, precision)
+    except ModelLoadError:
+        raise
+    except Exception as e:  # anything else a broken model folder raises is still one clear error, not a traceback
+        raise ModelLoadError(f"{source}: cannot load the model: {type(e).__name__}: {e}") from e
+
+
+def _load_folder(model_dir: Path, source: str, revision: str | None, device: str | torch.device,
+                 precision: str | None) -> Captioner:
+    """:func:`load`'s work once the folder is found; each expected failure is a ModelLoadError saying what to do."""
+    from .backbones import create_backbone
+
+    try:
         config = json.loads((model_dir / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{source}: unreadable {CONFIG_FILE} ({e})") from None
     if not isinstance(config, dict) or not config.get("backbone"):
         raise ModelLoadError(f"{source}: {CONFIG_FILE} names no backbone, so the image features cannot be "
                              f"computed; re-export the model with its backbone spec (ShowAndTell(..., backbone=spec))")
+    try:
+        decoding_hints(config.get("extra"))
+    except ValueError as e:  # checked here, not at the first caption
+        raise ModelLoadError(f"{source}: {CONFIG_FILE}: {e}") from None
     check_weights_file(model_dir / WEIGHTS_FILE)
     try:
         model = load_decoder(str(model_dir))
-    except (ValueError, OSError, TypeError) as e:  # vocab/config/weights mismatch, missing file, bad config keys
+    except (ValueError, OSError, TypeError) as e:  # vocab/config/weights mismatch, missing file, bad config keys, NaN
         raise ModelLoadError(f"{source}: cannot load the decoder: {e}") from None
     except Exception as e:  # safetensors' own SafetensorError on a file corrupt past its header
         if type(e).__name__ != "SafetensorError":
@@ -554,9 +557,8 @@ def load(name_or_path: str | os.PathLike | None = None, revision: str | None = N
         raise ModelLoadError(f"{source}: cannot build its backbone {_backbone_name(config)!r}: {e}") from None
     model = model.to(device).eval()
     try:
-        chosen, step_ms = use_precision(model, precision)
+        use_precision(model, precision)
     except ValueError as e:
         raise ModelLoadError(f"{source}: {e}") from None
-    captioner = Captioner(model, backbone, source=source, revision=revision, model_dir=model_dir)
-    captioner.precision, captioner.precision_timings = chosen, step_ms
-    return captioner
+    model.products()  # the step's products made now, not at the first caption
+    return Captioner(model, backbone, source=source, revision=revision, model_dir=model_dir)

@@ -1,6 +1,7 @@
 """Batched greedy and beam search for any decoder with ``init_state`` and ``step``: the pooled
-Show-and-Tell decoder and the Show-Attend-Tell decoder alike (``storyteller.model`` describes the
-protocol; a decoder with ``has_attention`` also returns where it looked for every word).
+Show-and-Tell decoder and the Show-Attend-Tell decoder alike (``storyteller.decoders.base`` describes the
+protocol; a decoder with ``has_attention`` also returns where it looked for every word). A decoder's step
+products (``model.products()``, in its precision) are made once per search.
 
 Both searches run one decoder call per time step for all sequences of all images at once (beam
 search: images x beams flattened into one batch); the first step runs once per image, and once most
@@ -13,8 +14,9 @@ Conventions shared by both:
 - a caption has at most ``max_len`` decoder steps; ``<end>`` counts as a step. A sequence that
   reaches ``max_len`` without ``<end>`` is cut there and still returned (``finished=False``), so a
   caption always comes back, also from a model that never emits ``<end>``.
-- ``<pad>`` and ``<start>`` are never emitted; ``<unk>`` is suppressed unless ``suppress_unk=False``.
-- ``<end>`` is allowed only after ``min_len`` words (default 1), so an empty caption never comes back.
+- the token rules of ``storyteller.rules``: ``<pad>`` and ``<start>`` are never emitted; ``<unk>`` is
+  suppressed unless ``suppress_unk=False``; ``<end>`` is allowed only after ``min_len`` words (default 1), so
+  an empty caption never comes back.
 - ``no_repeat_ngram_size=n`` forbids any n-gram from appearing twice in one caption (3 = the usual
   trigram blocking; 0 disables).
 - ``bad_endings``: words a caption may not end on (``<end>`` is forbidden right after them), e.g. the
@@ -38,7 +40,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .rules import forbidden_tokens
 from .vocab import Vocabulary
+
+# While more than this share of a step's rows is live, every row runs and the others are masked: picking
+# rows out and writing them back costs more than the step saves on a few finished rows.
+LIVE_SHARE = 0.5
 
 
 @dataclass
@@ -75,28 +82,45 @@ def _check(model, features: torch.Tensor, max_len: int, min_len: int) -> None:
         raise ValueError(f"max_len must be >= 1, got {max_len}")
     if not 0 <= min_len <= max_len:
         raise ValueError(f"min_len must be in 0..max_len, got min_len={min_len}, max_len={max_len}")
+    if features.is_floating_point() and not bool(torch.isfinite(features).all()):
+        # NaN or inf would make every log-probability NaN: no caption could be ranked
+        raise ValueError("features hold NaN or infinite values: the image encoder (or the feature cache) is broken")
 
 
-def _select(model, state, rows: torch.Tensor):
-    if hasattr(model, "select_state"):
-        return model.select_state(state, rows)
-    return tuple(s[:, rows] for s in state)  # a bare decoder with (layers, batch, hidden) state tensors
+class _Calls:
+    """How a search calls its decoder: ``model.products()`` made once for the whole search where the decoder
+    has them (``storyteller.decoders``), else the bare protocol (``init_state``, ``step``, maybe
+    ``select_state`` / ``scatter_state``; a state of (layers, batch, hidden) tensors otherwise)."""
 
+    def __init__(self, model, attention: bool):
+        self.model, self.attention = model, attention
+        self.products = model.products() if hasattr(model, "products") else None
 
-def _scatter(model, state, rows: torch.Tensor, sub):
-    if hasattr(model, "scatter_state"):
-        return model.scatter_state(state, rows, sub)
-    out = tuple(s.clone() for s in state)
-    for s, new in zip(out, sub):
-        s[:, rows] = new
-    return out
+    def init(self, features: torch.Tensor):
+        if self.products is not None:
+            return self.model.initial_state(features, self.products)
+        return self.model.init_state(features)
 
+    def step(self, tokens: torch.Tensor, state):
+        """tokens (N,) -> (log_probs (N, V), state, attention weights (N, R) or None)."""
+        kw = {} if self.products is None else {"products": self.products}
+        if self.attention:
+            return self.model.step(tokens, state, return_attention=True, **kw)
+        logp, state = self.model.step(tokens, state, **kw)
+        return logp, state, None
 
-def _step(model, tokens: torch.Tensor, state, attention: bool):
-    if attention:
-        return model.step(tokens, state, return_attention=True)
-    logp, state = model.step(tokens, state)
-    return logp, state, None
+    def select(self, state, rows: torch.Tensor):
+        if hasattr(self.model, "select_state"):
+            return self.model.select_state(state, rows)
+        return tuple(s[:, rows] for s in state)
+
+    def scatter(self, state, rows: torch.Tensor, sub):
+        if hasattr(self.model, "scatter_state"):
+            return self.model.scatter_state(state, rows, sub)
+        out = tuple(s.clone() for s in state)
+        for s, new in zip(out, sub):
+            s[:, rows] = new
+        return out
 
 
 def _mask_dead(logp: torch.Tensor, alpha: torch.Tensor | None, live: torch.Tensor):
@@ -105,30 +129,30 @@ def _mask_dead(logp: torch.Tensor, alpha: torch.Tensor | None, live: torch.Tenso
     return logp.masked_fill_(dead, float("-inf")), None if alpha is None else alpha.masked_fill(dead, 0.0)
 
 
-def _live_step(model, tokens: torch.Tensor, state, live: np.ndarray, attention: bool = False):
-    """Run ``model.step`` for the rows where ``live`` is True.
+def _live_step(calls: _Calls, tokens: torch.Tensor, state, live: np.ndarray):
+    """Run the decoder's step for the rows where ``live`` is True.
 
     tokens (N,), state of N rows, live (N,) bool array -> log_probs (N, V) (rows not live are -inf), the
-    new state and, with ``attention``, the weights (N, R) (zeros where not live). While more than half
-    the rows are live, all rows run and the others are masked (a row's numbers do not depend on its
-    batch, and picking rows out and back costs more than the step saves); after that only the live rows
-    run and the others keep their state. A row that is not live never uses its state again.
+    new state and the attention weights (N, R) (zeros where not live) or None. While more than LIVE_SHARE
+    of the rows are live, all rows run and the others are masked (a row's numbers do not depend on its
+    batch); after that only the live rows run and the others keep their state. A row that is not live
+    never uses its state again.
     """
     N, n = tokens.shape[0], np.count_nonzero(live)
-    if 2 * n > N:
-        logp, state, alpha = _step(model, tokens, state, attention)
+    if n > LIVE_SHARE * N:
+        logp, state, alpha = calls.step(tokens, state)
         if n < N:
             logp, alpha = _mask_dead(logp, alpha, torch.from_numpy(live).to(logp.device))
         return logp, state, alpha
     idx = torch.from_numpy(np.flatnonzero(live)).to(tokens.device)
-    logp_live, sub, alpha_live = _step(model, tokens[idx], _select(model, state, idx), attention)
+    logp_live, sub, alpha_live = calls.step(tokens[idx], calls.select(state, idx))
     logp = logp_live.new_full((N, logp_live.shape[1]), float("-inf"))
     logp[idx] = logp_live
     alpha = None
     if alpha_live is not None:
         alpha = alpha_live.new_zeros((N, alpha_live.shape[1]))
         alpha[idx] = alpha_live
-    return logp, _scatter(model, state, idx, sub), alpha
+    return logp, calls.scatter(state, idx, sub), alpha
 
 
 def _bad_ending_ids(vocab: Vocabulary, bad_endings) -> np.ndarray | None:
@@ -146,23 +170,22 @@ def _bad_ending_ids(vocab: Vocabulary, bad_endings) -> np.ndarray | None:
 
 
 class _Rules:
-    """The token rules of one search, prepared once: the tokens no step may emit (``<pad>``, ``<start>``,
-    maybe ``<unk>``, and ``<end>`` before ``min_len``), the bad-ending table, and the n-gram size."""
+    """The token rules of one search (``storyteller.rules``' per-step rules, plus the history-dependent ones:
+    bad endings and n-gram blocking), prepared once."""
 
     def __init__(self, V: int, suppress_unk: bool, no_repeat_ngram_size: int, min_len: int,
                  bad_ids: np.ndarray | None, device: torch.device):
         self.V, self.n, self.min_len, self.bad_ids, self.device = V, no_repeat_ngram_size, min_len, bad_ids, device
-        self.banned = [Vocabulary.pad_id, Vocabulary.start_id] + ([Vocabulary.unk_id] if suppress_unk else [])
-        self._flat_banned: dict[tuple[int, bool], np.ndarray] = {}
+        self.suppress_unk = suppress_unk
+        self._flat: dict[tuple[int, tuple[int, ...]], np.ndarray] = {}
         self._numpy_fill: bool | None = None  # set by the first step: float32 log-probabilities on the CPU
 
-    def banned_cells(self, N: int, before_min_len: bool) -> np.ndarray:
-        """Flat indices row * V + token of the banned tokens of every one of N rows (made once per N)."""
-        key = (N, before_min_len)
-        if key not in self._flat_banned:
-            cols = self.banned + ([Vocabulary.end_id] if before_min_len else [])
-            self._flat_banned[key] = (np.arange(N, dtype=np.int64)[:, None] * self.V + np.array(cols, dtype=np.int64)).ravel()
-        return self._flat_banned[key]
+    def banned_cells(self, N: int, step: int) -> np.ndarray:
+        """Flat indices row * V + token of ``storyteller.rules.forbidden_tokens`` at ``step`` for N rows."""
+        cols = forbidden_tokens(step, self.min_len, self.suppress_unk)
+        if (N, cols) not in self._flat:
+            self._flat[N, cols] = (np.arange(N, dtype=np.int64)[:, None] * self.V + np.array(cols, dtype=np.int64)).ravel()
+        return self._flat[N, cols]
 
     def apply(self, logp: torch.Tensor, history: np.ndarray) -> torch.Tensor:
         """Forbid special tokens, too-early <end>, <end> after a bad ending, and repeated n-grams.
@@ -175,11 +198,13 @@ class _Rules:
         n, t = self.n, history.shape[1]
         if not logp.is_contiguous():  # a decoder may return a strided view; the cells are set through a flat view
             logp = logp.contiguous()
-        blockable = len(self.banned) + (t - n + 1 if 0 < n <= t else 0)  # most non-<end> tokens a row can lose
+        banned = self.banned_cells(logp.shape[0], t)
+        never = len(forbidden_tokens(t, 0, self.suppress_unk))  # the banned tokens other than <end>
+        blockable = never + (t - n + 1 if 0 < n <= t else 0)  # most non-<end> tokens a row can lose
         may_stick = self.V - 1 <= blockable  # only with tiny vocabularies; then keep the model's own <end>
         raw_end = logp[:, Vocabulary.end_id].clone() if may_stick else None
         # flat indices row * V + token of the cells to forbid; live sequences have emitted t words
-        forbid = [self.banned_cells(logp.shape[0], t < self.min_len)]
+        forbid = [banned]
         if self.bad_ids is not None and t > 0:
             bad = self.bad_ids[history[:, t - 1]].nonzero()[0]  # rows whose last word may not end a caption
             forbid.append(bad * self.V + Vocabulary.end_id)
@@ -288,22 +313,17 @@ class _Beams:
         """Extend every hypothesis by one token.
 
         lp, ids (B*K, k): each row's k best masked log-probabilities (rows not live: -inf) and their
-        tokens, best first (k = ``_width``: 1 for greedy, else min(K, V)); alpha_t (B*K, R) or None -> (the rows, within this search, the
-        new hypotheses continue (B*K,), or None where every row continues itself (greedy); their tokens
-        (B*K,)). The caller writes the tokens into ``history`` at column ``steps - 1``."""
+        tokens, best first (k = ``_width``: 1 for greedy, else min(K, V)); alpha_t (B*K, R) or None -> (the
+        rows, within this search, the new hypotheses continue (B*K,), or None where every row continues itself
+        (greedy); their tokens (B*K,)). The caller writes the tokens into ``history`` at column ``steps - 1``."""
         B, K, t = self.B, self.K, self.steps
         self.steps += 1
         if self.greedy:  # width 1: the argmax, as greedy decoding always did
             fin = self.finished[:, 0]  # (B,)
             # (B,) each: the argmax's log-probability and token; a finished caption continues with <pad> at 0
-            if fin.any():
-                best, tok = np.where(fin, np.float32(0.0), lp[:, 0]), np.where(fin, Vocabulary.pad_id, ids[:, 0])
-                self.lengths += ~fin[:, None]
-                self.finished = (fin | (tok == Vocabulary.end_id))[:, None]
-            else:  # the usual case, in fewer operations
-                best, tok = lp[:, 0], ids[:, 0]
-                self.lengths += 1
-                self.finished = (tok == Vocabulary.end_id)[:, None]
+            best, tok = np.where(fin, np.float32(0.0), lp[:, 0]), np.where(fin, Vocabulary.pad_id, ids[:, 0])
+            self.lengths += ~self.finished
+            self.finished = self.finished | (tok == Vocabulary.end_id)[:, None]
             self.scores += best[:, None]
             self.open = ~self.finished & (self.scores > -np.inf)
             if alpha_t is not None:
@@ -400,95 +420,53 @@ def _best_tokens(logp: torch.Tensor, g: _Beams) -> tuple[np.ndarray, np.ndarray]
     return _numpy(*(logp.max(1, keepdim=True) if k == 1 else logp.topk(k, dim=1)))
 
 
-def _step_tokens(logp: torch.Tensor, groups: list[_Beams], starts: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Every search's ``_best_tokens`` of a step's (N, V) log-probabilities, with one ``topk`` for all
-    rows where the searches allow it: greedy (or width-1) searches beside beams of one width K, the
-    one-pass case. Each call costs more in overhead than in work on a few rows, so one call instead
-    of one per search matters for one photo. A width-1 search takes, from its rows' K best, what
-    ``max`` returns: the first (lowest) id of the best value (``topk`` orders equal values in no
-    particular way); a row whose K best all tie asks ``max`` itself."""
-    widths = [_width(g, logp.shape[1]) for g in groups]
-    k = max(widths)
-    if len(groups) == 1 or k == 1 or any(w not in (1, k) for w in widths):
-        return [_best_tokens(logp[s0:s0 + g.rows], g) for g, s0 in zip(groups, starts)]
-    best, ids = _numpy(*logp.topk(k, dim=1))  # (N, k) each
-    out = []
-    for g, s0, w in zip(groups, starts, widths):
-        b, i = best[s0:s0 + g.rows], ids[s0:s0 + g.rows]
-        if w == 1:
-            b, i = b[:, :1], _first_max(b, i, logp, s0)
-        out.append((b, i))
-    return out
-
-
-def _first_max(best: np.ndarray, ids: np.ndarray, logp: torch.Tensor, s0: int) -> np.ndarray:
-    """The argmax id (n, 1) that ``max`` returns (the lowest id of the best value) from rows' k > 1 best
-    tokens (``topk``: best (n, k), ids (n, k)); rows ``s0..`` of ``logp``."""
-    top = ids[:, :1]
-    tie = best[:, 1] == best[:, 0]  # the best value more than once among the k (rare, but exactness matters)
-    if not tie.any():
-        return top
-    top = top.copy()
-    for r in np.flatnonzero(tie):
-        if best[r, 0] == -np.inf:  # every token is -inf (a row not live): max's answer is the first id
-            top[r, 0] = 0
-        elif best[r, -1] == best[r, 0]:  # all k tie: more may lie beyond them
-            top[r, 0] = int(logp[s0 + r].argmax())
-        else:  # every token of the best value is among the k
-            top[r, 0] = ids[r][best[r] == best[r, 0]].min()
-    return top
-
-
 def _search(model, features: torch.Tensor, searches: list[tuple[int, bool, float, int]], vocab: Vocabulary,
             max_len: int, suppress_unk: bool, no_repeat_ngram_size: int, min_len: int,
             bad_endings: Sequence[str]) -> list[_Beams]:
     """Run several searches (``(width, greedy, alpha, n_best)`` each) over the same images in one decoder call
-    per step: their rows are stacked, [search 0: B*K0 rows | search 1: B*K1 rows | ...], so the
-    weights are read once per step for all of them; once most captions have ended, the rows that ended
-    drop out of the call (``_live_step``). Per step, PyTorch applies the token rules to the (N, V)
-    log-probabilities and takes each search's best tokens per row (``_step_tokens``: one ``topk`` for all
-    rows where it can); the searches' bookkeeping runs on those in NumPy (see ``_Beams``)."""
+    per step: their rows are stacked, [search 0: B*K0 rows | search 1: B*K1 rows | ...], so the weights are
+    read once per step for all of them; once most captions have ended, the rows that ended drop out of the
+    call (``_live_step``). Per step, PyTorch applies the token rules to the (N, V) log-probabilities and takes
+    each search's best tokens per row (one ``max`` or ``topk`` per search); the searches' bookkeeping runs on
+    those in NumPy (``_Beams``)."""
     _check(model, features, max_len, min_len)
-    want_att = bool(getattr(model, "has_attention", False))
     with _eval_mode(model):
+        calls = _Calls(model, attention=bool(getattr(model, "has_attention", False)))
         B, dev = features.shape[0], features.device
         groups = [_Beams(B, K, greedy, alpha, max_len, n_best) for K, greedy, alpha, n_best in searches]
-        starts = [0]
-        for g in groups:
-            starts.append(starts[-1] + g.rows)
+        starts = np.cumsum([0] + [g.rows for g in groups]).tolist()  # each search's first row; the last: N
         history = np.zeros((starts[-1], max_len), dtype=np.int64)  # (N, max_len) emitted ids
         for g, s0 in zip(groups, starts):
             g.history = history[s0:s0 + g.rows]  # a view: each search reorders its own rows in place
-        live = np.concatenate([g.open.reshape(-1) for g in groups])
-        # the first step is the same for every row of an image (one state, <start>): run it once per image
-        state = model.init_state(features)  # B rows, one per image
-        logp, state, alpha_t = _step(model, torch.full((B,), Vocabulary.start_id, dtype=torch.long, device=dev),
-                                     state, want_att)
-        if starts[-1] != B:  # image-major rows of every search; rows not live yet (beams 2..K) are masked
+        live = np.concatenate([g.open.reshape(-1) for g in groups])  # (N,) rows still growing
+
+        # the first step is the same for every row of an image (one state, <start>): run it once per image,
+        # then copy it to the image's rows of every search (image-major); rows not live yet (beams 2..K) masked
+        state = calls.init(features)  # B rows
+        logp, state, alpha = calls.step(torch.full((B,), Vocabulary.start_id, dtype=torch.long, device=dev), state)
+        if starts[-1] != B:
             rows = torch.from_numpy(np.concatenate([np.repeat(np.arange(B, dtype=np.int64), g.K) for g in groups])).to(dev)
-            state = _select(model, state, rows)
-            logp, alpha_t = _mask_dead(logp[rows], None if alpha_t is None else alpha_t[rows],
-                                       torch.from_numpy(live).to(dev))
-        V = logp.shape[1]
-        rules = _Rules(V, suppress_unk, no_repeat_ngram_size, min_len, _bad_ending_ids(vocab, bad_endings), dev)
-        unmoved = [None if not g.greedy else np.arange(s0, s0 + g.rows, dtype=np.int64) for g, s0 in zip(groups, starts)]
+            state = calls.select(state, rows)
+            logp, alpha = _mask_dead(logp[rows], None if alpha is None else alpha[rows], torch.from_numpy(live).to(dev))
+        rules = _Rules(logp.shape[1], suppress_unk, no_repeat_ngram_size, min_len, _bad_ending_ids(vocab, bad_endings), dev)
+
         for t in range(max_len):
             if t > 0:
-                logp, state, alpha_t = _live_step(model, tokens, state, live, want_att)
-            logp = rules.apply(logp, history[:, :t])
+                logp, state, alpha = _live_step(calls, tokens, state, live)
+            logp = rules.apply(logp, history[:, :t])  # (N, V), forbidden cells -inf
             rows, toks = [], []
-            for g, s0, same, best in zip(groups, starts, unmoved, _step_tokens(logp, groups, starts)):
-                r, tok = g.advance(*best, None if alpha_t is None else alpha_t[s0:s0 + g.rows])
-                rows.append(same if r is None else r + s0)
+            for g, s0 in zip(groups, starts):
+                r, tok = g.advance(*_best_tokens(logp[s0:s0 + g.rows], g), None if alpha is None else alpha[s0:s0 + g.rows])
+                rows.append(np.arange(s0, s0 + g.rows) if r is None else r + s0)  # the row each hypothesis continues
                 toks.append(tok)
-            tokens_np = np.concatenate(toks) if len(toks) > 1 else toks[0]
+            tokens_np = np.concatenate(toks)
             history[:, t] = tokens_np
-            live = np.concatenate([g.open.reshape(-1) for g in groups]) if len(groups) > 1 else groups[0].open.reshape(-1)
+            live = np.concatenate([g.open.reshape(-1) for g in groups])
             if not live.any():
                 break
             tokens = torch.from_numpy(tokens_np).to(dev)
             if not all(g.greedy for g in groups):  # greedy rows never move; beams reorder
-                state = _select(model, state, torch.from_numpy(np.concatenate(rows)).to(dev))
+                state = calls.select(state, torch.from_numpy(np.concatenate(rows)).to(dev))
     return groups
 
 

@@ -1,123 +1,121 @@
-"""Inference precision of a decoder's per-step weights on a CPU: float32, bfloat16 or int8.
+"""How a decoder's step products are computed: float32, bfloat16 or int8 weights (the *precision*).
 
-    precision, _ = use_precision(model)   # env STORYTELLER_PRECISION, else what this CPU does fastest;
-                                          # model.step now reads low-precision weights
+    model.precision = "int8"             # or use_precision(model): $STORYTELLER_PRECISION, else the CPU's rule
+    products = model.products()          # the step's matrices packed in that precision, made once
+    logp, state = model.step(tokens, state, products)
 
-At batch 1 a decoder step is bound by memory bandwidth: the pooled model's LSTM layers and output layer
-read ~22 MB of float32 weights per step. ``prepare`` packs the step's matrices once:
+A decoder declares its step's matrix products once (``step_products()``, a dict of :class:`Product`): what
+each product multiplies (:class:`Input`: a token's row of a table, an LSTM hidden state within [-1, 1], any
+other activation, or a photo's features once per photo) and how its output splits into parts. It writes its
+step once, calling those products; this module makes them in a precision:
 
-- ``int8``: per-output-channel int8 weights with float activations quantised per row (PyTorch's
-  dynamic-quantisation kernel, fbgemm/oneDNN; any x86-64 CPU with AVX2), so a row's result does not
-  depend on the rows that share its batch: a hidden state (always within [-1, 1]) on that fixed
-  range, any other input on its own max |x|. A quarter of the bytes. The product that holds the output
-  layer quantises its activations to 7 bits: on AVX2, fbgemm multiplies 8-bit activations by int8
-  weights in 16-bit sums that saturate, which costs the logits (not the gates) accuracy.
-- ``bf16``: bfloat16 weights and activations, float32 state. Fast only where the CPU has bfloat16
+- ``fp32``: float32 weights.
+- ``bf16``: bfloat16 weights and activations, float32 sums and state. Fast where the CPU has bfloat16
   instructions (AVX-512 BF16 or AMX); elsewhere it is emulated and slower than float32.
-- ``fp32``: the model's own weights (nothing packed).
+- ``int8``: per-output-channel int8 weights, activations quantised per row (PyTorch's dynamic-quantisation
+  kernel, fbgemm/oneDNN; any x86-64 CPU with AVX2), so a row's result never depends on the rows that share its
+  batch: a hidden state on the fixed range [-1, 1], any other input on its own max |x|. A quarter of float32's
+  bytes: at batch 1 a step is bound by memory bandwidth (the pooled model reads ~22 MB of float32 weights).
+  The product holding the output layer (``Product.logits``) quantises its activations to 7 bits: fbgemm's AVX2
+  kernel sums pairs of 8-bit products in 16 bits that saturate, which costs the logits accuracy.
 
-A matrix whose input is a word embedding becomes a float32 table, one row per word (the embedding times
-the matrix, computed once): the step reads the row of each token instead of multiplying. Every other
-matrix that reads the same vector is stacked with it, so each new hidden state is multiplied once: the
-pooled decoder's layer l by [W_ih(l+1); W_hh(l)], its last layer by [output layer; W_hh]; the
-attention decoder's h by [output layer; query; gate; W_hh] (and its context by W_ih's context part).
-The part meant for the next step travels in the state. A pooled step makes one product per layer, an
-attention step two: a step's products cost more in call overhead than in arithmetic on a CPU.
+In every precision a ``TOKEN`` product is a float32 table (the embedding times the matrix for every word,
+made once) and a ``PHOTO`` product (made once per photo, on an unbounded input) gets float16 weights with
+float32 activations and sums in bf16 and int8 (fbgemm's ``linear_dynamic_fp16``; float32 where PyTorch lacks
+it): int8 there cost beam quality. A GPU runs float32 whatever is asked.
 
-The pooled decoder's ``init_state`` stacks its two projections of the photo's features (h and c of every
-layer) into one product (``init``). Made once per photo, on an unbounded input, it does not go int8 (that
-cost beam quality) or bfloat16: it gets float16 weights with float32 activations and sums (fbgemm's
-``linear_dynamic_fp16``, where PyTorch has it; else float32): half the bytes of float32, with errors
-near 1e-3 of float32's. The attention decoder's projections of the photo and the LSTM state stay float32;
-so does training: packed weights are used only in eval mode and only while the model's weights are the
-ones that were packed (any in-place change, e.g. an optimizer step, makes ``step`` fall back to the
-model's own weights). A GPU keeps its own path (no packing; autocast where the caller asks for it).
+Products are snapshots of the weights: ``HubDecoder.products()`` makes them again whenever a weight changed
+(:func:`weights_signature`: another tensor, storage, version counter, or any of the sampled values that an
+in-place edit through ``.data`` changes, which PyTorch does not version).
 
-``resolve_precision("auto", model)`` times one batch-1 step of each precision this CPU supports (a few
-tens of ms, once per load) and keeps the fastest; ``STORYTELLER_PRECISION`` or an explicit value
-overrides it. The quality cost is measured on the shipped models (tests/test_precision.py, README).
+The precision ``auto`` (the default) follows a fixed rule (:func:`auto_precision`), never a timing race, so one
+machine always gives one photo the same caption: int8 where PyTorch's int8 kernel runs, else bf16 where the
+CPU has bfloat16 instructions, else fp32. Measured 2026-12-02 on an AMX CPU, one pooled step at batch 1:
+int8 0.54 ms, bf16 1.04 ms, fp32 1.28 ms (docs/benchmarks.md).
 """
 from __future__ import annotations
 
+import enum
 import functools
 import os
 import statistics
 import time
-from collections.abc import Callable, Collection
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 PRECISIONS = ("fp32", "bf16", "int8")
+AUTO = "auto"
 ENV = "STORYTELLER_PRECISION"
+INT8_MAX = 127  # symmetric int8 weights use -127..127, so the scale is the same on both sides of zero
+WEIGHT_SCALE_FLOOR = 1e-12  # an all-zero weight row still gets a valid (positive) quantisation scale
+ROW_MAX_FLOOR = 1e-30  # an all-zero input row is divided by this instead of 0: its zeros stay zeros
+FINGERPRINT_SAMPLES = 61  # values sampled from each weight to notice in-place edits through .data
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags of /proc/cpuinfo (empty where it is not readable, e.g. not Linux); read once."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
+class Input(enum.Enum):
+    """What a product multiplies, which decides how each precision computes it."""
+
+    TOKEN = "token"  # a word's embedding: the product is a table with one row per word, read by token id
+    HIDDEN = "hidden"  # an LSTM hidden state, o * tanh(c): every value within [-1, 1]
+    ANY = "any"  # any other activation (unbounded)
+    PHOTO = "photo"  # a photo's features, once per photo (init_state), not per step
 
 
-def cpu_has_bf16() -> bool:
-    """True on CPUs with bfloat16 instructions: AMX tiles or AVX-512 BF16 (flags, or PyTorch's own probe)."""
-    if {"avx512_bf16", "amx_bf16"} & cpu_flags():
-        return True
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private; absent means "don't know"
-    try:
-        return bool(probe()) if probe is not None else False
-    except Exception:
-        return False
+@dataclass(frozen=True)
+class Product:
+    """One matrix product of a decoder's step: ``y = x W^T + b`` (``TOKEN``: ``y = W[token]``).
+
+    Args:
+        weight: (out, in); for ``TOKEN`` the table (vocab, out).
+        bias: (out,) or None.
+        reads: what ``x`` is (:class:`Input`).
+        parts: the output's split into consecutive parts of these sizes (several matrices that read the same
+            input, stacked so that the input is multiplied once), or () for one output.
+        logits: the product holds the output layer's rows (int8: 7-bit activations).
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    reads: Input
+    parts: tuple[int, ...] = ()
+    logits: bool = False
+
+    def tail(self, size: int) -> Product:
+        """The product of the last ``size`` output rows alone, computed as this one computes them (same
+        input range and activation bits, so int8 gives those rows the very same numbers)."""
+        return replace(self, weight=self.weight[-size:], bias=None if self.bias is None else self.bias[-size:],
+                       parts=())
 
 
-def supported_precisions(device: torch.device | str = "cpu") -> list[str]:
-    """Precisions worth trying on ``device``: fp32 always; on a CPU also int8 where PyTorch has a
-    dynamic-quantisation engine, and bf16 where the CPU has bfloat16 instructions."""
-    if torch.device(device).type != "cpu":
-        return ["fp32"]
-    out = ["fp32"]
-    if cpu_has_bf16():
-        out.append("bf16")
-    if {"x86", "fbgemm", "onednn"} & set(torch.backends.quantized.supported_engines) and _int8_works():
-        out.append("int8")
-    return out
+# -- the products in each precision ---------------------------------------------------------------
 
+class _Table:
+    """A float32 lookup table: token ids (N,) -> rows (N, out)."""
 
-@functools.lru_cache(maxsize=1)
-def _fp16_works() -> bool:
-    try:
-        _Fp16Linear(torch.ones(4, 4), torch.zeros(4))(torch.ones(1, 4))
-        return True
-    except Exception:  # no fbgemm (not x86), or a PyTorch without the op
-        return False
+    def __init__(self, table: torch.Tensor):
+        self.table = table.detach().float().contiguous()
 
-
-@functools.lru_cache(maxsize=1)
-def _int8_works() -> bool:
-    try:
-        _Int8Linear(torch.ones(4, 4), torch.zeros(4))(torch.ones(1, 4))
-        return True
-    except Exception:  # an engine listed but unusable, or a PyTorch without quantized ops
-        return False
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table.index_select(0, ids)
 
 
 class _Fp32Linear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        self.weight, self.bias = weight, bias
+        self.weight = weight.detach().float().contiguous()
+        self.bias = None if bias is None else bias.detach().float().contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
 
 class _Fp16Linear:
-    """y = x W^T + b with W stored float16 (fbgemm's packed format), x and the sums float32: for the
-    products made once per photo in the int8 and bf16 precisions (fast on any x86-64 CPU with AVX2 and F16C)."""
+    """y = x W^T + b with W stored float16 (fbgemm's packed format), x and the sums float32 (any x86-64 CPU
+    with AVX2 and F16C)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         self.packed = torch.ops.quantized.linear_prepack_fp16(weight.detach().float().contiguous(),
@@ -147,32 +145,26 @@ class _Int8Linear:
     another). Each row is scaled to max |x| = 1 first (unless ``unit_range``, below), and every row gets
     two more inputs, +1 and -1, whose weights are zero: the batch's range is always [-1, 1], so every row
     is quantised the same way whatever shares its batch, and the integer product is exact, so a row's
-    output is the same alone or in any batch. (Two input columns cost less than the extra row a fixed
-    anchor row would need.)
+    output is the same alone or in any batch.
 
-    An LSTM's hidden state lies in [-1, 1] already (h = o * tanh(c)), and nearly every row reaches
-    close to 1 (median max |h| 0.99-1.0 on the shipped models): with ``unit_range`` the rows are not
-    rescaled, the +1 / -1 inputs alone fix the range, and the bias is added inside the kernel, which saves
-    four small operations per product. Rows stay independent of their batch the same way, as long as
-    every input is within [-1, 1]: the callers pass tanh / sigmoid products only (a value beyond would
-    widen the batch's range and change the other rows' numbers).
+    An LSTM's hidden state lies in [-1, 1] already, and nearly every row reaches close to 1 (median max
+    |h| 0.99-1.0 on the shipped models): with ``unit_range`` the rows are not rescaled, the +1 / -1 inputs
+    alone fix the range, and the bias is added inside the kernel. Every input must then be within [-1, 1]
+    (a value beyond would widen the batch's range and change the other rows' numbers).
 
     Args:
         weight: (out, in).
         bias: (out,) or None.
-        reduce_range: quantise activations to 7 bits instead of 8. fbgemm's AVX2 kernel adds pairs of
-            uint8 x int8 products in int16 and saturates where large activations meet large weights;
-            7-bit activations cannot overflow (PyTorch's own ``nn.quantized.dynamic.Linear`` sets it).
+        reduce_range: 7-bit activations instead of 8 (fbgemm's AVX2 kernel adds pairs of uint8 x int8
+            products in int16 and saturates where large activations meet large weights; 7 bits cannot).
         unit_range: the inputs always lie within [-1, 1] (hidden states; not checked): no per-row rescaling.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, reduce_range: bool = False,
                  unit_range: bool = False):
-        import warnings
-
         w = weight.detach().float()
         w = torch.cat([w, w.new_zeros(w.shape[0], 2)], 1)  # the +1 / -1 inputs add nothing
-        scale = (w.abs().amax(1) / 127.0).clamp_min(1e-12).double()
+        scale = (w.abs().amax(1) / INT8_MAX).clamp_min(WEIGHT_SCALE_FLOOR).double()
         with warnings.catch_warnings():  # PyTorch flags its quantized-tensor API as deprecated; it still works
             warnings.simplefilter("ignore")
             q = torch.quantize_per_channel(w, scale, torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
@@ -186,10 +178,10 @@ class _Int8Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
-        flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])                      # (rows, in)
+        flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # (rows, in)
         # unit range: |x| <= 1 already, the range columns set the scale and the kernel adds the bias
         s = None if self.unit_range else \
-            torch.linalg.vector_norm(flat, float("inf"), 1, keepdim=True).clamp_min_(1e-30)  # (rows, 1) max |x|
+            torch.linalg.vector_norm(flat, float("inf"), 1, keepdim=True).clamp_min_(ROW_MAX_FLOOR)  # (rows, 1)
         y = self.op(torch.cat([flat if s is None else flat / s, self.range.expand(flat.shape[0], 2)], 1),
                     self.packed, self.reduce_range)  # (rows, out)
         if s is not None:
@@ -197,107 +189,191 @@ class _Int8Linear:
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-_KINDS: dict[str, Callable] = {"fp32": _Fp32Linear, "bf16": _Bf16Linear, "int8": _Int8Linear}
-SEVEN_BIT_LAYERS = ("head",)  # step matrices whose int8 activations are quantised to 7 bits
-PER_PHOTO = ("init",)  # products made once per photo (init_state): float16 weights (else float32) in bf16 and int8
+class _Split:
+    """A product whose output is several stacked parts: returns them as a tuple of views."""
+
+    def __init__(self, op: Callable[[torch.Tensor], torch.Tensor], parts: tuple[int, ...]):
+        self.op, self.parts = op, list(parts)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.op(x).split(self.parts, -1)
 
 
-class _Table:
-    """A float32 lookup table: token ids (N,) -> rows (N, out). A matrix product whose input is an
-    embedding row is precomputed for every word once, so the step reads one row instead of a matrix."""
-
-    def __init__(self, table: torch.Tensor):
-        self.table = table.detach().float().contiguous()
-
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.table.index_select(0, ids)
-
-
-StepMatrices = dict[str, "tuple[torch.Tensor, torch.Tensor | None] | torch.Tensor"]
-
-
-class PackedWeights:
-    """The step's matrices of one model in one precision: ``name -> callable(x) -> y``.
+def compute(product: Product, precision: str) -> Callable:
+    """The callable that makes ``product`` in ``precision``: x -> y (or a tuple of parts when it has parts).
 
     Args:
+        product: the declaration.
         precision: one of ``PRECISIONS``.
-        linears: ``name -> (weight (out, in), bias (out,) or None)``, packed in ``precision``; or
-            ``name -> table (V, out)``, a float32 lookup by token id in every precision.
-        sources: the tensors the packs were made from (the model's parameters: some packs are derived,
-            joined or stacked); an in-place change to any of them makes the packs stale.
-        unit_range: the names whose inputs always lie within [-1, 1] (LSTM hidden states); int8 then
-            skips the per-row rescaling.
-        seven_bit: the names whose int8 activations are quantised to 7 bits (the output layer's product,
-            and any pack holding some of its rows, so that they compute the same numbers).
+    """
+    if product.reads is Input.TOKEN:
+        op = _Table(product.weight if product.bias is None else product.weight + product.bias)
+    elif product.reads is Input.PHOTO and precision != "fp32":
+        op = (_Fp16Linear if _fp16_works() else _Fp32Linear)(product.weight, product.bias)
+    elif precision == "int8":
+        op = _Int8Linear(product.weight, product.bias, reduce_range=product.logits,
+                         unit_range=product.reads is Input.HIDDEN)
+    elif precision == "bf16":
+        op = _Bf16Linear(product.weight, product.bias)
+    else:
+        op = _Fp32Linear(product.weight, product.bias)
+    return _Split(op, product.parts) if product.parts else op
+
+
+@dataclass
+class Products:
+    """A decoder's step products in one precision, by the names its ``step_products()`` gave them.
+
+    Attributes:
+        precision: the precision they were made in.
+        ops: name -> callable.
+        signature: :func:`weights_signature` of the weights they were made from.
     """
 
-    def __init__(self, precision: str, linears: StepMatrices, sources: list[torch.Tensor],
-                 unit_range: Collection[str] = (), seven_bit: Collection[str] = SEVEN_BIT_LAYERS):
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-        self.precision = precision
-        # int8: the product holding the output layer gets 7-bit activations (reduce_range). With 8 bits,
-        # fbgemm's saturating 16-bit sums on AVX2 cost the attention model 0.005 greedy BLEU-4 on validation
-        # (0.1773 against fp32's 0.1827). The matrices stacked with the output layer get 7 bits with it; the
-        # other gate products keep 8 (7 bits on every product cost the attention model 0.0053 beam CIDEr-D).
-        # Measured on the shipped models: every figure within 0.003 of fp32 (README, tests/test_precision.py).
-        self.ops = {}
-        for name, spec in linears.items():
-            if isinstance(spec, torch.Tensor):
-                self.ops[name] = _Table(spec)
-            elif name in PER_PHOTO and precision != "fp32":
-                self.ops[name] = (_Fp16Linear if _fp16_works() else _Fp32Linear)(*spec)
-            elif precision == "int8":
-                self.ops[name] = _Int8Linear(*spec, reduce_range=name in seven_bit,
-                                             unit_range=name in unit_range)
-            else:
-                self.ops[name] = _KINDS[precision](*spec)
-        # what the packs were made from, and their version counters -- an in-place update bumps one
-        self._sources, self._versions = list(sources), [t._version for t in sources]
+    precision: str
+    ops: dict[str, Callable] = field(default_factory=dict)
+    signature: tuple = ()
 
-    def fresh(self) -> bool:
-        """True while the model's weights are still the ones that were packed (checked every step)."""
-        return [t._version for t in self._sources] == self._versions
-
-    def __getitem__(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    def __getitem__(self, name: str) -> Callable:
         return self.ops[name]
 
 
-def prepare(model: torch.nn.Module, precision: str) -> torch.nn.Module:
-    """Pack ``model``'s step weights in ``precision`` (``fp32`` removes any packing). Returns the model.
+def make_products(declared: dict[str, Product], precision: str, signature: tuple = ()) -> Products:
+    """Every declared product made in ``precision`` (no gradient, no autocast: packing is exact work).
 
     Args:
-        model: a decoder with ``step_linears()`` (``ShowAndTell``, ``ShowAttendTell``).
-        precision: ``fp32``, ``bf16`` or ``int8``.
+        declared: the decoder's ``step_products()``.
+        precision: one of ``PRECISIONS``.
+        signature: the weights' :func:`weights_signature`, kept to notice later changes.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "fp32" or not hasattr(model, "step_linears"):
-        model._packed = None
-        return model
-    if next(model.parameters()).device.type != "cpu":
-        raise ValueError(f"precision {precision!r} is for CPU inference; a GPU keeps its own path (use fp32)")
+    return Products(precision, {name: compute(p, precision) for name, p in declared.items()}, signature)
+
+
+def weights_signature(params: Iterable[torch.Tensor]) -> tuple:
+    """What identifies a model's weights now: each tensor's identity, storage, version counter, device and
+    dtype, and the bits of FINGERPRINT_SAMPLES values spread over it. An optimiser step, ``load_state_dict``
+    (also with ``assign=True``), ``param.data = ...``, ``.to()`` or an in-place edit through ``.data`` (which
+    PyTorch does not version) each change it; an edit that spares every sampled value would not (call
+    ``HubDecoder.repack()`` after surgery that precise).
+
+    Args:
+        params: the model's parameters.
+    """
+    params = list(params)
+    meta = tuple((id(p), p.data_ptr(), p._version, p.device, p.dtype) for p in params)
     with torch.no_grad():
-        # the step's matrices may be derived (joined, stacked, a word table): staleness follows every parameter
-        model._packed = PackedWeights(precision, model.step_linears(), sources=list(model.parameters()),
-                                      unit_range=getattr(model, "step_unit_range", ()),
-                                      seven_bit=getattr(model, "step_seven_bit", SEVEN_BIT_LAYERS))
-    return model
+        samples = [p.detach().reshape(-1)[:: max(1, p.numel() // FINGERPRINT_SAMPLES)].float() for p in params]
+        bits = torch.cat(samples).view(torch.int32).cpu().numpy().tobytes() if samples else b""
+    return meta + (bits,)
 
 
-def packed(model: torch.nn.Module) -> PackedWeights | None:
-    """The packed weights ``model.step`` may use now: set, in eval mode and still fresh; else None."""
-    p = getattr(model, "_packed", None)
-    if p is None or model.training or not p.fresh():
-        return None
-    return p
+# -- which precision ---------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where it is not readable, e.g. not Linux); read once."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_has_bf16() -> bool:
+    """True on CPUs with bfloat16 instructions: AMX tiles or AVX-512 BF16 (flags, or PyTorch's own probe)."""
+    if {"avx512_bf16", "amx_bf16"} & cpu_flags():
+        return True
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private; absent means "don't know"
+    try:
+        return bool(probe()) if probe is not None else False
+    except Exception:
+        return False
+
+
+@functools.lru_cache(maxsize=1)
+def _fp16_works() -> bool:
+    try:
+        _Fp16Linear(torch.ones(4, 4), torch.zeros(4))(torch.ones(1, 4))
+        return True
+    except Exception:  # no fbgemm (not x86), or a PyTorch without the op
+        return False
+
+
+@functools.lru_cache(maxsize=1)
+def int8_works() -> bool:
+    """True where PyTorch's dynamic int8 kernel runs on this CPU (an engine listed and usable)."""
+    if not {"x86", "fbgemm", "onednn", "qnnpack"} & set(torch.backends.quantized.supported_engines):
+        return False
+    try:
+        _Int8Linear(torch.ones(4, 4), torch.zeros(4))(torch.ones(1, 4))
+        return True
+    except Exception:  # an engine listed but unusable, or a PyTorch without quantized ops
+        return False
+
+
+def supported_precisions(device: torch.device | str = "cpu") -> list[str]:
+    """Precisions that run fast on ``device``: fp32 always; on a CPU also bf16 where it has bfloat16
+    instructions and int8 where PyTorch's int8 kernel runs."""
+    if torch.device(device).type != "cpu":
+        return ["fp32"]
+    return ["fp32"] + (["bf16"] if cpu_has_bf16() else []) + (["int8"] if int8_works() else [])
+
+
+def auto_precision(device: torch.device | str = "cpu") -> str:
+    """The precision ``auto`` picks, by a fixed rule (so one machine always gives the same captions): fp32 off
+    the CPU; on a CPU int8 where it runs (the fastest everywhere we measured: a quarter of the bytes), else bf16
+    where the CPU has bfloat16 instructions, else fp32.
+
+    Args:
+        device: where the decoder runs.
+    """
+    supported = supported_precisions(device)
+    return "int8" if "int8" in supported else "bf16" if "bf16" in supported else "fp32"
+
+
+def resolve_precision(requested: str | None, device: torch.device | str = "cpu") -> str:
+    """The precision to run in: ``requested``, else ``$STORYTELLER_PRECISION``, else ``auto``
+    (:func:`auto_precision`). A GPU runs fp32 whatever is asked (a warning says so when int8 or bf16 was).
+
+    Args:
+        requested: ``auto``, ``fp32``, ``bf16``, ``int8`` or None.
+        device: where the decoder runs.
+
+    Raises:
+        ValueError: an unknown name (naming where it came from).
+    """
+    from_env = requested is None and bool(os.environ.get(ENV, "").strip())
+    name = (requested or os.environ.get(ENV) or AUTO).strip().lower()
+    if name == AUTO:
+        return auto_precision(device)
+    if name not in PRECISIONS:
+        raise ValueError(f"precision must be {AUTO}, {', '.join(PRECISIONS)}; got {name!r}"
+                         + (f" (from ${ENV})" if from_env else ""))
+    if torch.device(device).type != "cpu" and name != "fp32":
+        warnings.warn(f"precision {name} is for CPUs; running fp32 on {device}", stacklevel=2)
+        return "fp32"
+    return name
+
+
+def use_precision(model: torch.nn.Module, requested: str | None = None) -> str:
+    """Set ``model.precision`` to :func:`resolve_precision` for the model's device; returns it.
+
+    Args:
+        model: a decoder (``HubDecoder``).
+        requested: ``auto``, ``fp32``, ``bf16``, ``int8`` or None (then ``$STORYTELLER_PRECISION``, else auto).
+    """
+    model.precision = resolve_precision(requested, next(model.parameters()).device)
+    return model.precision
 
 
 @torch.inference_mode()
 def time_step(model: torch.nn.Module, features: torch.Tensor, repeats: int = 7, rows: int = 1) -> float:
     """Median ms of one ``model.step`` for ``rows`` rows (after two warm-up steps), in the model's
-    current precision. Each step continues from the state the last one returned, as in a search (a
-    packed step carries part of the next step's work in its state).
+    precision, each step continuing from the state the last one returned (benchmarks).
 
     Args:
         model: the decoder (eval mode).
@@ -305,6 +381,7 @@ def time_step(model: torch.nn.Module, features: torch.Tensor, repeats: int = 7, 
         repeats: timed steps.
         rows: rows per step (1: one greedy caption; beam rows for a beam search).
     """
+    products = model.products()
     state = model.init_state(features)
     if rows > 1:
         state = model.select_state(state, torch.zeros(rows, dtype=torch.long))
@@ -312,77 +389,7 @@ def time_step(model: torch.nn.Module, features: torch.Tensor, repeats: int = 7, 
     times = []
     for i in range(repeats + 2):
         t = time.perf_counter()
-        state = model.step(tokens, state)[1]
+        state = model.step(tokens, state, products)[1]
         if i >= 2:
             times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)
-
-
-def resolve_precision(requested: str | None, model: torch.nn.Module | None = None,
-                      features: torch.Tensor | None = None) -> tuple[str, dict[str, float]]:
-    """The precision to run ``model`` in, and the step timings that chose it (ms; empty if none ran).
-    The model is left as it was; :func:`use_precision` also packs it.
-
-    ``requested`` (else ``$STORYTELLER_PRECISION``, else ``auto``): a name from ``PRECISIONS``, or
-    ``auto``: on a CPU, time a batch-1 step in each supported precision and keep the fastest, fp32
-    unless another is at least 10% faster; on a GPU, fp32.
-
-    Args:
-        requested: ``auto``, ``fp32``, ``bf16``, ``int8`` or None.
-        model: the decoder (needed for ``auto``).
-        features: one photo's features for the timing (``auto``; default: zeros of the model's shape).
-
-    Raises:
-        ValueError: an unknown name.
-    """
-    best, timings, _ = _resolve(requested, model, features)
-    return best, timings
-
-
-def use_precision(model: torch.nn.Module, requested: str | None = None) -> tuple[str, dict[str, float]]:
-    """:func:`resolve_precision`, then :func:`prepare` ``model`` in the chosen precision, reusing the
-    pack that ``auto`` timed instead of packing it again. Returns what ``resolve_precision`` returns.
-
-    Args:
-        model: the decoder (eval mode).
-        requested: ``auto``, ``fp32``, ``bf16``, ``int8`` or None (then ``$STORYTELLER_PRECISION``, else auto).
-    """
-    best, timings, packs = _resolve(requested, model, None)
-    if best in packs:
-        model._packed = packs[best]
-    else:
-        prepare(model, best)
-    return best, timings
-
-
-def _resolve(requested: str | None, model: torch.nn.Module | None, features: torch.Tensor | None
-             ) -> tuple[str, dict[str, float], dict[str, PackedWeights | None]]:
-    """resolve_precision's work, plus the packs ``auto`` made while timing (precision -> pack)."""
-    requested = (requested or os.environ.get(ENV) or "auto").strip().lower()
-    if requested != "auto":
-        if requested not in PRECISIONS:
-            source = "" if requested != os.environ.get(ENV, "").strip().lower() else f" (from ${ENV})"
-            raise ValueError(f"precision must be auto, {', '.join(PRECISIONS)}; got {requested!r}{source}")
-        return requested, {}, {}
-    if model is None:
-        return "fp32", {}, {}
-    device = next(model.parameters()).device
-    candidates = supported_precisions(device)
-    if len(candidates) == 1:
-        return "fp32", {}, {}
-    if features is None:
-        shape = (1, *model.grid, model.feature_dim) if getattr(model, "has_attention", False) and model.grid \
-            else (1, model.feature_dim)
-        features = torch.zeros(shape)
-    timings, packs = {}, {}
-    was = getattr(model, "_packed", None)
-    try:
-        for p in candidates:
-            packs[p] = prepare(model, p)._packed
-            timings[p] = time_step(model, features)
-    finally:
-        model._packed = was
-    best = min(timings, key=timings.get)
-    if timings[best] > 0.9 * timings["fp32"]:
-        best = "fp32"
-    return best, timings, packs

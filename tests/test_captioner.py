@@ -349,6 +349,63 @@ def test_config_with_an_unknown_backbone_or_bad_json(broken):
         load(broken)
 
 
+def _edit_config(folder: Path, change) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    change(config)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda c: c.update(extra=["x"]), "extra must be a JSON object"),
+    (lambda c: c.update(extra={"decoding": {"max_len": 0}}), "max_len must be between 1 and 100"),
+    (lambda c: c.update(extra={"decoding": {"beam_size": "wide"}}), "beam_size must be a whole number"),
+    (lambda c: c.update(extra={"decoding": {"alpha": -1}}), "alpha must be >= 0"),
+    (lambda c: c.update(extra={"decoding": ["beam"]}), "must be a JSON object"),
+    (lambda c: c.update(decoder="transformer"), "names decoder 'transformer'"),
+    (lambda c: c.update(vocab_size="many"), "cannot load"),
+], ids=["extra-list", "max-len-0", "beam-word", "alpha-negative", "decoding-list", "unknown-decoder", "vocab-size-word"])
+def test_every_bad_config_is_a_model_load_error_at_load(broken, change, words):
+    """Bug 4 of issue 21: a config.json that cannot work fails at load with a ModelLoadError, never later
+    (max_len 0 used to load and fail at the first caption) and never as another exception."""
+    _edit_config(broken, change)
+    with pytest.raises(ModelLoadError, match=words):
+        load(broken)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("tensor", ["init_c.weight", "head.bias"])
+def test_non_finite_weights_are_a_model_load_error(broken, value, tensor):
+    """NaN in init_c once gave one caption for every photo with exit 0; NaN elsewhere an IndexError at the
+    first caption (in the app: at warm-up)."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(broken / "model.safetensors")
+    weights[tensor][0] = value
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=f"NaN or infinite values .*{tensor}"):
+        load(broken)
+
+
+def test_non_finite_weights_stop_the_cli_and_the_app_with_one_line(broken, tmp_path):
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(broken / "model.safetensors")
+    weights["lstm.weight_hh_l0"][3, 3] = float("nan")
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    photo = tmp_path / "p.png"
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(photo)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    for cmd, code in (([sys.executable, "-m", "storyteller", "caption", "--model", str(broken), str(photo)], 2),
+                      ([sys.executable, "app.py", "--model", str(broken), "--port", "0"], 1)):
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+        lines = [line for line in r.stderr.splitlines() if line.strip() and "Warning" not in line]
+        assert r.returncode == code, r.stderr
+        assert len(lines) == 1 and "NaN or infinite" in lines[0] and "Traceback" not in r.stderr, r.stderr
+
+
 def test_backbone_feature_size_must_match_the_decoder(cap):
     class Wrong(torch.nn.Module):
         feature_dim = 7

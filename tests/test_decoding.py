@@ -3,9 +3,8 @@ import itertools
 import pytest
 import torch
 
-from storyteller.attention import ShowAttendTell
+from storyteller.decoders import ShowAndTell, ShowAttendTell
 from storyteller.decoding import beam_search, greedy_search
-from storyteller.model import ShowAndTell
 from storyteller.vocab import Vocabulary
 
 END = Vocabulary.end_id
@@ -218,19 +217,38 @@ def test_attention_maps_are_the_steps_that_chose_each_word():
 
 
 def test_bad_endings_are_never_the_last_word(kind):
-    model = make_model(kind)
-    feats = rand_feats(kind, 6)
-    plain = [c.tokens for c in greedy_search(model, feats, max_len=8)]
-    plain += [c.tokens for caps in beam_search(model, feats, beam_size=3, max_len=8, n_best=3) for c in caps]
-    enders = {model.vocab.itos[t[-1]] for t in plain if t}
-    assert enders, "the test needs captions that end on some word"
-    bad = sorted(enders)
-    caps = greedy_search(model, feats, max_len=8, bad_endings=bad)
-    caps += [c for cs in beam_search(model, feats, beam_size=3, max_len=8, n_best=3, bad_endings=bad) for c in cs]
-    for c in caps:
-        assert not c.finished or model.vocab.itos[c.tokens[-1]] not in bad, c.text
+    """The rule forbids <end> after the words it names, and only there: the word most captions end on is
+    banned as an ending, captions still finish (on other words), and none finishes on it."""
+    from collections import Counter
+
+    model, feats = make_model(kind), rand_feats(kind, 12)
+    with torch.no_grad():  # a model that ends often, on many words (a random one rarely ends at all)
+        model.head.bias[END] += 4.0
+
+    def endings(**kw):  # (finished, last word) of every greedy and beam caption
+        caps = greedy_search(model, feats, max_len=8, **kw)
+        caps += [c for cs in beam_search(model, feats, beam_size=3, max_len=8, n_best=3, **kw) for c in cs]
+        return [(c.finished, model.vocab.itos[c.tokens[-1]]) for c in caps if c.tokens]
+
+    ended = Counter(w for finished, w in endings() if finished)
+    assert ended, "the test needs captions that end"
+    bad = ended.most_common(1)[0][0]
+    finished = [w for done, w in endings(bad_endings=[bad]) if done]
+    assert finished, "the rule must leave finished captions to check"
+    assert bad not in finished
     with pytest.raises(TypeError):
         greedy_search(model, feats, bad_endings="the")
+
+
+def test_non_finite_features_are_a_clear_error(kind):
+    """Bug 5 of issue 21: NaN or inf features gave an empty beam list and an IndexError in greedy search."""
+    model = make_model(kind)
+    for bad in (float("nan"), float("inf")):
+        feats = rand_feats(kind, 3)
+        feats[1].view(-1)[0] = bad
+        for search in (greedy_search, beam_search):
+            with pytest.raises(ValueError, match="NaN or infinite"):
+                search(model, feats, max_len=5)
 
 
 def test_a_caption_comes_back_even_when_every_word_is_forbidden(kind):

@@ -152,22 +152,15 @@ def test_a_decoder_with_bfloat16_log_probabilities_is_searched():
     assert [[c.tokens for c in cs] for cs in got[1]] == [[c.tokens for c in cs] for cs in want[1]]
 
 
-def test_one_topk_for_both_searches_takes_what_max_and_topk_take_apart():
-    """The one pass takes every row's best tokens with one ``topk``; its greedy rows must still get what
-    ``max`` returns (the first of equal values, which ``topk`` does not promise), for a best value that
-    appears once, a few times (all among the k), more than k times, and a row that is all -inf."""
-    from storyteller.decoding import _Beams, _best_tokens, _step_tokens
-
-    V, K = 40, 5
-    g = torch.Generator().manual_seed(0)
-    logp = torch.log_softmax(torch.randn(4 * (1 + K), V, generator=g), -1)
-    logp[1, [31, 7, 19]] = 1.0  # greedy row of image 1: the best value three times (within the k)
-    logp[2, [30, 3, 11, 25, 9, 17, 38]] = 2.0  # image 2: seven times, more than k
-    logp[3] = float("-inf")  # image 3: a row not live
-    logp[4 + 2 * K: 4 + 3 * K, [12, 5, 33, 2, 21, 14]] = 0.5  # beam rows with ties of their own
-    groups = [_Beams(4, 1, True, 0.0, 8), _Beams(4, K, False, 0.5, 8)]
-    merged = _step_tokens(logp, groups, [0, 4])
-    for got, grp, s0 in zip(merged, groups, [0, 4]):
-        want = _best_tokens(logp[s0:s0 + grp.rows], grp)
-        assert got[0].shape == want[0].shape and (got[0] == want[0]).all() and (got[1] == want[1]).all()
-    assert merged[0][1][:, 0].tolist() == logp[:4].max(1).indices.tolist() == [int(logp[0].argmax()), 7, 3, 0]
+def test_greedy_rows_take_the_first_of_tied_best_words_alone_and_beside_beams():
+    """Greedy search takes ``max``'s answer, the lowest id of the best value, also when its rows share a
+    step with beam rows (one pass) and whatever order ``topk`` gives equal values."""
+    V = 4 + len(WORDS)
+    table = torch.full((V, V), -5.0)
+    table[:, 4:] = torch.log(torch.tensor([0.1, 0.3, 0.3, 0.3]))  # "b", "c", "d" tie after every word
+    table[:, END] = -3.0  # (the tied words beat <end>)
+    model = MarkovDecoder(torch.log_softmax(table, -1))
+    alone = greedy_search(model, torch.zeros(3, 1), max_len=4)
+    together, _ = greedy_and_beam_search(model, torch.zeros(3, 1), beam_size=3, max_len=4, alpha=0.5)
+    want = [5, 5, 5, 5]  # "b" every time: the first of the three tied ids
+    assert [c.tokens for c in alone] == [c.tokens for c in together] == [want] * 3

@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     try:
         model = load_decoder(args.model).to(device).eval()
-        precision = use_precision(model, args.precision if device.type == "cpu" else "fp32")[0]
+        precision = use_precision(model, args.precision if device.type == "cpu" else "fp32")
     except (ValueError, OSError) as e:
         sys.exit(f"{args.model}: {e}")
     attention = bool(getattr(model, "has_attention", False))

@@ -260,7 +260,7 @@ class TeacherForcing(torch.nn.Module):
         if getattr(m, "has_attention", False):
             out, alphas = m.unroll(features, inputs)  # (B, T-1, H), (B, T-1, R)
         else:
-            out, _ = m.lstm(m.embed_dropout(m.embed(inputs)), m.init_state(features))  # (B, T-1, H)
+            out, _ = m.lstm(m.embed_dropout(m.embed(inputs)), m.initial_lstm_state(features))  # (B, T-1, H)
         # Flat indices of the real positions (up to and including <end>), built from the CPU lengths:
         # a boolean mask on the GPU tensor would make the host wait for the GPU at every step.
         B, T = inputs.shape

@@ -1,0 +1,69 @@
+"""Every shipped model gives the example photos the captions pinned in tests/golden_captions.json, in fp32 and
+int8: a refactor of the decoders, the searches or the precision code that changes a caption fails here
+(the card figures' tolerance would not notice three captions changing out of five).
+
+    python tests/test_golden_captions.py --write     # re-pin, only when a model or its decoding changes on purpose
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = REPO / "tests" / "golden_captions.json"
+PHOTOS = sorted((REPO / "examples").glob("*.jpg"))
+LOG_PROB_TOLERANCE = 2e-3  # float rounding of the backbone and the products differs a little between CPUs
+
+
+def caption_examples(model: str, precision: str) -> dict[str, dict]:
+    """The pinned fields of every example photo's captions by ``model`` in ``precision``."""
+    from storyteller.captioner import load
+
+    captioner = load(str(REPO / model), precision=precision)
+    results = captioner.caption([str(p) for p in PHOTOS], n_best=captioner.decoding["beam_size"])
+    return {p.name: {"greedy": r.greedy.text, "greedy_log_prob": round(r.greedy.log_prob, 5),
+                     "beam": [c.text for c in r.beam], "beam_log_prob": [round(c.log_prob, 5) for c in r.beam]}
+            for p, r in zip(PHOTOS, results)}
+
+
+def golden() -> dict:
+    return json.loads(GOLDEN.read_text(encoding="utf-8"))["models"]
+
+
+CASES = [(m, p) for m, by_precision in golden().items() for p in by_precision]
+
+
+@pytest.mark.parametrize("model,precision", CASES, ids=[f"{m.split('/')[-1]}-{p}" for m, p in CASES])
+def test_shipped_models_caption_the_examples_as_pinned(model, precision):
+    from storyteller.precision import supported_precisions
+
+    if precision != "fp32" and precision not in supported_precisions():
+        pytest.skip(f"no {precision} kernel on this CPU")
+    if not (REPO / model / "model.safetensors").is_file():
+        pytest.fail(f"{model} is pinned but not shipped: re-pin with `python tests/test_golden_captions.py --write`")
+    want, got = golden()[model][precision], caption_examples(model, precision)
+    assert sorted(got) == sorted(want), "the example photos changed: re-pin"
+    for photo, w in want.items():
+        g = got[photo]
+        assert (g["greedy"], g["beam"]) == (w["greedy"], w["beam"]), photo
+        assert g["greedy_log_prob"] == pytest.approx(w["greedy_log_prob"], abs=LOG_PROB_TOLERANCE), photo
+        assert g["beam_log_prob"] == pytest.approx(w["beam_log_prob"], abs=LOG_PROB_TOLERANCE), photo
+
+
+def write(models: list[str]) -> None:
+    """Pin ``models`` (paths relative to the repository) in fp32 and int8."""
+    data = json.loads(GOLDEN.read_text(encoding="utf-8")) if GOLDEN.is_file() else {"about": "", "models": {}}
+    for model in models:
+        data["models"][model] = {p: caption_examples(model, p) for p in ("fp32", "int8")}
+    GOLDEN.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    if "--write" not in sys.argv:
+        sys.exit("usage: python tests/test_golden_captions.py --write [MODEL...]  (default: every shipped model)")
+    sys.path.insert(0, str(REPO))
+    names = [a for a in sys.argv[1:] if a != "--write"]
+    write(names or sorted(str(p.parent.relative_to(REPO)) for p in (REPO / "models").glob("*/model.safetensors")))
