@@ -46,7 +46,7 @@ from storyteller.attention import ShowAttendTell, attention_penalty
 from storyteller.model import ShowAndTell, decoder_classes
 from storyteller.vocab import SPECIAL_TOKENS, Vocabulary
 from train import trainer
-from train.evaluate import decode_all
+from train.evaluate import MAX_LEN_HELP, decode_all
 from train.trainer import default_amp  # noqa: F401  (public here too: tests/test_precision.py imports it from fit)
 
 CHECKPOINT_FORMAT = "storyteller-fit-checkpoint-v1"
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation figure that picks the exported epoch and drives early stopping")
     v.add_argument("--patience", type=int, default=5,
                    help="stop after this many epochs without a better --select figure (0: never stop early)")
-    v.add_argument("--max-len", type=int, default=20, help="validation greedy captions: " + trainer.MAX_LEN_HELP)
+    v.add_argument("--max-len", type=int, default=20, help="validation greedy captions: " + MAX_LEN_HELP)
     v.add_argument("--eval-batch-size", type=int, default=500, help="images per greedy-decoding / val-loss batch")
 
     r = p.add_argument_group("runtime")

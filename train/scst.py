@@ -55,7 +55,7 @@ from storyteller.model import load_decoder
 from storyteller.rules import BAD_ENDINGS_HELP, parse_bad_endings, step_mask
 from storyteller.vocab import Vocabulary
 from train import fit, trainer
-from train.evaluate import DECODING_FALLBACK, caption_statistics, decode_all
+from train.evaluate import DECODING_FALLBACK, MAX_LEN_HELP, caption_statistics, decode_all
 from train.reward import CaptionReward, parse_reward_weights
 
 CHECKPOINT_FORMAT = "storyteller-scst-checkpoint-v1"
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--baseline", choices=["mean", "greedy"], default="mean",
                    help="mean: mean reward of the image's other K-1 samples; greedy: reward of its greedy caption")
     s.add_argument("--reward", default="cider:1", help="reward mix NAME:WEIGHT,... of cider (CIDEr-D) and bleu4")
-    s.add_argument("--max-len", type=int, default=20, help="sampled captions: " + trainer.MAX_LEN_HELP)
+    s.add_argument("--max-len", type=int, default=20, help="sampled captions: " + MAX_LEN_HELP)
     s.add_argument("--epochs", type=int, default=5, help="most epochs (passes over the training images)")
     s.add_argument("--batch-size", type=int, default=50, help="images per step (per process under torchrun)")
     s.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate (constant)")

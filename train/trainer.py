@@ -37,9 +37,6 @@ RESUME_MAY_DIFFER = frozenset({"resume", "stop_after_epochs", "export_now", "num
 # fewer than SEED_STRIDE / EPOCH_STRIDE (~990). Checkpointed runs depend on these values: never change them.
 SEED_STRIDE = 1_000_003
 EPOCH_STRIDE = 1_009
-# What --max-len means in fit, scst and evaluate (storyteller.decoding and scst's sampler agree).
-MAX_LEN_HELP = ("most decoder steps per caption: a caption cut at N steps has N words (no <end>); "
-                "one that ends itself has at most N-1 words")
 
 
 def order_seed(seed: int, epoch: int) -> int:
