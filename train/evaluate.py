@@ -13,8 +13,11 @@ the model as it is used. Features come from ``--features`` (a cache checked agai
 backbone spec) or are computed live from the photos with the model's own backbone and
 preprocessing. The JSON holds, per decoding method, every figure of ``evaluate_captions``
 (BLEU-1..4, CIDEr-D, unigram precision/recall/F1), the mean caption length in words, the number of
-distinct words used, and decoding images/s; the decoding settings used; plus a few examples drawn
-with ``--seed``. ``--report``
+distinct words used, decoding images/s, the 10 most frequent captions with their counts
+(``top_captions``) and, for each stock phrase (``--stock-phrases``, default :data:`STOCK_PHRASES`),
+the share of images whose caption says it against the share of the same images' human references
+that do, and their ratio (``stock_phrases``: a model that says them more often than people do is
+guessing); the decoding settings used; plus a few examples drawn with ``--seed``. ``--report``
 writes the same as Markdown with thumbnails (JPEGs in a folder beside the report).
 ``--write-to-model`` stores the result in the model folder's evaluation.json (and re-renders its
 README.md card), replacing an earlier evaluation of the same dataset (its name or Hub id) and split.

@@ -22,6 +22,8 @@ killed and resumed, and a resumed CPU run ends with bit-identical weights.
 
 Under torchrun every rank takes every world_size-th batch of the same order (a few tail batches are
 dropped so that all ranks take the same number of steps); rank 0 alone validates, logs and writes.
+The skeleton (runtime, argument checks, checkpoints and ``--resume``, early stopping, the epoch loop,
+the model folder) is ``train.trainer``'s, shared with ``train.scst``.
 """
 from __future__ import annotations
 
@@ -732,10 +734,12 @@ def main(argv: list[str] | None = None) -> None:
     trainer.prepare_run_dir(run_dir, args, runtime)
     run = build_run(args, runtime, run_dir, data, ckpt)
     log_start(run)
-    done = args.export_now or trainer.run_epochs(
-        run.progress, runtime, epochs=args.epochs, stop_after=args.stop_after_epochs, patience=args.patience,
-        select=args.select, train_epoch=functools.partial(train_epoch, run), end_epoch=functools.partial(end_epoch, run),
-        sync=functools.partial(share_plateau_lr, run))
+    done = True  # --export-now: the best epoch so far, without training
+    if not args.export_now:
+        done = trainer.run_epochs(run.progress, runtime, epochs=args.epochs, stop_after=args.stop_after_epochs,
+                                  patience=args.patience, select=args.select,
+                                  train_epoch=functools.partial(train_epoch, run),
+                                  end_epoch=functools.partial(end_epoch, run), sync=functools.partial(share_plateau_lr, run))
     if done and runtime.is_main:
         export_best(run_dir, run.progress.best, run.model_kwargs, data.vocab, data.cache, args, data.features,
                     data.val_rows, data.val_refs, run.progress.history, precision=runtime.precision)

@@ -18,20 +18,20 @@ Each step takes a batch of training images and, for each image:
    gradient, and minimises -(reward - baseline) x (mean log-probability of the sample's tokens).
 
 The sampling policy and the re-scored one are the same distribution: both run in eval mode (no
-dropout) and forbid the same tokens (``<pad>``, ``<start>``, ``<unk>``, and ``<end>`` as the first
-word, as greedy and beam search do). The model is touched only through ``init_state``, ``step`` and
-``forward``, and the features of a split come from :func:`load_split_features`, so another decoder
-with that interface trains unchanged.
+dropout) and forbid the same tokens, ``storyteller.rules.step_mask`` (``<pad>``, ``<start>``,
+``<unk>``, and ``<end>`` as the first word; the searches take their rules from there too). The model
+is touched only through ``init_state``, ``step`` and ``forward``, and the features of a split come
+from :func:`load_split_features`, so another decoder with that interface trains unchanged.
 
 Validation after every epoch (and once before the first, the starting model as "epoch 0"): greedy
 and beam search with the starting model's recommended decoding (``config["extra"]["decoding"]``)
 plus the bad-ending rule (``--bad-endings``), BLEU-1..4, CIDEr-D, mean length, distinct words and
 the share of captions ending on a function word. The epoch with the best beam CIDEr-D (the model's
-default decoding) is kept, with early stopping (``--patience``). Engineering as in ``fit``:
-RUN_DIR/args.json, checkpoint.pt (atomic, ``weights_only=True``), metrics.jsonl, reward_curve.png,
-metric_curve.png, ``--resume`` with bit-identical results on CPU, DDP under torchrun (rank r takes
-every world-th batch, gradients averaged), and model/ in the Hub layout with a card that names the
-starting model, with the bad-ending rule in its decoding settings.
+default decoding) is kept, with early stopping (``--patience``). Engineering shared with ``fit``
+(``train.trainer``): RUN_DIR/args.json, checkpoint.pt (atomic, ``weights_only=True``), metrics.jsonl,
+reward_curve.png, metric_curve.png, ``--resume`` with bit-identical results on CPU, DDP under
+torchrun (rank r takes every world-th batch, gradients averaged), and model/ in the Hub layout with a
+card that names the starting model, with the bad-ending rule in its decoding settings.
 """
 from __future__ import annotations
 
