@@ -181,6 +181,121 @@ def _front_matter(config: dict[str, Any], evaluations: list[dict[str, Any]], nam
     return data.to_yaml()
 
 
+def _intro(config: dict[str, Any], name: str, ds_name: str) -> list[str]:
+    backbone = config.get("backbone") or {}
+    return [f"# {name}", "",
+            f"A Show-and-Tell image captioner: a frozen ImageNet **{backbone.get('name', 'CNN')}** turns a photo into "
+            f"one pooled {backbone.get('feature_dim', config.get('feature_dim'))}-d feature, which sets the initial state "
+            f"of an LSTM language model ({config.get('num_layers')} layer(s), hidden {config.get('hidden_dim')}, "
+            f"embeddings {config.get('embed_dim')}, {config.get('vocab_size')} tokens) that writes the caption word by "
+            f"word. Trained with Neural Storyteller on **{ds_name}**.", ""]
+
+
+def _results_section(model_dir: Path, evaluations: list[dict[str, Any]], train_metrics: dict[str, Any],
+                     ds_name: str) -> list[str]:
+    out = ["## Results", ""]
+    for ev in evaluations:
+        rows = [(_method_label(k, m), m) for k, m in ev.get("methods", {}).items()]
+        ngram = ev.get("no_repeat_ngram_size")
+        blocking = "" if ngram is None else f", no repeated {ngram}-grams" if ngram else ", no n-gram blocking"
+        min_len = f", at least {ev['min_len']} words" if ev.get("min_len") not in (None, 1) else ""
+        out += [f"**{ev.get('dataset_name', ds_name)}**, split `{ev.get('split')}`, {ev.get('num_images')} images, "
+                f"max {ev.get('max_len')} words{min_len}, length-normalisation alpha {ev.get('alpha')}{blocking} "
+                f"({'cached features' if ev.get('features') else 'features computed from the photos'}):", "",
+                _metrics_table(rows, [("mean_length", "mean length"), ("vocab_used", "distinct words"),
+                                      ("images_per_s", "images/s")]), ""]
+    if train_metrics:
+        out += [f"Best validation epoch during training (split `{train_metrics.get('split')}`, "
+                f"{train_metrics.get('decoding', 'greedy')}):", "",
+                _metrics_table([("greedy", train_metrics)], [("val_loss", "val loss")]), ""]
+    if not evaluations and not train_metrics:
+        out += ["No scores recorded in this folder.", ""]
+    out += ["BLEU and CIDEr-D are computed as coco-caption does (BLEU on a 0..1 scale, CIDEr-D x10), after the "
+            "project's tokenizer (lowercase, punctuation stripped).", ""]
+    if (model_dir / "loss_curve.png").is_file():
+        out += ["## Training curve", "", "![training and validation loss per epoch](loss_curve.png)", ""]
+    return out
+
+
+def _examples_section(model_dir: Path, examples: list[dict[str, Any]]) -> list[str]:
+    if not examples:
+        return []
+    methods = list(dict.fromkeys(k for ex in examples for k in ex.get("captions", {})))
+    # thumbnails only where the file is in the folder (an upload must then carry examples/ too)
+    examples = [dict(ex, image=ex["image"] if ex.get("image") and (model_dir / ex["image"]).is_file() else None)
+                for ex in examples]
+    show_images = any(ex.get("image") for ex in examples)
+    head = (["image"] if show_images else []) + ["id"] + [re.sub(r"^beam(\d+)$", r"beam \1", m) for m in methods] \
+        + ["references (first two)"]
+    out = ["## Example captions", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for ex in examples:
+        cells = [f"![{ex.get('id')}]({ex['image']})" if ex.get("image") else ""] if show_images else []
+        cells += [f"`{ex.get('id')}`"] + [_cell(ex.get("captions", {}).get(m, "")) for m in methods]
+        cells += ["<br>".join(_cell(r) for r in ex.get("references", [])[:2])]
+        out.append("| " + " | ".join(cells) + " |")
+    out.append("")
+    return out
+
+
+def _details_section(config: dict[str, Any]) -> list[str]:
+    backbone = config.get("backbone") or {}
+    pre = backbone.get("preprocessing") or {}
+    vocab_size = config.get("vocab_size")
+    return ["## Model details", "",
+            f"- **Backbone**: `{backbone.get('name')}` (weights `{backbone.get('weights')}`), frozen; global average "
+            f"pooling gives a {backbone.get('feature_dim')}-d feature.",
+            f"- **Preprocessing**: resize the short side to {pre.get('resize')} ({pre.get('interpolation')}), "
+            f"centre crop {pre.get('crop')}x{pre.get('crop')}, scale to [0, 1], normalise with mean "
+            f"{pre.get('mean')} and std {pre.get('std')}. `config.json` stores this spec; "
+            f"`storyteller.backbones.create_backbone(model.backbone)` rebuilds the same network and transform.",
+            f"- **Decoder**: image feature -> Linear -> tanh -> LSTM initial state (h0, c0); word embeddings "
+            f"({config.get('embed_dim')}) -> LSTM ({config.get('num_layers')} x {config.get('hidden_dim')}) -> Linear over "
+            f"{vocab_size} tokens; dropout {config.get('dropout')}.",
+            f"- **Vocabulary**: `vocab.json`, {vocab_size} tokens including `<pad> <start> <end> <unk>`.", ""]
+
+
+def _training_section(training: dict[str, Any], ds_name: str, hub_id: str | None) -> list[str]:
+    out = ["## Training data", ""]
+    out.append(f"- **Dataset**: {ds_name}" + (f" ([{hub_id}](https://huggingface.co/datasets/{hub_id}))" if hub_id else ""))
+    if training.get("method"):
+        out.append(f"- **Training**: {training['method']}.")
+    if training:
+        out.append(f"- **Splits**: trained on `{training.get('train_split')}` ({training.get('train_images')} images), "
+                   f"model selected on `{training.get('val_split')}` ({training.get('val_images')} images) by "
+                   f"{training.get('select')}; best epoch {training.get('best_epoch')} of {training.get('epochs_run')} run.")
+        hp = training.get("hyperparameters") or {}
+        if hp:
+            out.append("- **Hyperparameters**: " + ", ".join(f"{k} {v}" for k, v in hp.items()) + ".")
+    out.append("")
+    return out
+
+
+def _usage_section(load_from: str, vocab_size: Any, ds_name: str) -> list[str]:
+    out = ["## How to use", "", "```python", "import storyteller", "",
+           f'captioner = storyteller.load("{load_from}")  # decoder + vocabulary + the CNN named in config.json',
+           'print(captioner("photo.jpg"))  # beam-search caption', "```", "",
+           "or step by step:", "", "```python", "from PIL import Image", "",
+           "from storyteller import ShowAndTell, beam_search, greedy_search",
+           "from storyteller.backbones import create_backbone", "",
+           f'model = ShowAndTell.from_pretrained("{load_from}")  # config.json + model.safetensors + vocab.json',
+           "backbone = create_backbone(model.backbone)  # the CNN and preprocessing the decoder was trained with",
+           'features = backbone.encode([Image.open("photo.jpg")])  # (1, feature_dim)',
+           "print(greedy_search(model, features)[0].text)",
+           "print(beam_search(model, features, beam_size=3)[0][0].text)", "```", ""]
+    out += ["## Intended use", "",
+            "Short, literal English descriptions of everyday photos (people, animals, outdoor scenes) for demos, "
+            "teaching and as a baseline for captioning research. Not for accessibility-critical alt text without human "
+            "review, surveillance, or any decision about people.", ""]
+    out += ["## Limitations", "",
+            f"- It only knows the {vocab_size} tokens of its training captions and the kinds of scenes in {ds_name}; "
+            "other photos get plausible-sounding but often wrong captions.",
+            "- One pooled feature per image: counts, spatial relations and small objects are often wrong, and "
+            "captions tend to be generic (the most frequent phrasing wins).",
+            "- It inherits the biases of its training captions (e.g. gendered words guessed from appearance).",
+            "- Scores on a validation split used for model selection are optimistic; compare models on a held-out split.", ""]
+    return out
+
+
 def write_model_card(model_dir: str | os.PathLike, *, repo_id: str | None = None,
                      examples: list[dict[str, Any]] | None = None, license: str = "mit") -> Path:
     """Write ``model_dir/README.md`` (atomically) from the folder's config, evaluation and plot.
@@ -204,108 +319,15 @@ def write_model_card(model_dir: str | os.PathLike, *, repo_id: str | None = None
     if examples is None:
         examples = next((ev["examples"] for ev in evaluations if ev.get("examples")), [])
     ds_name, hub_id = dataset_label(extra.get("dataset"))
-    backbone = config.get("backbone") or {}
-    name = repo_id or re.sub(r"[^\w.-]+", "-", f"neural-storyteller-{ds_name}-{backbone.get('name', 'cnn')}").strip("-")
-    load_from = repo_id or "path/to/this/folder"
-    pre = backbone.get("preprocessing") or {}
-    training = extra.get("training") or {}
-    train_metrics = extra.get("metrics") or {}
-    vocab_size = config.get("vocab_size")
-
-    out = ["---", _front_matter(config, evaluations, name, license).rstrip(), "---", "", f"# {name}", ""]
-    out += [f"A Show-and-Tell image captioner: a frozen ImageNet **{backbone.get('name', 'CNN')}** turns a photo into "
-            f"one pooled {backbone.get('feature_dim', config.get('feature_dim'))}-d feature, which sets the initial state "
-            f"of an LSTM language model ({config.get('num_layers')} layer(s), hidden {config.get('hidden_dim')}, "
-            f"embeddings {config.get('embed_dim')}, {vocab_size} tokens) that writes the caption word by word. "
-            f"Trained with Neural Storyteller on **{ds_name}**.", ""]
-
-    out += ["## Results", ""]
-    for ev in evaluations:
-        rows = [(_method_label(k, m), m) for k, m in ev.get("methods", {}).items()]
-        ngram = ev.get("no_repeat_ngram_size")
-        blocking = "" if ngram is None else f", no repeated {ngram}-grams" if ngram else ", no n-gram blocking"
-        min_len = f", at least {ev['min_len']} words" if ev.get("min_len") not in (None, 1) else ""
-        out += [f"**{ev.get('dataset_name', ds_name)}**, split `{ev.get('split')}`, {ev.get('num_images')} images, "
-                f"max {ev.get('max_len')} words{min_len}, length-normalisation alpha {ev.get('alpha')}{blocking} "
-                f"({'cached features' if ev.get('features') else 'features computed from the photos'}):", "",
-                _metrics_table(rows, [("mean_length", "mean length"), ("vocab_used", "distinct words"),
-                                      ("images_per_s", "images/s")]), ""]
-    if train_metrics:
-        out += [f"Best validation epoch during training (split `{train_metrics.get('split')}`, "
-                f"{train_metrics.get('decoding', 'greedy')}):", "",
-                _metrics_table([("greedy", train_metrics)], [("val_loss", "val loss")]), ""]
-    if not evaluations and not train_metrics:
-        out += ["No scores recorded in this folder.", ""]
-    out += ["BLEU and CIDEr-D are computed as coco-caption does (BLEU on a 0..1 scale, CIDEr-D x10), after the "
-            "project's tokenizer (lowercase, punctuation stripped).", ""]
-    if (model_dir / "loss_curve.png").is_file():
-        out += ["## Training curve", "", "![training and validation loss per epoch](loss_curve.png)", ""]
-
-    if examples:
-        methods = list(dict.fromkeys(k for ex in examples for k in ex.get("captions", {})))
-        # thumbnails only where the file is in the folder (an upload must then carry examples/ too)
-        examples = [dict(ex, image=ex["image"] if ex.get("image") and (model_dir / ex["image"]).is_file() else None)
-                    for ex in examples]
-        show_images = any(ex.get("image") for ex in examples)
-        head = (["image"] if show_images else []) + ["id"] + [re.sub(r"^beam(\d+)$", r"beam \1", m) for m in methods] \
-            + ["references (first two)"]
-        out += ["## Example captions", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-        for ex in examples:
-            cells = [f"![{ex.get('id')}]({ex['image']})" if ex.get("image") else ""] if show_images else []
-            cells += [f"`{ex.get('id')}`"] + [_cell(ex.get("captions", {}).get(m, "")) for m in methods]
-            cells += ["<br>".join(_cell(r) for r in ex.get("references", [])[:2])]
-            out.append("| " + " | ".join(cells) + " |")
-        out.append("")
-
-    out += ["## Model details", "",
-            f"- **Backbone**: `{backbone.get('name')}` (weights `{backbone.get('weights')}`), frozen; global average "
-            f"pooling gives a {backbone.get('feature_dim')}-d feature.",
-            f"- **Preprocessing**: resize the short side to {pre.get('resize')} ({pre.get('interpolation')}), "
-            f"centre crop {pre.get('crop')}x{pre.get('crop')}, scale to [0, 1], normalise with mean "
-            f"{pre.get('mean')} and std {pre.get('std')}. `config.json` stores this spec; "
-            f"`storyteller.backbones.create_backbone(model.backbone)` rebuilds the same network and transform.",
-            f"- **Decoder**: image feature -> Linear -> tanh -> LSTM initial state (h0, c0); word embeddings "
-            f"({config.get('embed_dim')}) -> LSTM ({config.get('num_layers')} x {config.get('hidden_dim')}) -> Linear over "
-            f"{vocab_size} tokens; dropout {config.get('dropout')}.",
-            f"- **Vocabulary**: `vocab.json`, {vocab_size} tokens including `<pad> <start> <end> <unk>`.", ""]
-
-    out += ["## Training data", ""]
-    out.append(f"- **Dataset**: {ds_name}" + (f" ([{hub_id}](https://huggingface.co/datasets/{hub_id}))" if hub_id else ""))
-    if training.get("method"):
-        out.append(f"- **Training**: {training['method']}.")
-    if training:
-        out.append(f"- **Splits**: trained on `{training.get('train_split')}` ({training.get('train_images')} images), "
-                   f"model selected on `{training.get('val_split')}` ({training.get('val_images')} images) by "
-                   f"{training.get('select')}; best epoch {training.get('best_epoch')} of {training.get('epochs_run')} run.")
-        hp = training.get("hyperparameters") or {}
-        if hp:
-            out.append("- **Hyperparameters**: " + ", ".join(f"{k} {v}" for k, v in hp.items()) + ".")
-    out.append("")
-
-    out += ["## How to use", "", "```python", "import storyteller", "",
-            f'captioner = storyteller.load("{load_from}")  # decoder + vocabulary + the CNN named in config.json',
-            'print(captioner("photo.jpg"))  # beam-search caption', "```", "",
-            "or step by step:", "", "```python", "from PIL import Image", "",
-            "from storyteller import ShowAndTell, beam_search, greedy_search",
-            "from storyteller.backbones import create_backbone", "",
-            f'model = ShowAndTell.from_pretrained("{load_from}")  # config.json + model.safetensors + vocab.json',
-            "backbone = create_backbone(model.backbone)  # the CNN and preprocessing the decoder was trained with",
-            'features = backbone.encode([Image.open("photo.jpg")])  # (1, feature_dim)',
-            "print(greedy_search(model, features)[0].text)",
-            "print(beam_search(model, features, beam_size=3)[0][0].text)", "```", ""]
-
-    out += ["## Intended use", "",
-            "Short, literal English descriptions of everyday photos (people, animals, outdoor scenes) for demos, "
-            "teaching and as a baseline for captioning research. Not for accessibility-critical alt text without human "
-            "review, surveillance, or any decision about people.", ""]
-    out += ["## Limitations", "",
-            f"- It only knows the {vocab_size} tokens of its training captions and the kinds of scenes in {ds_name}; "
-            "other photos get plausible-sounding but often wrong captions.",
-            "- One pooled feature per image: counts, spatial relations and small objects are often wrong, and "
-            "captions tend to be generic (the most frequent phrasing wins).",
-            "- It inherits the biases of its training captions (e.g. gendered words guessed from appearance).",
-            "- Scores on a validation split used for model selection are optimistic; compare models on a held-out split.", ""]
-
+    backbone_name = (config.get("backbone") or {}).get("name", "cnn")
+    name = repo_id or re.sub(r"[^\w.-]+", "-", f"neural-storyteller-{ds_name}-{backbone_name}").strip("-")
+    out = ["---", _front_matter(config, evaluations, name, license).rstrip(), "---", ""]
+    out += _intro(config, name, ds_name)
+    out += _results_section(model_dir, evaluations, extra.get("metrics") or {}, ds_name)
+    out += _examples_section(model_dir, examples)
+    out += _details_section(config)
+    out += _training_section(extra.get("training") or {}, ds_name, hub_id)
+    out += _usage_section(repo_id or "path/to/this/folder", config.get("vocab_size"), ds_name)
     path = model_dir / CARD_FILE
     write_text_atomic(path, "\n".join(out))
     return path

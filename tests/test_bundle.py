@@ -70,3 +70,26 @@ def test_bundle_writes_atomically_through_fileio():
     for rel in ("train/bundle.py", "train/report.py", "train/evaluate.py"):
         text = (repo / rel).read_text(encoding="utf-8")
         assert "os.replace" not in text and '".tmp"' not in text, rel
+
+
+def test_bad_endings_mean_the_same_in_bundle_evaluate_and_scst(tmp_path):
+    """``standard`` names storyteller.rules.BAD_ENDINGS everywhere, ``none`` turns the rule off, and a
+    list is words; one parser (storyteller.rules.parse_bad_endings) behind every command."""
+    import argparse
+
+    from storyteller.rules import BAD_ENDINGS
+    from train import evaluate, scst
+
+    src = save_test_model(tmp_path / "src", pretrained_backbone=False)
+    for spec, words in (("standard", list(BAD_ENDINGS)), ("none", []), ("with, A", ["with", "a"])):
+        out = tmp_path / spec.replace(",", "").replace(" ", "")
+        train_main(["bundle", "--model", str(src), "--out", str(out), "--bad-endings", spec])
+        assert json.loads((out / "config.json").read_text(encoding="utf-8"))["extra"]["decoding"].get("bad_endings") == words
+        given = argparse.Namespace(alpha=None, no_repeat_ngram_size=None, max_len=None, min_len=None, beam=None,
+                                   bad_endings=spec)
+        assert evaluate.decoding_settings(given, {})["bad_endings"] == words
+        scst_args = scst.build_parser().parse_args(["--init", "m", "--features", "f", "--out", "o", "--bad-endings", spec])
+        model = ShowAndTell.from_pretrained(src)
+        assert scst.validation_decoding(scst_args, model)["bad_endings"] == [w for w in words if w in model.vocab.stoi]
+    assert scst.build_parser().get_default("bad_endings") == "standard"  # scst's default: the standard list
+    assert evaluate.build_parser().get_default("bad_endings") is None  # evaluate's and bundle's: the model's own

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -278,3 +279,66 @@ def test_live_features_are_the_apps_features_for_big_jpegs(tmp_path):
     full = Captioner(model, backbone, source="m").features([data / "big.jpg"], draft_size=0)
     torch.testing.assert_close(live, app, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(live, full, atol=1e-5, rtol=1e-5)  # the draft decode really is another path
+
+
+def test_stock_phrases_and_frequent_captions_on_hand_made_captions():
+    captions = ["a little boy in a red shirt", "A dog runs.", "a little boy in a red shirt", "little boys play",
+                "a dog runs"]
+    references = [["a boy in a red shirt", "a child"], ["a dog"], ["a little boy plays", "a kid in red"], ["kids"],
+                  ["a dog running", "a brown dog", "the dog runs"]]
+    assert evaluate.frequent_captions(captions, 2) == [{"caption": "a little boy in a red shirt", "count": 2},
+                                                        {"caption": "A dog runs.", "count": 1}]  # ties: first seen
+    assert evaluate.phrase_share(captions, "Little Boy") == 2 / 5  # whole words: "little boys" does not count
+    assert evaluate.phrase_share(captions, "dog runs") == 2 / 5  # the tokenizer drops case and punctuation
+    assert evaluate.phrase_share([], "dog") == 0.0
+    rates = evaluate.stock_phrase_rates(captions, references, ("little boy", "red shirt", "holding a camera"))
+    assert rates["little boy"] == {"model": 2 / 5, "human": 1 / 9, "ratio": pytest.approx(3.6)}
+    assert rates["red shirt"] == {"model": 2 / 5, "human": 1 / 9, "ratio": pytest.approx(3.6)}
+    assert rates["holding a camera"] == {"model": 0.0, "human": 0.0, "ratio": None}  # nobody says it: no ratio
+    assert evaluate.parse_phrases(None) == evaluate.STOCK_PHRASES
+    assert evaluate.parse_phrases("Red shirt, little  boy,,red shirt") == ("red shirt", "little boy")
+    assert evaluate.parse_phrases("none") == ()
+
+
+def test_evaluate_reports_frequent_captions_and_stock_phrases_against_the_references(setup, tmp_path):
+    root, _, cache = setup
+    rows = cache.split("validation")
+    feats = torch.from_numpy(np.asarray(cache.features[rows], dtype=np.float32))
+    greedy = [c.text for c in greedy_search(ShowAndTell.from_pretrained(root / "model"), feats, max_len=6)]
+    said = greedy[0].split()[0]  # a word the model does say, and one phrase the references say
+    result = run(setup, tmp_path, "--features", str(root / "feats"), "--beam", "1", "--max-len", "6",
+                 "--stock-phrases", f"{said},red picture", "--report", str(tmp_path / "r.md"))
+    m = result["methods"]["greedy"]
+    assert m["top_captions"] == [{"caption": c, "count": k} for c, k in Counter(greedy).most_common(10)]
+    refs = [r for row in rows for r in cache.captions[row]]
+    human = sum(" red picture" in f" {r}" for r in refs) / len(refs)
+    assert human == pytest.approx(1 / 6)  # 2 red images of 6, one of their 2 references each
+    assert m["stock_phrases"]["red picture"] == {"model": sum("red picture" in g for g in greedy) / 6,
+                                                 "human": human, "ratio": pytest.approx(
+                                                     sum("red picture" in g for g in greedy) / 6 / human)}
+    model_share = sum(said in g.split() for g in greedy) / 6
+    assert m["stock_phrases"][said]["model"] == model_share > 0
+    report = (tmp_path / "r.md").read_text(encoding="utf-8")
+    assert f"| {greedy[0]} | {Counter(greedy)[greedy[0]]} |" in report
+    assert f"| red picture | {m['stock_phrases']['red picture']['model']:.2%} | {human:.2%} |" in report
+    default = run(setup, tmp_path, "--features", str(root / "feats"), "--beam", "1", "--max-len", "6")
+    assert list(default["methods"]["greedy"]["stock_phrases"]) == list(evaluate.STOCK_PHRASES)
+
+
+def test_max_len_help_says_what_a_step_is_and_the_searches_do_it():
+    """A caption cut at N steps has N words; one that ends itself (<end> is a step) at most N-1."""
+    from train import fit, scst
+
+    for parser in (evaluate.build_parser(), fit.build_parser(), scst.build_parser()):
+        assert evaluate.MAX_LEN_HELP in " ".join(parser.format_help().split())
+    torch.manual_seed(0)
+    vocab = Vocabulary(["a", "b", "c", "d"])
+    model = ShowAndTell(len(vocab), feature_dim=4, embed_dim=4, hidden_dim=8).eval()
+    model.vocab = vocab
+    n = 3
+    feats = torch.randn(40, 4) * 3
+    caps = greedy_search(model, feats, max_len=n) + [b[0] for b in beam_search(model, feats, beam_size=2, max_len=n)]
+    assert {c.finished for c in caps} == {True, False}  # both kinds occur
+    assert all(len(c.tokens) <= n - 1 if c.finished else len(c.tokens) == n for c in caps)
+    texts = evaluate.decode_all(model, feats, 1, max_len=n, batch_size=16)
+    assert max(len(t.split()) for t in texts) == n

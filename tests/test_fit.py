@@ -197,6 +197,36 @@ def test_missing_split_is_one_clear_line(cache, tmp_path):
     assert not (tmp_path / "run").exists()  # nothing written for a run that cannot start
 
 
+@pytest.mark.parametrize("change, message", [
+    (["--batch-size", "0"], r"--batch-size must be >= 1, got 0"),
+    (["--max-len", "0"], r"--max-len must be >= 1, got 0"),
+    (["--epochs", "0"], r"--epochs must be >= 1, got 0"),
+    (["--eval-batch-size", "0"], r"--eval-batch-size must be >= 1, got 0"),
+    (["--dropout", "1.5"], r"--dropout must be between 0 and 1, got 1.5"),
+    (["--lr", "inf"], r"--lr must be >= 0, got inf"),
+    (["--decoder", "attention", "--num-layers", "2"], r"the attention decoder has one LSTM layer"),
+    (["--export-now"], r"--export-now needs --resume"),
+])
+def test_nonsense_arguments_exit_2_with_one_line_before_the_run_starts(cache, tmp_path, capsys, monkeypatch,
+                                                                       change, message):
+    from storyteller.features import FeatureCache
+
+    monkeypatch.setattr(FeatureCache, "open", lambda *a, **k: pytest.fail("read the cache for nonsense arguments"))
+    with pytest.raises(SystemExit, match=message) as e:
+        fit.main(fit_args(cache, tmp_path / "run", *change))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fit: error: ") and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_nonsense_arguments_exit_2_from_the_command_line(cache, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "train", "fit", *fit_args(cache, tmp_path / "run", "--batch-size", "0")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr == "fit: error: --batch-size must be >= 1, got 0\n"
+    assert not (tmp_path / "run").exists()
+
+
 def test_early_stopping_keeps_the_best_epoch(cache, tmp_path):
     # lr 0: every epoch scores exactly the same, so nothing improves after epoch 1
     out = tmp_path / "run"

@@ -145,6 +145,36 @@ def test_sampled_captions_follow_the_decoding_rules(init_run):
         assert Vocabulary.end_id not in words[:-1] and (words[-1] == Vocabulary.end_id or len(words) == 6)
 
 
+def test_policy_loss_is_the_samplers_distribution_averaged_per_token_then_per_sample():
+    """-mean over samples of advantage x mean log-probability of the sample's tokens, under the
+    distribution the sampler drew from (no <pad>/<start>/<unk>, no <end> as the first word), against
+    a plain step-by-step reference. Kills a summed loss (over tokens or samples) and a re-scored
+    policy without the sampler's masks (an untrained 7-token model puts ~3/7 of its mass on them)."""
+    torch.manual_seed(0)
+    vocab = Vocabulary(["a", "b", "c"])
+    model = ShowAndTell(len(vocab), feature_dim=6, embed_dim=8, hidden_dim=8).eval()
+    feats = torch.randn(2, 6)
+    caps, lengths = scst.sample_captions(model, feats, 3, 5, torch.Generator().manual_seed(3))  # 6 samples
+    assert len(set(lengths.tolist())) > 1  # several lengths: a per-token mean differs from a sum
+    advantage = torch.tensor([1.0, -0.5, 2.0, 0.25, -1.0, 0.75])
+    images = torch.arange(2).repeat_interleave(3)
+    loss = scst.policy_loss(model, feats, caps, lengths, advantage, images)
+
+    banned = [Vocabulary.pad_id, Vocabulary.start_id, Vocabulary.unk_id]
+    expected = 0.0
+    with torch.no_grad():
+        for s in range(6):
+            state = model.init_state(feats[images[s]][None])
+            total = 0.0
+            for t in range(int(lengths[s]) - 1):
+                logp, state = model.step(caps[s, t:t + 1], state)
+                allowed = logp[0].clone()
+                allowed[banned + ([Vocabulary.end_id] if t == 0 else [])] = float("-inf")
+                total += float(torch.log_softmax(allowed, 0)[caps[s, t + 1]])
+            expected += float(advantage[s]) * total / (int(lengths[s]) - 1)
+    assert float(loss.detach()) == pytest.approx(-expected / 6, abs=1e-5)
+
+
 def test_forward_rows_match_the_models_packed_order(init_run):
     model, _ = scst.load_init_model(str(init_run))
     caps, lengths = scst.sample_captions(model, torch.randn(5, model.feature_dim), 3, 7, torch.Generator().manual_seed(1))
@@ -238,6 +268,29 @@ def test_killed_then_resumed_scst_ends_with_identical_weights(init_run, cache, t
     assert c["epoch"] == 3 and all(torch.equal(a["model"][k], c["model"][k]) for k in a["model"])
 
 
+def test_resumed_scst_early_stops_at_the_same_epoch_as_an_uninterrupted_run(init_run, cache, tmp_path):
+    """lr 0: every epoch scores exactly as epoch 0, so patience 2 stops after epoch 2. A run killed
+    after epoch 1 (its patience counter at 1) must stop there too when resumed, and a resumed run
+    that already stopped trains nothing more."""
+    early = ("--epochs", "6", "--lr", "0", "--patience", "2")
+
+    def epochs(run: Path) -> list[int]:
+        return [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    scst.main(scst_args(init_run, cache, straight, *early))
+    assert epochs(straight) == [0, 1, 2]
+    scst.main(scst_args(init_run, cache, resumed, *early, "--stop-after-epochs", "1"))
+    ckpt = torch.load(resumed / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["bad_epochs"] == 1 and not ckpt["stopped"]
+    scst.main(scst_args(init_run, cache, resumed, *early, "--resume"))
+    assert epochs(resumed) == epochs(straight)
+    done = torch.load(resumed / "checkpoint.pt", weights_only=True)
+    assert done["stopped"] and done["bad_epochs"] == 2 and done["best"]["epoch"] == 0
+    scst.main(scst_args(init_run, cache, resumed, *early, "--resume"))
+    assert epochs(resumed) == [0, 1, 2]
+
+
 def test_greedy_baseline_and_bleu_mix_run(init_run, cache, tmp_path):
     out = tmp_path / "g"
     scst.main(scst_args(init_run, cache, out, "--epochs", "1", "--baseline", "greedy", "--reward", "cider:1,bleu4:0.5"))
@@ -247,13 +300,32 @@ def test_greedy_baseline_and_bleu_mix_run(init_run, cache, tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     (["--val-split", "test"], r"no split 'test'; splits present"),
-    (["--reward", "meteor:1"], r"--reward: expected NAME:WEIGHT"),
-    (["--samples", "1"], r"needs --samples >= 2"),
 ])
 def test_user_mistakes_are_one_clear_line(init_run, cache, tmp_path, change, message):
     with pytest.raises(SystemExit, match=message):
         scst.main(scst_args(init_run, cache, tmp_path / "run", *change))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--max-len", "0"], r"--max-len must be >= 1, got 0"),
+    (["--samples", "0", "--baseline", "greedy"], r"--samples must be >= 1, got 0"),
+    (["--batch-size", "0"], r"--batch-size must be >= 1, got 0"),
+    (["--eval-batch-size", "-1"], r"--eval-batch-size must be >= 1"),
+    (["--lr", "nan"], r"--lr must be >= 0, got nan"),
+    (["--samples", "1"], r"needs --samples >= 2"),
+    (["--reward", "meteor:1"], r"--reward: expected NAME:WEIGHT"),
+    (["--bad-endings", " , "], r"--bad-endings: expected 'standard', 'none' or comma-separated words"),
+])
+def test_nonsense_arguments_exit_2_with_one_line_before_the_run_starts(init_run, cache, tmp_path, capsys, monkeypatch,
+                                                                       change, message):
+    monkeypatch.setattr(scst, "load_init_model", lambda init: pytest.fail("loaded a model for nonsense arguments"))
+    with pytest.raises(SystemExit, match=message) as e:
+        scst.main(scst_args(init_run, cache, tmp_path / "run", *change))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("scst: error: ") and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # no run folder, no validation
 
 
 def test_model_and_cache_that_do_not_belong_together_are_refused(init_run, cache, tmp_path):
@@ -298,18 +370,30 @@ def test_bad_endings_are_never_the_last_word_and_flow_through_bundle_evaluate_an
     model = ShowAndTell.from_pretrained(out / "model")
     assert model.extra["decoding"]["bad_endings"] == ["table", "here"]  # words of its vocabulary only
 
-    # the words the starting model ends its captions on most: with the rule, no finished caption ends on them
+    # the words the starting model ends its captions on most, as bad endings: <end> right after them is
+    # forbidden, nothing else. Greedy shows it exactly: a caption that ended on one goes on from the same
+    # prefix to a finished caption that does not; every other caption is unchanged; the words still occur.
     c = FeatureCache.open(cache)
     init, _ = scst.load_init_model(str(init_run))
     feats = scst.load_split_features(c, c.split("validation"), init)
     free = decoding.greedy_search(init, feats, max_len=12)
     ends = Counter(cap.tokens[-1] for cap in free if cap.finished and cap.tokens)
     words = [init.vocab.itos[i] for i, _ in ends.most_common(2)]
-    assert sum(n for _, n in ends.most_common(2)) >= len(free) // 3  # what the model would do
-    for caps in (decoding.greedy_search(init, feats, max_len=12, bad_endings=words),
-                 [b[0] for b in decoding.beam_search(init, feats, beam_size=3, max_len=12, bad_endings=words)]):
-        assert not any(cap.finished and init.vocab.itos[cap.tokens[-1]] in words for cap in caps)
-        assert any(cap.finished for cap in caps)
+    bad = {init.vocab.stoi[w] for w in words}
+    hit = [cap.finished and cap.tokens[-1] in bad for cap in free]
+    assert sum(hit) >= len(free) // 3  # what the model would do
+    ruled = decoding.greedy_search(init, feats, max_len=12, bad_endings=words)
+    for before, after, changed in zip(free, ruled, hit):
+        if changed:
+            n = len(before.tokens)
+            assert after.tokens[:n] == before.tokens and len(after.tokens) > n, (before.text, after.text)
+            assert after.finished and after.tokens[-1] not in bad, after.text
+        else:
+            assert after.tokens == before.tokens and after.finished == before.finished
+    assert any(t in bad for cap in ruled for t in cap.tokens)  # the words themselves are not banned
+    beams = [b[0] for b in decoding.beam_search(init, feats, beam_size=3, max_len=12, bad_endings=words)]
+    assert not any(cap.finished and cap.tokens[-1] in bad for cap in beams)
+    assert sum(cap.finished for cap in beams) >= len(beams) // 2
 
     # the rule travels: captioner hints, evaluate's settings (and --bad-endings none), bundle
     assert decoding_hints(model.extra)["bad_endings"] == ("table", "here")

@@ -24,10 +24,14 @@ from safetensors.torch import save_file
 from storyteller.card import public_dataset, published_local_paths, write_model_card
 from storyteller.fileio import atomic_path, write_json_atomic
 from storyteller.model import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, load_decoder
+from storyteller.rules import BAD_ENDINGS_HELP, parse_bad_endings
 
 CARRIED_FILES = ("loss_curve.png", "metric_curve.png")
 # The recommended decoding settings a bundle may carry: (lowest, highest) allowed value, None = unbounded.
-DECODING_LIMITS = {"beam_size": (1, None), "alpha": (0.0, None), "no_repeat_ngram_size": (0, None), "max_len": (1, 100)}
+# max_len stops at MAX_DECODING_STEPS: a bound that catches a typo (200 for 20); no caption needs 100 words.
+MAX_DECODING_STEPS = 100
+DECODING_LIMITS = {"beam_size": (1, None), "alpha": (0.0, None), "no_repeat_ngram_size": (0, None),
+                   "max_len": (1, MAX_DECODING_STEPS)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,9 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beam", type=int, default=3, help="recommended beam size")
     p.add_argument("--alpha", type=float, default=0.0, help="recommended length-normalisation alpha")
     p.add_argument("--no-repeat-ngram-size", type=int, default=0, help="recommended n-gram blocking (0: off)")
-    p.add_argument("--max-len", type=int, default=20, help="recommended most decoding steps (1..100)")
-    p.add_argument("--bad-endings", default=None,
-                   help="comma-separated words after which <end> is forbidden, 'none': off (unset: the model's own)")
+    p.add_argument("--max-len", type=int, default=20,
+                   help=f"recommended most decoding steps (1..{MAX_DECODING_STEPS}): a caption cut at N steps has N "
+                        "words, one that ends itself at most N-1")
+    p.add_argument("--bad-endings", default=None, help=BAD_ENDINGS_HELP + " (unset: the model's own)")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored weight dtype")
     return p
 
@@ -119,9 +124,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     decoding = {"beam_size": args.beam, "alpha": args.alpha, "no_repeat_ngram_size": args.no_repeat_ngram_size,
                 "max_len": args.max_len}
-    if args.bad_endings is not None:
-        decoding["bad_endings"] = [] if args.bad_endings == "none" else [w.strip() for w in args.bad_endings.split(",") if w.strip()]
     try:
+        bad_endings = parse_bad_endings(args.bad_endings)
+        if bad_endings is not None:
+            decoding["bad_endings"] = bad_endings
         validate_decoding(decoding)
     except ValueError as e:
         parser.error(str(e))

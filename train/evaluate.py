@@ -13,8 +13,11 @@ the model as it is used. Features come from ``--features`` (a cache checked agai
 backbone spec) or are computed live from the photos with the model's own backbone and
 preprocessing. The JSON holds, per decoding method, every figure of ``evaluate_captions``
 (BLEU-1..4, CIDEr-D, unigram precision/recall/F1), the mean caption length in words, the number of
-distinct words used, and decoding images/s; the decoding settings used; plus a few examples drawn
-with ``--seed``. ``--report``
+distinct words used, decoding images/s, the 10 most frequent captions with their counts
+(``top_captions``) and, for each stock phrase (``--stock-phrases``, default :data:`STOCK_PHRASES`),
+the share of images whose caption says it against the share of the same images' human references
+that do, and their ratio (``stock_phrases``: a model that says them more often than people do is
+guessing); the decoding settings used; plus a few examples drawn with ``--seed``. ``--report``
 writes the same as Markdown with thumbnails (JPEGs in a folder beside the report).
 ``--write-to-model`` stores the result in the model folder's evaluation.json (and re-renders its
 README.md card), replacing an earlier evaluation of the same dataset (its name or Hub id) and split.
@@ -31,8 +34,10 @@ import random
 import re
 import sys
 import time
-from pathlib import Path
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,10 +49,21 @@ from storyteller.decoding import beam_search, greedy_search
 from storyteller.fileio import atomic_path, write_json_atomic, write_text_atomic
 from storyteller.model import ShowAndTell, load_decoder
 from storyteller.precision import use_precision
+from storyteller.rules import BAD_ENDINGS_HELP, parse_bad_endings
 from storyteller.vocab import tokenize
 
 EVALUATION_FORMAT = "storyteller-evaluation-v1"
-THUMBNAIL_SIZE = 256
+THUMBNAIL_SIZE = 256  # longest side of the report's JPEG thumbnails, in pixels
+THUMBNAIL_QUALITY = 85  # their JPEG quality: small files, no visible blocks at this size
+# Phrases a captioner says when it guesses rather than sees (issue 24's blind read of unseen photos:
+# "holding a camera" for a baby with a flag, "a little girl" for adult golfers, stock clothing):
+# evaluate counts how often its captions say each against the same images' human references.
+STOCK_PHRASES = ("in front of a building", "holding a camera", "red shirt", "little boy", "little girl")
+# What --max-len means in evaluate, fit and scst (storyteller.decoding's searches and scst's sampler agree).
+MAX_LEN_HELP = ("most decoder steps per caption: a caption cut at N steps has N words (no <end>); "
+                "one that ends itself has at most N-1 words")
+TOP_CAPTIONS = 10  # most frequent captions listed per decoding method
+WARMUP_IMAGES, WARMUP_STEPS = 2, 2  # one tiny decode before timing: first-call allocations are not in images/s
 # Decoding when neither the command line nor the model's config["extra"]["decoding"] says otherwise:
 # the captioner's (and so the app's and the CLI's) defaults.
 DECODING_FALLBACK = DECODING_DEFAULTS
@@ -69,13 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=None,
                    help="beam search GNMT length-normalisation exponent (unset: the model's recommended, else 0)")
     p.add_argument("--max-len", type=int, default=None,
-                   help="most decoding steps per caption, <end> included (unset: the model's recommended, else 20)")
+                   help=f"{MAX_LEN_HELP} (unset: the model's recommended, else 20)")
     p.add_argument("--no-repeat-ngram-size", type=int, default=None,
                    help="forbid repeating n-grams of this size, 0: off (unset: the model's recommended, else 0)")
     p.add_argument("--min-len", type=int, default=None,
                    help="fewest words before <end> (unset: the model's recommended, else 1)")
-    p.add_argument("--bad-endings", default=None,
-                   help="comma-separated words after which <end> is forbidden, 'none': off (unset: the model's recommended)")
+    p.add_argument("--bad-endings", default=None, help=BAD_ENDINGS_HELP + " (unset: the model's recommended)")
+    p.add_argument("--stock-phrases", default=None,
+                   help="comma-separated phrases whose share of captions is compared with the human references', "
+                        "'none': off (unset: " + ", ".join(STOCK_PHRASES) + ")")
     p.add_argument("--batch-size", type=int, default=256, help="images per decoding / feature-extraction batch")
     p.add_argument("--workers", type=int, default=0, help="DataLoader processes decoding photos for live features")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
@@ -149,9 +167,11 @@ def decoding_settings(args: argparse.Namespace, extra: dict[str, Any] | None) ->
     given = {"alpha": args.alpha, "no_repeat_ngram_size": args.no_repeat_ngram_size, "max_len": args.max_len,
              "min_len": args.min_len}
     settings = {k: recommended[k] if v is None else v for k, v in given.items()}
-    bad = getattr(args, "bad_endings", None)
-    settings["bad_endings"] = list(recommended["bad_endings"] if bad is None else [] if bad == "none"
-                                   else [w.strip() for w in bad.split(",") if w.strip()])
+    try:
+        bad = parse_bad_endings(getattr(args, "bad_endings", None))
+    except ValueError as e:
+        sys.exit(str(e))
+    settings["bad_endings"] = list(recommended["bad_endings"] if bad is None else bad)
     beams = args.beam if args.beam is not None else [1, recommended["beam_size"]]
     settings["beams"] = list(dict.fromkeys(beams))
     if any(b < 1 for b in settings["beams"]):
@@ -209,6 +229,76 @@ def caption_statistics(hypotheses: list[str]) -> dict[str, float]:
             "vocab_used": len({w for t in toks for w in t}), "bad_ending_share": bad_ending_share(hypotheses)}
 
 
+def parse_phrases(spec: str | None) -> tuple[str, ...]:
+    """``--stock-phrases`` -> the phrases to count: :data:`STOCK_PHRASES` for None, none for ``none``.
+
+    Args:
+        spec: the option's value (comma-separated phrases).
+    """
+    if spec is None:
+        return STOCK_PHRASES
+    if spec.strip().lower() == "none":
+        return ()
+    return tuple(dict.fromkeys(" ".join(tokenize(p)) for p in spec.split(",") if tokenize(p)))
+
+
+def frequent_captions(captions: Sequence[str], n: int = TOP_CAPTIONS) -> list[dict[str, Any]]:
+    """The ``n`` most frequent captions with their counts, most frequent first (ties: first seen first).
+
+    Args:
+        captions: one caption per image.
+        n: how many.
+    """
+    return [{"caption": c, "count": k} for c, k in Counter(captions).most_common(n)]
+
+
+def phrase_share(captions: Sequence[str], phrase: str) -> float:
+    """Share of ``captions`` that contain ``phrase`` as whole words, after the project's tokenizer (0 for none).
+
+    Args:
+        captions: raw captions.
+        phrase: a phrase (tokenized the same way).
+    """
+    needle = f" {' '.join(tokenize(phrase))} "
+    hits = sum(needle in f" {' '.join(tokenize(c))} " for c in captions)
+    return hits / len(captions) if captions else 0.0
+
+
+def stock_phrase_rates(captions: Sequence[str], references: Sequence[Sequence[str]],
+                       phrases: Sequence[str] = STOCK_PHRASES) -> dict[str, dict[str, float | None]]:
+    """How often the model says each phrase against how often people say it about the same images.
+
+    Args:
+        captions: the model's caption of each image.
+        references: each image's human captions.
+        phrases: the phrases to count.
+
+    Returns:
+        phrase -> ``{"model": share of images whose caption has it, "human": share of the reference
+        captions that have it, "ratio": model / human (None when no reference has it)}``.
+    """
+    refs = [r for rs in references for r in rs]
+    out = {}
+    for phrase in phrases:
+        model, human = phrase_share(captions, phrase), phrase_share(refs, phrase)
+        out[phrase] = {"model": model, "human": human, "ratio": model / human if human > 0 else None}
+    return out
+
+
+def diversity_figures(captions: Sequence[str], references: Sequence[Sequence[str]],
+                      phrases: Sequence[str]) -> dict[str, Any]:
+    """``top_captions`` (:func:`frequent_captions`) and ``stock_phrases`` (:func:`stock_phrase_rates`)
+    of one decoding method; distinct words are ``caption_statistics``'s ``vocab_used``.
+
+    Args:
+        captions: the model's caption of each image.
+        references: each image's human captions.
+        phrases: the stock phrases.
+    """
+    return {"top_captions": frequent_captions(captions),
+            "stock_phrases": stock_phrase_rates(captions, references, phrases)}
+
+
 # -- outputs -------------------------------------------------------------------------------------
 
 def _safe_name(id_: str) -> str:
@@ -227,7 +317,7 @@ def save_thumbnail(image, path: Path) -> None:
     thumb = image.convert("RGB")
     thumb.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
     with atomic_path(path) as tmp:
-        thumb.save(tmp, format="JPEG", quality=85)
+        thumb.save(tmp, format="JPEG", quality=THUMBNAIL_QUALITY)
 
 
 def decoding_summary(result: dict[str, Any]) -> str:
@@ -270,6 +360,7 @@ def render_report(result: dict[str, Any]) -> str:
         out.append(f"| {label} | " + " | ".join(f"{m[k]:.4f}" if isinstance(m[k], float) and k != "images_per_s"
                                                    else f"{m[k]:.1f}" if isinstance(m[k], float) else str(m[k])
                                                    for k, _ in cols) + " |")
+    out += render_diversity(result)
     out += ["", f"## Examples ({len(result['examples'])} random images, seed {result['seed']})", ""]
     for ex in result["examples"]:
         out += [f"### `{ex['id']}`", ""]
@@ -279,6 +370,31 @@ def render_report(result: dict[str, Any]) -> str:
             out.append(f"- **{key}**: {text or '(empty)'}")
         out += ["- **ground truth**:"] + [f"  - {r}" for r in ex["references"]] + [""]
     return "\n".join(out)
+
+
+def render_diversity(result: dict[str, Any]) -> list[str]:
+    """Report lines: per decoding method, its distinct words, most frequent captions and stock-phrase
+    rates against the human references (methods without these figures, from older results, are skipped).
+
+    Args:
+        result: the dict written to ``--out``.
+    """
+    out = []
+    for m in result["methods"].values():
+        if "top_captions" not in m:
+            continue
+        label = "greedy" if m["beam"] == 1 else f"beam {m['beam']}"
+        out += ["", f"## {label}: distinct words, frequent captions, stock phrases", "",
+                f"{m['vocab_used']} distinct words over {result['num_images']} captions.", "",
+                "| most frequent captions | count |", "|---|---|"]
+        out += [f"| {c['caption'] or '(empty)'} | {c['count']} |" for c in m["top_captions"]]
+        if m.get("stock_phrases"):
+            out += ["", "| phrase | model (share of images) | people (share of references) | model / people |",
+                    "|---|---|---|---|"]
+            for phrase, r in m["stock_phrases"].items():
+                ratio = "-" if r["ratio"] is None else f"{r['ratio']:.1f}x"
+                out.append(f"| {phrase} | {r['model']:.2%} | {r['human']:.2%} | {ratio} |")
+    return out
 
 
 def update_model_evaluation(model_dir: Path, result: dict[str, Any], images: dict[str, Any] | None = None) -> Path:
@@ -309,100 +425,181 @@ def update_model_evaluation(model_dir: Path, result: dict[str, Any], images: dic
 
 # -- main ----------------------------------------------------------------------------------------
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """``python -m train evaluate``: see the module docstring and ``--help``.
+@dataclass
+class EvalSplit:
+    """The images of the evaluated split.
+
+    Attributes:
+        ids: image ids.
+        references: each image's human captions.
+        features: (N, F) pooled features, or (N, h, w, F) grids for an attention decoder, on the device.
+        dataset: the dataset's description (feature cache manifest or ``CaptionedImages.description``).
+        extraction: ``{"images_per_s"}`` of live features, None for cached ones.
+        images: the CaptionedImages of ``--dataset`` (thumbnails), or None.
+    """
+
+    ids: list[str]
+    references: list[list[str]]
+    features: torch.Tensor
+    dataset: dict[str, Any]
+    extraction: dict[str, float] | None
+    images: Any
+
+
+def load_model(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, str]:
+    """The decoder in eval mode on ``device`` and the precision of its step weights.
 
     Args:
-        argv: command line without the program name; defaults to ``sys.argv[1:]``.
-
-    Returns:
-        the result dict written to ``--out``.
+        args: the evaluate arguments.
+        device: where it decodes.
     """
-    args = build_parser().parse_args(argv)
-    from storyteller.metrics import evaluate_captions
-
-    if args.features is None and args.dataset is None:
-        sys.exit("give --dataset (features computed live) or --features (a feature cache)")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     try:
         model = load_decoder(args.model).to(device).eval()
         precision = use_precision(model, args.precision if device.type == "cpu" else "fp32")
     except (ValueError, OSError) as e:
         sys.exit(f"{args.model}: {e}")
-    attention = bool(getattr(model, "has_attention", False))
-    decoding = decoding_settings(args, model.extra)
+    return model, precision
 
-    images = None  # CaptionedImages of the split, when --dataset is given
-    if args.dataset is not None:
-        from storyteller.data import open_captioned_images
 
-        try:
-            images = open_captioned_images(args.dataset, args.split, limit_per_split=args.limit if args.limit > 0 else None)
-        except ValueError as e:  # no such split / dataset: say so in one line
-            sys.exit(str(e))
-    extraction = None
-    if args.features is not None:
-        from storyteller.features import FeatureCache, FeatureCacheError
+def open_images(args: argparse.Namespace):
+    """The CaptionedImages of ``--dataset`` (``--limit`` applied), or None without ``--dataset``.
 
-        try:
-            cache = FeatureCache.open(args.features, expect_backbone=model.backbone) if model.backbone else FeatureCache.open(args.features)
-            rows = cache.split(args.split)
-        except FeatureCacheError as e:
-            sys.exit(str(e))
-        if args.limit > 0:
-            rows = rows[: args.limit]
-        ids = [cache.ids[r] for r in rows]
-        references = [cache.captions[r] for r in rows]
-        if attention:
-            try:
-                grid = cache.require_grid()
-            except FeatureCacheError as e:
-                sys.exit(str(e))
-            features = torch.from_numpy(np.asarray(grid[rows], dtype=np.float32)).to(device)  # (N, h, w, F)
-        else:
-            features = torch.from_numpy(np.asarray(cache.features[rows], dtype=np.float32)).to(device)  # (N, F)
-        dataset_desc = cache.manifest.get("dataset") or {}
+    Args:
+        args: the evaluate arguments.
+    """
+    if args.dataset is None:
+        return None
+    from storyteller.data import open_captioned_images
+
+    try:
+        return open_captioned_images(args.dataset, args.split, limit_per_split=args.limit if args.limit > 0 else None)
+    except ValueError as e:  # no such split / dataset: say so in one line
+        sys.exit(str(e))
+
+
+def cached_split(args: argparse.Namespace, model: torch.nn.Module, device: torch.device, images) -> EvalSplit:
+    """The split from ``--features`` (a cache checked against the model's backbone).
+
+    Args:
+        args: the evaluate arguments.
+        model: the decoder.
+        device: where it decodes.
+        images: the ``--dataset`` images (thumbnails) or None.
+    """
+    from storyteller.features import FeatureCache, FeatureCacheError
+
+    try:
+        cache = FeatureCache.open(args.features, expect_backbone=model.backbone) if model.backbone else FeatureCache.open(args.features)
+        rows = cache.split(args.split)
+        grid = cache.require_grid() if getattr(model, "has_attention", False) else None
+    except FeatureCacheError as e:
+        sys.exit(str(e))
+    if args.limit > 0:
+        rows = rows[: args.limit]
+    if grid is not None:
+        features = torch.from_numpy(np.asarray(grid[rows], dtype=np.float32)).to(device)  # (N, h, w, F)
     else:
-        if model.backbone is None:
-            sys.exit(f"{args.model} has no backbone spec in its config.json; give --features from its feature cache")
-        ids = [r.id for r in images.records]
-        references = [r.captions for r in images.records]
-        t0 = time.perf_counter()
-        features = live_features(images, model.backbone, device, args.batch_size, args.workers, grid=attention)
-        extraction = {"images_per_s": round(len(ids) / (time.perf_counter() - t0), 2)}
-        dataset_desc = images.description
-    if not ids:
-        sys.exit(f"no images in split {args.split!r}")
+        features = torch.from_numpy(np.asarray(cache.features[rows], dtype=np.float32)).to(device)  # (N, F)
+    return EvalSplit([cache.ids[r] for r in rows], [cache.captions[r] for r in rows], features,
+                     cache.manifest.get("dataset") or {}, None, images)
+
+
+def live_split(args: argparse.Namespace, model: torch.nn.Module, device: torch.device, images) -> EvalSplit:
+    """The split from the ``--dataset`` photos, features computed with the model's own backbone.
+
+    Args:
+        args: the evaluate arguments.
+        model: the decoder.
+        device: where the backbone and the decoder run.
+        images: the ``--dataset`` images.
+    """
+    if model.backbone is None:
+        sys.exit(f"{args.model} has no backbone spec in its config.json; give --features from its feature cache")
+    t0 = time.perf_counter()
+    features = live_features(images, model.backbone, device, args.batch_size, args.workers,
+                             grid=bool(getattr(model, "has_attention", False)))
+    ids = [r.id for r in images.records]
+    return EvalSplit(ids, [r.captions for r in images.records], features, images.description,
+                     {"images_per_s": round(len(ids) / (time.perf_counter() - t0), 2)}, images)
+
+
+def decode_methods(model: torch.nn.Module, split: EvalSplit, decoding: dict[str, Any], batch_size: int,
+                   phrases: Sequence[str], device: torch.device) -> tuple[dict[str, dict[str, Any]], dict[str, list[str]]]:
+    """Caption the split with every beam size and score it.
+
+    Args:
+        model: the decoder.
+        split: the images.
+        decoding: :func:`decoding_settings`' result.
+        batch_size: images per decoder batch.
+        phrases: the stock phrases to count.
+        device: where it decodes (CUDA is synchronised around the timing).
+
+    Returns:
+        ``(methods, captions)``: per method (``greedy``, ``beamK``) its figures and its captions.
+    """
+    from storyteller.metrics import evaluate_captions
 
     methods: dict[str, dict[str, Any]] = {}
     captions: dict[str, list[str]] = {}
-    decode_all(model, features[:2], max(decoding["beams"]), max_len=2, batch_size=2)  # warm-up
+    decode_all(model, split.features[:WARMUP_IMAGES], max(decoding["beams"]), max_len=WARMUP_STEPS,
+               batch_size=WARMUP_IMAGES)
     settings = {k: decoding[k] for k in ("alpha", "no_repeat_ngram_size", "max_len", "min_len", "bad_endings")}
     for beam in decoding["beams"]:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        texts = decode_all(model, features, beam, batch_size=args.batch_size, **settings)
+        texts = decode_all(model, split.features, beam, batch_size=batch_size, **settings)
         seconds = time.perf_counter() - t0
         key = method_name(beam)
         captions[key] = texts
-        methods[key] = {"beam": beam, **evaluate_captions(texts, references), **caption_statistics(texts),
-                        "images_per_s": len(texts) / seconds}
+        methods[key] = {"beam": beam, **evaluate_captions(texts, split.references), **caption_statistics(texts),
+                        "images_per_s": len(texts) / seconds, **diversity_figures(texts, split.references, phrases)}
         print(f"{key}: BLEU-4 {methods[key]['bleu4']:.4f}  CIDEr-D {methods[key]['cider']:.4f}  "
               f"({methods[key]['images_per_s']:.0f} images/s)", file=sys.stderr)
+    return methods, captions
 
+
+def build_result(args: argparse.Namespace, model: torch.nn.Module, precision: str, split: EvalSplit,
+                 decoding: dict[str, Any], methods: dict[str, dict[str, Any]],
+                 captions: dict[str, list[str]]) -> dict[str, Any]:
+    """The dict written to ``--out``, with ``--examples`` images drawn with ``--seed``.
+
+    The dataset is named by its Hub id or its folder's name (never this machine's path: the result may
+    ship in a model folder), the same whether the features came from a cache or live, so both ways of
+    evaluating one split replace each other in evaluation.json.
+
+    Args:
+        args: the evaluate arguments.
+        model: the decoder.
+        precision: its step weights' precision.
+        split: the images.
+        decoding: :func:`decoding_settings`' result.
+        methods: per method its figures.
+        captions: per method its captions.
+    """
+    ids, references = split.ids, split.references
     pick = sorted(random.Random(args.seed).sample(range(len(ids)), min(args.examples, len(ids))))
-    examples = [{"id": ids[i], "references": references[i], "captions": {k: captions[k][i] for k in captions}} for i in pick]
-    # The dataset by its Hub id or its folder's name (never this machine's path: the result may ship in
-    # a model folder), the same whether the features came from a cache or live, so both ways of
-    # evaluating one split replace each other in evaluation.json.
-    name, hub = dataset_label(dataset_desc if dataset_desc.get("source") else str(args.dataset or ""))
-    features_name = Path(args.features).resolve().name if args.features else None
-    result = {"format": EVALUATION_FORMAT, "model": model_label(args.model), "dataset": hub or name,
-              "dataset_name": name, "split": args.split, "num_images": len(ids), "precision": precision, "features": features_name,
-              "backbone": model.backbone, **settings, "recommended_decoding": decoding_hints(model.extra),
-              "extraction": extraction, "methods": methods, "seed": args.seed, "examples": examples}
+    examples = [{"id": ids[i], "references": references[i], "captions": {k: captions[k][i] for k in captions}}
+                for i in pick]
+    name, hub = dataset_label(split.dataset if split.dataset.get("source") else str(args.dataset or ""))
+    settings = {k: decoding[k] for k in ("alpha", "no_repeat_ngram_size", "max_len", "min_len", "bad_endings")}
+    return {"format": EVALUATION_FORMAT, "model": model_label(args.model), "dataset": hub or name,
+            "dataset_name": name, "split": args.split, "num_images": len(ids), "precision": precision,
+            "features": Path(args.features).resolve().name if args.features else None,
+            "backbone": model.backbone, **settings, "recommended_decoding": decoding_hints(model.extra),
+            "extraction": split.extraction, "methods": methods, "seed": args.seed, "examples": examples}
 
+
+def write_outputs(args: argparse.Namespace, result: dict[str, Any], images) -> None:
+    """``--out``, ``--report`` (with thumbnails beside it) and ``--write-to-model``.
+
+    Args:
+        args: the evaluate arguments.
+        result: :func:`build_result`'s dict (examples get their ``thumbnail`` paths here).
+        images: the ``--dataset`` images, or None (no thumbnails).
+    """
+    examples = result["examples"]
     example_images = {}
     if images is not None and examples:
         index = {r.id: i for i, r in enumerate(images.records)}
@@ -421,6 +618,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not Path(args.model).is_dir():
             sys.exit(f"--write-to-model needs a local model folder; {args.model} is not one")
         update_model_evaluation(Path(args.model), result, example_images)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """``python -m train evaluate``: see the module docstring and ``--help``.
+
+    Args:
+        argv: command line without the program name; defaults to ``sys.argv[1:]``.
+
+    Returns:
+        the result dict written to ``--out``.
+    """
+    args = build_parser().parse_args(argv)
+    phrases = parse_phrases(args.stock_phrases)
+    if args.features is None and args.dataset is None:
+        sys.exit("give --dataset (features computed live) or --features (a feature cache)")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    model, precision = load_model(args, device)
+    decoding = decoding_settings(args, model.extra)
+    images = open_images(args)
+    split = (cached_split if args.features is not None else live_split)(args, model, device, images)
+    if not split.ids:
+        sys.exit(f"no images in split {args.split!r}")
+    methods, captions = decode_methods(model, split, decoding, args.batch_size, phrases, device)
+    result = build_result(args, model, precision, split, decoding, methods, captions)
+    write_outputs(args, result, images)
     return result
 
 

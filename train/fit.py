@@ -22,15 +22,16 @@ killed and resumed, and a resumed CPU run ends with bit-identical weights.
 
 Under torchrun every rank takes every world_size-th batch of the same order (a few tail batches are
 dropped so that all ranks take the same number of steps); rank 0 alone validates, logs and writes.
+The skeleton (runtime, argument checks, checkpoints and ``--resume``, early stopping, the epoch loop,
+the model folder) is ``train.trainer``'s, shared with ``train.scst``.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
-import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -42,18 +43,36 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from storyteller.fileio import write_json_atomic, write_text_atomic
+from storyteller.fileio import write_text_atomic
 from storyteller.attention import ShowAttendTell, attention_penalty
 from storyteller.model import ShowAndTell, decoder_classes
 from storyteller.vocab import SPECIAL_TOKENS, Vocabulary
-from train.evaluate import decode_all
+from train import trainer
+from train.evaluate import MAX_LEN_HELP, decode_all
+from train.trainer import default_amp  # noqa: F401  (public here too: tests/test_precision.py imports it from fit)
 
-CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "storyteller-fit-checkpoint-v1"
 # Arguments that may differ between a run and its --resume: they change nothing about the result.
-RESUME_MAY_DIFFER = {"resume", "stop_after_epochs", "export_now", "num_threads", "progress"}
+RESUME_MAY_DIFFER = trainer.RESUME_MAY_DIFFER
 SELECT_MODES = {"cider": "max", "bleu4": "max", "val_loss": "min"}
+# The validation figures stored with the best epoch (and in the exported model's card).
+BEST_METRICS = ("val_loss", "bleu1", "bleu2", "bleu3", "bleu4", "cider")
 DECODER_TYPES = {"pooled": ShowAndTell.decoder_type, "attention": ShowAttendTell.decoder_type}
+# --schedule plateau: halve the learning rate after 2 epochs (patience 1) without a better validation loss.
+PLATEAU_FACTOR, PLATEAU_PATIENCE = 0.5, 1
+# Teacher-forced validation loss batches hold this many times --eval-batch-size captions: no decoding
+# loop, so much bigger batches fit than for greedy captions.
+VAL_LOSS_BATCH_FACTOR = 5
+EXAMPLES = 5  # validation images captioned in the exported model's card
+BAR_EVERY = 20  # steps between progress-bar updates (each costs a device sync for the loss)
+# (lowest, highest) of each numeric argument (None: no bound); others are refused before anything runs.
+ARGUMENT_LIMITS = {
+    "max_val_images": (0, None), "stop_after_epochs": (0, None), "attention_dim": (1, None), "attention_reg": (0, None),
+    "min_freq": (1, None), "max_caption_words": (1, None), "embed_dim": (1, None), "hidden_dim": (1, None),
+    "num_layers": (1, None), "dropout": (0, 1), "epochs": (1, None), "batch_size": (1, None), "lr": (0, None),
+    "weight_decay": (0, None), "warmup_epochs": (0, None), "min_lr_ratio": (0, 1), "clip_grad": (0, None),
+    "label_smoothing": (0, 1), "bucket": (0, None), "patience": (0, None), "max_len": (1, None),
+    "eval_batch_size": (1, None), "num_threads": (0, None)}
 
 
 # -- arguments -----------------------------------------------------------------------------------
@@ -117,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation figure that picks the exported epoch and drives early stopping")
     v.add_argument("--patience", type=int, default=5,
                    help="stop after this many epochs without a better --select figure (0: never stop early)")
-    v.add_argument("--max-len", type=int, default=20, help="most decoding steps of the validation greedy captions")
+    v.add_argument("--max-len", type=int, default=20, help="validation greedy captions: " + MAX_LEN_HELP)
     v.add_argument("--eval-batch-size", type=int, default=500, help="images per greedy-decoding / val-loss batch")
 
     r = p.add_argument_group("runtime")
@@ -203,7 +222,7 @@ def epoch_order(lengths: torch.Tensor, batch_size: int, seed: int, epoch: int, r
         world_size: number of processes.
         bucket: batches per length-sorted run (0 or 1: plain random batches).
     """
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    g = torch.Generator().manual_seed(trainer.order_seed(seed, epoch))
     perm = torch.randperm(len(lengths), generator=g)
     if bucket > 1:
         batches = []
@@ -371,7 +390,8 @@ def make_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, s
         steps_per_epoch: optimiser steps per epoch (of this rank).
     """
     if args.schedule == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=1)
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=PLATEAU_FACTOR,
+                                                          patience=PLATEAU_PATIENCE)
     warmup = max(0, round(args.warmup_epochs * steps_per_epoch))
     total = max(1, args.epochs * steps_per_epoch)
 
@@ -388,31 +408,6 @@ def make_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, s
 
 
 # -- files ---------------------------------------------------------------------------------------
-
-def save_checkpoint(path: Path, ckpt: dict[str, Any]) -> None:
-    """torch.save of tensors and plain containers only (loadable with weights_only=True), atomically.
-
-    Args:
-        path: destination (RUN_DIR/checkpoint.pt).
-        ckpt: the checkpoint dict.
-    """
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path, fmt: str = CHECKPOINT_FORMAT) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint` without unpickling any code.
-
-    Args:
-        path: the checkpoint file.
-        fmt: the ``format`` it must declare (fit's, or ``train.scst``'s).
-    """
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if ckpt.get("format") != fmt:
-        raise ValueError(f"{path}: not a {fmt} checkpoint (format {ckpt.get('format')!r})")
-    return ckpt
-
 
 def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
     """metrics.jsonl (rewritten from the checkpoint's history, so it always matches it) and the two plots.
@@ -438,134 +433,68 @@ def build_decoder(model_kwargs: dict[str, Any], **more: Any) -> ShowAndTell | Sh
     return decoder_classes()[kind](**model_kwargs, **more)
 
 
-def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+# -- one run: its arguments, data and model ------------------------------------------------------
 
-
-def default_amp(device: torch.device) -> torch.dtype | None:
-    """bfloat16 where it is fast: CUDA GPUs with bf16, and CPUs with bfloat16 instructions, AMX tiles or
-    AVX-512 BF16 (oneDNN runs the LSTM and the GEMMs on them; ~2.3x the fp32 step with AMX in
-    bench/bench_train.py, and the decoding issue measured 3.22x the seed loop with bf16 autocast against
-    fp32's 1.79x on an AVX-512 BF16 CPU without AMX); None (fp32) elsewhere. The same CPU check as
-    ``storyteller.precision`` uses for inference.
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The parsed command line, or exit 2 with one line for nonsense (before any file is written).
 
     Args:
-        device: the training device.
-    """
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    if device.type != "cpu":
-        return None
-    from storyteller.precision import cpu_has_bf16
-
-    return torch.bfloat16 if cpu_has_bf16() else None
-
-
-# -- distributed ---------------------------------------------------------------------------------
-
-def setup_runtime(device_arg: str) -> tuple[int, int, torch.device]:
-    """(rank, world_size, device); joins the process group when launched by torchrun with >1 process.
-
-    Args:
-        device_arg: ``--device`` (auto, cpu, cuda, cuda:N).
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_arg == "auto":
-        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(device_arg)
-        if device.type == "cuda" and device.index is None:  # "cuda": this process's local GPU
-            device = torch.device(f"cuda:{local}")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
-def _broadcast_flag(flag: bool, device: torch.device, world: int) -> bool:
-    if world == 1:
-        return flag
-    t = torch.tensor([int(flag)], device=device)
-    dist.broadcast(t, 0)
-    return bool(t.item())
-
-
-# -- main ----------------------------------------------------------------------------------------
-
-def _check_resume_args(ckpt_path: Path, saved: dict[str, Any], args: argparse.Namespace,
-                       may_differ: set[str] = RESUME_MAY_DIFFER, parser: argparse.ArgumentParser | None = None) -> None:
-    """Refuse to resume a checkpoint with other arguments than the ones it was trained with.
-
-    The arguments compared are the ones stored in the checkpoint, not RUN_DIR/args.json: a fresh
-    start rewrites args.json before its first checkpoint, so a run killed that early leaves an
-    args.json that does not describe the checkpoint beside it.
-
-    Args:
-        ckpt_path: the checkpoint (for the message).
-        saved: the checkpoint's ``args``.
-        args: this invocation's arguments.
-        may_differ: argument names that may change (fit's RESUME_MAY_DIFFER by default).
-        parser: the command's parser (fit's by default), whose defaults stand in for arguments added
-            since the checkpoint was written.
-    """
-    new = vars(args)
-    parser = parser or build_parser()
-    saved = {**{k: parser.get_default(k) for k in new}, **saved}  # args added since: defaults
-    diff = sorted(k for k in set(saved) | set(new) if k not in may_differ and saved.get(k) != new.get(k))
-    if diff:
-        raise SystemExit(f"--resume: arguments differ from those of {ckpt_path}: "
-                         + ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} -> {new.get(k)!r}" for k in diff)
-                         + "; resume with the original arguments, or use a new --out")
-
-
-def _improved(value: float, best: float | None, select: str) -> bool:
-    if best is None:
-        return True
-    return value > best if SELECT_MODES[select] == "max" else value < best
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m train fit``: see the module docstring and ``--help``.
-
-    Args:
-        argv: command line without the program name; defaults to ``sys.argv[1:]``.
+        argv: command line without the program name.
     """
     args = build_parser().parse_args(argv)
-    from storyteller.features import FeatureCache, FeatureCacheError
-    from storyteller.metrics import evaluate_captions
+    trainer.check_ranges("fit", args, ARGUMENT_LIMITS)
+    if args.decoder == "attention" and args.num_layers != 1:
+        trainer.refuse("fit", "the attention decoder has one LSTM layer; drop --num-layers")
+    if args.export_now and not args.resume:
+        trainer.refuse("fit", "--export-now needs --resume and a checkpoint in --out")
+    return args
 
-    rank, world, device = setup_runtime(args.device)
-    is_main = rank == 0
-    if args.num_threads > 0:
-        torch.set_num_threads(args.num_threads)
-    amp_dtype = torch.bfloat16 if args.amp == "bf16" else default_amp(device) if args.amp == "auto" else None
-    run_dir = Path(args.out)
-    ckpt_path = run_dir / CHECKPOINT
-    ckpt = load_checkpoint(ckpt_path) if args.resume and ckpt_path.is_file() else None
-    if ckpt is not None:
-        _check_resume_args(ckpt_path, ckpt["args"], args)
+
+@dataclass
+class FitData:
+    """A split's features and captions in memory, as one run trains on them.
+
+    Attributes:
+        cache: the FeatureCache.
+        features: (N_images, F) float32 pooled features, or (N_images, h, w, F) float16 grids (cast per batch).
+        train_rows: training image rows.
+        val_rows: validation image rows (``--max-val-images`` applied).
+        vocab: the vocabulary (the checkpoint's when resuming).
+        train_pairs: every training (image, caption) pair, encoded.
+        val_pairs: every validation pair, encoded.
+        val_refs: the validation images' raw references.
+    """
+
+    cache: Any
+    features: torch.Tensor
+    train_rows: np.ndarray
+    val_rows: np.ndarray
+    vocab: Vocabulary
+    train_pairs: CaptionPairs
+    val_pairs: CaptionPairs
+    val_refs: list[list[str]]
+
+
+def load_data(args: argparse.Namespace, device: torch.device, ckpt: dict[str, Any] | None) -> FitData:
+    """Every feature in memory (on ``device``) and every caption encoded once.
+
+    Args:
+        args: the fit arguments.
+        device: the training device.
+        ckpt: the checkpoint being resumed (its vocabulary), or None.
+
+    Raises:
+        SystemExit: a missing cache, split or grid (one line naming what is there).
+    """
+    from storyteller.features import FeatureCache, FeatureCacheError
+
     try:
         cache = FeatureCache.open(args.features)
-        train_rows = cache.split(args.train_split)
-        val_rows = cache.split(args.val_split)
-    except FeatureCacheError as e:  # missing cache or split: one line naming what is there
+        train_rows, val_rows = cache.split(args.train_split), cache.split(args.val_split)
+        grid = cache.require_grid() if args.decoder == "attention" else None
+    except FeatureCacheError as e:
         raise SystemExit(f"fit: {e}") from None
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_dir / "args.json", vars(args))
-
-    # -- data: every feature in memory (pooled: float32; grids: float16, cast per batch), every caption encoded once --
-    attention = args.decoder == "attention"
-    if attention:
-        if args.num_layers != 1:
-            raise SystemExit("fit: the attention decoder has one LSTM layer; drop --num-layers")
-        try:
-            grid = cache.require_grid()
-        except FeatureCacheError as e:
-            raise SystemExit(f"fit: {e}") from None
+    if grid is not None:
         features = torch.from_numpy(np.array(grid)).to(device)  # (N_images, h, w, F) float16 (a writable copy)
     else:
         features = torch.from_numpy(np.asarray(cache.features, dtype=np.float32)).to(device)  # (N_images, F)
@@ -575,154 +504,251 @@ def main(argv: list[str] | None = None) -> None:
         vocab = Vocabulary(ckpt["vocab"][len(SPECIAL_TOKENS):])
     else:
         vocab = Vocabulary.build((c for r in train_rows for c in cache.captions[r]), min_freq=args.min_freq)
-    train_pairs = encode_pairs(train_rows, cache.captions, vocab, args.max_caption_words, device)
-    val_pairs = encode_pairs(val_rows, cache.captions, vocab, args.max_caption_words, device)
-    val_refs = [cache.captions[r] for r in val_rows]
+    return FitData(cache, features, train_rows, val_rows, vocab,
+                   encode_pairs(train_rows, cache.captions, vocab, args.max_caption_words, device),
+                   encode_pairs(val_rows, cache.captions, vocab, args.max_caption_words, device),
+                   [cache.captions[r] for r in val_rows])
 
-    # -- model, optimiser, schedule --
+
+def model_arguments(args: argparse.Namespace, data: FitData) -> dict[str, Any]:
+    """The decoder's init arguments (stored in checkpoints as ``model_kwargs``).
+
+    Args:
+        args: the fit arguments.
+        data: the run's data (vocabulary size, feature size, grid shape).
+    """
+    if args.decoder == "attention":
+        return dict(decoder=ShowAttendTell.decoder_type, vocab_size=len(data.vocab), feature_dim=data.cache.feature_dim,
+                    embed_dim=args.embed_dim, hidden_dim=args.hidden_dim, attention_dim=args.attention_dim,
+                    dropout=args.dropout, grid=list(data.cache.grid_shape))
+    return dict(vocab_size=len(data.vocab), feature_dim=data.cache.feature_dim, embed_dim=args.embed_dim,
+                hidden_dim=args.hidden_dim, num_layers=args.num_layers, dropout=args.dropout)
+
+
+@dataclass
+class FitRun:
+    """Everything one invocation of fit works with.
+
+    Attributes:
+        args: the fit arguments.
+        runtime: rank, world, device, autocast.
+        run_dir: ``--out``.
+        data: features and captions.
+        model: the decoder (vocab attached).
+        model_kwargs: its init arguments.
+        optimizer: AdamW over its parameters.
+        scheduler: the ``--schedule`` learning-rate schedule.
+        forward: the TeacherForcing the step calls (DDP-wrapped under torchrun).
+        progress: epoch, history, best epoch and early-stop state.
+    """
+
+    args: argparse.Namespace
+    runtime: trainer.Runtime
+    run_dir: Path
+    data: FitData
+    model: ShowAndTell | ShowAttendTell
+    model_kwargs: dict[str, Any]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    forward: torch.nn.Module
+    progress: trainer.Progress
+
+
+def build_run(args: argparse.Namespace, runtime: trainer.Runtime, run_dir: Path, data: FitData,
+              ckpt: dict[str, Any] | None) -> FitRun:
+    """Model (seeded by ``--seed``), optimiser and schedule, restored from ``ckpt`` when resuming.
+
+    Args:
+        args: the fit arguments.
+        runtime: the runtime.
+        run_dir: ``--out``.
+        data: the run's data.
+        ckpt: the checkpoint being resumed, or None.
+    """
+    device = runtime.device
     torch.manual_seed(args.seed)
-    if attention:
-        model_kwargs = dict(decoder=ShowAttendTell.decoder_type, vocab_size=len(vocab), feature_dim=cache.feature_dim,
-                            embed_dim=args.embed_dim, hidden_dim=args.hidden_dim, attention_dim=args.attention_dim,
-                            dropout=args.dropout, grid=list(cache.grid_shape))
-    else:
-        model_kwargs = dict(vocab_size=len(vocab), feature_dim=cache.feature_dim, embed_dim=args.embed_dim,
-                            hidden_dim=args.hidden_dim, num_layers=args.num_layers, dropout=args.dropout)
+    model_kwargs = model_arguments(args, data)
     model = build_decoder(model_kwargs).to(device)
-    model.vocab = vocab
+    model.vocab = data.vocab
     # fused AdamW on CUDA: one kernel for all parameters instead of a few per tensor
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                   fused=device.type == "cuda")
-    steps_per_epoch = len(epoch_order(train_pairs.lengths, args.batch_size, args.seed, 0, rank, world, args.bucket))
+    steps_per_epoch = len(epoch_order(data.train_pairs.lengths, args.batch_size, args.seed, 0, runtime.rank,
+                                      runtime.world, args.bucket))
     scheduler = make_scheduler(optimizer, args, steps_per_epoch)
-    start_epoch, history = 0, []
-    best = {"epoch": -1, "value": None, "metrics": {}, "model": None}
-    bad_epochs, stopped = 0, False
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        start_epoch, history, best = ckpt["epoch"], ckpt["history"], ckpt["best"]
-        bad_epochs, stopped = ckpt["bad_epochs"], ckpt["stopped"]
         torch.set_rng_state(ckpt["rng"]["cpu"])
         if device.type == "cuda" and len(ckpt["rng"]["cuda"]):
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-        if is_main:
-            print(f"resuming {run_dir} after epoch {start_epoch}", file=sys.stderr)
-    train_model = TeacherForcing(model, packed=args.packed, attention_reg=args.attention_reg if attention else 0.0)
-    if world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    if is_main:
-        print(f"fit: {len(train_rows)} train images / {len(train_pairs)} captions, {len(val_rows)} val images, "
-              f"vocab {len(vocab)}, {sum(p.numel() for p in model.parameters()):,} parameters, device {device}"
-              f"{f' x {world} ranks' if world > 1 else ''}, amp {amp_dtype}", file=sys.stderr)
-    show_bar = is_main and (args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty()))
-    if args.export_now:
-        if ckpt is None:
-            raise SystemExit(f"fit: --export-now needs --resume and a checkpoint in {run_dir}")
-        if is_main:
-            export_best(run_dir, best, model_kwargs, vocab, cache, args, features, val_rows, val_refs, history,
-                        precision="bf16 autocast" if amp_dtype is not None else "fp32")
-        _finish_distributed(world)
+        if runtime.is_main:
+            print(f"resuming {run_dir} after epoch {ckpt['epoch']}", file=sys.stderr)
+    attention_reg = args.attention_reg if args.decoder == "attention" else 0.0
+    forward = trainer.distribute(TeacherForcing(model, packed=args.packed, attention_reg=attention_reg), runtime)
+    return FitRun(args, runtime, run_dir, data, model, model_kwargs, optimizer, scheduler, forward,
+                  trainer.Progress.from_checkpoint(ckpt))
+
+
+# -- one epoch -----------------------------------------------------------------------------------
+
+def train_epoch(run: FitRun, epoch: int) -> dict[str, float]:
+    """One pass over the training pairs (this rank's share of them).
+
+    Args:
+        run: the run.
+        epoch: 0-based epoch.
+
+    Returns:
+        ``{"train_loss": token-weighted mean over every rank, "train_seconds", "captions_per_s"}``.
+    """
+    from tqdm import tqdm
+
+    args, rt, data = run.args, run.runtime, run.data
+    t0 = time.perf_counter()
+    run.model.train()
+    torch.manual_seed(trainer.epoch_seed(args.seed, epoch, rt.rank))  # dropout masks: a function of (seed, epoch, rank)
+    batches = epoch_order(data.train_pairs.lengths, args.batch_size, args.seed, epoch, rt.rank, rt.world, args.bucket)
+    total = torch.zeros((), dtype=torch.float64, device=rt.device)  # token-weighted loss sum, no per-step sync
+    tokens = seen = 0
+    show_bar = trainer.show_progress(args.progress, rt)
+    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not show_bar, leave=False, file=sys.stderr)
+    for step, idx in enumerate(bar):
+        feats, caps, lengths = data.train_pairs.batch(data.features, idx)
+        loss, n = train_step(run.forward, run.optimizer, feats, caps, lengths, amp_dtype=rt.amp_dtype,
+                             clip_grad=args.clip_grad, label_smoothing=args.label_smoothing)
+        if args.schedule != "plateau":
+            run.scheduler.step()
+        total += loss.double() * n
+        tokens += n
+        seen += len(idx)
+        if show_bar and step % BAR_EVERY == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{run.optimizer.param_groups[0]['lr']:.2e}")
+    bar.close()
+    if rt.world > 1:  # the logged training loss covers every rank's batches
+        agg = torch.stack([total, torch.tensor(float(tokens), dtype=torch.float64, device=rt.device)])
+        dist.all_reduce(agg)
+        total, tokens = agg[0], int(agg[1])
+    seconds = time.perf_counter() - t0
+    return {"train_loss": float(total) / tokens, "train_seconds": seconds, "captions_per_s": seen * rt.world / seconds}
+
+
+def validate_epoch(run: FitRun, epoch: int, trained: dict[str, float]) -> dict[str, Any]:
+    """The epoch's record: training figures, validation loss and greedy BLEU-1..4 / CIDEr-D (rank 0).
+
+    Args:
+        run: the run.
+        epoch: 0-based epoch.
+        trained: :func:`train_epoch`'s result.
+    """
+    from storyteller.metrics import evaluate_captions
+
+    args, data, amp = run.args, run.data, run.runtime.amp_dtype
+    val_loss = validation_loss(run.model, data.features, data.val_pairs, args.eval_batch_size * VAL_LOSS_BATCH_FACTOR, amp)
+    t1 = time.perf_counter()
+    hyps = greedy_captions(run.model, data.features, data.val_rows, args.max_len, args.eval_batch_size, amp)
+    scores = evaluate_captions(hyps, data.val_refs)
+    return {"epoch": epoch + 1, "train_loss": trained["train_loss"], "val_loss": val_loss,
+            **{k: scores[k] for k in ("bleu1", "bleu2", "bleu3", "bleu4", "cider")},
+            "lr": run.optimizer.param_groups[0]["lr"], "train_seconds": round(trained["train_seconds"], 3),
+            "captions_per_s": round(trained["captions_per_s"], 1), "decode_seconds": round(time.perf_counter() - t1, 3)}
+
+
+def save_run(run: FitRun) -> None:
+    """RUN_DIR/checkpoint.pt (``storyteller-fit-checkpoint-v1``), metrics.jsonl and the plots (rank 0).
+
+    Args:
+        run: the run.
+    """
+    device = run.runtime.device
+    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.empty(0, dtype=torch.uint8)
+    trainer.save_checkpoint(run.run_dir / trainer.CHECKPOINT, {
+        "format": CHECKPOINT_FORMAT, **run.progress.state(), "model": trainer.cpu_state(run.model),
+        "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+        "vocab": list(run.data.vocab.itos), "args": vars(run.args), "model_kwargs": run.model_kwargs,
+        "rng": {"cpu": torch.get_rng_state(), "cuda": cuda_rng}})
+    write_metrics(run.run_dir, run.progress.history)
+
+
+def end_epoch(run: FitRun, epoch: int, trained: dict[str, float]) -> None:
+    """Validate, step a plateau schedule, keep the best epoch, checkpoint and log (rank 0).
+
+    Args:
+        run: the run.
+        epoch: 0-based epoch.
+        trained: :func:`train_epoch`'s result.
+    """
+    args = run.args
+    record = validate_epoch(run, epoch, trained)
+    if args.schedule == "plateau":
+        run.scheduler.step(record["val_loss"])
+    run.progress.update(record, record[args.select], maximize=SELECT_MODES[args.select] == "max",
+                        patience=args.patience, model=run.model, metrics={k: record[k] for k in BEST_METRICS})
+    save_run(run)
+    print(f"epoch {epoch + 1}: train {record['train_loss']:.4f}  val {record['val_loss']:.4f}  "
+          f"BLEU-4 {record['bleu4']:.4f}  CIDEr-D {record['cider']:.4f}  ({record['train_seconds']:.1f}s, "
+          f"{record['captions_per_s']:.0f} captions/s){'  *' if run.progress.best['epoch'] == epoch + 1 else ''}",
+          file=sys.stderr)
+
+
+def share_plateau_lr(run: FitRun) -> None:
+    """Under torchrun, every rank takes rank 0's learning rate after a plateau schedule's step.
+
+    Args:
+        run: the run.
+    """
+    if run.runtime.world == 1 or run.args.schedule != "plateau":
         return
-
-    # -- epochs --
-    epochs_this_run = 0
-    for epoch in range(start_epoch, args.epochs):
-        if stopped:
-            break
-        t0 = time.perf_counter()
-        model.train()
-        torch.manual_seed(args.seed * 1_000_003 + epoch * 1_009 + rank)  # dropout masks: a function of (seed, epoch, rank)
-        batches = epoch_order(train_pairs.lengths, args.batch_size, args.seed, epoch, rank, world, args.bucket)
-        total = torch.zeros((), dtype=torch.float64, device=device)  # token-weighted loss sum, no per-step sync
-        tokens = seen = 0
-        from tqdm import tqdm
-
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not show_bar, leave=False, file=sys.stderr)
-        for step, idx in enumerate(bar):
-            feats, caps, lengths = train_pairs.batch(features, idx)
-            loss, n = train_step(train_model, optimizer, feats, caps, lengths, amp_dtype=amp_dtype,
-                                 clip_grad=args.clip_grad, label_smoothing=args.label_smoothing)
-            if args.schedule != "plateau":
-                scheduler.step()
-            total += loss.double() * n
-            tokens += n
-            seen += len(idx)
-            if show_bar and step % 20 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-        bar.close()
-        if world > 1:  # the logged training loss covers every rank's batches
-            agg = torch.stack([total, torch.tensor(float(tokens), dtype=torch.float64, device=device)])
-            dist.all_reduce(agg)
-            total, tokens = agg[0], int(agg[1])
-        train_loss = float(total) / tokens
-        train_seconds = time.perf_counter() - t0
-
-        if is_main:
-            val_loss = validation_loss(model, features, val_pairs, args.eval_batch_size * 5, amp_dtype)
-            t1 = time.perf_counter()
-            hyps = greedy_captions(model, features, val_rows, args.max_len, args.eval_batch_size, amp_dtype)
-            scores = evaluate_captions(hyps, val_refs)
-            record = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
-                      **{k: scores[k] for k in ("bleu1", "bleu2", "bleu3", "bleu4", "cider")},
-                      "lr": optimizer.param_groups[0]["lr"], "train_seconds": round(train_seconds, 3),
-                      "captions_per_s": round(seen * world / train_seconds, 1),
-                      "decode_seconds": round(time.perf_counter() - t1, 3)}
-            if args.schedule == "plateau":
-                scheduler.step(val_loss)
-            value = record[args.select]
-            if _improved(value, best["value"], args.select):
-                best = {"epoch": epoch + 1, "value": value, "metrics": {k: record[k] for k in
-                        ("val_loss", "bleu1", "bleu2", "bleu3", "bleu4", "cider")}, "model": _cpu_state(model)}
-                bad_epochs = 0
-            else:
-                bad_epochs += 1
-            stopped = args.patience > 0 and bad_epochs >= args.patience
-            record["best_epoch"] = best["epoch"]
-            history.append(record)
-            save_checkpoint(ckpt_path, {
-                "format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "model": _cpu_state(model),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "best": best,
-                "bad_epochs": bad_epochs, "stopped": stopped, "history": history, "vocab": list(vocab.itos),
-                "args": vars(args), "model_kwargs": model_kwargs,
-                "rng": {"cpu": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.empty(0, dtype=torch.uint8)}})
-            write_metrics(run_dir, history)
-            print(f"epoch {epoch + 1}: train {train_loss:.4f}  val {val_loss:.4f}  BLEU-4 {scores['bleu4']:.4f}  "
-                  f"CIDEr-D {scores['cider']:.4f}  ({train_seconds:.1f}s, {record['captions_per_s']:.0f} captions/s)"
-                  f"{'  *' if best['epoch'] == epoch + 1 else ''}", file=sys.stderr)
-            if stopped:
-                print(f"early stop: no better {args.select} for {args.patience} epochs (best epoch {best['epoch']})", file=sys.stderr)
-        if world > 1:  # everyone learns whether rank 0 stopped, and plateau's new lr
-            stopped = _broadcast_flag(stopped, device, world)
-            if args.schedule == "plateau":
-                lr = torch.tensor([optimizer.param_groups[0]["lr"]], dtype=torch.float64, device=device)
-                dist.broadcast(lr, 0)
-                for g in optimizer.param_groups:
-                    g["lr"] = float(lr)
-        epochs_this_run += 1
-        if args.stop_after_epochs and epochs_this_run >= args.stop_after_epochs and epoch + 1 < args.epochs and not stopped:
-            if is_main:
-                print(f"stopping after {epochs_this_run} epochs as asked; continue with --resume", file=sys.stderr)
-            _finish_distributed(world)
-            return
-
-    if is_main:
-        export_best(run_dir, best, model_kwargs, vocab, cache, args, features, val_rows, val_refs, history,
-                    precision="bf16 autocast" if amp_dtype is not None else "fp32")
-    _finish_distributed(world)
+    lr = torch.tensor([run.optimizer.param_groups[0]["lr"]], dtype=torch.float64, device=run.runtime.device)
+    dist.broadcast(lr, 0)
+    for g in run.optimizer.param_groups:
+        g["lr"] = float(lr)
 
 
-def _finish_distributed(world: int) -> None:
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+# -- main ----------------------------------------------------------------------------------------
+
+def log_start(run: FitRun) -> None:
+    """One line: data, vocabulary, parameters, device and precision (rank 0)."""
+    if not run.runtime.is_main:
+        return
+    rt, data = run.runtime, run.data
+    print(f"fit: {len(data.train_rows)} train images / {len(data.train_pairs)} captions, {len(data.val_rows)} val "
+          f"images, vocab {len(data.vocab)}, {sum(p.numel() for p in run.model.parameters()):,} parameters, "
+          f"device {rt.device}{f' x {rt.world} ranks' if rt.world > 1 else ''}, amp {rt.amp_dtype}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m train fit``: see the module docstring and ``--help``.
+
+    Args:
+        argv: command line without the program name; defaults to ``sys.argv[1:]``.
+    """
+    args = parse_args(argv)
+    runtime = trainer.start_runtime(args.device, args.amp, args.num_threads)
+    run_dir = Path(args.out)
+    ckpt = trainer.resume_checkpoint(run_dir, args, CHECKPOINT_FORMAT, RESUME_MAY_DIFFER, build_parser(), "fit")
+    if args.export_now and ckpt is None:
+        raise SystemExit(f"fit: --export-now needs --resume and a checkpoint in {run_dir}")
+    data = load_data(args, runtime.device, ckpt)
+    trainer.prepare_run_dir(run_dir, args, runtime)
+    run = build_run(args, runtime, run_dir, data, ckpt)
+    log_start(run)
+    done = True  # --export-now: the best epoch so far, without training
+    if not args.export_now:
+        done = trainer.run_epochs(run.progress, runtime, epochs=args.epochs, stop_after=args.stop_after_epochs,
+                                  patience=args.patience, select=args.select,
+                                  train_epoch=functools.partial(train_epoch, run),
+                                  end_epoch=functools.partial(end_epoch, run), sync=functools.partial(share_plateau_lr, run))
+    if done and runtime.is_main:
+        export_best(run_dir, run.progress.best, run.model_kwargs, data.vocab, data.cache, args, data.features,
+                    data.val_rows, data.val_refs, run.progress.history, precision=runtime.precision)
+    trainer.finish_distributed(runtime.world)
 
 
 def export_best(run_dir: Path, best: dict[str, Any], model_kwargs: dict[str, Any], vocab: Vocabulary, cache,
                 args: argparse.Namespace, features: torch.Tensor, val_rows: np.ndarray, val_refs: list[list[str]],
-                history: list[dict[str, Any]], num_examples: int = 5, precision: str = "fp32") -> Path:
+                history: list[dict[str, Any]], num_examples: int = EXAMPLES, precision: str = "fp32") -> Path:
     """Write the best epoch's model to RUN_DIR/model/ (Hub layout, loss curve, model card), atomically.
 
     Args:
@@ -765,39 +791,8 @@ def export_best(run_dir: Path, best: dict[str, Any], model_kwargs: dict[str, Any
     examples = [{"id": cache.ids[int(r)], "references": val_refs[i], "captions": {"greedy": caps[i]}}
                 for i, r in enumerate(rows)]
 
-    final = write_model_folder(run_dir, model, examples)
+    final = trainer.write_model_folder(run_dir, model, examples)
     print(f"exported epoch {best['epoch']} ({args.select} {best['value']:.4f}) to {final}", file=sys.stderr)
-    return final
-
-
-def write_model_folder(run_dir: Path, model: torch.nn.Module, examples: list[dict[str, Any]],
-                       carry: tuple[str, ...] = ("loss_curve.png",)) -> Path:
-    """Save ``model`` (vocab attached) to RUN_DIR/model/ in the Hub layout with a model card, atomically.
-
-    Args:
-        run_dir: the run folder.
-        model: the model to export (``save_pretrained``).
-        examples: example captions for the card.
-        carry: files of RUN_DIR copied into the folder when present (plots).
-
-    Returns:
-        the model folder.
-    """
-    from storyteller.card import write_model_card
-
-    final, tmp, old = run_dir / "model", run_dir / "model.tmp", run_dir / "model.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    for name in carry:
-        if (run_dir / name).is_file():
-            shutil.copyfile(run_dir / name, tmp / name)
-    write_model_card(tmp, examples=examples)
-    # Swap folders: a reader sees the old complete model or the new one, never a half-written one.
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
     return final
 
 

@@ -26,7 +26,11 @@ import numpy as np
 from storyteller.rules import BAD_ENDINGS  # noqa: F401  (re-exported: bad_ending_share's default)
 from storyteller.vocab import tokenize
 
-BASE = 55_000  # words per n-gram key digit: BASE**4 < 2**63
+# An n-gram is one int64 key: its word ids are the digits of a base-BASE number. 55,000 leaves room for
+# 54,999 distinct words (more than a captioning corpus has) while a 4-gram's key stays below
+# BASE**4 = 9.15e18 < 2**63 = 9.22e18, so keys never overflow.
+BASE = 55_000
+CIDER_SCALE = 10.0  # coco-caption reports CIDEr-D x10 (the scale of every CIDEr-D figure in this project)
 _BLEU_TINY, _BLEU_SMALL = 1e-15, 1e-9  # coco-caption's BLEU smoothing (as storyteller.metrics)
 
 
@@ -178,7 +182,7 @@ class CaptionReward:
             guess = np.maximum(hyp_len - k, 0)
             log_bleu += np.log((correct + _BLEU_TINY) / (guess + _BLEU_SMALL))
 
-        cider = np.bincount(pair_s, cider_pairs, minlength=S) / self.n / np.maximum(pair_count, 1) * 10.0
+        cider = np.bincount(pair_s, cider_pairs, minlength=S) / self.n / np.maximum(pair_count, 1) * CIDER_SCALE
         # closest reference length (ties to the shorter), per sample, for the brevity penalty
         order = np.lexsort((ref_len[pair_r], np.abs(ref_len[pair_r] - hyp_len[pair_s]), pair_s))
         first = np.r_[True, pair_s[order][1:] != pair_s[order][:-1]] if P else np.zeros(0, bool)

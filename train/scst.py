@@ -18,28 +18,30 @@ Each step takes a batch of training images and, for each image:
    gradient, and minimises -(reward - baseline) x (mean log-probability of the sample's tokens).
 
 The sampling policy and the re-scored one are the same distribution: both run in eval mode (no
-dropout) and forbid the same tokens (``<pad>``, ``<start>``, ``<unk>``, and ``<end>`` as the first
-word, as greedy and beam search do). The model is touched only through ``init_state``, ``step`` and
-``forward``, and the features of a split come from :func:`load_split_features`, so another decoder
-with that interface trains unchanged.
+dropout) and forbid the same tokens, ``storyteller.rules.step_mask`` (``<pad>``, ``<start>``,
+``<unk>``, and ``<end>`` as the first word; the searches take their rules from there too). The model
+is touched only through ``init_state``, ``step`` and ``forward``, and the features of a split come
+from :func:`load_split_features`, so another decoder with that interface trains unchanged.
 
 Validation after every epoch (and once before the first, the starting model as "epoch 0"): greedy
 and beam search with the starting model's recommended decoding (``config["extra"]["decoding"]``)
 plus the bad-ending rule (``--bad-endings``), BLEU-1..4, CIDEr-D, mean length, distinct words and
 the share of captions ending on a function word. The epoch with the best beam CIDEr-D (the model's
-default decoding) is kept, with early stopping (``--patience``). Engineering as in ``fit``:
-RUN_DIR/args.json, checkpoint.pt (atomic, ``weights_only=True``), metrics.jsonl, reward_curve.png,
-metric_curve.png, ``--resume`` with bit-identical results on CPU, DDP under torchrun (rank r takes
-every world-th batch, gradients averaged), and model/ in the Hub layout with a card that names the
-starting model, with the bad-ending rule in its decoding settings.
+default decoding) is kept, with early stopping (``--patience``). Engineering shared with ``fit``
+(``train.trainer``): RUN_DIR/args.json, checkpoint.pt (atomic, ``weights_only=True``), metrics.jsonl,
+reward_curve.png, metric_curve.png, ``--resume`` with bit-identical results on CPU, DDP under
+torchrun (rank r takes every world-th batch, gradients averaged), and model/ in the Hub layout with a
+card that names the starting model, with the bad-ending rule in its decoding settings.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import copy
+import functools
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,21 +49,32 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from storyteller.fileio import write_json_atomic, write_text_atomic
+from storyteller.fileio import write_text_atomic
 from storyteller.attention import DECODER as ATTENTION
 from storyteller.model import load_decoder
+from storyteller.rules import BAD_ENDINGS_HELP, parse_bad_endings, step_mask
 from storyteller.vocab import Vocabulary
-from train import fit
-from train.evaluate import DECODING_FALLBACK, caption_statistics, decode_all
-from train.reward import BAD_ENDINGS, CaptionReward, parse_reward_weights
+from train import fit, trainer
+from train.evaluate import DECODING_FALLBACK, MAX_LEN_HELP, caption_statistics, decode_all
+from train.reward import CaptionReward, parse_reward_weights
 
 CHECKPOINT_FORMAT = "storyteller-scst-checkpoint-v1"
 # Arguments that may differ between a run and its --resume. Unlike fit (whose cosine schedule spans
 # --epochs), the learning rate is constant, so epoch e does the same whatever --epochs is: a finished
 # run can be continued for more epochs with --resume --epochs N, as if it had been asked for N at first.
-RESUME_MAY_DIFFER = fit.RESUME_MAY_DIFFER | {"epochs"}
-# Tokens the policy never emits (as in storyteller.decoding with suppress_unk=True).
-BANNED = (Vocabulary.pad_id, Vocabulary.start_id, Vocabulary.unk_id)
+RESUME_MAY_DIFFER = trainer.RESUME_MAY_DIFFER | {"epochs"}
+# (lowest, highest) of each numeric argument (None: no bound); others are refused before anything runs.
+# --epochs 0 is allowed: it scores the starting model and exports it.
+ARGUMENT_LIMITS = {
+    "max_train_images": (0, None), "max_val_images": (0, None), "stop_after_epochs": (0, None), "samples": (1, None),
+    "max_len": (1, None), "epochs": (0, None), "batch_size": (1, None), "lr": (0, None), "weight_decay": (0, None),
+    "clip_grad": (0, None), "beam": (0, None), "patience": (0, None), "eval_batch_size": (1, None),
+    "num_threads": (0, None)}
+EXAMPLES = 5  # validation images captioned in the exported model's card
+BAR_EVERY = 5  # steps between progress-bar updates
+# check_vocabulary reads the captions of this many images: enough to tell another dataset or language.
+VOCAB_CHECK_IMAGES = 2000
+MIN_KNOWN_WORDS = 0.5  # ... and refuses a cache when the model knows fewer of their words than this
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--baseline", choices=["mean", "greedy"], default="mean",
                    help="mean: mean reward of the image's other K-1 samples; greedy: reward of its greedy caption")
     s.add_argument("--reward", default="cider:1", help="reward mix NAME:WEIGHT,... of cider (CIDEr-D) and bleu4")
-    s.add_argument("--max-len", type=int, default=20, help="most decoder steps of a sampled caption (<end> included)")
+    s.add_argument("--max-len", type=int, default=20, help="sampled captions: " + MAX_LEN_HELP)
     s.add_argument("--epochs", type=int, default=5, help="most epochs (passes over the training images)")
     s.add_argument("--batch-size", type=int, default=50, help="images per step (per process under torchrun)")
     s.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate (constant)")
@@ -95,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = p.add_argument_group("validation and model selection")
     v.add_argument("--beam", type=int, default=0, help="beam size of validation (0: the model's recommended, else 3)")
     v.add_argument("--bad-endings", default="standard",
-                   help="words after which <end> is forbidden at decoding (validation and the exported model's "
-                        "settings): 'standard' (" + " ".join(BAD_ENDINGS) + "), 'none', or a comma-separated list")
+                   help=BAD_ENDINGS_HELP + "; at decoding: validation and the exported model's settings (the words "
+                        "its vocabulary has)")
     v.add_argument("--patience", type=int, default=3, help="stop after this many epochs without a better beam CIDEr-D (0: never)")
     v.add_argument("--eval-batch-size", type=int, default=500, help="images per validation decoding batch")
 
@@ -154,21 +167,13 @@ def load_split_features(cache, rows: np.ndarray, model: torch.nn.Module) -> torc
     return torch.from_numpy(np.asarray(cache.features[rows], dtype=np.float32))  # (N, F)
 
 
-def parse_bad_endings(spec: str, vocab: Vocabulary) -> list[str]:
-    """``--bad-endings`` -> the word list (only words of the model's vocabulary matter, others are dropped)."""
-    if spec == "none":
-        return []
-    words = BAD_ENDINGS if spec == "standard" else [w.strip() for w in spec.split(",") if w.strip()]
-    return [w for w in words if w in vocab.stoi]
-
-
 def check_vocabulary(vocab: Vocabulary, references: list[list[str]], where: str) -> None:
     """Refuse a cache whose captions the model's vocabulary mostly does not know (another dataset or language)."""
     from storyteller.vocab import tokenize
 
-    tokens = [t for refs in references[:2000] for r in refs for t in tokenize(r)]
+    tokens = [t for refs in references[:VOCAB_CHECK_IMAGES] for r in refs for t in tokenize(r)]
     known = sum(t in vocab.stoi for t in tokens) / max(len(tokens), 1)
-    if known < 0.5:
+    if known < MIN_KNOWN_WORDS:
         raise SystemExit(f"scst: the model's vocabulary knows only {known:.0%} of the words of {where}'s captions; "
                          f"the model and the feature cache do not belong together")
 
@@ -201,10 +206,7 @@ def sample_captions(model: torch.nn.Module, features: torch.Tensor, k: int, max_
     lengths = torch.ones(N, dtype=torch.long, device=dev)
     for t in range(max_len):
         logp, state = model.step(tokens, state)  # (N, V) log-probabilities
-        logp = logp.float()
-        logp[:, BANNED] = float("-inf")
-        if t == 0:
-            logp[:, Vocabulary.end_id] = float("-inf")  # at least one word
+        logp = logp.float() + step_mask(logp.shape[1], t, device=dev)  # the searches' token rules
         nxt = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)  # (N,)
         nxt = torch.where(finished, Vocabulary.pad_id, nxt)
         lengths += (~finished).long()
@@ -284,13 +286,9 @@ def policy_loss(forward: torch.nn.Module, features: torch.Tensor, captions: torc
     logits, targets = forward(features, captions, lengths, images)  # (N, V), (N,) over real positions
     sample, time_step = forward_rows(captions, lengths, targets)
     sample, time_step = sample.to(logits.device), time_step.to(logits.device)
-    logits = logits.float()
-    mask = torch.zeros(logits.shape[1], device=logits.device)
-    mask[list(BANNED)] = float("-inf")
-    first = torch.zeros_like(mask)
-    first[Vocabulary.end_id] = float("-inf")
-    logits = logits + mask  # the tokens sampling forbids, and <end> as the first word
-    logits = torch.where((time_step == 0)[:, None], logits + first, logits)
+    # the sampler's masks (storyteller.rules), one row per time step: the same distribution it drew from
+    masks = torch.stack([step_mask(logits.shape[1], t, device=logits.device) for t in range(captions.shape[1] - 1)])
+    logits = logits.float() + masks[time_step]  # (N, V)
     logp = torch.log_softmax(logits, -1).gather(1, targets[:, None]).squeeze(1)  # (N,)
     steps = (lengths - 1).to(logits.device).float()  # tokens predicted per sample
     weight = advantage.to(logits.device)[sample] / steps[sample]  # (N,): mean over each sample's tokens
@@ -415,36 +413,65 @@ def validate(model: torch.nn.Module, features: torch.Tensor, refs: list[list[str
     return out
 
 
-# -- main ------------------------------------------------------------------------------------------
+# -- one run: its arguments, data and model ------------------------------------------------------
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m train scst``: see the module docstring and ``--help``.
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, float]]:
+    """The parsed command line and the reward mix, or exit 2 with one line for nonsense (before any
+    file is written or any model loaded).
 
     Args:
-        argv: command line without the program name; defaults to ``sys.argv[1:]``.
+        argv: command line without the program name.
     """
     args = build_parser().parse_args(argv)
-    from storyteller.features import FeatureCache, FeatureCacheError
-
+    trainer.check_ranges("scst", args, ARGUMENT_LIMITS)
+    if args.samples < 2 and args.baseline == "mean":
+        trainer.refuse("scst", "--baseline mean needs --samples >= 2 (the mean of the other samples)")
     try:
         weights = parse_reward_weights(args.reward)
+        parse_bad_endings(args.bad_endings)
     except ValueError as e:
-        raise SystemExit(f"scst: {e}") from None
-    if args.samples < 2 and args.baseline == "mean":
-        raise SystemExit("scst: --baseline mean needs --samples >= 2 (the mean of the other samples)")
-    rank, world, device = fit.setup_runtime(args.device)
-    is_main = rank == 0
-    if args.num_threads > 0:
-        torch.set_num_threads(args.num_threads)
-    amp_dtype = torch.bfloat16 if args.amp == "bf16" else fit.default_amp(device) if args.amp == "auto" else None
-    run_dir = Path(args.out)
-    ckpt_path = run_dir / fit.CHECKPOINT
-    ckpt = fit.load_checkpoint(ckpt_path, CHECKPOINT_FORMAT) if args.resume and ckpt_path.is_file() else None
-    if ckpt is not None:
-        fit._check_resume_args(ckpt_path, ckpt["args"], args, may_differ=RESUME_MAY_DIFFER, parser=build_parser())
+        trainer.refuse("scst", str(e))
+    return args, weights
 
-    model, init_name = load_init_model(args.init)
-    vocab = model.vocab
+
+@dataclass
+class ScstData:
+    """The images one run trains and validates on.
+
+    Attributes:
+        cache: the FeatureCache.
+        train_rows: training image rows (``--max-train-images`` applied).
+        val_rows: validation image rows (``--max-val-images`` applied).
+        train_refs: raw references of the training images (the reward's document frequencies).
+        val_refs: raw references of the validation images.
+        train_feats: (N_train, ...) their features on the training device.
+        val_feats: (N_val, ...) validation features on the training device.
+    """
+
+    cache: Any
+    train_rows: np.ndarray
+    val_rows: np.ndarray
+    train_refs: list[list[str]]
+    val_refs: list[list[str]]
+    train_feats: torch.Tensor
+    val_feats: torch.Tensor
+
+
+def load_data(args: argparse.Namespace, model: torch.nn.Module, device: torch.device,
+              ckpt: dict[str, Any] | None) -> ScstData:
+    """The feature cache's splits as ``model`` reads them, checked against the model.
+
+    Args:
+        args: the scst arguments.
+        model: the starting model (backbone, vocabulary, feature size).
+        device: the training device.
+        ckpt: the checkpoint being resumed (its vocabulary must be the model's), or None.
+
+    Raises:
+        SystemExit: a missing cache or split, another backbone or vocabulary (one line).
+    """
+    from storyteller.features import FeatureCache, FeatureCacheError
+
     try:
         cache = FeatureCache.open(args.features, expect_backbone=model.backbone) if model.backbone else FeatureCache.open(args.features)
         train_rows, val_rows = cache.split(args.train_split), cache.split(args.val_split)
@@ -455,150 +482,245 @@ def main(argv: list[str] | None = None) -> None:
     if args.max_val_images > 0:
         val_rows = val_rows[: args.max_val_images]
     train_refs = [cache.captions[r] for r in train_rows]
-    val_refs = [cache.captions[r] for r in val_rows]
-    check_vocabulary(vocab, train_refs, f"split {args.train_split!r} of {args.features}")
-    if ckpt is not None and ckpt["vocab"] != list(vocab.itos):
-        raise SystemExit(f"scst: --resume: the vocabulary of {args.init} is not the one {ckpt_path} was trained with")
-    train_feats = load_split_features(cache, train_rows, model).to(device)  # (N_train, F)
-    val_feats = load_split_features(cache, val_rows, model).to(device)  # (N_val, F)
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_dir / "args.json", vars(args))
+    check_vocabulary(model.vocab, train_refs, f"split {args.train_split!r} of {args.features}")
+    if ckpt is not None and ckpt["vocab"] != list(model.vocab.itos):
+        raise SystemExit(f"scst: --resume: the vocabulary of {args.init} is not the one {args.out} was trained with")
+    return ScstData(cache, train_rows, val_rows, train_refs, [cache.captions[r] for r in val_rows],
+                    load_split_features(cache, train_rows, model).to(device),  # (N_train, ...)
+                    load_split_features(cache, val_rows, model).to(device))  # (N_val, ...)
 
-    # -- reward: document frequencies of the training references, computed once --
-    t0 = time.perf_counter()
-    scorer = CaptionReward(train_refs)
-    train_ref_ids = scorer.encode_references(train_refs)
-    vocab_map = scorer.vocab_map(vocab.itos)
-    df_seconds = time.perf_counter() - t0
 
-    # -- decoding of validation and of the exported model: the starting model's, plus bad endings --
+def validation_decoding(args: argparse.Namespace, model: torch.nn.Module) -> dict[str, Any]:
+    """Decoding of validation and of the exported model: the starting model's recommended one (else
+    the captioner's defaults), ``--beam`` when given, plus the ``--bad-endings`` its vocabulary has.
+
+    Args:
+        args: the scst arguments.
+        model: the starting model.
+    """
     from storyteller.captioner import decoding_hints
 
-    init_decoding = {**DECODING_FALLBACK, **decoding_hints(model.extra)}
+    decoding = {**DECODING_FALLBACK, **decoding_hints(model.extra)}
     if args.beam > 0:
-        init_decoding["beam_size"] = args.beam
-    bad_endings = parse_bad_endings(args.bad_endings, vocab)
-    decoding = {**init_decoding, "bad_endings": bad_endings}
+        decoding["beam_size"] = args.beam
+    bad_endings = [w for w in parse_bad_endings(args.bad_endings) if w in model.vocab.stoi]
+    return {**decoding, "bad_endings": bad_endings}
 
-    # -- optimiser and state --
+
+@dataclass
+class ScstRun:
+    """Everything one invocation of scst works with.
+
+    Attributes:
+        args: the scst arguments.
+        weights: the reward mix.
+        runtime: rank, world, device, autocast.
+        run_dir: ``--out``.
+        model: the model being fine-tuned (vocab attached), in eval mode.
+        init_name: the starting model's name.
+        policy: what the policy loss calls (the model, DDP-wrapped under torchrun).
+        optimizer: AdamW over its parameters.
+        data: features and references.
+        scorer: the reward with the training references' document frequencies.
+        train_ref_ids: the training references as reward word ids.
+        vocab_map: (V,) model token id -> reward word id.
+        decoding: validation's decoding settings.
+        progress: epoch, history, best epoch and early-stop state.
+    """
+
+    args: argparse.Namespace
+    weights: dict[str, float]
+    runtime: trainer.Runtime
+    run_dir: Path
+    model: torch.nn.Module
+    init_name: str
+    policy: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    data: ScstData
+    scorer: CaptionReward
+    train_ref_ids: list[list[np.ndarray]]
+    vocab_map: np.ndarray
+    decoding: dict[str, Any]
+    progress: trainer.Progress
+
+
+def build_run(args: argparse.Namespace, weights: dict[str, float], runtime: trainer.Runtime, run_dir: Path,
+              model: torch.nn.Module, init_name: str, data: ScstData, ckpt: dict[str, Any] | None) -> ScstRun:
+    """Reward (document frequencies computed once), decoding, optimiser, restored from ``ckpt`` when
+    resuming; logs one line.
+
+    Args:
+        args: the scst arguments.
+        weights: the reward mix.
+        runtime: the runtime.
+        run_dir: ``--out``.
+        model: the starting model.
+        init_name: its name.
+        data: the run's data.
+        ckpt: the checkpoint being resumed, or None.
+    """
+    t0 = time.perf_counter()
+    scorer = CaptionReward(data.train_refs)
+    train_ref_ids = scorer.encode_references(data.train_refs)
+    vocab_map = scorer.vocab_map(model.vocab.itos)
+    df_seconds = time.perf_counter() - t0
+    decoding = validation_decoding(args, model)
+    device = runtime.device
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                   fused=device.type == "cuda")
-    start_epoch, history, bad_epochs, stopped = 0, [], 0, False
-    best = {"epoch": -1, "value": None, "metrics": {}, "model": None}
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        start_epoch, history, best = ckpt["epoch"], ckpt["history"], ckpt["best"]
-        bad_epochs, stopped = ckpt["bad_epochs"], ckpt["stopped"]
-        if is_main:
-            print(f"resuming {run_dir} after epoch {start_epoch}", file=sys.stderr)
+        if runtime.is_main:
+            print(f"resuming {run_dir} after epoch {ckpt['epoch']}", file=sys.stderr)
     model.eval()  # SCST samples and re-scores without dropout: one policy
-    policy = model
-    if world > 1:
-        policy = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if is_main:
-        print(f"scst: from {init_name}, {len(train_rows)} train images x {args.samples} samples, {len(val_rows)} val images, "
-              f"reward {weights}, baseline {args.baseline}, device {device}{f' x {world} ranks' if world > 1 else ''}, "
-              f"amp {amp_dtype}; document frequencies in {df_seconds:.1f}s", file=sys.stderr)
-    show_bar = is_main and (args.progress == "on" or (args.progress == "auto" and sys.stderr.isatty()))
+    if runtime.is_main:
+        print(f"scst: from {init_name}, {len(data.train_rows)} train images x {args.samples} samples, "
+              f"{len(data.val_rows)} val images, reward {weights}, baseline {args.baseline}, device {device}"
+              f"{f' x {runtime.world} ranks' if runtime.world > 1 else ''}, amp {runtime.amp_dtype}; "
+              f"document frequencies in {df_seconds:.1f}s", file=sys.stderr)
+    return ScstRun(args, weights, runtime, run_dir, model, init_name, trainer.distribute(model, runtime), optimizer,
+                   data, scorer, train_ref_ids, vocab_map, decoding, trainer.Progress.from_checkpoint(ckpt))
 
-    def checkpoint(epoch: int) -> None:
-        fit.save_checkpoint(ckpt_path, {
-            "format": CHECKPOINT_FORMAT, "epoch": epoch, "model": fit._cpu_state(model),
-            "optimizer": optimizer.state_dict(), "best": best, "bad_epochs": bad_epochs, "stopped": stopped,
-            "history": history, "vocab": list(vocab.itos), "args": vars(args)})
-        write_metrics(run_dir, history)
 
-    def validation_record(epoch: int, extra: dict[str, Any]) -> dict[str, Any]:
-        t1 = time.perf_counter()
-        val = validate(model, val_feats, val_refs, decoding, args.eval_batch_size, amp_dtype)
-        return {"epoch": epoch, **extra, **{f"greedy_{k}": v for k, v in val["greedy"].items()},
-                **{f"beam_{k}": v for k, v in val["beam"].items()}, "cider": val["beam"]["cider"],
-                "bleu4": val["beam"]["bleu4"], "val_seconds": round(time.perf_counter() - t1, 3)}
+# -- one epoch -----------------------------------------------------------------------------------
 
-    def consider(record: dict[str, Any]) -> None:
-        nonlocal best, bad_epochs, stopped
-        if best["value"] is None or record["cider"] > best["value"]:
-            best = {"epoch": record["epoch"], "value": record["cider"], "metrics": record, "model": fit._cpu_state(model)}
-            bad_epochs = 0
-        else:
-            bad_epochs += 1
-        stopped = args.patience > 0 and bad_epochs >= args.patience
-        record["best_epoch"] = best["epoch"]
+def train_epoch(run: ScstRun, epoch: int) -> dict[str, Any]:
+    """One pass over the training images (this rank's share of them), one :func:`scst_step` per batch.
 
-    # -- epoch 0: the starting model, so that SCST has to beat it --
-    if ckpt is None and is_main:
-        record = validation_record(0, {})
-        consider(record)
-        history.append(record)
-        checkpoint(0)
-        print(f"epoch 0 (start): beam {decoding['beam_size']} BLEU-4 {record['bleu4']:.4f} CIDEr-D {record['cider']:.4f}, "
-              f"greedy CIDEr-D {record['greedy_cider']:.4f}", file=sys.stderr)
-    if world > 1:
-        stopped = fit._broadcast_flag(stopped, device, world)
+    Args:
+        run: the run.
+        epoch: 0-based epoch.
 
-    epochs_this_run = 0
-    n_images = len(train_rows)
-    for epoch in range(start_epoch, args.epochs):
-        if stopped:
-            break
-        t0 = time.perf_counter()
-        batches = fit.epoch_order(torch.zeros(n_images), args.batch_size, args.seed, epoch, rank, world, bucket=0)
-        gen = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + epoch * 1_009 + rank)  # sampling
-        seconds = {"sample": 0.0, "reward": 0.0, "update": 0.0}
-        reward_sum = torch.zeros(3, dtype=torch.float64)  # (sum of rewards, samples, sum of greedy rewards), this rank
-        from tqdm import tqdm
+    Returns:
+        ``{"seconds": {"sample", "reward", "update"}, "reward_sum": (sum of rewards, samples, sum of
+        greedy rewards) over every rank, "train_seconds"}``.
+    """
+    from tqdm import tqdm
 
-        bar = tqdm(batches, desc=f"scst {epoch + 1}/{args.epochs}", disable=not show_bar, leave=False, file=sys.stderr)
-        for step, idx in enumerate(bar):
-            feats = train_feats[idx.to(device)]  # (B, F)
-            refs = [train_ref_ids[i] for i in idx.tolist()]
-            out = scst_step(policy, model, optimizer, feats, refs, scorer, vocab_map, weights, args.samples, args.max_len,
-                            args.baseline, gen, args.clip_grad, amp_dtype)
-            for key in seconds:
-                seconds[key] += out[f"{key}_seconds"]
-            greedy = out["greedy_reward"]
-            reward_sum += torch.tensor([float(out["reward"].sum()), float(out["reward"].size),
-                                        float(greedy.sum()) if greedy is not None else 0.0], dtype=torch.float64)
-            if show_bar and step % 5 == 0:
-                bar.set_postfix(reward=f"{reward_sum[0] / reward_sum[1]:.3f}")
-        bar.close()
-        if world > 1:  # the logged reward covers every rank's samples
-            agg = reward_sum.to(device)
-            dist.all_reduce(agg)
-            reward_sum = agg.cpu()
-        train_seconds = time.perf_counter() - t0
+    args, rt, data = run.args, run.runtime, run.data
+    t0 = time.perf_counter()
+    batches = fit.epoch_order(torch.zeros(len(data.train_rows)), args.batch_size, args.seed, epoch, rt.rank, rt.world,
+                              bucket=0)
+    gen = torch.Generator(device=rt.device).manual_seed(trainer.epoch_seed(args.seed, epoch, rt.rank))  # sampling
+    seconds = {"sample": 0.0, "reward": 0.0, "update": 0.0}
+    reward_sum = torch.zeros(3, dtype=torch.float64)  # (sum of rewards, samples, sum of greedy rewards), this rank
+    show_bar = trainer.show_progress(args.progress, rt)
+    bar = tqdm(batches, desc=f"scst {epoch + 1}/{args.epochs}", disable=not show_bar, leave=False, file=sys.stderr)
+    for step, idx in enumerate(bar):
+        feats = data.train_feats[idx.to(rt.device)]  # (B, ...)
+        refs = [run.train_ref_ids[i] for i in idx.tolist()]
+        out = scst_step(run.policy, run.model, run.optimizer, feats, refs, run.scorer, run.vocab_map, run.weights,
+                        args.samples, args.max_len, args.baseline, gen, args.clip_grad, rt.amp_dtype)
+        for key in seconds:
+            seconds[key] += out[f"{key}_seconds"]
+        greedy = out["greedy_reward"]
+        reward_sum += torch.tensor([float(out["reward"].sum()), float(out["reward"].size),
+                                    float(greedy.sum()) if greedy is not None else 0.0], dtype=torch.float64)
+        if show_bar and step % BAR_EVERY == 0:
+            bar.set_postfix(reward=f"{reward_sum[0] / reward_sum[1]:.3f}")
+    bar.close()
+    if rt.world > 1:  # the logged reward covers every rank's samples
+        agg = reward_sum.to(rt.device)
+        dist.all_reduce(agg)
+        reward_sum = agg.cpu()
+    return {"seconds": seconds, "reward_sum": reward_sum, "train_seconds": time.perf_counter() - t0}
 
-        if is_main:
-            extra = {"mean_reward": float(reward_sum[0] / reward_sum[1]), "lr": optimizer.param_groups[0]["lr"],
-                     "train_seconds": round(train_seconds, 3), **{f"{k}_seconds": round(v, 3) for k, v in seconds.items()}}
-            if args.baseline == "greedy":
-                extra["mean_greedy_reward"] = float(reward_sum[2] * args.samples / reward_sum[1])
-            record = validation_record(epoch + 1, extra)
-            consider(record)
-            history.append(record)
-            checkpoint(epoch + 1)
-            print(f"epoch {epoch + 1}: reward {record['mean_reward']:.4f}  beam {decoding['beam_size']} BLEU-4 "
-                  f"{record['bleu4']:.4f} CIDEr-D {record['cider']:.4f}  greedy CIDEr-D {record['greedy_cider']:.4f}  "
-                  f"bad endings {record['beam_bad_ending_share']:.3f}  ({train_seconds:.0f}s: sample {seconds['sample']:.0f}s, "
-                  f"reward {seconds['reward']:.1f}s, forward+backward {seconds['update']:.0f}s)"
-                  f"{'  *' if best['epoch'] == epoch + 1 else ''}", file=sys.stderr)
-            if stopped:
-                print(f"early stop: no better beam CIDEr-D for {args.patience} epochs (best epoch {best['epoch']})", file=sys.stderr)
-        if world > 1:
-            stopped = fit._broadcast_flag(stopped, device, world)
-        epochs_this_run += 1
-        if args.stop_after_epochs and epochs_this_run >= args.stop_after_epochs and epoch + 1 < args.epochs and not stopped:
-            if is_main:
-                print(f"stopping after {epochs_this_run} epochs as asked; continue with --resume", file=sys.stderr)
-            fit._finish_distributed(world)
-            return
 
-    if is_main:
-        export(run_dir, best, model, init_name, cache, n_images, args, decoding, val_feats, val_rows, val_refs, history, weights)
-    fit._finish_distributed(world)
+def validation_record(run: ScstRun, epoch: int, extra: dict[str, Any]) -> dict[str, Any]:
+    """The epoch's record: ``extra`` plus greedy and beam figures on validation.
+
+    Args:
+        run: the run.
+        epoch: 1-based epoch (0: the starting model).
+        extra: training figures of the epoch.
+    """
+    t1 = time.perf_counter()
+    val = validate(run.model, run.data.val_feats, run.data.val_refs, run.decoding, run.args.eval_batch_size,
+                   run.runtime.amp_dtype)
+    return {"epoch": epoch, **extra, **{f"greedy_{k}": v for k, v in val["greedy"].items()},
+            **{f"beam_{k}": v for k, v in val["beam"].items()}, "cider": val["beam"]["cider"],
+            "bleu4": val["beam"]["bleu4"], "val_seconds": round(time.perf_counter() - t1, 3)}
+
+
+def keep_record(run: ScstRun, record: dict[str, Any]) -> None:
+    """Count a validated epoch (best by beam CIDEr-D), then checkpoint: RUN_DIR/checkpoint.pt
+    (``storyteller-scst-checkpoint-v1``), metrics.jsonl and the plots (rank 0).
+
+    Args:
+        run: the run.
+        record: the epoch's record.
+    """
+    run.progress.update(record, record["cider"], maximize=True, patience=run.args.patience, model=run.model,
+                        metrics=record)
+    trainer.save_checkpoint(run.run_dir / trainer.CHECKPOINT, {
+        "format": CHECKPOINT_FORMAT, **run.progress.state(), "model": trainer.cpu_state(run.model),
+        "optimizer": run.optimizer.state_dict(), "vocab": list(run.model.vocab.itos), "args": vars(run.args)})
+    write_metrics(run.run_dir, run.progress.history)
+
+
+def validate_start(run: ScstRun) -> None:
+    """Epoch 0 of a fresh run: the starting model's figures, so that SCST has to beat it (rank 0).
+
+    Args:
+        run: the run.
+    """
+    if run.runtime.is_main and not run.progress.history:
+        record = validation_record(run, 0, {})
+        keep_record(run, record)
+        print(f"epoch 0 (start): beam {run.decoding['beam_size']} BLEU-4 {record['bleu4']:.4f} CIDEr-D "
+              f"{record['cider']:.4f}, greedy CIDEr-D {record['greedy_cider']:.4f}", file=sys.stderr)
+    run.progress.stopped = trainer.broadcast_flag(run.progress.stopped, run.runtime)
+
+
+def end_epoch(run: ScstRun, epoch: int, trained: dict[str, Any]) -> None:
+    """Validate, keep the best epoch, checkpoint and log (rank 0).
+
+    Args:
+        run: the run.
+        epoch: 0-based epoch.
+        trained: :func:`train_epoch`'s result.
+    """
+    args, seconds, reward_sum = run.args, trained["seconds"], trained["reward_sum"]
+    train_seconds = trained["train_seconds"]
+    extra = {"mean_reward": float(reward_sum[0] / reward_sum[1]), "lr": run.optimizer.param_groups[0]["lr"],
+             "train_seconds": round(train_seconds, 3), **{f"{k}_seconds": round(v, 3) for k, v in seconds.items()}}
+    if args.baseline == "greedy":
+        extra["mean_greedy_reward"] = float(reward_sum[2] * args.samples / reward_sum[1])
+    record = validation_record(run, epoch + 1, extra)
+    keep_record(run, record)
+    print(f"epoch {epoch + 1}: reward {record['mean_reward']:.4f}  beam {run.decoding['beam_size']} BLEU-4 "
+          f"{record['bleu4']:.4f} CIDEr-D {record['cider']:.4f}  greedy CIDEr-D {record['greedy_cider']:.4f}  "
+          f"bad endings {record['beam_bad_ending_share']:.3f}  ({train_seconds:.0f}s: sample {seconds['sample']:.0f}s, "
+          f"reward {seconds['reward']:.1f}s, forward+backward {seconds['update']:.0f}s)"
+          f"{'  *' if run.progress.best['epoch'] == epoch + 1 else ''}", file=sys.stderr)
+
+
+# -- main ------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m train scst``: see the module docstring and ``--help``.
+
+    Args:
+        argv: command line without the program name; defaults to ``sys.argv[1:]``.
+    """
+    args, weights = parse_args(argv)
+    runtime = trainer.start_runtime(args.device, args.amp, args.num_threads)
+    run_dir = Path(args.out)
+    ckpt = trainer.resume_checkpoint(run_dir, args, CHECKPOINT_FORMAT, RESUME_MAY_DIFFER, build_parser(), "scst")
+    model, init_name = load_init_model(args.init)
+    data = load_data(args, model, runtime.device, ckpt)
+    trainer.prepare_run_dir(run_dir, args, runtime)
+    run = build_run(args, weights, runtime, run_dir, model, init_name, data, ckpt)
+    validate_start(run)
+    done = trainer.run_epochs(run.progress, runtime, epochs=args.epochs, stop_after=args.stop_after_epochs,
+                              patience=args.patience, select="beam CIDEr-D",
+                              train_epoch=functools.partial(train_epoch, run), end_epoch=functools.partial(end_epoch, run))
+    if done and runtime.is_main:
+        export(run_dir, run.progress.best, model, init_name, data.cache, len(data.train_rows), args, run.decoding,
+               data.val_feats, data.val_rows, data.val_refs, run.progress.history, weights)
+    trainer.finish_distributed(runtime.world)
 
 
 def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
@@ -658,10 +780,10 @@ def export(run_dir: Path, best: dict[str, Any], model: torch.nn.Module, init_nam
     out.load_state_dict(best["model"])
     out.vocab = model.vocab
     out.eval()
-    rows = val_rows[:5]
+    rows = val_rows[:EXAMPLES]
     texts = decode_all(out, val_feats[: len(rows)].cpu(), 1, max_len=decoding["max_len"], batch_size=len(rows) or 1) if len(rows) else []
     examples = [{"id": cache.ids[int(r)], "references": val_refs[i], "captions": {"greedy": texts[i]}} for i, r in enumerate(rows)]
-    final = fit.write_model_folder(run_dir, out, examples, carry=("reward_curve.png", "metric_curve.png"))
+    final = trainer.write_model_folder(run_dir, out, examples, carry=("reward_curve.png", "metric_curve.png"))
     print(f"exported epoch {best['epoch']} (beam CIDEr-D {best['value']:.4f}) to {final}", file=sys.stderr)
     return final
 

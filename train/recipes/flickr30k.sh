@@ -11,7 +11,7 @@
 #   1. extract  ResNet50 pooled features + 7x7x2048 grids of the 31,014 photos (float16, ~6 GB)
 #   2. fit      the attention decoder with cross-entropy (best epoch by validation CIDEr-D)
 #   3. scst     self-critical fine-tuning on CIDEr-D from fit's model
-#   4. bundle   float16 weights + the recommended decoding (beam 3, alpha 1.0, trigram blocking, no bad endings)
+#   4. bundle   float16 weights + the recommended decoding (beam 3, alpha 1.0, trigram blocking, --bad-endings standard)
 #   5. evaluate the bundle on the Karpathy test split (1,000 photos; greedy, beam 3, beam 5) into its card
 #   6. publish  hub_upload.py: the model to HUB_USER/$MODEL_NAME and the app to the Space HUB_USER/$SPACE_NAME
 #
@@ -32,7 +32,6 @@ BACKBONE=${BACKBONE:-resnet50}
 WORK=${WORK:-runs/flickr30k-$BACKBONE}
 MODEL_NAME=${MODEL_NAME:-storyteller-flickr30k-$BACKBONE-attention}
 SPACE_NAME=${SPACE_NAME:-neural-storyteller}
-BAD_ENDINGS=a,an,the,of,with,in,on,at,to,and,his,her,their,its,is,are,while,for,from,by,near
 PY=${PYTHON:-python}
 REV_ARGS=()
 if [ -n "$REVISION" ]; then REV_ARGS=(--revision "$REVISION"); fi
@@ -56,7 +55,7 @@ $PY -m train scst --init "$WORK/fit/model" --features "$WORK/features" --out "$W
 echo "== 4/6 bundle -> $WORK/bundle"
 rm -rf "$WORK/bundle"
 $PY -m train bundle --model "$WORK/scst/model" --out "$WORK/bundle" --beam 3 --alpha 1.0 --no-repeat-ngram-size 3 \
-  --bad-endings "$BAD_ENDINGS"
+  --bad-endings standard
 
 echo "== 5/6 evaluate on the Karpathy test split -> $WORK/test.json and the bundle's card"
 # shellcheck disable=SC2086
