@@ -66,7 +66,7 @@ def random_model(folder: Path, vocab_size: int = 3000) -> Path:
     import torch
 
     from storyteller.backbones import backbone_spec
-    from storyteller.model import ShowAndTell
+    from storyteller.decoders import ShowAndTell
     from storyteller.vocab import Vocabulary
 
     spec = backbone_spec("efficientnet_lite0")

@@ -27,7 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from storyteller.attention import ShowAttendTell  # noqa: E402
+from storyteller.decoders import ShowAttendTell  # noqa: E402
 from storyteller.captioner import load  # noqa: E402
 from storyteller.precision import time_step  # noqa: E402
 from storyteller.vocab import Vocabulary  # noqa: E402

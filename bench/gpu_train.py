@@ -37,7 +37,7 @@ import torch.nn as nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from storyteller.model import ShowAndTell  # noqa: E402
+from storyteller.decoders import ShowAndTell  # noqa: E402
 from storyteller.vocab import Vocabulary  # noqa: E402
 from storyteller.fileio import write_json_atomic  # noqa: E402
 from train import fit  # noqa: E402

@@ -1,4 +1,4 @@
-"""Neural Storyteller: Show-and-Tell image captioning (CNN features -> LSTM decoder).
+"""Neural Storyteller: image captioning (CNN features -> LSTM decoder: Show-and-Tell or Show-Attend-Tell).
 
     import storyteller
     captioner = storyteller.load()                 # bundled model, $STORYTELLER_MODEL, a folder or a Hub id
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .decoding import Caption, beam_search, greedy_and_beam_search, greedy_search
 from .metrics import evaluate_captions
-from .model import ShowAndTell
+from .decoders import ShowAndTell, ShowAttendTell, load_decoder
 from .vocab import Vocabulary, tokenize
 
 __version__ = "0.1.0"
@@ -30,5 +30,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'storyteller' has no attribute {name!r}")
 
 
-__all__ = ["Caption", "ShowAndTell", "Vocabulary", "beam_search", "evaluate_captions", "greedy_and_beam_search", "greedy_search",
+__all__ = ["Caption", "ShowAndTell", "ShowAttendTell", "load_decoder", "Vocabulary", "beam_search", "evaluate_captions", "greedy_and_beam_search", "greedy_search",
            "tokenize", *_LAZY]

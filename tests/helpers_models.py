@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from storyteller.backbones import backbone_spec
-from storyteller.attention import ShowAttendTell
-from storyteller.model import ShowAndTell
+from storyteller.decoders import ShowAttendTell
+from storyteller.decoders import ShowAndTell
 from storyteller.vocab import Vocabulary
 
 WORDS = ("a dog runs through the grass man in red shirt is riding bike on street two children play "

@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from storyteller.attention import ShowAttendTell, attention_penalty
+from storyteller.decoders import ShowAttendTell, attention_penalty
 from storyteller.decoding import greedy_search
 from storyteller.features import ChunkedCacheWriter, FeatureCache, FeatureCacheError, write_feature_cache
-from storyteller.model import ShowAndTell, load_decoder
+from storyteller.decoders import ShowAndTell, load_decoder
 from storyteller.vocab import Vocabulary
 from train import fit
 

@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from helpers_models import save_test_model
 from storyteller.captioner import load
-from storyteller.model import ShowAndTell
+from storyteller.decoders import ShowAndTell
 from train.bundle import bundle
 from train.__main__ import main as train_main
 

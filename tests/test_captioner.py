@@ -444,3 +444,38 @@ def test_model_label_never_shows_a_machine_folder(tmp_path):
     (tmp_path / "my-model").mkdir()
     assert model_label(str(tmp_path / "my-model")) == "my-model"
     assert model_label("user/model") == "user/model"
+
+
+def test_the_app_the_cli_and_evaluate_give_a_photo_the_same_captions(tmp_path, monkeypatch):
+    """Issue 21: on one machine the app's call, the CLI (at 1 and 2 threads) and `train evaluate` (live
+    features) caption the example photos alike: precision by a fixed rule, rows independent of their batch."""
+    from storyteller.precision import ENV
+    from train.evaluate import main as evaluate
+
+    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.delenv("STORYTELLER_MODEL", raising=False)
+    photos = sorted((REPO / "examples").glob("*.jpg"))
+    captions = json.loads((REPO / "examples" / "captions.json").read_text(encoding="utf-8"))["captions"]
+    captioner = load()
+    k = captioner.decoding["beam_size"]
+    app = {p.name: (r.greedy.text, r.beam[0].text)  # the app's call: one photo, every beam hypothesis
+           for p in photos for r in captioner.caption([captioner.load_image(p)], beam_size=k, n_best=k)}
+    for threads in ("1", "2"):
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": threads}
+        r = subprocess.run([sys.executable, "-m", "storyteller", "caption", "--json", *map(str, photos)],
+                           capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+        cli = {Path(rec["image"]).name: (rec["greedy"], rec["beam"]) for rec in map(json.loads, r.stdout.splitlines())}
+        assert cli == app, (threads, r.stderr)
+    folder = tmp_path / "data" / "validation"  # the example photos as an imagefolder split
+    folder.mkdir(parents=True)
+    with open(folder / "metadata.jsonl", "w", encoding="utf-8") as f:
+        for p in photos:
+            shutil.copy(p, folder / p.name)
+            f.write(json.dumps({"file_name": p.name, "captions": captions[p.name]}) + "\n")
+    evaluate(["--model", str(captioner.model_dir), "--dataset", str(tmp_path / "data"), "--split", "validation",
+              "--beam", "1", str(k), "--examples", str(len(photos)), "--out", str(tmp_path / "eval.json")])
+    result = json.loads((tmp_path / "eval.json").read_text(encoding="utf-8"))
+    assert result["precision"] == captioner.precision
+    got = {Path(ex["id"]).name: (ex["captions"]["greedy"], ex["captions"][f"beam{k}"]) for ex in result["examples"]}
+    assert got == app
+

@@ -8,7 +8,7 @@ import torch
 from huggingface_hub import ModelCard
 
 from storyteller.card import write_model_card
-from storyteller.model import ShowAndTell
+from storyteller.decoders import ShowAndTell
 from storyteller.vocab import Vocabulary
 
 SPEC = {"name": "efficientnet_lite0", "weights": "w", "feature_dim": 8,

@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from storyteller.metrics import evaluate_captions
-from storyteller.model import ShowAndTell
+from storyteller.decoders import ShowAndTell
 from train.__main__ import main as train_main
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (240, 210, 20)}

@@ -14,7 +14,7 @@ from storyteller.data import open_captioned_images
 from storyteller.decoding import beam_search, greedy_search
 from storyteller.features import FeatureCache
 from storyteller.metrics import evaluate_captions
-from storyteller.model import ShowAndTell
+from storyteller.decoders import ShowAndTell
 from storyteller.vocab import Vocabulary
 from train import evaluate
 

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from storyteller.features import write_feature_cache
-from storyteller.model import ShowAndTell
+from storyteller.decoders import ShowAndTell
 from train import fit
 
 REPO = Path(__file__).resolve().parents[1]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from storyteller.model import ShowAndTell
+from storyteller.decoders import ShowAndTell
 from storyteller.vocab import Vocabulary
 
 BACKBONE = {"name": "efficientnet_lite0", "weights": "test", "feature_dim": 16,

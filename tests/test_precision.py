@@ -221,7 +221,7 @@ def test_products_are_made_again_whenever_the_weights_change(precision, edit, ki
     before, _ = run_steps(model, feats, 2)
     edit(model, changed)
     after, _ = run_steps(model, feats, 2)
-    fresh = type(model)(**model._hub_mixin_config)
+    fresh = type(model)(**model.init_arguments())
     fresh.load_state_dict(model.state_dict())
     fresh.eval().precision = precision
     want, _ = run_steps(fresh, feats, 2)

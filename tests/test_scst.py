@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from storyteller.model import ShowAndTell
+from storyteller.decoders import ShowAndTell
 from storyteller.metrics import corpus_bleu
 from storyteller.vocab import Vocabulary, tokenize
 from test_fit import SPEC, fit_args, make_cache
@@ -411,8 +411,8 @@ def test_bad_endings_are_never_the_last_word_and_flow_through_bundle_evaluate_an
 
 
 def test_scst_fine_tunes_an_attention_decoder_on_feature_grids(tmp_path):
-    from storyteller.attention import ShowAttendTell
-    from storyteller.model import load_decoder
+    from storyteller.decoders import ShowAttendTell
+    from storyteller.decoders import load_decoder
     from test_attention import att_args, make_grid_cache
 
     grid_cache = make_grid_cache(tmp_path / "grid", per_class=6, val_per_class=2)

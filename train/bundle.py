@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -23,15 +22,14 @@ from safetensors.torch import save_file
 
 from storyteller.card import public_dataset, published_local_paths, write_model_card
 from storyteller.fileio import atomic_path, write_json_atomic
-from storyteller.model import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, load_decoder
+from storyteller.decoders import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, load_decoder
 from storyteller.rules import BAD_ENDINGS_HELP, parse_bad_endings
+from storyteller.settings import MAX_LEN_LIMIT
+from storyteller.settings import validate_decoding as check_decoding
 
 CARRIED_FILES = ("loss_curve.png", "metric_curve.png")
 # The recommended decoding settings a bundle may carry: (lowest, highest) allowed value, None = unbounded.
-# max_len stops at MAX_DECODING_STEPS: a bound that catches a typo (200 for 20); no caption needs 100 words.
-MAX_DECODING_STEPS = 100
-DECODING_LIMITS = {"beam_size": (1, None), "alpha": (0.0, None), "no_repeat_ngram_size": (0, None),
-                   "max_len": (1, MAX_DECODING_STEPS)}
+MAX_DECODING_STEPS = MAX_LEN_LIMIT
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,33 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def validate_decoding(decoding: dict) -> None:
-    """Check recommended decoding settings before they are written into a bundle.
-
-    Every key is optional (the app and the CLI fall back to their own defaults); a given one must be
-    a number in range: beam_size >= 1, alpha >= 0, no_repeat_ngram_size >= 0, 1 <= max_len <= 100,
-    and beam_size, no_repeat_ngram_size and max_len whole numbers.
-
-    Args:
-        decoding: ``{"beam_size", "alpha", "no_repeat_ngram_size", "max_len"}`` (a subset).
+    """Check recommended decoding settings before they are written into a bundle
+    (``storyteller.settings.validate_decoding``, the check ``load()`` applies too; unknown keys refused).
 
     Raises:
         ValueError: an unknown key or a value out of range, naming it.
     """
-    unknown = sorted(set(decoding) - set(DECODING_LIMITS) - {"bad_endings"})
-    if unknown:
-        raise ValueError(f"unknown decoding settings {unknown}; known: {sorted(DECODING_LIMITS) + ['bad_endings']}")
-    for key, value in decoding.items():
-        if key == "bad_endings":  # words after which <end> is forbidden
-            if not isinstance(value, (list, tuple)) or not all(isinstance(w, str) and w.strip() for w in value):
-                raise ValueError(f"decoding bad_endings must be a list of words, got {value!r}")
-            continue
-        lo, hi = DECODING_LIMITS[key]
-        whole = key != "alpha"
-        if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) or not math.isfinite(value):
-            raise ValueError(f"decoding {key} must be {'a whole' if whole else 'a finite'} number, got {value!r}")
-        if value < lo or (hi is not None and value > hi):
-            allowed = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
-            raise ValueError(f"decoding {key} must be {allowed}, got {value!r}")
+    check_decoding(decoding)
 
 
 def bundle(model_dir: str | Path, out: str | Path, decoding: dict, dtype: str = "float16") -> Path:

@@ -43,12 +43,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from storyteller.captioner import DECODING_DEFAULTS, decoding_hints, model_label
+from storyteller.captioner import model_label
 from storyteller.card import dataset_label
 from storyteller.decoding import beam_search, greedy_search
 from storyteller.fileio import atomic_path, write_json_atomic, write_text_atomic
-from storyteller.model import ShowAndTell, load_decoder
+from storyteller.decoders import HubDecoder, load_decoder
 from storyteller.precision import use_precision
+from storyteller.settings import DECODING_DEFAULTS, decoding_hints
 from storyteller.rules import BAD_ENDINGS_HELP, parse_bad_endings
 from storyteller.vocab import tokenize
 
@@ -97,9 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="images per decoding / feature-extraction batch")
     p.add_argument("--workers", type=int, default=0, help="DataLoader processes decoding photos for live features")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8", "auto"],
-                   help="decoder step weights on a CPU (storyteller.precision; the app's default is auto). "
-                        "Default fp32, so figures do not depend on the CPU they were measured on")
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16", "int8", "auto"],
+                   help="how the decoder's step computes on a CPU (storyteller.precision). Default: the app's and "
+                        "the CLI's, $STORYTELLER_PRECISION else auto (int8 where it runs), so the captions are the "
+                        "ones users get; the result records the precision")
     p.add_argument("--out", required=True, help="JSON file for the results")
     p.add_argument("--report", default=None, help="Markdown report file (thumbnails go to a folder beside it)")
     p.add_argument("--examples", type=int, default=5, help="random example images in the JSON and the report")
@@ -186,7 +188,7 @@ def decoding_settings(args: argparse.Namespace, extra: dict[str, Any] | None) ->
     return settings
 
 
-def decode_all(model: ShowAndTell, features: torch.Tensor, beam: int, *, max_len: int, batch_size: int,
+def decode_all(model: HubDecoder, features: torch.Tensor, beam: int, *, max_len: int, batch_size: int,
                alpha: float = 0.0, no_repeat_ngram_size: int = 0, min_len: int = 1,
                amp_dtype: torch.dtype | None = None, bad_endings: Sequence[str] = ()) -> list[str]:
     """Captions of every row of ``features`` (N, F), in batches; beam 1 runs greedy search.
@@ -455,7 +457,7 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn
     """
     try:
         model = load_decoder(args.model).to(device).eval()
-        precision = use_precision(model, args.precision if device.type == "cpu" else "fp32")
+        precision = use_precision(model, args.precision)  # a GPU runs fp32 whatever is asked
     except (ValueError, OSError) as e:
         sys.exit(f"{args.model}: {e}")
     return model, precision

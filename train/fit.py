@@ -44,8 +44,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from storyteller.fileio import write_text_atomic
-from storyteller.attention import ShowAttendTell, attention_penalty
-from storyteller.model import ShowAndTell, decoder_classes
+from storyteller.decoders import DECODERS, ShowAndTell, ShowAttendTell, attention_penalty
 from storyteller.vocab import SPECIAL_TOKENS, Vocabulary
 from train import trainer
 from train.evaluate import MAX_LEN_HELP, decode_all
@@ -430,7 +429,7 @@ def build_decoder(model_kwargs: dict[str, Any], **more: Any) -> ShowAndTell | Sh
         **more: further init arguments (backbone, extra).
     """
     kind = model_kwargs.get("decoder", ShowAndTell.decoder_type)
-    return decoder_classes()[kind](**model_kwargs, **more)
+    return DECODERS[kind](**model_kwargs, **more)
 
 
 # -- one run: its arguments, data and model ------------------------------------------------------

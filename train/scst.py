@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import functools
 import sys
 import time
@@ -50,8 +49,7 @@ import torch
 import torch.distributed as dist
 
 from storyteller.fileio import write_text_atomic
-from storyteller.attention import DECODER as ATTENTION
-from storyteller.model import load_decoder
+from storyteller.decoders import ShowAttendTell, load_decoder
 from storyteller.rules import BAD_ENDINGS_HELP, parse_bad_endings, step_mask
 from storyteller.vocab import Vocabulary
 from train import fit, trainer
@@ -159,7 +157,7 @@ def load_split_features(cache, rows: np.ndarray, model: torch.nn.Module) -> torc
     if cache.feature_dim != model.feature_dim:
         raise SystemExit(f"scst: the cache has {cache.feature_dim}-d features but the model takes {model.feature_dim}-d")
     rows = np.asarray(rows)
-    if getattr(model, "decoder_type", None) == ATTENTION:
+    if getattr(model, "decoder_type", None) == ShowAttendTell.decoder_type:
         try:
             return torch.from_numpy(np.array(cache.require_grid()[rows]))  # (N, h, w, F) float16
         except FeatureCacheError as e:
@@ -199,13 +197,14 @@ def sample_captions(model: torch.nn.Module, features: torch.Tensor, k: int, max_
     B, dev = features.shape[0], features.device
     images = torch.arange(B, device=dev).repeat_interleave(k)  # (N = B*k,) the photo of each sample
     state = model.init_state(features, images)  # k rows per photo; an attention decoder projects its regions once
+    products = model.products()  # the step's matrices for the current weights, made once for the whole sample
     N = B * k
     tokens = torch.full((N,), Vocabulary.start_id, dtype=torch.long, device=dev)
     columns = [tokens]
     finished = torch.zeros(N, dtype=torch.bool, device=dev)
     lengths = torch.ones(N, dtype=torch.long, device=dev)
     for t in range(max_len):
-        logp, state = model.step(tokens, state)  # (N, V) log-probabilities
+        logp, state = model.step(tokens, state, products)  # (N, V) log-probabilities
         logp = logp.float() + step_mask(logp.shape[1], t, device=dev)  # the searches' token rules
         nxt = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)  # (N,)
         nxt = torch.where(finished, Vocabulary.pad_id, nxt)
@@ -498,7 +497,7 @@ def validation_decoding(args: argparse.Namespace, model: torch.nn.Module) -> dic
         args: the scst arguments.
         model: the starting model.
     """
-    from storyteller.captioner import decoding_hints
+    from storyteller.settings import decoding_hints
 
     decoding = {**DECODING_FALLBACK, **decoding_hints(model.extra)}
     if args.beam > 0:
@@ -774,7 +773,7 @@ def export(run_dir: Path, best: dict[str, Any], model: torch.nn.Module, init_nam
         recommended["bad_endings"] = list(decoding["bad_endings"])
     # A new instance of the model's own class from its init arguments (the Hub mixin records them),
     # with the new metadata: save_pretrained writes those arguments to config.json.
-    config = {**copy.deepcopy(model._hub_mixin_config),
+    config = {**model.init_arguments(),
               "extra": {**model.extra, "training": training, "metrics": metrics, "decoding": recommended}}
     out = type(model)(**config)
     out.load_state_dict(best["model"])

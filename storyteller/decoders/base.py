@@ -177,6 +177,12 @@ class HubDecoder(torch.nn.Module):
             self._products = made
         return made
 
+    def init_arguments(self) -> dict[str, Any]:
+        """A copy of the arguments this model was built with: what its ``config.json`` records."""
+        import copy
+
+        return copy.deepcopy(self._hub_mixin_config)
+
     def repack(self) -> None:
         """Make the products again at the next ``products()`` (after weight surgery ``weights_signature`` misses)."""
         self._products = None
