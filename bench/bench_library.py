@@ -9,7 +9,12 @@ decoding in DataLoader workers, the backbone and the greedy + beam search in thi
 ``python -m storyteller caption DIR --out FILE`` does apart from writing its records (a few hundred bytes a
 photo). The ratio library / forward is the issue's goal: >= 0.8. Both run with the same model (the bundled
 one by default), batch size and torch threads, interleaved, the best of --repeats kept (other jobs share
-the CPU: a burst of foreign load should not land on one configuration only).
+the CPU: a burst of foreign load should not land on one configuration only); "median round ratio" is the
+median over rounds of library / forward measured back to back.
+
+"CPU ms/photo" is the CPU time each path spends per photo, DataLoader workers included: the pipeline does
+more work than the forward (decoding, the search), which it can hide only on cores the backbone leaves
+free. On a machine saturated by other jobs the wall-clock ratio falls towards forward CPU / library CPU.
 """
 from __future__ import annotations
 

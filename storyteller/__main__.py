@@ -143,9 +143,15 @@ def _cmd_caption(args: argparse.Namespace, captioner: Any) -> int:
                 print(f"{path}\t{r.beam[0].text}\t{r.greedy.text}", flush=True)
         pending.clear()
 
-    from .library import walk_inputs
+    from .library import IMAGE_EXTENSIONS, walk_inputs
 
-    for photo in walk_inputs(args.images):  # files as given; a folder's image files, as folder/name
+    photos = []
+    for given in args.images:  # files as given; a folder's image files, as folder/name
+        found = walk_inputs([given])
+        if not found:  # only a folder gives nothing: say so rather than print nothing
+            print(f"{given}\tno image files ({' '.join(sorted(IMAGE_EXTENSIONS))})", file=sys.stderr, flush=True)
+        photos.extend(found)
+    for photo in photos:
         path = photo.path
         if photo.error:  # a folder that could not be listed
             flush()
