@@ -183,9 +183,10 @@ def _cmd_library(args: argparse.Namespace) -> int:
     except LibraryError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    todo = [p for p in photos if p.name not in out.done]
     if not photos:
         print(f"caption: no image files in {' '.join(args.images)}", file=sys.stderr)
+        return 0
+    todo = [p for p in photos if p.name not in out.done]
     captioner = _load_captioner(args) if todo else None
     if todo and captioner is None:
         return 2
@@ -209,8 +210,11 @@ def _cmd_library(args: argparse.Namespace) -> int:
         return 130  # 128 + SIGINT, as shells report it
     seconds = time.perf_counter() - t0
     skipped = len(photos) - len(todo)
-    print(f"caption: {len(todo) - new_errors} captioned, {new_errors} errors, {skipped} already in {args.out}; "
-          f"{len(todo)} files in {seconds:.1f} s ({len(todo) / max(seconds, 1e-9):.1f} photos/s)", file=sys.stderr)
+    if todo:
+        print(f"caption: {len(todo) - new_errors} captioned, {new_errors} errors, {skipped} already in {args.out}; "
+              f"{len(todo)} files in {seconds:.1f} s ({len(todo) / seconds:.1f} photos/s)", file=sys.stderr)
+    else:
+        print(f"caption: nothing to do, all {skipped} files are already in {args.out}", file=sys.stderr)
     errors = sum("error" in out.done[p.name] for p in photos)
     if errors:
         print(f"caption: {errors} of {len(photos)} files could not be captioned: their records in {args.out} "

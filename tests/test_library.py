@@ -197,6 +197,7 @@ def test_resume_after_a_cut_short_last_line(tmp_path, capsys, caption_out, suffi
     assert same_records(sorted(again, key=lambda r: r["image"]), sorted(full, key=lambda r: r["image"]))
     assert out.read_bytes().startswith(kept)  # the finished records were kept, not rewritten
     assert caption_out(root, out) == 1 and read_records(out) == again  # a finished run: nothing more to do
+    assert "nothing to do, all 8 files are already in" in capsys.readouterr().err
 
 
 def test_resume_after_sigkill(tmp_path, model_dir):
@@ -260,6 +261,9 @@ def test_usage_errors(tmp_path, capsys, caption_out):
     root = make_library(tmp_path / "lib", n=1, bad=False)
     assert caption_out(root, tmp_path / "c.txt") == 2
     assert ".jsonl or .csv" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert caption_out(tmp_path / "empty", tmp_path / "e.jsonl") == 0
+    assert "no image files in" in capsys.readouterr().err and not (tmp_path / "e.jsonl").exists()
     for bad in (["--overwrite"], ["--workers", "1"], ["--out", "x.jsonl", "--json"], ["--out", "x.csv", "--n-best", "2"],
                 ["--out", "x.csv", "--workers", "-1"]):
         with pytest.raises(SystemExit) as e:
