@@ -1,8 +1,12 @@
 """Command line: caption image files with a Neural Storyteller model.
 
     python -m storyteller caption [--model M] [--revision R] [--beam K] [--max-len N] [--alpha A]
-                                  [--n-best N] [--json] [--batch-size B] [--device D] [--attention DIR] IMAGE...
+                                  [--n-best N] [--json] [--batch-size B] [--device D] [--attention DIR] PATH...
+    python -m storyteller caption PATH... --out captions.jsonl|captions.csv [--overwrite] [--workers W]
     python -m storyteller info [--model M] [--revision R]
+
+A PATH is an image file or a folder; folders are walked recursively for image files (hidden ones skipped,
+in a stable order; see ``storyteller.library``).
 
 ``caption`` prints one line per image, in input order: ``IMAGE<TAB>beam caption<TAB>greedy caption``
 (with ``--json``: one JSON object per line with ``image``, ``beam``, ``beam_size``, ``greedy``,
@@ -13,6 +17,11 @@ warning (on stderr; in the JSON's ``warnings``). An image that cannot be read ge
 0 if every image was captioned, 1 if some failed, 2 if the model could not be loaded.
 ``--attention DIR`` (attention models) also writes ``DIR/<image name>.attention.png`` per image:
 the photo under the heat map of each word of the beam caption, the word below each panel.
+``--out FILE`` captions a photo library instead: one record per file (``image``, ``greedy``, ``beam``,
+``beam_log_prob``, ``warnings``, or ``image`` and ``error``) in FILE, JSONL or CSV by its extension, written
+as each batch finishes; photos are decoded in DataLoader workers while the model runs, a progress bar and a
+summary line go to stderr. Rerunning the same command skips the files FILE already holds (a half-written last
+line from a killed run is redone); ``--overwrite`` starts over. ``docs/photo-library.md`` has the details.
 ``--model`` takes a local model folder or a Hub repo id; without it, ``$STORYTELLER_MODEL`` or the
 bundled ``models/flickr8k-lite0-scst/``. ``info`` prints the model's backbone, sizes and scores as JSON.
 
@@ -20,6 +29,7 @@ Example::
 
     python -m storyteller caption --model models/flickr8k-lite0-scst --beam 5 examples/*.jpg
     python -m storyteller caption --attention attention_maps/ examples/*.jpg   # with an attention model
+    python -m storyteller caption photos/ --out captions.csv                   # a whole folder, resumable
 """
 from __future__ import annotations
 
@@ -47,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("caption", help="caption image files")
     model_args(c)
-    c.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, GIF, WebP, ...)")
+    c.add_argument("images", nargs="+", metavar="PATH",
+                   help="image files (JPEG, PNG, GIF, WebP, ...) or folders (walked recursively)")
     c.add_argument("--beam", type=int, default=None, metavar="K", help="beam width (default: the model's, else 3)")
     c.add_argument("--max-len", type=int, default=None, metavar="N",
                    help="most decoder steps per caption, <end> included, so at most N-1 words "
@@ -55,6 +66,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--alpha", type=float, default=None, help="beam length normalisation (0: raw log-probability)")
     c.add_argument("--n-best", type=int, default=1, metavar="N", help="with --json, list the N best beam captions")
     c.add_argument("--batch-size", type=int, default=16, metavar="B", help="images per batch (default 16)")
+    c.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads (default: torch's, the cores)")
+    c.add_argument("--out", default=None, metavar="FILE",
+                   help="write one record per file to FILE (.jsonl or .csv), as each batch finishes; rerunning "
+                        "the same command resumes")
+    c.add_argument("--overwrite", action="store_true", help="with --out: start over instead of resuming")
+    c.add_argument("--workers", type=int, default=None, metavar="W",
+                   help="with --out: processes decoding photos (default: 1 on a CPU, more with a GPU; 0: none)")
     c.add_argument("--json", action="store_true", help="one JSON object per line")
     c.add_argument("--attention", default=None, metavar="DIR",
                    help="attention models: write DIR/<image>.attention.png, the heat map of each word of the beam caption")
@@ -125,7 +143,20 @@ def _cmd_caption(args: argparse.Namespace, captioner: Any) -> int:
                 print(f"{path}\t{r.beam[0].text}\t{r.greedy.text}", flush=True)
         pending.clear()
 
-    for path in args.images:
+    from .library import IMAGE_EXTENSIONS, walk_inputs
+
+    photos = []
+    for given in args.images:  # files as given; a folder's image files, as folder/name
+        found = walk_inputs([given])
+        if not found:  # only a folder gives nothing: say so rather than print nothing
+            print(f"{given}\tno image files ({' '.join(sorted(IMAGE_EXTENSIONS))})", file=sys.stderr, flush=True)
+        photos.extend(found)
+    for photo in photos:
+        path = photo.path
+        if photo.error:  # a folder that could not be listed
+            flush()
+            report_error(path, photo.error)
+            continue
         try:
             pending.append((path, captioner.load_image(path)))  # decoded as the app decodes it
         except ImageError as e:
@@ -138,50 +169,136 @@ def _cmd_caption(args: argparse.Namespace, captioner: Any) -> int:
     return 1 if failed else 0
 
 
+def _cmd_library(args: argparse.Namespace) -> int:
+    """caption --out: every file of the inputs into a resumable record file (storyteller.library)."""
+    import time
+
+    from tqdm import tqdm
+
+    from .library import LibraryError, RecordFile, caption_batches, find_images, to_record
+
+    try:
+        photos = find_images(args.images)
+        out = RecordFile(args.out, overwrite=args.overwrite)
+    except LibraryError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not photos:
+        print(f"caption: no image files in {' '.join(args.images)}", file=sys.stderr)
+        return 0
+    todo = [p for p in photos if p.name not in out.done]
+    captioner = _load_captioner(args) if todo else None
+    if todo and captioner is None:
+        return 2
+    settings = dict(beam_size=args.beam, max_len=args.max_len, alpha=args.alpha)
+    new_errors, t0 = 0, time.perf_counter()
+    try:
+        with out, tqdm(total=len(todo), unit="photo", desc="caption", file=sys.stderr, disable=None) as bar:
+            for batch in caption_batches(todo, captioner, batch_size=args.batch_size, workers=args.workers,
+                                         **settings):
+                records = [to_record(photo.name, result) for photo, result in batch]
+                out.write(records)
+                new_errors += sum("error" in r for r in records)
+                bar.update(len(records))
+                bar.set_postfix(errors=new_errors)
+    except LibraryError as e:  # the output cannot be written
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"caption: interrupted; {args.out} holds every finished batch: rerun the same command to go on",
+              file=sys.stderr)
+        return 130  # 128 + SIGINT, as shells report it
+    seconds = time.perf_counter() - t0
+    skipped = len(photos) - len(todo)
+    if todo:
+        print(f"caption: {len(todo) - new_errors} captioned, {new_errors} errors, {skipped} already in {args.out}; "
+              f"{len(todo)} files in {seconds:.1f} s ({len(todo) / seconds:.1f} photos/s)", file=sys.stderr)
+    else:
+        print(f"caption: nothing to do, all {skipped} files are already in {args.out}", file=sys.stderr)
+    errors = sum("error" in out.done[p.name] for p in photos)
+    if errors:
+        print(f"caption: {errors} of {len(photos)} files could not be captioned: their records in {args.out} "
+              f"have an \"error\"", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors (exit 2 through argparse) before anything is loaded."""
+    if args.beam is not None and args.beam < 1:
+        p.error("--beam must be >= 1")
+    if args.max_len is not None and args.max_len < 1:
+        p.error("--max-len must be >= 1")
+    if args.batch_size < 1:
+        p.error("--batch-size must be >= 1")
+    if args.n_best < 1 or (args.beam is not None and args.n_best > args.beam):
+        p.error("--n-best must be in 1..--beam")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be >= 1")
+    if args.workers is not None and args.workers < 0:
+        p.error("--workers must be >= 0")
+    if args.out is None and (args.overwrite or args.workers is not None):
+        p.error("--overwrite and --workers go with --out")
+    if args.out is not None and (args.json or args.attention or args.n_best > 1):
+        p.error("--out writes its own records (JSONL or CSV by extension): --json, --attention and --n-best are "
+                "for printed output")
+
+
+def _load_captioner(args: argparse.Namespace) -> Any:
+    """The model, or None after one error line on stderr."""
+    from .captioner import ModelLoadError, load
+
+    try:
+        return load(args.model, revision=args.revision, device=args.device, precision=args.precision)
+    except ModelLoadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status.
 
     Args:
         argv: arguments without the program name (default: ``sys.argv[1:]``).
     """
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.command == "caption":
-        if args.beam is not None and args.beam < 1:
-            _parser().error("--beam must be >= 1")
-        if args.max_len is not None and args.max_len < 1:
-            _parser().error("--max-len must be >= 1")
-        if args.batch_size < 1:
-            _parser().error("--batch-size must be >= 1")
-        if args.n_best < 1 or (args.beam is not None and args.n_best > args.beam):
-            _parser().error("--n-best must be in 1..--beam")
+        _check_args(parser, args)
+        if args.threads:
+            import torch
 
-    from .captioner import ModelLoadError, load
-
+            torch.set_num_threads(args.threads)
     try:
-        captioner = load(args.model, revision=args.revision, device=args.device, precision=args.precision)
-    except ModelLoadError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.command == "caption" and args.attention:
-        if not captioner.has_attention:
-            print(f"error: --attention: {captioner.info['model_name']} is a pooled (Show-and-Tell) model with no "
-                  "attention maps; use an attention (Show-Attend-Tell) model", file=sys.stderr)
+        if args.command == "caption" and args.out is not None:
+            return _cmd_library(args)
+        captioner = _load_captioner(args)
+        if captioner is None:
             return 2
-        from pathlib import Path
-
-        try:
-            Path(args.attention).mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            print(f"error: --attention: cannot create {args.attention} ({e.strerror})", file=sys.stderr)
+        if args.command == "info":
+            print(json.dumps(captioner.info, indent=2, default=str))
+            return 0
+        if args.attention and not _attention_folder(args, captioner):
             return 2
-    if args.command == "info":
-        print(json.dumps(captioner.info, indent=2, default=str))
-        return 0
-    try:
         return _cmd_caption(args, captioner)
     except ValueError as e:  # decoding settings the model rejects (e.g. --n-best above its default beam)
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _attention_folder(args: argparse.Namespace, captioner: Any) -> bool:
+    """Check --attention can be done (an attention model, a folder we can create); False after an error line."""
+    if not captioner.has_attention:
+        print(f"error: --attention: {captioner.info['model_name']} is a pooled (Show-and-Tell) model with no "
+              "attention maps; use an attention (Show-Attend-Tell) model", file=sys.stderr)
+        return False
+    from pathlib import Path
+
+    try:
+        Path(args.attention).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"error: --attention: cannot create {args.attention} ({e.strerror})", file=sys.stderr)
+        return False
+    return True
 
 
 if __name__ == "__main__":
