@@ -39,6 +39,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from .settings import MAX_LEN_HELP
+
 __all__ = ["main"]
 
 
@@ -61,8 +63,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="image files (JPEG, PNG, GIF, WebP, ...) or folders (walked recursively)")
     c.add_argument("--beam", type=int, default=None, metavar="K", help="beam width (default: the model's, else 3)")
     c.add_argument("--max-len", type=int, default=None, metavar="N",
-                   help="most decoder steps per caption, <end> included, so at most N-1 words "
-                        "(default: the model's, else 20)")
+                   help=f"{MAX_LEN_HELP} (default: the model's, else 20)")
     c.add_argument("--alpha", type=float, default=None, help="beam length normalisation (0: raw log-probability)")
     c.add_argument("--n-best", type=int, default=1, metavar="N", help="with --json, list the N best beam captions")
     c.add_argument("--batch-size", type=int, default=16, metavar="B", help="images per batch (default 16)")

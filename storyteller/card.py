@@ -174,21 +174,34 @@ def _front_matter(config: dict[str, Any], evaluations: list[dict[str, Any]], nam
                                           metric_type="bleu" if metric == "bleu4" else "cider",
                                           metric_name=f"{label} (greedy)", metric_value=round(float(train_metrics[metric]), 4)))
     backbone = (config.get("backbone") or {}).get("name")
+    family = ["show-attend-tell", "attention"] if _attention(config) else ["show-and-tell"]
     data = ModelCardData(library_name="neural-storyteller", license=license, pipeline_tag="image-to-text",
-                         tags=["image-captioning", "show-and-tell", "lstm", *([backbone] if backbone else [])],
+                         tags=["image-captioning", *family, "lstm", *([backbone] if backbone else [])],
                          datasets=[hub_id] if hub_id else None, metrics=["bleu", "cider"],
                          model_name=name, eval_results=results or None)
     return data.to_yaml()
 
 
+def _attention(config: dict[str, Any]) -> bool:
+    """True for a Show-Attend-Tell model (it reads the CNN's feature grid)."""
+    return config.get("decoder") == "show_attend_tell"
+
+
 def _intro(config: dict[str, Any], name: str, ds_name: str) -> list[str]:
     backbone = config.get("backbone") or {}
-    return [f"# {name}", "",
-            f"A Show-and-Tell image captioner: a frozen ImageNet **{backbone.get('name', 'CNN')}** turns a photo into "
-            f"one pooled {backbone.get('feature_dim', config.get('feature_dim'))}-d feature, which sets the initial state "
-            f"of an LSTM language model ({config.get('num_layers')} layer(s), hidden {config.get('hidden_dim')}, "
-            f"embeddings {config.get('embed_dim')}, {config.get('vocab_size')} tokens) that writes the caption word by "
-            f"word. Trained with Neural Storyteller on **{ds_name}**.", ""]
+    cnn, dim = backbone.get("name", "CNN"), backbone.get("feature_dim", config.get("feature_dim"))
+    if _attention(config):
+        grid = "x".join(map(str, config.get("grid") or [])) or "h x w"
+        what = (f"A Show-Attend-Tell image captioner: a frozen ImageNet **{cnn}** turns a photo into a {grid} grid of "
+                f"{dim}-d features; an LSTM (hidden {config.get('hidden_dim')}, embeddings {config.get('embed_dim')}, "
+                f"{config.get('vocab_size')} tokens) writes the caption word by word and looks at the grid for every "
+                "word (soft attention, Xu et al. 2015), so where it looked can be shown per word.")
+    else:
+        what = (f"A Show-and-Tell image captioner: a frozen ImageNet **{cnn}** turns a photo into one pooled {dim}-d "
+                f"feature, which sets the initial state of an LSTM language model ({config.get('num_layers')} layer(s), "
+                f"hidden {config.get('hidden_dim')}, embeddings {config.get('embed_dim')}, {config.get('vocab_size')} "
+                "tokens) that writes the caption word by word.")
+    return [f"# {name}", "", f"{what} Trained with Neural Storyteller on **{ds_name}**.", ""]
 
 
 def _results_section(model_dir: Path, evaluations: list[dict[str, Any]], train_metrics: dict[str, Any],
@@ -275,11 +288,12 @@ def _usage_section(load_from: str, vocab_size: Any, ds_name: str) -> list[str]:
            f'captioner = storyteller.load("{load_from}")  # decoder + vocabulary + the CNN named in config.json',
            'print(captioner("photo.jpg"))  # beam-search caption', "```", "",
            "or step by step:", "", "```python", "from PIL import Image", "",
-           "from storyteller import ShowAndTell, beam_search, greedy_search",
+           "from storyteller import beam_search, greedy_search, load_decoder",
            "from storyteller.backbones import create_backbone", "",
-           f'model = ShowAndTell.from_pretrained("{load_from}")  # config.json + model.safetensors + vocab.json',
+           f'model = load_decoder("{load_from}")  # config.json + model.safetensors + vocab.json',
            "backbone = create_backbone(model.backbone)  # the CNN and preprocessing the decoder was trained with",
-           'features = backbone.encode([Image.open("photo.jpg")])  # (1, feature_dim)',
+           "# (1, feature_dim), or an attention model's (1, h, w, feature_dim) grid",
+           'features = backbone.encode([Image.open("photo.jpg")], grid=model.has_attention)',
            "print(greedy_search(model, features)[0].text)",
            "print(beam_search(model, features, beam_size=3)[0][0].text)", "```", ""]
     out += ["## Intended use", "",
@@ -289,8 +303,8 @@ def _usage_section(load_from: str, vocab_size: Any, ds_name: str) -> list[str]:
     out += ["## Limitations", "",
             f"- It only knows the {vocab_size} tokens of its training captions and the kinds of scenes in {ds_name}; "
             "other photos get plausible-sounding but often wrong captions.",
-            "- One pooled feature per image: counts, spatial relations and small objects are often wrong, and "
-            "captions tend to be generic (the most frequent phrasing wins).",
+            "- Counts, spatial relations and small objects are often wrong, and captions tend to be generic (the "
+            "most frequent phrasing wins): a pooled model sees one feature per image, an attention model a coarse grid.",
             "- It inherits the biases of its training captions (e.g. gendered words guessed from appearance).",
             "- Scores on a validation split used for model selection are optimistic; compare models on a held-out split.", ""]
     return out

@@ -15,6 +15,8 @@ from typing import Any
 # `train evaluate`. Beam 3 was the best width on Flickr8k (docs/results.md).
 DECODING_DEFAULTS: dict[str, Any] = {"beam_size": 3, "max_len": 20, "alpha": 0.0, "no_repeat_ngram_size": 0,
                                      "min_len": 1, "bad_endings": ()}
+MAX_LEN_HELP = ("most decoder steps per caption: a caption cut at N steps has N words (no <end>); "
+                "one that ends itself has at most N-1 words")  # --max-len, on every command line
 MAX_LEN_LIMIT = 100  # most decoder steps a model may recommend: captions are sentences, and time grows with it
 # (lowest, highest) allowed value of each numeric setting, None = unbounded.
 DECODING_LIMITS: dict[str, tuple[float, float | None]] = {

@@ -47,7 +47,7 @@ def test_card_from_training_metrics(tmp_path):
     assert values == {"BLEU-4 (greedy)": 0.2222, "CIDEr-D (greedy)": 0.5111}
     assert card.data.model_name == "someone/storyteller-test"
     assert "| greedy | 0.6000 | 0.4000 | 0.3000 | 0.2222 | 0.5111 | 2.5000 |" in text
-    assert 'ShowAndTell.from_pretrained("someone/storyteller-test")' in text
+    assert 'load_decoder("someone/storyteller-test")' in text and "A Show-and-Tell image captioner" in text
     assert "flickr8k" in text and "centre crop 224x224" in text and "## Limitations" in text
     assert "loss_curve.png" not in text  # no curve in the folder, no broken image link
     assert "## Example captions" not in text
@@ -78,7 +78,7 @@ def test_card_uses_evaluation_json_curve_and_examples(tmp_path):
     assert "| greedy | 0.6000 | 0.4000 | 0.3000 | 0.2222 | 0.5111 | 2.5000 |" in text  # training figures still shown
     assert "![training and validation loss per epoch](loss_curve.png)" in text
     assert "![1.jpg](examples/1.jpg)" in text and "a dog runs" in text and "a \\| dog" in text  # pipe escaped
-    assert 'from_pretrained("path/to/this/folder")' in text and 'storyteller.load("path/to/this/folder")' in text
+    assert 'load_decoder("path/to/this/folder")' in text and 'storyteller.load("path/to/this/folder")' in text
     (d / "examples" / "1.jpg").unlink()  # a thumbnail that is not there is not linked
     assert "](examples/1.jpg)" not in write_model_card(d).read_text(encoding="utf-8")
 
@@ -138,3 +138,20 @@ def test_public_dataset_drops_local_paths_and_keeps_names_and_hub_ids():
                                    "revision": "refs/convert/parquet", "splits": ["test"]}
     assert public_dataset({"source": "synthetic"}) == {"source": "synthetic"}
     assert public_dataset({"source": "../data/f8k", "kind": "parquet"})["name"] == "f8k"
+
+
+def test_an_attention_models_card_says_it_attends_and_loads_it_right(tmp_path):
+    """The card of a Show-Attend-Tell model describes a grid and attention, not one pooled feature, and its
+    usage code loads any decoder and asks the backbone for the grid."""
+    from storyteller.decoders import ShowAttendTell
+
+    vocab = Vocabulary(["a", "dog", "runs"])
+    m = ShowAttendTell(len(vocab), feature_dim=8, embed_dim=4, hidden_dim=4, attention_dim=4, grid=[7, 7],
+                       backbone=SPEC, extra={"dataset": {"source": "/data/flickr8k", "kind": "imagefolder"}})
+    m.vocab = vocab
+    m.save_pretrained(tmp_path / "att")
+    text = write_model_card(tmp_path / "att").read_text(encoding="utf-8")
+    assert "A Show-Attend-Tell image captioner" in text and "7x7 grid" in text
+    assert "one pooled" not in text and "ShowAndTell" not in text
+    assert "grid=model.has_attention" in text and "show-attend-tell" in text
+

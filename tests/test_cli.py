@@ -87,7 +87,7 @@ def test_max_len_help_says_it_counts_decoder_steps(capsys):
     with pytest.raises(SystemExit):
         main(["caption", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "most decoder steps per caption, <end> included" in help_text
+    assert "a caption cut at N steps has N words (no <end>); one that ends itself has at most N-1 words" in help_text
 
 
 def test_tiny_and_flat_photos_are_captioned_with_a_warning(model_dir, tmp_path, capsys):

@@ -15,6 +15,7 @@ from storyteller.decoding import beam_search, greedy_search
 from storyteller.features import FeatureCache
 from storyteller.metrics import evaluate_captions
 from storyteller.decoders import ShowAndTell
+from storyteller.precision import auto_precision
 from storyteller.vocab import Vocabulary
 from train import evaluate
 
@@ -57,6 +58,8 @@ def test_cached_features_metrics_match_direct_decoding(setup, tmp_path):
     rows = cache.split("validation")
     refs = [cache.captions[r] for r in rows]
     model = ShowAndTell.from_pretrained(root / "model")
+    model.precision = result["precision"]  # evaluate decodes as the app does (storyteller.precision.auto_precision)
+    assert result["precision"] == auto_precision()
     feats = torch.from_numpy(np.asarray(cache.features[rows], dtype=np.float32))
     greedy = [c.text for c in greedy_search(model, feats, max_len=6)]
     beam = [c[0].text for c in beam_search(model, feats, beam_size=2, max_len=6)]
@@ -155,6 +158,7 @@ def test_decoding_defaults_are_the_models_recommended_ones(setup, tmp_path):
     assert result["recommended_decoding"] == recommended
     rows = cache.split("validation")
     model = ShowAndTell.from_pretrained(model_dir)
+    model.precision = result["precision"]
     feats = torch.from_numpy(np.asarray(cache.features[rows], dtype=np.float32))
     beam = [c[0].text for c in beam_search(model, feats, beam_size=2, max_len=5, alpha=0.7, no_repeat_ngram_size=2)]
     assert result["methods"]["beam2"]["bleu4"] == pytest.approx(evaluate_captions(beam, [cache.captions[r] for r in rows])["bleu4"])
@@ -172,7 +176,7 @@ def test_decoding_defaults_are_the_models_recommended_ones(setup, tmp_path):
 
 def test_out_of_range_decoding_is_refused(setup, tmp_path):
     model_dir = with_recommended_decoding(setup, tmp_path / "bad", {"max_len": 0})
-    with pytest.raises(SystemExit, match="max length"):
+    with pytest.raises(SystemExit, match="max_len must be between 1 and 100, got 0"):
         evaluate.main(["--model", str(model_dir), "--features", str(setup[0] / "feats"), "--out", str(tmp_path / "e.json")])
     with pytest.raises(SystemExit, match="alpha"):
         run(setup, tmp_path, "--features", str(setup[0] / "feats"), "--alpha", "-1")

@@ -238,6 +238,31 @@ def test_scst_writes_run_folder_and_exports_a_fine_tuned_model(init_run, cache, 
     assert str(tmp_path) not in (out / "model" / "config.json").read_text(encoding="utf-8")
 
 
+def test_kept_epochs_average_into_a_model_folder(init_run, cache, tmp_path):
+    """--keep-epochs keeps every epoch's weights (epoch 0: the start); `train average` writes their mean as a
+    model folder that loads and says which epochs it averaged (checkpoint averaging, issue 24)."""
+    from train import average
+    from train.trainer import epoch_weights_file
+
+    out = tmp_path / "scst"
+    scst.main(scst_args(init_run, cache, out, "--keep-epochs"))
+    files = [epoch_weights_file(out / scst.EPOCHS_DIR, e) for e in range(4)]
+    assert all(f.is_file() for f in files)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    last = load_file(files[-1])
+    assert all(torch.equal(last[k], v.float()) for k, v in ckpt["model"].items())  # epoch 3 = the last state
+    folder = average.main(["--run", str(out), "--epochs", "2", "3", "--out", str(tmp_path / "avg")])
+    model = ShowAndTell.from_pretrained(folder)
+    two = load_file(files[2])
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, (two[k] + last[k]) / 2)
+    assert model.extra["training"]["averaged_epochs"] == [2, 3] and "metrics" not in model.extra
+    assert "averaged over epochs 2, 3" in (folder / "README.md").read_text(encoding="utf-8") or \
+        "averaged" in json.dumps(model.extra["training"])
+    with pytest.raises(SystemExit, match="epoch_009"):
+        average.main(["--run", str(out), "--epochs", "2", "9", "--out", str(tmp_path / "avg2")])
+
+
 def test_killed_then_resumed_scst_ends_with_identical_weights(init_run, cache, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     scst.main(scst_args(init_run, cache, straight))

@@ -19,7 +19,8 @@ COMMANDS = {"extract": "cache pooled CNN features of a captioned-image dataset",
             "fit": "train the caption decoder on a feature cache",
             "scst": "fine-tune a trained model on CIDEr-D (self-critical sequence training)",
             "evaluate": "score a trained model's captions",
-            "bundle": "package a trained model for shipping (float16, decoding defaults, card)"}
+            "bundle": "package a trained model for shipping (float16, decoding defaults, card)",
+            "average": "average the weights of several epochs of a run (checkpoint averaging)"}
 
 
 def main(argv: list[str] | None = None) -> None:

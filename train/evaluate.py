@@ -49,7 +49,7 @@ from storyteller.decoding import beam_search, greedy_search
 from storyteller.fileio import atomic_path, write_json_atomic, write_text_atomic
 from storyteller.decoders import HubDecoder, load_decoder
 from storyteller.precision import use_precision
-from storyteller.settings import DECODING_DEFAULTS, decoding_hints
+from storyteller.settings import DECODING_DEFAULTS, MAX_LEN_HELP, decoding_hints
 from storyteller.rules import BAD_ENDINGS_HELP, parse_bad_endings
 from storyteller.vocab import tokenize
 
@@ -61,8 +61,6 @@ THUMBNAIL_QUALITY = 85  # their JPEG quality: small files, no visible blocks at 
 # evaluate counts how often its captions say each against the same images' human references.
 STOCK_PHRASES = ("in front of a building", "holding a camera", "red shirt", "little boy", "little girl")
 # What --max-len means in evaluate, fit and scst (storyteller.decoding's searches and scst's sampler agree).
-MAX_LEN_HELP = ("most decoder steps per caption: a caption cut at N steps has N words (no <end>); "
-                "one that ends itself has at most N-1 words")
 TOP_CAPTIONS = 10  # most frequent captions listed per decoding method
 WARMUP_IMAGES, WARMUP_STEPS = 2, 2  # one tiny decode before timing: first-call allocations are not in images/s
 # Decoding when neither the command line nor the model's config["extra"]["decoding"] says otherwise:
@@ -165,7 +163,10 @@ def decoding_settings(args: argparse.Namespace, extra: dict[str, Any] | None) ->
     Raises:
         SystemExit: a setting out of range (given or recommended).
     """
-    recommended = {**DECODING_FALLBACK, **decoding_hints(extra)}
+    try:
+        recommended = {**DECODING_FALLBACK, **decoding_hints(extra)}
+    except ValueError as e:  # a config.json written by hand, or by an older bundle
+        sys.exit(f"the model's recommended decoding cannot be used: {e}")
     given = {"alpha": args.alpha, "no_repeat_ngram_size": args.no_repeat_ngram_size, "max_len": args.max_len,
              "min_len": args.min_len}
     settings = {k: recommended[k] if v is None else v for k, v in given.items()}

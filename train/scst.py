@@ -53,14 +53,16 @@ from storyteller.decoders import ShowAttendTell, load_decoder
 from storyteller.rules import BAD_ENDINGS_HELP, parse_bad_endings, step_mask
 from storyteller.vocab import Vocabulary
 from train import fit, trainer
-from train.evaluate import DECODING_FALLBACK, MAX_LEN_HELP, caption_statistics, decode_all
+from storyteller.settings import MAX_LEN_HELP
+from train.evaluate import DECODING_FALLBACK, caption_statistics, decode_all
 from train.reward import CaptionReward, parse_reward_weights
 
 CHECKPOINT_FORMAT = "storyteller-scst-checkpoint-v1"
 # Arguments that may differ between a run and its --resume. Unlike fit (whose cosine schedule spans
 # --epochs), the learning rate is constant, so epoch e does the same whatever --epochs is: a finished
 # run can be continued for more epochs with --resume --epochs N, as if it had been asked for N at first.
-RESUME_MAY_DIFFER = trainer.RESUME_MAY_DIFFER | {"epochs"}
+RESUME_MAY_DIFFER = trainer.RESUME_MAY_DIFFER | {"epochs", "keep_epochs"}
+EPOCHS_DIR = "epochs"  # RUN_DIR/epochs/epoch_NNN.safetensors with --keep-epochs (train average reads them)
 # (lowest, highest) of each numeric argument (None: no bound); others are refused before anything runs.
 # --epochs 0 is allowed: it scores the starting model and exports it.
 ARGUMENT_LIMITS = {
@@ -89,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt (same arguments)")
     io.add_argument("--stop-after-epochs", type=int, default=0,
                     help="leave after this many epochs of this invocation without exporting, as if killed (0: run to the end)")
+    io.add_argument("--keep-epochs", action="store_true",
+                    help=f"also keep every epoch's weights in RUN_DIR/{EPOCHS_DIR}/ (float32 safetensors), for "
+                         "`python -m train average`")
 
     s = p.add_argument_group("SCST")
     s.add_argument("--samples", type=int, default=5, help="captions sampled per image (K)")
@@ -653,6 +658,8 @@ def keep_record(run: ScstRun, record: dict[str, Any]) -> None:
     """
     run.progress.update(record, record["cider"], maximize=True, patience=run.args.patience, model=run.model,
                         metrics=record)
+    if run.args.keep_epochs:
+        trainer.save_epoch_weights(run.run_dir / EPOCHS_DIR, record["epoch"], run.model)
     trainer.save_checkpoint(run.run_dir / trainer.CHECKPOINT, {
         "format": CHECKPOINT_FORMAT, **run.progress.state(), "model": trainer.cpu_state(run.model),
         "optimizer": run.optimizer.state_dict(), "vocab": list(run.model.vocab.itos), "args": vars(run.args)})

@@ -444,6 +444,30 @@ def prepare_run_dir(run_dir: Path, args: argparse.Namespace, runtime: Runtime) -
         write_json_atomic(run_dir / "args.json", vars(args))
 
 
+def epoch_weights_file(folder: Path, epoch: int) -> Path:
+    """Where :func:`save_epoch_weights` keeps epoch ``epoch``'s weights."""
+    return folder / f"epoch_{epoch:03d}.safetensors"
+
+
+def save_epoch_weights(folder: Path, epoch: int, model: torch.nn.Module) -> Path:
+    """One epoch's weights (float32 safetensors, atomically), for checkpoint averaging (``train average``).
+
+    Args:
+        folder: RUN_DIR/epochs.
+        epoch: the epoch (0: the starting model).
+        model: the model after that epoch.
+    """
+    from safetensors.torch import save_file
+
+    from storyteller.fileio import atomic_path
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = epoch_weights_file(folder, epoch)
+    with atomic_path(path) as tmp:
+        save_file({k: v.float().contiguous() for k, v in cpu_state(model).items()}, str(tmp), metadata={"format": "pt"})
+    return path
+
+
 def write_model_folder(run_dir: Path, model: torch.nn.Module, examples: list[dict[str, Any]],
                        carry: tuple[str, ...] = ("loss_curve.png",)) -> Path:
     """Save ``model`` (vocab attached) to RUN_DIR/model/ in the Hub layout with a model card, atomically.
