@@ -68,7 +68,11 @@ class ScoredCaption:
 
 @contextlib.contextmanager
 def _eval(model: torch.nn.Module) -> Iterator[None]:
-    """Dropout off while scoring; the model's mode is restored afterwards."""
+    """Dropout off while scoring; the model's mode is restored afterwards. A model in eval mode already (the
+    app, serving concurrent requests) is left untouched."""
+    if not any(m.training for m in model.modules()):
+        yield
+        return
     was = model.training
     model.eval()
     try:
@@ -125,14 +129,16 @@ def score_captions(model, features: torch.Tensor, captions: Sequence[Sequence[in
         logp, state = model.step(torch.full((B,), Vocabulary.start_id, dtype=torch.long, device=dev), state)
         rows = torch.as_tensor(images, dtype=torch.long, device=dev)
         state, logp = model.select_state(state, rows), logp[rows]  # (N, V): one row per caption
+        V = logp.shape[1]
+        # the forbidden tokens differ only before min_len and from it on: two masks, made once
+        masks = {early: step_mask(V, 0 if early else min_len, min_len, device=dev) for early in (True, False)}
         for t in range(steps):
             if t > 0:
                 logp, state = model.step(inputs[:, t - 1], state)
             logp = logp.float()
             picked.append(logp.gather(1, targets[:, t:t + 1]))  # (N, 1)
             if top_k > 0:
-                allowed = logp + step_mask(logp.shape[1], t, min_len, device=dev)
-                tops.append(allowed.topk(min(top_k, logp.shape[1]), dim=1))
+                tops.append((logp + masks[t < min_len]).topk(min(top_k, V), dim=1))
     return _collect(captions, finished, torch.cat(picked, 1), tops)
 
 
