@@ -10,7 +10,8 @@ What it guarantees, so no caller has to think about it again:
   input, files over ``max_bytes``, and images too large to decode safely. The pixel limit applies to
   what is *decoded*, read from the header before any pixel is: ``max_pixels`` for every format, and
   for JPEGs, which the decoder can shrink by 2, 4 or 8 while decoding, the header may say up to
-  ``max_jpeg_pixels`` (200 MP phone photos) as long as the shrunk image fits under ``max_pixels``.
+  ``max_jpeg_pixels`` (200 MP phone photos) as long as the shrunk image fits under ``max_pixels``; a
+  progressive JPEG, whose decoder holds all its coefficients, up to ``MAX_PROGRESSIVE_BUFFER`` of them.
 - **Converts correctly**: CMYK; grayscale and 1-bit; palette images; transparency (RGBA, LA, PA,
   P or RGB/L with a transparent colour) is composited on white, not dropped to black; 16-bit
   (``I;16``) and 32-bit (``I``, ``F``) grayscale are *scaled* to 8 bits rather than clipped to
@@ -37,14 +38,18 @@ import numpy as np
 from PIL import Image, ImageOps
 from PIL.JpegImagePlugin import JpegImageFile
 
-__all__ = ["ImageError", "ImageSource", "load_image", "image_warnings", "MAX_PIXELS", "MAX_JPEG_PIXELS", "MAX_BYTES",
-           "MIN_SIDE", "MIN_CONTRAST"]
+__all__ = ["ImageError", "ImageSource", "load_image", "image_warnings", "MAX_PIXELS", "MAX_JPEG_PIXELS",
+           "MAX_PROGRESSIVE_BUFFER", "MAX_BYTES", "MIN_SIDE", "MIN_CONTRAST"]
 
 MAX_PIXELS = 50_000_000  # decoded: a 48 MP phone photo decodes whole; a 20000x20000 bomb (400 MP) is refused
 # A JPEG's own size (its header): 200 MP phone modes (16320x12240) pass. The decoder shrinks it by 2/4/8 while
 # decoding until it fits under MAX_PIXELS; a progressive JPEG still holds its DCT coefficients whole (about
 # 3 bytes a pixel at 4:2:0), so this also bounds the memory one decode takes.
 MAX_JPEG_PIXELS = 200_000_000
+# A progressive JPEG's decoder holds all its DCT coefficients (2 bytes a sample) whatever the scale it decodes
+# at: 300 MB is a 100 MP photo at 4:2:0 chroma, and keeps one decode with the captioner loaded under 1.5 GB.
+# (Phones write baseline JPEGs, decoded row by row: they need no such buffer.)
+MAX_PROGRESSIVE_BUFFER = 300_000_000
 MAX_BYTES = 64 * 1024 * 1024  # 64 MiB of encoded file: a 200 MP phone JPEG is 30-60 MB
 JPEG_SCALES = (1, 2, 4, 8)  # the shrink factors a JPEG decoder applies in the DCT (libjpeg's scaled decoding)
 _ORIENTATION = 0x0112  # EXIF tag
@@ -175,6 +180,23 @@ def _jpeg_scale(size: tuple[int, int], max_pixels: int, draft_size: int | None) 
     return max(fits[0], wanted)
 
 
+def _check_progressive(img: Image.Image) -> None:
+    """Refuse a progressive JPEG whose whole-image coefficient buffer would exceed MAX_PROGRESSIVE_BUFFER."""
+    if not (img.info.get("progressive") or img.info.get("progression")):
+        return
+    def blocks(side: int, sampling: int, most: int) -> int:  # 8x8 blocks of one component along one side
+        return -(-(-(-side * sampling // most)) // 8)
+
+    w, h = img.size
+    layers = getattr(img, "layer", None) or [("", 1, 1, 0)] * 3  # (component, h sampling, v sampling, table)
+    hmax, vmax = max(lay[1] for lay in layers) or 1, max(lay[2] for lay in layers) or 1
+    need = sum(blocks(w, lay[1], hmax) * blocks(h, lay[2], vmax) * 64 * 2 for lay in layers)  # 64 coefficients of 2 bytes
+    if need > MAX_PROGRESSIVE_BUFFER:
+        raise ImageError(f"the image is a {w}x{h} progressive JPEG ({w * h / 1e6:.0f} megapixels): too large to open "
+                         f"safely in that form. Save it as an ordinary JPEG (photos up to 200 megapixels can be "
+                         f"captioned), or smaller.")
+
+
 def _open(data: bytes, max_pixels: int, draft_size: int | None, max_jpeg_pixels: int) -> Image.Image:
     """Decode the first frame of ``data``, checking from the header what will be decoded before decoding it."""
     jpeg = data[:3] == b"\xff\xd8\xff"
@@ -193,6 +215,7 @@ def _open(data: bytes, max_pixels: int, draft_size: int | None, max_jpeg_pixels:
         raise ImageError("the file is not an image, or is in a format this app cannot read (try a JPEG or PNG)") from None
     if jpeg:
         _check_size(img.size, max_jpeg_pixels)
+        _check_progressive(img)
         scale = _jpeg_scale(img.size, max_pixels, draft_size)
         if scale is None:
             raise _too_big(*img.size, max_pixels, max_jpeg_pixels)

@@ -331,3 +331,19 @@ def test_messages_name_no_library():
         with pytest.raises(ImageError) as e:
             load_image(data)
         assert "pillow" not in str(e.value).lower() and "PIL" not in str(e.value) and "bomb" not in str(e.value)
+
+
+def test_a_progressive_jpeg_is_refused_when_its_coefficients_would_not_fit(monkeypatch):
+    """A progressive JPEG's decoder holds every DCT coefficient (2 bytes a sample) whatever the scale: its
+    size is bounded by that buffer. 2000x1500 at 4:2:0 holds 2000*1500*1.5*2 = 9 MB of them; a baseline JPEG
+    of the same size needs no such buffer."""
+    import storyteller.images as images
+
+    img = photo_like((2000, 1500))
+    progressive, baseline = jpeg_bytes(img, progressive=True), jpeg_bytes(img)
+    monkeypatch.setattr(images, "MAX_PROGRESSIVE_BUFFER", 9_100_000)
+    assert load_image(progressive, draft_size=256).size == (500, 375)
+    monkeypatch.setattr(images, "MAX_PROGRESSIVE_BUFFER", 8_900_000)
+    with pytest.raises(ImageError, match="2000x1500 progressive JPEG .*too large"):
+        load_image(progressive, draft_size=256)
+    assert load_image(baseline, draft_size=256).size == (500, 375)
