@@ -1,7 +1,7 @@
 """Publish a model folder to the Hugging Face Hub (and optionally the Gradio Space that serves it).
 
     python hub_upload.py MODEL_DIR --repo-id USER/NAME [--private] [--revision BRANCH]
-                         [--commit-message MSG] [--dry-run] [--space-id USER/SPACE]
+                         [--commit-message MSG] [--dry-run] [--space-id USER/SPACE [--bundle]]
 
 1. **Validate** the folder: load it exactly as the app does (``storyteller.captioner.load``) and
    caption an example photo; a folder that fails is refused and nothing is uploaded.
@@ -12,11 +12,17 @@
    ``examples/*.jpg``): no checkpoints, no pickles, no stray files. A folder whose config,
    evaluation or card names an absolute path of some machine is refused.
 4. With ``--space-id``: push the Space — ``app.py``, ``requirements.txt``, ``storyteller/``,
-   ``examples/``, a ``README.md`` with the Space front matter, and the model folder bundled as
-   ``models/flickr8k-lite0-scst/`` (the app's default model, so the Space needs no download at start-up).
+   ``examples/``, a ``README.md`` with the Space front matter and a description that fits the model
+   (pooled or attention), and ``space_model.txt``: one line, ``USER/NAME@COMMIT``, the model repo at the
+   commit just uploaded. The Space's app downloads that model from the Hub at start-up (through the Hub
+   cache), so no weights travel with the Space; a new model version reaches it by changing that one line
+   (or by running this script again, which uploads the model and re-points the line). With ``--bundle``
+   the model files go into the Space as ``models/<folder name>/`` and the line names that folder (a
+   Space that must start without the Hub).
 
 The token comes from ``hf auth login`` or ``HF_TOKEN``. ``--dry-run`` validates, renders the card in
-a temporary copy, lists what would be uploaded, and makes no network call and no change.
+a temporary copy, lists what would be uploaded and the Space's model reference, and makes no network
+call and no change.
 
 Example::
 
@@ -31,13 +37,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from storyteller.captioner import DEFAULT_MODEL_DIR, MODEL_EXAMPLES_GLOB, MODEL_FILES, OPTIONAL_MODEL_FILES
+from storyteller.captioner import MODEL_EXAMPLES_GLOB, MODEL_FILES, OPTIONAL_MODEL_FILES
 from storyteller.card import CARD_FILE as CARD
 from storyteller.vocab import SPECIAL_TOKENS
 
 REPO = Path(__file__).resolve().parent
-SPACE_MODEL_DIR = DEFAULT_MODEL_DIR.relative_to(REPO).as_posix()  # the app's default model folder: models/flickr8k-lite0-scst
 SPACE_SOURCES = ("app.py", "requirements.txt", "LICENSE")
+# The Space's model reference, read by app.py (app.SPACE_MODEL_FILE): one line, "user/model@commit", or a
+# folder inside the Space with --bundle.
+SPACE_MODEL_FILE = "space_model.txt"
+PENDING_COMMIT = "<the commit this upload makes>"  # a dry run's stand-in: the commit is known only after the upload
 
 
 class UploadRefused(Exception):
@@ -101,15 +110,31 @@ def _need_token() -> None:
 
 
 # -- Space -------------------------------------------------------------------------------------------
-def space_readme(repo_id: str, space_id: str) -> str:
-    """The Space's README.md: front matter for the Hub plus a short description.
+def is_attention_model(model_dir: Path) -> bool:
+    """True for a Show-Attend-Tell model folder (its config's ``decoder``), False for Show-and-Tell."""
+    import json
+
+    from storyteller.decoders import ShowAttendTell
+
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+        return config.get("decoder") == ShowAttendTell.decoder_type
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def space_readme(repo_id: str, space_id: str, model_ref: str, attention: bool) -> str:
+    """The Space's README.md: front matter for the Hub plus a short description that fits the model.
 
     Args:
         repo_id: the model repo the Space serves.
         space_id: the Space.
+        model_ref: what ``space_model.txt`` says (``repo@commit``, or a bundled folder).
+        attention: the model is Show-Attend-Tell (else Show-and-Tell).
     """
     import gradio
 
+    kind = "show-attend-tell" if attention else "show-and-tell"
     front = "\n".join([
         "---",
         "title: Neural Storyteller",
@@ -122,51 +147,107 @@ def space_readme(repo_id: str, space_id: str) -> str:
         "app_file: app.py",
         "pinned: false",
         "license: mit",
-        "short_description: Show-and-Tell captions, greedy vs beam search",
+        f"short_description: {'Show-Attend-Tell' if attention else 'Show-and-Tell'} captions, greedy vs beam search",
         "models:",
         f"  - {repo_id}",
         "tags:",
         "  - image-captioning",
-        "  - show-and-tell",
+        f"  - {kind}",
         "---",
     ])
-    body = (f"# Neural Storyteller\n\nShow-and-Tell image captioning: a frozen ImageNet CNN turns the photo into one "
-            f"feature vector and an LSTM writes the caption, with greedy and beam search side by side.\n\n"
-            f"Model: [{repo_id}](https://huggingface.co/{repo_id}) (bundled in `{SPACE_MODEL_DIR}/`). "
-            f"Example photos: Flickr8k validation split (Hodosh et al., 2013), research use.\n")
-    return front + "\n\n" + body
+    how = ("Show-Attend-Tell image captioning: a frozen ImageNet CNN turns the photo into a grid of features, and "
+           "an LSTM writes the caption, looking over the grid for every word (the page shows where)." if attention else
+           "Show-and-Tell image captioning: a frozen ImageNet CNN sums the photo up in one feature vector, and an LSTM "
+           "writes the caption.")
+    if "@" in model_ref:
+        source = (f"The app downloads the model [{repo_id}](https://huggingface.co/{repo_id}) from the Hub at start-up, "
+                  f"at the commit named in `{SPACE_MODEL_FILE}` (`{model_ref}`). To serve another version, change that "
+                  f"one line.")
+    else:
+        source = f"Model: [{repo_id}](https://huggingface.co/{repo_id}), bundled in `{model_ref}/`."
+    return (front + f"\n\n# Neural Storyteller\n\n{how} Greedy and beam search side by side, each word shaded by "
+            f"its probability, and where the two searches part.\n\n{source} JSON API: `/caption_json` "
+            "(`gradio_client`). Example photos: Flickr8k validation split (Hodosh et al., 2013), research use.\n")
 
 
-def stage_space(model_dir: Path, repo_id: str, space_id: str, dest: Path) -> list[str]:
-    """Copy what the Space needs into ``dest``; returns the staged files (relative paths, sorted).
+def stage_space(model_dir: Path, repo_id: str, space_id: str, dest: Path, model_commit: str | None,
+                bundle: bool = False, bundle_name: str | None = None) -> tuple[list[str], str]:
+    """Copy what the Space needs into ``dest``; returns the staged files (relative paths, sorted) and the
+    model reference written to ``space_model.txt``.
 
     Args:
-        model_dir: the (validated) model folder, bundled as ``SPACE_MODEL_DIR``.
-        repo_id: the model repo (for the README front matter).
+        model_dir: the (validated) model folder.
+        repo_id: the model repo.
         space_id: the Space.
         dest: an empty staging folder.
+        model_commit: the model repo's commit to pin (None: ``PENDING_COMMIT``, for a dry run).
+        bundle: copy the model files into the Space (``models/<bundle_name>/``) and point at them.
+        bundle_name: the bundled folder's name (default: ``model_dir``'s).
     """
+    dest.mkdir(parents=True, exist_ok=True)
     for name in SPACE_SOURCES:
         if (REPO / name).is_file():
             shutil.copy2(REPO / name, dest / name)
     shutil.copytree(REPO / "storyteller", dest / "storyteller", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     if (REPO / "examples").is_dir():
         shutil.copytree(REPO / "examples", dest / "examples")
-    files, _ = model_files(model_dir)
-    (dest / SPACE_MODEL_DIR).mkdir(parents=True)
-    for f in files:
-        if (model_dir / f).is_file():
-            (dest / SPACE_MODEL_DIR / f).parent.mkdir(parents=True, exist_ok=True)  # examples/ thumbnails
-            shutil.copy2(model_dir / f, dest / SPACE_MODEL_DIR / f)
-    (dest / "README.md").write_text(space_readme(repo_id, space_id), encoding="utf-8")
-    return sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
+    if bundle:
+        ref = f"models/{bundle_name or model_dir.resolve().name}"
+        files, _ = model_files(model_dir)
+        for f in files:
+            if (model_dir / f).is_file():
+                (dest / ref / f).parent.mkdir(parents=True, exist_ok=True)  # examples/ thumbnails
+                shutil.copy2(model_dir / f, dest / ref / f)
+    else:
+        ref = f"{repo_id}@{model_commit or PENDING_COMMIT}"
+    (dest / SPACE_MODEL_FILE).write_text(f"# The model this Space serves: a Hub repo at a commit (or a folder here).\n"
+                                         f"{ref}\n", encoding="utf-8")
+    (dest / "README.md").write_text(space_readme(repo_id, space_id, ref, is_attention_model(model_dir)), encoding="utf-8")
+    return sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()), ref
 
 
 # -- upload ------------------------------------------------------------------------------------------
+def _render_card(model_dir: Path, files: list[str], repo_id: str, dry_run: bool, tmp: Path) -> Path:
+    """Write the model card (a dry run: into a copy of the folder under ``tmp``) and refuse machine paths;
+    returns the card's path."""
+    from storyteller.card import published_local_paths, write_model_card
+
+    if dry_run:  # render the card in a copy, so a dry run changes nothing
+        card_dir = tmp / "model"
+        card_dir.mkdir()
+        for f in files:
+            if (model_dir / f).is_file() and f != CARD:
+                (card_dir / f).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(model_dir / f, card_dir / f)
+        card = write_model_card(card_dir, repo_id=repo_id)
+    else:
+        _need_token()
+        card = write_model_card(model_dir, repo_id=repo_id)
+    leaks = published_local_paths(card.parent)
+    if leaks:
+        raise UploadRefused(f"{model_dir} names absolute paths of this machine in " + "; ".join(
+            f"{name}: {', '.join(paths)}" for name, paths in leaks.items()) + ". Re-export it with the current "
+            "`python -m train bundle` / `evaluate --write-to-model`, or replace them with the dataset's name")
+    return card
+
+
+def _stage_space_logged(model_dir: Path, repo_id: str, space_id: str, dest: Path, model_commit: str | None,
+                        bundle: str | None, dry_run: bool, log) -> tuple[list[str], str]:
+    """:func:`stage_space` into a new ``dest`` (``bundle``: the bundled folder's name, None: no bundle), then the
+    Space's model reference and files logged."""
+    files, ref = stage_space(model_dir, repo_id, space_id, dest, model_commit, bundle=bundle is not None,
+                             bundle_name=bundle)
+    log(f"Space model reference ({SPACE_MODEL_FILE}): {ref}")
+    log(f"{'would upload' if dry_run else 'uploading'} to Space {space_id}: {len(files)} files")
+    for f in files:
+        log(f"  {f}")
+    return files, ref
+
+
 def publish(model_dir: Path, repo_id: str, *, private: bool = False, revision: str | None = None,
             commit_message: str | None = None, dry_run: bool = False, space_id: str | None = None,
-            log=print) -> dict[str, Any]:
-    """Validate, write the card, and upload the model (and the Space).
+            bundle: bool = False, log=print) -> dict[str, Any]:
+    """Validate, write the card, and upload the model (and the Space that serves it from the Hub).
 
     Args:
         model_dir: the model folder.
@@ -175,59 +256,38 @@ def publish(model_dir: Path, repo_id: str, *, private: bool = False, revision: s
         revision: branch to push the model to (created if missing); default ``main``.
         commit_message: commit message for the model upload.
         dry_run: validate and list, but write nothing and make no network call.
-        space_id: also push the Gradio Space ``user/space``.
+        space_id: also push the Gradio Space ``user/space``, pinned to the model commit just uploaded.
+        bundle: put the model files into the Space too (a Space that must start without the Hub).
         log: where progress lines go.
 
     Returns:
-        ``{"model_files": [...], "space_files": [...], "model_commit": ..., "space_commit": ...}``.
+        ``{"model_files": [...], "space_files": [...], "space_model": ..., "model_commit": ..., "space_commit": ...}``
+        (``model_commit``: the commit's URL).
 
     Raises:
         UploadRefused: the folder fails validation, or there is no token.
     """
-    from storyteller.card import published_local_paths, write_model_card
-
     model_dir = Path(model_dir)
+    bundle_as = model_dir.resolve().name if bundle else None  # the bundled folder keeps the model folder's name
     caption = validate_model(model_dir)
     log(f"validated {model_dir}: example caption {caption!r}")
     files, left_out = model_files(model_dir)
     if left_out:
         log(f"left out of the upload: {', '.join(left_out)}")
-    out: dict[str, Any] = {"model_files": files, "space_files": [], "model_commit": None, "space_commit": None}
-
+    out: dict[str, Any] = {"model_files": files, "space_files": [], "space_model": None, "model_commit": None,
+                           "space_commit": None}
     with tempfile.TemporaryDirectory(prefix="storyteller-upload-") as tmp:
         tmp = Path(tmp)
-        if dry_run:  # render the card in a copy, so a dry run changes nothing
-            card_dir = tmp / "model"
-            card_dir.mkdir()
-            for f in files:
-                if (model_dir / f).is_file() and f != CARD:
-                    (card_dir / f).parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(model_dir / f, card_dir / f)
-            card = write_model_card(card_dir, repo_id=repo_id)
-        else:
-            _need_token()
-            card = write_model_card(model_dir, repo_id=repo_id)
-        leaks = published_local_paths(card.parent)
-        if leaks:
-            raise UploadRefused(f"{model_dir} names absolute paths of this machine in " + "; ".join(
-                f"{name}: {', '.join(paths)}" for name, paths in leaks.items()) + ". Re-export it with the current "
-                "`python -m train bundle` / `evaluate --write-to-model`, or replace them with the dataset's name")
+        card = _render_card(model_dir, files, repo_id, dry_run, tmp)
         log(f"model card: {card.stat().st_size} bytes" + (" (rendered in a temporary copy)" if dry_run else f" -> {card}"))
         branch = f" (branch {revision})" if revision else ""
         log(f"{'would upload' if dry_run else 'uploading'} to model repo {repo_id}{branch}:")
         for f in files:
-            size = (card if f == CARD else model_dir / f).stat().st_size
-            log(f"  {f}  ({size / 1024:.1f} KiB)")
-
-        space_dir = None
-        if space_id:
-            space_dir = tmp / "space"
-            space_dir.mkdir()
-            out["space_files"] = stage_space(model_dir if not dry_run else card.parent, repo_id, space_id, space_dir)
-            log(f"{'would upload' if dry_run else 'uploading'} to Space {space_id}: {len(out['space_files'])} files")
-            for f in out["space_files"]:
-                log(f"  {f}")
+            log(f"  {f}  ({(card if f == CARD else model_dir / f).stat().st_size / 1024:.1f} KiB)")
         if dry_run:
+            if space_id:
+                out["space_files"], out["space_model"] = _stage_space_logged(
+                    card.parent, repo_id, space_id, tmp / "space", None, bundle_as, dry_run, log)
             log("dry run: nothing uploaded")
             return out
 
@@ -242,10 +302,12 @@ def publish(model_dir: Path, repo_id: str, *, private: bool = False, revision: s
                                  allow_patterns=files)
         out["model_commit"] = getattr(info, "commit_url", str(info))
         log(f"model: {out['model_commit']}")
-        if space_id and space_dir is not None:
+        if space_id:  # staged now: it is pinned to the commit the model upload just made (CommitInfo.oid)
+            out["space_files"], out["space_model"] = _stage_space_logged(
+                model_dir, repo_id, space_id, tmp / "space", info.oid, bundle_as, dry_run, log)
             api.create_repo(space_id, repo_type="space", space_sdk="gradio", private=private or None, exist_ok=True)
-            info = api.upload_folder(repo_id=space_id, folder_path=str(space_dir), repo_type="space",
-                                     commit_message=f"Neural Storyteller app serving {repo_id}")
+            info = api.upload_folder(repo_id=space_id, folder_path=str(tmp / "space"), repo_type="space",
+                                     commit_message=f"Neural Storyteller app serving {out['space_model']}")
             out["space_commit"] = getattr(info, "commit_url", str(info))
             log(f"space: {out['space_commit']}")
     return out
@@ -264,11 +326,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--revision", default=None, help="branch to push the model to (created if missing)")
     p.add_argument("--commit-message", default=None)
     p.add_argument("--dry-run", action="store_true", help="validate and list what would be uploaded; no network, no writes")
-    p.add_argument("--space-id", default=None, help="also push the Gradio Space, e.g. me/neural-storyteller")
+    p.add_argument("--space-id", default=None,
+                   help="also push the Gradio Space, e.g. me/neural-storyteller: it downloads the model from --repo-id "
+                        "at the commit just uploaded")
+    p.add_argument("--bundle", action="store_true",
+                   help="with --space-id: put the model files into the Space too, for a Space that must start "
+                        "without the Hub")
     args = p.parse_args(argv)
+    if args.bundle and not args.space_id:
+        p.error("--bundle goes with --space-id")
     try:
         publish(args.model_dir, args.repo_id, private=args.private, revision=args.revision,
-                commit_message=args.commit_message, dry_run=args.dry_run, space_id=args.space_id)
+                commit_message=args.commit_message, dry_run=args.dry_run, space_id=args.space_id, bundle=args.bundle)
     except UploadRefused as e:
         print(f"hub_upload: refusing to upload: {e}", file=sys.stderr)
         return 1

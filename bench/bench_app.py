@@ -18,6 +18,20 @@
    handler does nothing (same inputs, one text output): what upload, queue and transport cost here
    with no captioning at all, the baseline for (2).
 
+Separate checks, each run alone (they replace 1-4):
+
+- ``--soak N``: N requests from ``--clients`` clients (``--client``'s first kind), every 10th a file that is
+  not an image: every photo must get captions and every bad file its one clear error (0 failures), and
+  the server's memory (RSS, sampled every 0.5 s) must stay within 1.3x its size after warm-up (the first
+  5% of the requests). The issue's soak: ``--soak 1000 --clients 8``.
+- ``--startup R``: R times, the time ``python -c "import torch, gradio"`` takes, and the time from starting
+  ``python app.py`` to its first caption (HTTP up, one request answered); the ratio of the medians
+  (target: at most 1.6x).
+- ``--big-photo``: ``python -m storyteller caption`` on a 16320x12240 (200 MP) JPEG (made from an example
+  photo), with its peak RSS (target: exit 0, at most 1.5 GB); on progressive JPEGs of 96 MP (captioned)
+  and 200 MP (refused: its decoder would hold all 600 MB of its coefficients); on a 20000x20000 PNG
+  (refused, exit 1).
+
 Without ``--url`` the script starts ``app.py`` itself on 127.0.0.1 and a free port, and stops it at
 the end. ``--model random`` (the default when there is no bundled model) writes a random decoder of
 realistic size (3000 tokens, 512-d embeddings and LSTM) with the efficientnet_lite0 backbone: a
@@ -295,6 +309,126 @@ def bench_load(url: str, paths: list[Path], clients: int, requests: int, beam: i
     return not errors
 
 
+def rss_mb(pid: int) -> float:
+    """A process's resident memory (MB) from /proc (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def bench_soak(url: str, pid: int, paths: list[Path], clients: int, total: int, beam: int, max_len: int, kind: str,
+               tmp: Path, bad_every: int = 10, limit: float = 1.3) -> bool:
+    """``total`` requests from ``clients`` clients, every ``bad_every``-th a file that is not an image."""
+    bad = tmp / "not_an_image.jpg"
+    bad.write_bytes(b"this is a text file pretending to be a JPEG\n" * 20)
+    pool = [CLIENTS[kind](url) for _ in range(clients)]
+    counter, lock, failures = iter(range(total)), threading.Lock(), []
+    warm_at, rss = max(1, total // 20), {"warm": None, "peak": 0.0, "samples": []}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            mb = rss_mb(pid)
+            rss["samples"].append(mb)
+            rss["peak"] = max(rss["peak"], mb) if rss["warm"] is not None else rss["peak"]
+            done.wait(0.5)
+
+    def worker(ci: int) -> None:
+        while True:
+            with lock:
+                i = next(counter, None)
+                if i == warm_at and rss["warm"] is None:
+                    rss["warm"] = rss_mb(pid)
+            if i is None:
+                return
+            is_bad = i % bad_every == bad_every - 1
+            try:
+                out = pool[ci].caption(bad if is_bad else paths[i % len(paths)], beam, max_len)
+                err = "a bad file was captioned" if is_bad else (None if out[0].strip() and out[2].strip() else "empty caption")
+            except Exception as e:  # the bad file's error is the expected outcome
+                err = None if is_bad and "not an image" in str(e) else f"{type(e).__name__}: {e}"
+            if err:
+                with lock:
+                    failures.append(err)
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as ex:
+        list(ex.map(worker, range(clients)))
+    wall = time.perf_counter() - t0
+    done.set()
+    end = rss_mb(pid)
+    warm = rss["warm"] or end
+    print(f"\n== soak: {total} requests from {clients} {pool[0].name} clients, every {bad_every}th not an image "
+          f"(beam {beam}, max_len {max_len}) ==")
+    print(f"  failures {len(failures)}" + (f"; first: {failures[0]}" if failures else "") + f"; {wall:.0f} s wall, "
+          f"{total / wall:.2f} requests/s")
+    print(f"  server RSS after warm-up ({warm_at} requests) {warm:.0f} MB, peak after {rss['peak']:.0f} MB "
+          f"({rss['peak'] / warm:.2f}x), at the end {end:.0f} MB ({end / warm:.2f}x); target <= {limit}x")
+    return not failures and rss["peak"] <= limit * warm
+
+
+def bench_startup(model: str, repeats: int, tmp: Path) -> bool:
+    """The first caption after `python app.py`, against the time to import torch and gradio."""
+    imports, firsts, ups = [], [], []
+    photo = photos(1)[0]
+    for r in range(repeats):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import torch, gradio"], check=True, cwd=REPO)
+        imports.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        proc, url = start_app(model, None, None, tmp / f"startup-{r}.log")
+        ups.append(time.perf_counter() - t)
+        try:
+            RawClient(url).caption(photo, 3, 20)
+            firsts.append(time.perf_counter() - t)
+        finally:
+            _stop(proc)
+    ratio = statistics.median(firsts) / statistics.median(imports)
+    print(f"\n== start-up ({repeats} runs, model {model}) ==")
+    print(f"  import torch, gradio: median {statistics.median(imports):.2f} s ({', '.join(f'{x:.2f}' for x in imports)})")
+    print(f"  python app.py to its first caption: median {statistics.median(firsts):.2f} s "
+          f"({', '.join(f'{x:.2f}' for x in firsts)}); of which HTTP up median {statistics.median(ups):.2f} s")
+    print(f"  ratio {ratio:.2f}x; target <= 1.6x: {'met' if ratio <= 1.6 else 'NOT met'}")
+    return ratio <= 1.6
+
+
+MAKE_BIG_PHOTO = """import sys
+from PIL import Image
+big = Image.open(sys.argv[1]).convert("RGB").resize((16320, 12240), Image.BICUBIC)
+big.save(sys.argv[2], quality=90)
+big.save(sys.argv[3], quality=90, progressive=True)
+big.resize((11312, 8484), Image.BILINEAR).save(sys.argv[4], quality=90, progressive=True)
+Image.new("1", (20000, 20000)).save(sys.argv[5], optimize=True)
+"""
+# Runs a command and prints the peak RSS (KiB) of its process tree: RUSAGE_CHILDREN of this wrapper only.
+PEAK_RSS = "import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; " \
+           "print('peak_rss_kib', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, 'exit', rc)"
+
+
+def bench_big_photo(model: str, tmp: Path, limit_gb: float = 1.5) -> bool:
+    """``python -m storyteller caption`` on a 200 MP baseline JPEG (captioned), progressive JPEGs of 96 MP
+    (captioned) and 200 MP (refused: its decoder would hold 600 MB of coefficients) and a 400 MP PNG (refused)."""
+    files = [tmp / "200mp.jpg", tmp / "200mp-progressive.jpg", tmp / "96mp-progressive.jpg", tmp / "20000x20000.png"]
+    source = sorted((REPO / "examples").glob("*.jpg"))[1]
+    subprocess.run([sys.executable, "-c", MAKE_BIG_PHOTO, str(source), *map(str, files)], check=True)
+    print(f"\n== big photos: python -m storyteller caption --model {model} (peak RSS of the whole command) ==")
+    ok = True
+    for f, want in zip(files, (0, 1, 0, 1)):
+        run = subprocess.run([sys.executable, "-c", PEAK_RSS, sys.executable, "-m", "storyteller", "caption",
+                              "--model", model, str(f)], capture_output=True, text=True, cwd=REPO)
+        last = run.stdout.strip().splitlines()[-1].split()
+        peak_gb, rc = int(last[1]) * 1024 / 1e9, int(last[3])
+        said = (run.stdout.strip().splitlines()[:-1] or [""])[0] + run.stderr.strip()
+        print(f"  {f.name} ({f.stat().st_size / 1e6:.1f} MB): exit {rc}, peak RSS {peak_gb:.2f} GB; {said[:160]}")
+        ok = ok and rc == want and peak_gb <= limit_gb
+    print(f"  target: the 200 MP baseline and 96 MP progressive JPEGs captioned (exit 0), the 200 MP progressive "
+          f"JPEG and the PNG refused (exit 1), each at <= {limit_gb} GB: {'met' if ok else 'NOT met'}")
+    return ok
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None, help="model folder or Hub id, or 'random' (default: bundled, else random)")
@@ -313,7 +447,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="skip Gradio's floor (the same request to a do-nothing handler)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for the in-process run and app.py --threads (default: the app's rule, CPUs/concurrency)")
+    p.add_argument("--soak", type=int, default=0, metavar="N",
+                   help="only the soak: N requests from --clients clients, every 10th not an image")
+    p.add_argument("--startup", type=int, default=0, metavar="R", help="only the start-up check, R runs")
+    p.add_argument("--big-photo", action="store_true", help="only the 200 MP photo check (CLI peak memory)")
     args = p.parse_args(argv)
+    soak_client = (args.client or ["raw"])[0]  # the soak's clients: raw unless asked (they share the CPU with the app)
     if args.client is None:
         args.client = ["gradio", "raw"] if (args.url or "").startswith("https://") else ["gradio", "gradio-plain", "raw"]
 
@@ -325,6 +464,18 @@ def main(argv: list[str] | None = None) -> int:
         model = str(random_model(tmp / "random-lite0"))
     paths = photos(32)
     print(f"model {model}; {len(paths)} photos from {paths[0].parent}; {os.cpu_count()} CPUs")
+    if args.big_photo:
+        return 0 if bench_big_photo(model, tmp) else 1
+    if args.startup:
+        return 0 if bench_startup(model, args.startup, tmp) else 1
+    if args.soak:
+        proc, url = start_app(model, args.concurrency, args.threads, tmp / "app.log")
+        try:
+            ok = bench_soak(url, proc.pid, paths, args.clients, args.soak, args.beam, args.max_len,
+                            soak_client, tmp)
+        finally:
+            _stop(proc)
+        return 0 if ok else 1
 
     import torch
 

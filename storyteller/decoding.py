@@ -63,7 +63,9 @@ class Caption:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module):
+def eval_mode(model: torch.nn.Module):
+    """Dropout off for the block, the model's mode restored after it; a model in eval mode already (the app,
+    serving concurrent requests) is left untouched."""
     was_training = model.training
     if not any(m.training for m in model.modules()):  # all in eval mode already (the app, evaluation)
         yield
@@ -87,10 +89,16 @@ def _check(model, features: torch.Tensor, max_len: int, min_len: int) -> None:
         raise ValueError("features hold NaN or infinite values: the image encoder (or the feature cache) is broken")
 
 
-class _Calls:
-    """How a search calls its decoder: ``model.products()`` made once for the whole search where the decoder
-    has them (``storyteller.decoders``), else the bare protocol (``init_state``, ``step``, maybe
-    ``select_state`` / ``scatter_state``; a state of (layers, batch, hidden) tensors otherwise)."""
+class DecoderCalls:
+    """How a search (or any loop of decoder steps: ``storyteller.scoring``) calls its decoder:
+    ``model.products()`` made once for the whole loop where the decoder has them (``storyteller.decoders``),
+    else the bare protocol (``init_state``, ``step``, maybe ``select_state`` / ``scatter_state``; a state of
+    (layers, batch, hidden) tensors otherwise).
+
+    Args:
+        model: the decoder.
+        attention: also return the attention weights of every step (decoders with ``has_attention``).
+    """
 
     def __init__(self, model, attention: bool):
         self.model, self.attention = model, attention
@@ -129,7 +137,7 @@ def _mask_dead(logp: torch.Tensor, alpha: torch.Tensor | None, live: torch.Tenso
     return logp.masked_fill_(dead, float("-inf")), None if alpha is None else alpha.masked_fill(dead, 0.0)
 
 
-def _live_step(calls: _Calls, tokens: torch.Tensor, state, live: np.ndarray):
+def _live_step(calls: DecoderCalls, tokens: torch.Tensor, state, live: np.ndarray):
     """Run the decoder's step for the rows where ``live`` is True.
 
     tokens (N,), state of N rows, live (N,) bool array -> log_probs (N, V) (rows not live are -inf), the
@@ -430,8 +438,8 @@ def _search(model, features: torch.Tensor, searches: list[tuple[int, bool, float
     each search's best tokens per row (one ``max`` or ``topk`` per search); the searches' bookkeeping runs on
     those in NumPy (``_Beams``)."""
     _check(model, features, max_len, min_len)
-    with _eval_mode(model):
-        calls = _Calls(model, attention=bool(getattr(model, "has_attention", False)))
+    with eval_mode(model):
+        calls = DecoderCalls(model, attention=bool(getattr(model, "has_attention", False)))
         B, dev = features.shape[0], features.device
         groups = [_Beams(B, K, greedy, alpha, max_len, n_best) for K, greedy, alpha, n_best in searches]
         starts = np.cumsum([0] + [g.rows for g in groups]).tolist()  # each search's first row; the last: N

@@ -18,12 +18,21 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+# The blend, at a word's attention peak: the ramp colour covers HEAT_BLEND of the pixel (enough to read the
+# colour, the photo still shows through); where the model did not look the photo keeps LOOK_FLOOR of its
+# brightness (dark, not black, so the scene stays readable); outside the centre crop, which the model never
+# saw, OUTSIDE_CROP of it.
+HEAT_BLEND = 0.65
+LOOK_FLOOR = 0.45
+OUTSIDE_CROP = 0.35
 # A perceptual-ish ramp: transparent dark -> red -> yellow -> white, as (position, RGB).
 _RAMP = np.array([[0.0, 0, 0, 0], [0.35, 180, 20, 20], [0.7, 255, 200, 0], [1.0, 255, 255, 230]], dtype=np.float32)
 
 
 def crop_box(size: tuple[int, int], preprocessing: dict[str, Any]) -> tuple[int, int, int, int]:
-    """The (left, top, right, bottom) box of a photo of ``size`` (w, h) that the backbone's centre crop saw."""
+    """The (left, top, right, bottom) box of a photo of ``size`` (w, h) that the backbone's centre crop saw:
+    the short side is resized to ``resize`` and ``crop`` of it kept, so a square of ``crop / resize`` of the
+    short side, centred."""
     w, h = size
     short = min(w, h)
     side = short * min(1.0, float(preprocessing["crop"]) / float(preprocessing["resize"]))
@@ -45,17 +54,17 @@ class PhotoOverlay:
         strength: how much of the heat map is blended in where attention peaks (0..1).
     """
 
-    def __init__(self, photo: Image.Image, preprocessing: dict[str, Any], strength: float = 0.65):
+    def __init__(self, photo: Image.Image, preprocessing: dict[str, Any], strength: float = HEAT_BLEND):
         base = np.asarray(photo.convert("RGB"), dtype=np.float32)
         self.box = crop_box((base.shape[1], base.shape[0]), preprocessing)
         self.bw, self.bh = max(1, self.box[2] - self.box[0]), max(1, self.box[3] - self.box[1])
-        self.dimmed = base * 0.35  # outside the crop: dimmed, the model never saw it
+        self.dimmed = base * OUTSIDE_CROP  # outside the crop: dimmed, the model never saw it
         self.region = base[self.box[1]:self.box[1] + self.bh, self.box[0]:self.box[0] + self.bw]
         # Per attention level b (256 steps): the photo is darkened where the model did not look,
-        # lit = photo * (0.45 + 0.55 b), and the ramp colour blended in with weight a = strength * b:
-        # out = photo * scale[b] + tint[b], so a map costs one multiply-add per pixel.
+        # lit = photo * (LOOK_FLOOR + (1 - LOOK_FLOOR) b), and the ramp colour blended in with weight
+        # a = strength * b: out = photo * scale[b] + tint[b], so a map costs one multiply-add per pixel.
         a = strength * _LEVELS
-        self.scale = ((0.45 + 0.55 * _LEVELS) * (1 - a))[:, None].astype(np.float32)  # (256, 1)
+        self.scale = ((LOOK_FLOOR + (1 - LOOK_FLOOR) * _LEVELS) * (1 - a))[:, None].astype(np.float32)  # (256, 1)
         self.tint = (_LUT * a[:, None]).astype(np.float32)  # (256, 3)
 
     def __call__(self, weights: torch.Tensor | np.ndarray) -> Image.Image:
@@ -74,7 +83,7 @@ class PhotoOverlay:
 
 
 def overlay(photo: Image.Image, weights: torch.Tensor | np.ndarray, preprocessing: dict[str, Any],
-            strength: float = 0.65) -> Image.Image:
+            strength: float = HEAT_BLEND) -> Image.Image:
     """The photo with attention ``weights`` (h, w) as a heat map over the part the model saw.
 
     Args:

@@ -7,8 +7,11 @@ What it guarantees, so no caller has to think about it again:
 
 - **Refuses, with** :class:`ImageError` **(a ValueError)**: files that are not images, truncated or
   corrupt files, files that cannot be read (missing, a folder, no permission, I/O error), empty
-  input, files over ``max_bytes``, and decompression bombs — the pixel count
-  is read from the header and checked against ``max_pixels`` *before* any pixel is decoded.
+  input, files over ``max_bytes``, and images too large to decode safely. The pixel limit applies to
+  what is *decoded*, read from the header before any pixel is: ``max_pixels`` for every format, and
+  for JPEGs, which the decoder can shrink by 2, 4 or 8 while decoding, the header may say up to
+  ``max_jpeg_pixels`` (200 MP phone photos) as long as the shrunk image fits under ``max_pixels``; a
+  progressive JPEG, whose decoder holds all its coefficients, up to ``MAX_PROGRESSIVE_BUFFER`` of them.
 - **Converts correctly**: CMYK; grayscale and 1-bit; palette images; transparency (RGBA, LA, PA,
   P or RGB/L with a transparent colour) is composited on white, not dropped to black; 16-bit
   (``I;16``) and 32-bit (``I``, ``F``) grayscale are *scaled* to 8 bits rather than clipped to
@@ -16,6 +19,8 @@ What it guarantees, so no caller has to think about it again:
 - **Fast on big JPEGs** when asked: ``draft_size`` lets the JPEG decoder downscale by up to 8x
   while keeping both sides at least that large (a 4000x3000 upload decodes at 500x375 for a 224
   model input).
+
+Messages are for the person who uploaded the photo: plain words, no library names.
 
 Example::
 
@@ -31,12 +36,22 @@ from typing import BinaryIO, Union
 
 import numpy as np
 from PIL import Image, ImageOps
+from PIL.JpegImagePlugin import JpegImageFile
 
-__all__ = ["ImageError", "ImageSource", "load_image", "image_warnings", "MAX_PIXELS", "MAX_BYTES", "MIN_SIDE",
-           "MIN_CONTRAST"]
+__all__ = ["ImageError", "ImageSource", "load_image", "image_warnings", "MAX_PIXELS", "MAX_JPEG_PIXELS",
+           "MAX_PROGRESSIVE_BUFFER", "MAX_BYTES", "MIN_SIDE", "MIN_CONTRAST"]
 
-MAX_PIXELS = 50_000_000  # 50 megapixels: a 48 MP phone photo passes, a 20000x20000 bomb does not
-MAX_BYTES = 64 * 1024 * 1024  # 64 MiB of encoded file
+MAX_PIXELS = 50_000_000  # decoded: a 48 MP phone photo decodes whole; a 20000x20000 bomb (400 MP) is refused
+# A JPEG's own size (its header): 200 MP phone modes (16320x12240) pass. The decoder shrinks it by 2/4/8 while
+# decoding until it fits under MAX_PIXELS; a progressive JPEG still holds its DCT coefficients whole (about
+# 3 bytes a pixel at 4:2:0), so this also bounds the memory one decode takes.
+MAX_JPEG_PIXELS = 200_000_000
+# A progressive JPEG's decoder holds all its DCT coefficients (2 bytes a sample) whatever the scale it decodes
+# at: 300 MB is a 100 MP photo at 4:2:0 chroma, and keeps one decode with the captioner loaded under 1.5 GB.
+# (Phones write baseline JPEGs, decoded row by row: they need no such buffer.)
+MAX_PROGRESSIVE_BUFFER = 300_000_000
+MAX_BYTES = 64 * 1024 * 1024  # 64 MiB of encoded file: a 200 MP phone JPEG is 30-60 MB
+JPEG_SCALES = (1, 2, 4, 8)  # the shrink factors a JPEG decoder applies in the DCT (libjpeg's scaled decoding)
 _ORIENTATION = 0x0112  # EXIF tag
 # Degenerate photos are captioned with a warning rather than refused (the model always says
 # something; the user should know it is a guess): a side under MIN_SIDE pixels, or a standard
@@ -52,15 +67,17 @@ class ImageError(ValueError):
 
 
 def load_image(src: ImageSource, *, max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_BYTES,
-               draft_size: int | None = None) -> Image.Image:
+               draft_size: int | None = None, max_jpeg_pixels: int = MAX_JPEG_PIXELS) -> Image.Image:
     """Open (or take) an image and return it as an 8-bit RGB PIL image, upright.
 
     Args:
         src: a file path, the encoded bytes, a binary file object, or a PIL image (not modified).
-        max_pixels: refuse images with more pixels than this (checked before decoding).
+        max_pixels: refuse to decode more pixels than this (checked from the header, before decoding).
         max_bytes: refuse encoded inputs larger than this.
         draft_size: for JPEGs, allow the decoder to shrink the image by 2/4/8x as long as both
-            sides stay >= ``draft_size`` (None: full resolution).
+            sides stay >= ``draft_size`` (None: full resolution, or as large as fits under ``max_pixels``).
+        max_jpeg_pixels: the largest JPEG (header size) to decode at all; it is shrunk while decoding
+            by the least of 2/4/8 that brings it under ``max_pixels``.
 
     Returns:
         a new ``PIL.Image.Image`` in mode ``"RGB"``.
@@ -72,14 +89,14 @@ def load_image(src: ImageSource, *, max_pixels: int = MAX_PIXELS, max_bytes: int
         _check_size(src.size, max_pixels)
         img = src
     else:
-        img = _open(_read_bytes(src, max_bytes), max_pixels, draft_size)
+        img = _open(_read_bytes(src, max_bytes), max_pixels, draft_size, max_jpeg_pixels)
     try:
         img = _upright(img)
         return _to_rgb(img, copy=img is src)
     except ImageError:
         raise
     except Exception as e:  # a corrupt file can fail in many plugin-specific ways
-        raise ImageError(f"could not decode the image: {e}") from None
+        raise ImageError("the image could not be decoded: the file is damaged or unusual") from None
 
 
 def image_warnings(img: Image.Image) -> list[str]:
@@ -138,37 +155,81 @@ def _read_bytes(src, max_bytes: int) -> bytes:
     return data
 
 
-def _check_size(size: tuple[int, int], max_pixels: int) -> None:
+def _too_big(w: int, h: int, max_pixels: int, max_jpeg_pixels: int | None) -> ImageError:
+    jpeg = f" (JPEG photos up to {max_jpeg_pixels / 1e6:.0f})" if max_jpeg_pixels else ""
+    return ImageError(f"the image is {w}x{h} pixels ({w * h / 1e6:.0f} megapixels): too large to open safely. "
+                      f"Photos up to {max_pixels / 1e6:.0f} megapixels{jpeg} can be captioned.")
+
+
+def _check_size(size: tuple[int, int], max_pixels: int, max_jpeg_pixels: int | None = None) -> None:
     w, h = size
     if w < 1 or h < 1:
         raise ImageError(f"the image has no pixels ({w}x{h})")
     if w * h > max_pixels:
-        raise ImageError(f"the image is {w}x{h} = {w * h / 1e6:.0f} megapixels; the limit is "
-                         f"{max_pixels / 1e6:.0f} megapixels (this protects the server from decompression bombs)")
+        raise _too_big(w, h, max_pixels, max_jpeg_pixels)
 
 
-def _open(data: bytes, max_pixels: int, draft_size: int | None) -> Image.Image:
-    """Decode the first frame of ``data``, checking the header's size before decoding pixels."""
+def _jpeg_scale(size: tuple[int, int], max_pixels: int, draft_size: int | None) -> int | None:
+    """The JPEG shrink factor to decode at: the least of ``JPEG_SCALES`` that fits ``max_pixels``, or more
+    while both sides stay >= ``draft_size`` (as ``Image.draft`` picks); None when even 8x does not fit."""
+    w, h = size
+    fits = [s for s in JPEG_SCALES if -(-w // s) * -(-h // s) <= max_pixels]
+    if not fits:
+        return None
+    wanted = max((s for s in JPEG_SCALES if draft_size and min(w, h) // draft_size >= s), default=1)
+    return max(fits[0], wanted)
+
+
+def _check_progressive(img: Image.Image) -> None:
+    """Refuse a progressive JPEG whose whole-image coefficient buffer would exceed MAX_PROGRESSIVE_BUFFER."""
+    if not (img.info.get("progressive") or img.info.get("progression")):
+        return
+    def blocks(side: int, sampling: int, most: int) -> int:  # 8x8 blocks of one component along one side
+        return -(-(-(-side * sampling // most)) // 8)
+
+    w, h = img.size
+    layers = getattr(img, "layer", None) or [("", 1, 1, 0)] * 3  # (component, h sampling, v sampling, table)
+    hmax, vmax = max(lay[1] for lay in layers) or 1, max(lay[2] for lay in layers) or 1
+    need = sum(blocks(w, lay[1], hmax) * blocks(h, lay[2], vmax) * 64 * 2 for lay in layers)  # 64 coefficients of 2 bytes
+    if need > MAX_PROGRESSIVE_BUFFER:
+        raise ImageError(f"the image is a {w}x{h} progressive JPEG ({w * h / 1e6:.0f} megapixels): too large to open "
+                         f"safely in that form. Save it as an ordinary JPEG (photos up to 200 megapixels can be "
+                         f"captioned), or smaller.")
+
+
+def _open(data: bytes, max_pixels: int, draft_size: int | None, max_jpeg_pixels: int) -> Image.Image:
+    """Decode the first frame of ``data``, checking from the header what will be decoded before decoding it."""
+    jpeg = data[:3] == b"\xff\xd8\xff"
     try:
-        with warnings.catch_warnings():  # our own limit replaces Pillow's global one
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError:  # over twice Pillow's global limit: refused before ours
-        raise ImageError(f"the image has more than {2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6:.0f} megapixels; the limit "
-                         f"is {max_pixels / 1e6:.0f} megapixels (this protects the server from decompression bombs)") from None
-    except Exception:  # UnidentifiedImageError, or a header so broken the plugin chokes on it
-        raise ImageError("the file is not an image (or is in a format Pillow cannot read)") from None
-    _check_size(img.size, max_pixels)
+        if jpeg:  # not Image.open: its own size check would refuse a 200 MP JPEG before the shrinking decode
+            img: Image.Image = JpegImageFile(io.BytesIO(data))
+        else:
+            with warnings.catch_warnings():  # our own limit replaces the library's global one
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:  # over twice the library's global limit: refused before ours
+        raise ImageError(f"the image has more than {2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6:.0f} megapixels: too "
+                         f"large to open safely. Photos up to {max_pixels / 1e6:.0f} megapixels (JPEG photos up to "
+                         f"{max_jpeg_pixels / 1e6:.0f}) can be captioned.") from None
+    except Exception:  # not an image, or a header so broken the reader chokes on it
+        raise ImageError("the file is not an image, or is in a format this app cannot read (try a JPEG or PNG)") from None
+    if jpeg:
+        _check_size(img.size, max_jpeg_pixels)
+        _check_progressive(img)
+        scale = _jpeg_scale(img.size, max_pixels, draft_size)
+        if scale is None:
+            raise _too_big(*img.size, max_pixels, max_jpeg_pixels)
+        if scale > 1:
+            img.draft(None, (max(1, img.width // scale), max(1, img.height // scale)))
+    _check_size(img.size, max_pixels, max_jpeg_pixels)  # what will be decoded
     try:
         if getattr(img, "n_frames", 1) > 1:
             img.seek(0)  # animated: caption the first frame
-        if draft_size and img.format == "JPEG":
-            img.draft(None, (draft_size, draft_size))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img.load()
-    except Exception as e:  # "image file is truncated", broken Huffman data, ...
-        raise ImageError(f"the image file is truncated or corrupt ({e})") from None
+    except Exception:  # "image file is truncated", broken Huffman data, ...
+        raise ImageError("the image file is truncated or corrupt: upload it again, or try another copy") from None
     return img
 
 
@@ -203,7 +264,7 @@ def _to_rgb(img: Image.Image, copy: bool) -> Image.Image:
     try:
         return img.convert("RGB")  # L, 1, P, CMYK (Adobe-inverted CMYK JPEGs are handled by Pillow), YCbCr, HSV
     except ValueError:
-        raise ImageError(f"unsupported colour mode {mode!r}") from None
+        raise ImageError(f"the image uses a colour format this app cannot read ({mode})") from None
 
 
 def _gray_to_uint8(img: Image.Image) -> np.ndarray:

@@ -52,17 +52,17 @@ def log_since(log: Path, start: int, settle: float = 0.5) -> str:
 
 
 def check_result(result, beam_size: int, warned: bool | None = False) -> dict:
-    """The nine outputs of /caption: captions, their figures as text, n-best table, timings, notice, result,
-    attention gallery (None for the pooled test model)."""
-    greedy, greedy_stats, beam, beam_stats, nbest, timing, notice, data, attention = result
-    assert not attention  # no gallery for a pooled model (the client gives an empty one)
+    """The eight outputs of /caption for a pooled model: captions, their figures as text, n-best table,
+    timings, notice, result (no attention gallery: a pooled model has none to show)."""
+    greedy, greedy_stats, beam, beam_stats, nbest, timing, notice, data = result
     for text in (greedy, beam):
         assert isinstance(text, str) and text.strip(), result
         assert not any(tok in text for tok in SPECIAL_TOKENS), text
     assert data["greedy"]["caption"] == greedy and data["beam"][0]["caption"] == beam
     assert data["greedy"]["log_prob"] < 0 and data["beam"][0]["log_prob"] < 0
     assert data["greedy"]["ms"] > 0 and data["beam_ms"] > 0
-    assert 1 <= len(data["beam"]) <= beam_size and data["beam_size"] == beam_size
+    # every beam hypothesis comes back (the random test model's vocabulary is far wider than any beam)
+    assert len(data["beam"]) == beam_size and data["beam_size"] == beam_size
     # the text shows 3 decimals of the log-probability, the JSON 4: compare numbers (formatting the JSON's
     # rounded value again could round the other way, e.g. -33.71349 -> "-33.713" but -33.7135 -> "-33.714")
     for stats, want in ((greedy_stats, data["greedy"]["log_prob"]), (beam_stats, data["beam"][0]["log_prob"])):
@@ -85,9 +85,59 @@ def real_photos(request) -> list[Path]:
     return [d / r["file_name"] for r in rows]
 
 
-def test_api_has_the_caption_endpoint(client):
-    api = client.view_api(return_format="dict", print_info=False)
-    assert "/caption" in api["named_endpoints"]
+def test_api_names_its_parameters_and_outputs_and_a_pooled_model_has_no_gallery(client):
+    api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    assert set(api) == {"/caption", "/caption_json"}
+    for name in ("/caption", "/caption_json"):
+        params = [p["parameter_name"] for p in api[name]["parameters"]]
+        assert params == ["image", "beam_size", "max_len", "alpha"], params
+        assert [p["parameter_has_default"] for p in api[name]["parameters"]] == [False, True, True, True]
+        labels = [r["label"] for r in api[name]["returns"]]
+        assert labels and not any(label.startswith("value_") for label in labels), labels
+        assert not any(r["component"] == "Gallery" for r in api[name]["returns"])  # a pooled model: no attention view
+    assert [r["label"] for r in api["/caption"]["returns"]] == [
+        "Greedy caption", "Greedy figures", "Beam search caption", "Beam search figures", "n-best list", "timings",
+        "notice", "result"]
+
+
+def check_json(out: dict, beam_size: int) -> None:
+    """The /caption_json object: the keys, words that make the text, parts that add up to log_prob."""
+    assert set(out) == {"greedy", "beam", "n_best", "parting", "timings_ms", "warnings", "model"}  # no attention: pooled
+    assert len(out["n_best"]) == beam_size and out["n_best"][0] == out["beam"]
+    for cap in [out["greedy"], *out["n_best"]]:
+        assert set(cap) == {"text", "words", "word_log_probs", "end_log_prob", "log_prob", "score"}
+        assert " ".join(cap["words"]) == cap["text"] and len(cap["word_log_probs"]) == len(cap["words"])
+        assert abs(sum(cap["word_log_probs"]) + (cap["end_log_prob"] or 0) - cap["log_prob"]) <= 2e-3, cap
+    assert out["model"]["decoding"]["beam_size"] == beam_size and out["model"]["label"] == "tiny-lite0"
+    assert out["timings_ms"]["scoring"] > 0 and out["timings_ms"]["total"] >= out["timings_ms"]["search"]
+    if out["greedy"]["words"] == out["beam"]["words"]:
+        assert out["parting"] is None
+    else:
+        part = out["parting"]
+        t = part["step"]
+        assert out["greedy"]["words"][:t] == out["beam"]["words"][:t] == part["shared"]
+        assert part["greedy"]["word"] != part["beam"]["word"] and len(part["greedy"]["top"]) == 5
+
+
+def test_caption_json_on_real_photos(client, request):
+    for path in real_photos(request)[:2]:
+        out = client.predict(handle_file(str(path)), 4, 12, 0.5, api_name="/caption_json")
+        check_json(out, 4)
+        assert out["model"]["decoding"]["max_len"] == 12 and out["model"]["decoding"]["alpha"] == 0.5
+
+
+def test_the_readme_snippet_runs_against_the_server(client, tmp_path):
+    """The fenced python block of README.md that calls caption_json, pointed at the test server."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    blocks = [b.split("\n", 1)[1] for b in readme.split("```python")[1:]]
+    snippet = next(b.split("```")[0] for b in blocks if "caption_json" in b.split("```")[0])
+    assert 'Client("http://127.0.0.1:7860/")' in snippet
+    code = snippet.replace("http://127.0.0.1:7860/", client.src)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120,
+                         env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    text, log_prob = run.stdout.strip().rsplit(" ", 1)
+    assert text and float(log_prob) < 0
 
 
 def test_real_photos_get_captions(client, request):
@@ -121,12 +171,15 @@ def test_unusual_images_are_captioned(client, tmp_path, name):
 def test_bad_settings_and_missing_image_are_errors(client):
     photo = handle_file(str(EXAMPLES[0]))
     for beam, max_len, alpha, words in [(0, 20, 0.0, "Beam width"), (11, 20, 0.0, "Beam width"),
-                                        (5, 0, 0.0, "Max length"), (5, 20, 9.0, "alpha")]:
-        with pytest.raises(AppError, match=words):
-            client.predict(photo, beam, max_len, alpha, api_name="/caption")
+                                        (5, 0, 0.0, "Max length"), (5, 20, 9.0, "alpha"),
+                                        (2.5, 20, 0.0, "Beam width must be a whole number"),
+                                        (5, 12.5, 0.0, "Max length must be a whole number")]:
+        for endpoint in ("/caption", "/caption_json"):
+            with pytest.raises(AppError, match=words):
+                client.predict(photo, beam, max_len, alpha, api_name=endpoint)
     with pytest.raises(AppError, match="photo first"):
         client.predict(None, 5, 20, 0.0, api_name="/caption")
-    check_result(client.predict(photo, 5, 20, 0.0, api_name="/caption"), 5)
+    check_result(client.predict(photo, 5.0, 20, 0.0, api_name="/caption"), 5)  # 5.0 is a whole number
 
 
 def test_missing_model_fails_at_start_with_one_clear_line(tmp_path):
@@ -179,18 +232,25 @@ def test_image_source_accepts_paths_filedata_and_data_urls(app_module):
 
 
 def test_model_panel_shows_backbone_and_scores(app_module):
-    info = {"model": "me/m", "revision": "v1", "backbone": "efficientnet_lite0", "backbone_weights": "w",
+    info = {"model": "me/m", "revision": "v1", "backbone": "efficientnet_lite0", "backbone_weights": "pkg:w.pth",
             "feature_dim": 1280, "vocab_size": 37, "embed_dim": 16, "hidden_dim": 32, "num_layers": 1,
             "dataset": {"name": "flickr8k"}, "metrics": {"bleu4": 0.1, "cider": 0.2},
             "evaluations": [{"dataset_name": "flickr8k", "split": "validation",
                              "methods": {"greedy": {"bleu1": 0.55, "bleu4": 0.15, "cider": 0.4}}}]}
     md = app_module.model_markdown(info)
-    assert "`me/m` @ `v1`" in md and "efficientnet_lite0" in md and "flickr8k" in md
-    assert "| flickr8k validation | greedy | 0.550 | 0.150 | 0.400 |" in md
+    assert "`me/m` @ `v1`" in md and "efficientnet_lite0" in md and "flickr8k" in md and "`w.pth`" in md
+    assert "one 1280-d pooled feature vector" in md and "grid" not in md
+    assert "**Scores on flickr8k validation**" in md and "| greedy | 0.550 | 0.150 | 0.400 |" in md
     info["evaluations"] = []
-    assert "| validation (during training) | greedy | - | 0.100 | 0.200 |" in app_module.model_markdown(info)
+    md = app_module.model_markdown(info)
+    assert "**Scores on validation (during training)**" in md and "| greedy | - | 0.100 | 0.200 |" in md
     info["metrics"] = {}
     assert "No evaluation figures" in app_module.model_markdown(info)
+    # a Hub model links to its repo at the revision served; an attention model says what it reads
+    info.update(hub=True, revision="0123456789abcdef0123456789abcdef01234567", decoder="show_attend_tell")
+    md = app_module.model_markdown(info, grid=[7, 7])
+    assert "[me/m](https://huggingface.co/me/m/tree/0123456789abcdef0123456789abcdef01234567) @ `0123456789ab`" in md
+    assert "a 7x7 grid of 1280-d features" in md and "pooled" not in md
 
 
 def test_model_panel_names_the_dataset_not_its_path(app_module):
@@ -217,6 +277,7 @@ def test_built_sliders_start_inside_their_ranges(app_module, monkeypatch):
                                                            "no_repeat_ngram_size": 3, "min_len": 1})
     demo = app_module.build_demo(app_module.captioner)
     sliders = {b.label: b for b in demo.blocks.values() if isinstance(b, gr.Slider)}
+    assert len(sliders) == 3
     for slider in sliders.values():
         assert slider.minimum <= slider.value <= slider.maximum, slider.label
     assert sliders["Max length (decoder steps, <end> included)"].value == 40 and sliders["Beam width"].value == 10
@@ -261,25 +322,104 @@ def test_user_errors_log_one_line_without_a_traceback(client, server_log, tmp_pa
     assert log.count("caption refused") == 1 and "Traceback" not in log, log
 
 
+PAGE = ("greedy caption", "greedy figures", "beam caption", "beam figures", "n-best list", "timings", "notice",
+        "result", "greedy words", "beam words", "what beam search changed")
+
+
+def cleared_but_the_notice(app_module, out: tuple) -> bool:
+    return all(v == app_module.CLEARED[n] for n, v in zip(PAGE, out) if n != "notice")
+
+
 def test_unexpected_errors_still_log_a_traceback_and_the_page_says_so(app_module, caplog, monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(app_module.captioner, "caption", broken)
+    monkeypatch.setattr(app_module.captioner, "caption_features", broken)
     photo = {"path": str(EXAMPLES[0]), "url": None}
     with caplog.at_level("INFO", logger="storyteller.app"):
-        out = app_module.caption_for_page(app_module.captioner, photo, 3, 10, 0.0)
-    assert out[:6] == app_module.CLEARED[:6] and out[7] is None and out[8] is None and "Something went wrong" in out[6]
+        out = app_module.caption_for_page(app_module.captioner, PAGE, photo, 3, 10, 0.0)
+    assert cleared_but_the_notice(app_module, out) and "Something went wrong" in out[PAGE.index("notice")]
     assert any(r.exc_info and "boom" in str(r.exc_info[1]) for r in caplog.records)
 
 
 def test_page_refusals_are_one_notice_over_cleared_outputs(app_module, tmp_path, caplog):
     bad = write_bad_inputs(tmp_path)["not_an_image.jpg"]
     with caplog.at_level("INFO", logger="storyteller.app"):
-        out = app_module.caption_for_page(app_module.captioner, {"path": str(bad), "url": None}, 3, 10, 0.0)
-    assert out[:6] == app_module.CLEARED[:6] and out[7] is None and out[8] is None
-    assert out[6].count("notice-error") == 1 and "not an image" in out[6]
+        out = app_module.caption_for_page(app_module.captioner, PAGE, {"path": str(bad), "url": None}, 3, 10, 0.0)
+    notice = out[PAGE.index("notice")]
+    assert cleared_but_the_notice(app_module, out)
+    assert notice.count("notice-error") == 1 and "not an image" in notice and "Pillow" not in notice
     assert [r.exc_info for r in caplog.records] == [None]  # one line, no traceback
+
+
+def test_the_button_without_a_photo_says_what_to_do(app_module):
+    out = app_module.caption_for_page(app_module.captioner, PAGE, None, 3, 10, 0.0)
+    notice = out[PAGE.index("notice")]
+    assert "notice-error" in notice and "Upload, paste or take a photo first" in notice and "example" in notice
+    assert cleared_but_the_notice(app_module, out)
+
+
+def test_the_n_best_view_has_every_beam_caption(app_module):
+    """The page asks the beam for all its hypotheses (n_best = beam width): the n-best table has a row per
+    beam, and when greedy and beam search agree, the runner-up line quotes the beam's second caption."""
+    photo = {"path": str(EXAMPLES[0]), "url": None}
+    c = app_module.caption_and_score(app_module.captioner, photo, 4, 10, 0.0)
+    assert len(c.result.beam) == 4 and len(c.scored) == 5
+    values = app_module.page_values(app_module.captioner, c)
+    assert values["n-best list"].count("<tr>") == 1 + 4
+    for b in c.result.beam:
+        assert html.escape(b.text) in values["n-best list"]
+    c.scored[0] = c.scored[1]  # as if greedy had written the beam's caption: the "they agree" line
+    c.result.greedy = c.result.beam[0]
+    agree = app_module.changed_html(app_module.captioner.model.vocab, c)
+    assert "agree" in agree and html.escape(c.result.beam[1].text) in agree and html.escape(c.result.beam[2].text) in agree
+
+
+def test_where_they_part_shows_the_first_differing_word_and_the_top_next_words(app_module):
+    from storyteller.scoring import ScoredCaption
+
+    photo = {"path": str(EXAMPLES[0]), "url": None}
+    c = app_module.caption_and_score(app_module.captioner, photo, 3, 10, 0.0)
+    vocab = app_module.captioner.model.vocab
+    g = c.scored[1]
+    # greedy made to differ from the beam at word 2: the view names that step, both words and the top words there
+    other = next(tok for tok, _ in g.top[2] if tok != g.tokens[2])
+    c.scored[0] = ScoredCaption(g.tokens[:2] + [other], g.word_log_probs[:2] + [-1.0], None, g.top[:3] + [[]])
+    view = app_module.changed_html(vocab, c)
+    part = app_module.parting_record(vocab, c)
+    assert part["step"] == 2 and part["shared"] == [vocab.itos[t] for t in g.tokens[:2]]
+    assert part["greedy"]["word"] == vocab.itos[other] and part["beam"]["word"] == vocab.itos[g.tokens[2]]
+    assert 'id="parting"' in view and "(word 3)" in view and view.count("<tr") == 1 + len({w for w, _ in g.top[2]})
+    for tok, lp in g.top[2]:
+        assert f"<td>{html.escape(vocab.itos[tok])}</td>" in view
+
+
+def test_words_are_shaded_by_probability_with_the_value_on_hover_and_tap(app_module):
+    from storyteller.scoring import ScoredCaption
+
+    vocab = app_module.captioner.model.vocab
+    s = ScoredCaption([4, 5], [-0.105360516, -2.302585093], -0.5108256, [])
+    view = app_module.words_html(vocab, s, "Greedy")
+    assert view.count('class="w"') == 2 and 'class="w end"' in view and view.count('tabindex="0"') == 3
+    assert 'style="--p:0.900"' in view and 'data-p="90.0%"' in view and 'title="probability 0.1000' in view
+    assert "cut at max length" in app_module.words_html(vocab, ScoredCaption([4], [-1.0], None, []), "Beam")
+
+
+def test_space_model_reference(app_module, tmp_path):
+    assert app_module.space_model(tmp_path) is None
+    (tmp_path / app_module.SPACE_MODEL_FILE).write_text("# the model this Space serves\n\nme/tiny@0123abc\n")
+    assert app_module.space_model(tmp_path) == ("me/tiny", "0123abc")
+    (tmp_path / app_module.SPACE_MODEL_FILE).write_text("me/tiny\n")
+    assert app_module.space_model(tmp_path) == ("me/tiny", None)
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    (tmp_path / app_module.SPACE_MODEL_FILE).write_text("models/tiny\n")
+    assert app_module.space_model(tmp_path) == (str(tmp_path / "models" / "tiny"), None)
+
+
+def test_start_up_says_the_model_is_loading(client, server_log):
+    log = server_log.read_text(encoding="utf-8", errors="replace")
+    assert "loading the model" in log and "model ready in" in log
+    assert log.index("loading the model") < log.index("model ready in")
 
 
 @pytest.mark.parametrize("size, colour, words", [((1, 1), (255, 0, 0), "1x1 pixels"),
@@ -346,16 +486,24 @@ def test_broken_weights_fail_at_start_with_one_clear_line(model_dir, tmp_path, d
     assert len(lines) == 1 and lines[0].startswith("app.py: cannot start:") and words in lines[0], lines
 
 
-def test_attention_model_gallery_has_one_overlay_per_beam_word(tmp_path):
-    import app as app_module
+def test_attention_model_gallery_json_maps_and_api(app_module, tmp_path):
+    """An attention model: one overlay per beam word on the page, one map per word in the JSON, and the
+    gallery advertised in /caption's API (a pooled model's is not: see the view_api test)."""
     from storyteller.captioner import load
     from tests.helpers_models import save_test_model
 
     captioner = load(save_test_model(tmp_path / "att", attention=True))
     photo = {"path": str(EXAMPLES[0]), "url": None}
-    out = app_module.caption_photo(captioner, photo, 2, 8, 0.0)
-    words = out[2].split()
-    assert len(out) == len(app_module.OUTPUT_NAMES) and [w for _, w in out[8]] == words
-    img = out[8][0][0]
+    beam, gallery = app_module.caption_photo(captioner, ("beam caption", "attention"), photo, 2, 8, 0.0)
+    assert [w for _, w in gallery] == beam.split()
+    img = gallery[0][0]
     src = Image.open(EXAMPLES[0])
     assert img.width == app_module.ATTENTION_PANEL and abs(img.height / img.width - src.height / src.width) < 0.01
+    c = app_module.caption_and_score(captioner, photo, 2, 8, 0.0)
+    out = app_module.caption_json(captioner, c, app_module.model_summary(captioner, captioner.info))
+    maps = out["attention"]
+    assert len(maps) == len(out["beam"]["words"]) and len(maps[0]) == 7 and len(maps[0][0]) == 7
+    assert abs(sum(map(sum, maps[0])) - 1) < 1e-2  # each word's weights over the grid sum to 1
+    api = app_module.build_demo(captioner).get_api_info()["named_endpoints"]
+    assert [r["component"] for r in api["/caption"]["returns"]][-1] == "Gallery"
+    assert "grid" in app_module.header_html(captioner) and "one feature vector" not in app_module.header_html(captioner)

@@ -1,12 +1,16 @@
 """The real page in a real browser: headless Chromium (Debian's chromium + chromedriver) via Selenium, on a
-1400x1000 desktop and a 412-px-wide phone screen. A photo is captioned as soon as it arrives (upload,
-example click), the two captions sit side by side on the desktop whatever is open, the n-best list is
-readable whole, a bad upload is one message over cleared outputs, a tiny photo gets a visible warning,
-and nothing overflows sideways. Screenshots go to ``$STORYTELLER_TEST_ARTIFACTS`` (else a pytest temp
-folder) for a person to look at. Skips (with the reason) where selenium or the browser is missing;
-CI installs them (.ci/run)."""
+1400x1000 desktop and a 412x915 phone with mobile emulation. A photo is captioned as soon as it arrives
+(upload, example tap) and both captions come into view without the visitor scrolling; every word is
+shaded by its probability (the value on tap); the page says where greedy and beam search part; the
+n-best list holds every beam caption; a bad upload is one message over cleared outputs; a tiny photo
+gets a visible warning; the attention view shows every word of a 20-word caption with no inner scroll
+and nothing clipped; the Model panel breaks no word; nothing overflows sideways. The page serves the
+bundled model where it is present (real captions, real lengths), else a tiny random one.
+Screenshots go to ``$STORYTELLER_TEST_ARTIFACTS`` (else a pytest temp folder) for a person to look at.
+Skips (with the reason) where selenium or the browser is missing; CI installs them (.ci/run)."""
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -30,6 +34,8 @@ CHROMEDRIVER = shutil.which("chromedriver")
 WAIT_S = 90
 SCREENS = {"desktop": (1400, 1000, False), "phone": (412, 915, True)}
 EXAMPLES = sorted((REPO / "examples").glob("*.jpg"))
+BUNDLED = REPO / "models" / "flickr8k-lite0-scst"
+HUMAN = json.loads((REPO / "examples" / "captions.json").read_text(encoding="utf-8"))["captions"]
 
 
 @pytest.fixture(scope="module")
@@ -64,19 +70,33 @@ def browser(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
-    model_dir = save_test_model(tmp_path_factory.mktemp("browser-model") / "tiny-lite0")
+    """The bundled model where it is here (captions of real length); else a tiny random one, its captions
+    cut at 12 words (a Flickr8k caption's length; a random decoder never ends on its own)."""
+    if (BUNDLED / "model.safetensors").is_file():
+        model_dir = BUNDLED
+    else:
+        model_dir = save_test_model(tmp_path_factory.mktemp("browser-model") / "tiny-lite0",
+                                    extra={"dataset": "test", "decoding": {"max_len": 12}})
     with running_app(model_dir, tmp_path_factory.mktemp("browser-log") / "app.log") as url:
         yield url
+
+
+def emulate(driver, screen: str) -> None:
+    width, height, mobile = SCREENS[screen]
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": mobile})
+
+
+def open_page(driver, url: str) -> None:
+    driver.get(url)
+    WebDriverWait(driver, WAIT_S).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#photo input[type=file]"))
 
 
 @pytest.fixture(params=list(SCREENS))
 def page(request, browser, app_url):
     """The app freshly loaded at one screen size; yields (driver, screen name)."""
-    width, height, mobile = SCREENS[request.param]
-    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": mobile})
-    browser.get(app_url)
-    WebDriverWait(browser, WAIT_S).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#photo input[type=file]"))
+    emulate(browser, request.param)
+    open_page(browser, app_url)
     yield browser, request.param
     browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
@@ -99,12 +119,23 @@ def wait_for_captions(driver) -> tuple[str, str]:
     return value(driver, "greedy-caption"), value(driver, "beam-caption")
 
 
+def captions_in_view(driver) -> bool:
+    """Both caption boxes wholly inside the screen (as the visitor sees it, without scrolling)."""
+    return driver.execute_script("""return ['greedy-caption', 'beam-caption'].every(id => {
+        const r = document.getElementById(id).getBoundingClientRect();
+        return r.top >= 0 && r.left >= 0 && r.bottom <= window.innerHeight && r.right <= window.innerWidth; });""")
+
+
+def assert_captions_in_view(driver) -> None:
+    WebDriverWait(driver, 10).until(captions_in_view)  # the page brings them into view once they are filled
+
+
 def no_sideways_overflow(driver) -> None:
     width = driver.execute_script("return window.innerWidth")
     assert driver.execute_script("return document.documentElement.scrollWidth") <= width
     wide = driver.execute_script("""
         const w = window.innerWidth;
-        return [...document.querySelectorAll('#examples, #captions, #nbest, #photo, #notice')]
+        return [...document.querySelectorAll('#examples, #captions, #nbest, #photo, #notice, #beam-changed, #model-info, #attention')]
             .filter(e => e.getBoundingClientRect().right > w + 1).map(e => e.id);""")
     assert wide == [], wide
 
@@ -114,8 +145,6 @@ def screenshot(driver, shots: Path, name: str) -> Path:
     driver.execute_cdp_cmd("Emulation.setScrollbarsHidden", {"hidden": True})
     metrics = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})
     size = metrics["cssContentSize"]
-    import base64
-
     shot = driver.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True,
                                                               "clip": {"x": 0, "y": 0, "width": size["width"],
                                                                        "height": size["height"], "scale": 1}})
@@ -124,39 +153,63 @@ def screenshot(driver, shots: Path, name: str) -> Path:
     return path
 
 
-def test_upload_captions_at_once_side_by_side_with_a_readable_n_best_list(page, shots):
+def check_words(driver, elem_id: str, caption: str) -> None:
+    """Every word of the caption is a chip shaded by its probability; tapping one shows the value."""
+    chips = driver.find_elements(By.CSS_SELECTOR, f"#{elem_id} .w:not(.end)")
+    assert [c.text for c in chips] == caption.split()
+    for chip in chips:
+        p = float(chip.get_attribute("style").split("--p:")[1].split(";")[0])
+        assert 0 < p <= 1 and chip.get_attribute("data-p").endswith("%") and "probability" in chip.get_attribute("title")
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", chips[0])
+    chips[0].click()  # a tap focuses the word
+    shown = driver.execute_script("return getComputedStyle(arguments[0], '::after').content", chips[0])
+    assert chips[0].get_attribute("data-p") in shown, shown
+
+
+def test_upload_captions_in_view_with_word_probabilities_where_they_part_and_every_beam(page, shots):
     driver, screen = page
     # before any photo: no numbers that read as results
     assert text(driver, "greedy-stats") == "" and text(driver, "beam-stats") == "" and text(driver, "timing") == ""
     upload(driver, EXAMPLES[0])  # no button press: the upload itself captions
     greedy, beam = wait_for_captions(driver)
+    assert_captions_in_view(driver)
     for caption in (greedy, beam):
         assert caption.strip() and not any(tok in caption for tok in SPECIAL_TOKENS)
     assert "log-probability" in text(driver, "greedy-stats") and "score" in text(driver, "beam-stats")
     assert driver.find_elements(By.CSS_SELECTOR, "#greedy-caption button, #beam-caption button")  # copy buttons
     font = driver.execute_script("return getComputedStyle(document.querySelector('#beam-caption textarea')).fontSize")
     assert float(font.rstrip("px")) >= 19, font  # large, readable caption text
+    check_words(driver, "greedy-words", greedy)
+    check_words(driver, "beam-words", beam)
+    # greedy and beam search differ on this photo: the page shows where they part and what the model offered there
+    assert greedy != beam
+    parting = driver.find_element(By.ID, "parting")
+    step = int(parting.get_attribute("data-step"))
+    assert greedy.split()[:step] == beam.split()[:step] and greedy.split()[step:step + 1] != beam.split()[step:step + 1]
+    rows = parting.find_elements(By.CSS_SELECTOR, "tbody tr")
+    assert len(rows) >= 5 and all(r.find_elements(By.CSS_SELECTOR, "td")[1].text.endswith("%") for r in rows)
+    assert {"greedy", "beam search"} <= {r.find_elements(By.CSS_SELECTOR, "td")[2].text for r in rows}
+    assert not driver.find_elements(By.ID, "agree")
 
     def tops():
         return driver.execute_script("""return ['greedy-caption', 'beam-caption'].map(
             id => document.querySelector('#' + id + ' textarea').getBoundingClientRect().top)""")
 
-    def lefts():
-        return driver.execute_script("""return ['greedy-caption', 'beam-caption'].map(
-            id => document.querySelector('#' + id).getBoundingClientRect().left)""")
-
+    lefts = driver.execute_script("""return ['greedy-caption', 'beam-caption'].map(
+        id => document.querySelector('#' + id).getBoundingClientRect().left)""")
     closed = tops()
     driver.find_element(By.CSS_SELECTOR, "#nbest-accordion button").click()
     WebDriverWait(driver, WAIT_S).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#nbest table.nbest tbody tr"))
     opened = tops()
     if screen == "desktop":  # side by side, top-aligned, with the n-best list closed and open
-        assert lefts()[0] < lefts()[1]
+        assert lefts[0] < lefts[1]
         assert abs(closed[0] - closed[1]) < 2 and abs(opened[0] - opened[1]) < 2, (closed, opened)
     else:  # stacked on a phone, greedy above beam
         assert opened[0] < opened[1]
     table = driver.find_element(By.CSS_SELECTOR, "#nbest table.nbest")
     assert "mono" not in table.value_of_css_property("font-family").lower()
     rows = table.find_elements(By.CSS_SELECTOR, "tbody tr")
+    assert len(rows) == 3  # every caption of the beam (width 3), not just the best
     assert rows[0].find_elements(By.CSS_SELECTOR, "td")[1].text == beam  # the whole caption
     for row in rows:
         for cell in row.find_elements(By.CSS_SELECTOR, "td"):
@@ -168,15 +221,19 @@ def test_upload_captions_at_once_side_by_side_with_a_readable_n_best_list(page, 
     print(f"\nscreenshot: {screenshot(driver, shots, f'{screen}-caption-nbest-open')}")
 
 
-def test_example_click_captions_and_fills_the_human_caption(page, shots):
+def test_example_tap_captions_in_view_and_shows_the_whole_human_caption(page, shots):
     driver, screen = page
-    rows = WebDriverWait(driver, WAIT_S).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#examples tbody tr"))
-    assert len(rows) == len(EXAMPLES)
-    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", rows[0])
-    driver.execute_script("arguments[0].click()", rows[0].find_element(By.CSS_SELECTOR, "td"))
+    thumbs = WebDriverWait(driver, WAIT_S).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#examples .gallery-item"))
+    assert len(thumbs) == len(EXAMPLES)
+    assert driver.execute_script("return arguments[0].getBoundingClientRect().height", thumbs[0]) <= 120  # compact
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", thumbs[1])  # at the bottom of the page
+    driver.execute_script("arguments[0].click()", thumbs[1])
     wait_for_captions(driver)  # no button press
-    human = json.loads((REPO / "examples" / "captions.json").read_text(encoding="utf-8"))["captions"]
-    assert any(value(driver, "reference") in caps[0] for caps in human.values()) and value(driver, "reference")
+    assert_captions_in_view(driver)
+    want = HUMAN[EXAMPLES[1].name][0].strip().rstrip(" .")
+    WebDriverWait(driver, 10).until(lambda d: value(d, "reference") == want)  # the whole human caption
+    ref = driver.find_element(By.CSS_SELECTOR, "#reference textarea")
+    assert ref.get_property("scrollHeight") <= ref.get_property("clientHeight") + 2  # shown whole, no inner scroll
     no_sideways_overflow(driver)
     print(f"\nscreenshot: {screenshot(driver, shots, f'{screen}-example')}")
 
@@ -189,9 +246,10 @@ def test_bad_upload_is_one_message_over_cleared_outputs(page, shots, tmp_path):
     wait = WebDriverWait(driver, WAIT_S)
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#notice .notice-error"))
     assert len(driver.find_elements(By.CSS_SELECTOR, ".notice")) == 1
-    assert "not an image" in text(driver, "notice")
+    assert "not an image" in text(driver, "notice") and "Pillow" not in text(driver, "notice")
     assert value(driver, "greedy-caption") == value(driver, "beam-caption") == ""  # the old captions are gone
     assert text(driver, "greedy-stats") == text(driver, "beam-stats") == text(driver, "timing") == ""
+    assert text(driver, "greedy-words") == text(driver, "beam-changed") == ""
     body = driver.find_element(By.TAG_NAME, "body").text
     assert "Error" not in body.split(), body  # no error pill on every output, no toast
     no_sideways_overflow(driver)
@@ -199,6 +257,16 @@ def test_bad_upload_is_one_message_over_cleared_outputs(page, shots, tmp_path):
     upload(driver, EXAMPLES[2])  # the page keeps working, and the message goes
     wait_for_captions(driver)
     assert not driver.find_elements(By.CSS_SELECTOR, "#notice .notice")
+
+
+def test_the_button_without_a_photo_says_what_to_do(page):
+    driver, _ = page
+    driver.find_element(By.CSS_SELECTOR, "#settings button").click()  # open the Settings accordion
+    button = WebDriverWait(driver, WAIT_S).until(lambda d: [b for b in d.find_elements(By.ID, "caption-button")
+                                                             if b.is_displayed()])[0]
+    button.click()
+    WebDriverWait(driver, WAIT_S).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#notice .notice-error"))
+    assert "Upload, paste or take a photo first" in text(driver, "notice")
 
 
 def test_tiny_photo_is_captioned_with_a_visible_warning(page, shots, tmp_path):
@@ -215,39 +283,68 @@ def test_tiny_photo_is_captioned_with_a_visible_warning(page, shots, tmp_path):
     print(f"\nscreenshot: {screenshot(driver, shots, f'{screen}-tiny-photo')}")
 
 
+def test_the_model_panel_breaks_no_word(page, shots):
+    driver, screen = page
+    driver.find_element(By.CSS_SELECTOR, "#model-accordion button").click()
+    WebDriverWait(driver, WAIT_S).until(lambda d: d.find_element(By.ID, "model-info").is_displayed())
+    driver.execute_script("document.getElementById('model-info').scrollIntoView()")
+    broken = driver.execute_script("""
+        const out = [];
+        const walker = document.createTreeWalker(document.getElementById('model-info'), NodeFilter.SHOW_TEXT);
+        for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+          const re = /[^\\s-]+/g;  // a word: breaking at a space or a hyphen is fine, inside a word is not
+          for (let m = re.exec(node.data); m; m = re.exec(node.data)) {
+            const range = document.createRange();
+            range.setStart(node, m.index); range.setEnd(node, m.index + m[0].length);
+            const lines = new Set([...range.getClientRects()].map(r => Math.round(r.top)));
+            if (lines.size > 1) out.push(m[0]);
+          }
+        }
+        return out;""")
+    assert broken == [], broken
+    no_sideways_overflow(driver)
+    print(f"\nscreenshot: {screenshot(driver, shots, f'{screen}-model-panel')}")
+
+
 @pytest.fixture(scope="module")
 def attention_app_url(tmp_path_factory):
+    """A tiny random attention model: it never ends, so its captions are 20 words (the slider's default)."""
     model_dir = save_test_model(tmp_path_factory.mktemp("browser-att-model") / "tiny-att", attention=True)
     with running_app(model_dir, tmp_path_factory.mktemp("browser-att-log") / "app.log") as url:
         yield url
 
 
 @pytest.mark.parametrize("screen", list(SCREENS))
-def test_attention_view_shows_one_overlay_per_word_and_is_absent_for_pooled_models(browser, app_url, attention_app_url,
+def test_attention_view_shows_every_word_unclipped_and_is_absent_for_pooled_models(browser, app_url, attention_app_url,
                                                                                    shots, screen):
-    width, height, mobile = SCREENS[screen]
-    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": mobile})
+    emulate(browser, screen)
     try:
-        browser.get(app_url)  # pooled model: no attention view at all
-        WebDriverWait(browser, WAIT_S).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#photo input[type=file]"))
+        open_page(browser, app_url)  # pooled model: no attention view at all
         upload(browser, EXAMPLES[0])
         wait_for_captions(browser)
-        assert not [e for e in browser.find_elements(By.ID, "attention") if e.is_displayed()]
+        assert not browser.find_elements(By.ID, "attention")
 
-        browser.get(attention_app_url)
-        WebDriverWait(browser, WAIT_S).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#photo input[type=file]"))
+        open_page(browser, attention_app_url)
         upload(browser, EXAMPLES[0])
         _, beam = wait_for_captions(browser)
+        assert_captions_in_view(browser)
         words = beam.split()
-        wait = WebDriverWait(browser, WAIT_S)
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#attention img")) == len(words))
+        assert len(words) == 20
+        WebDriverWait(browser, WAIT_S).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#attention img")) == len(words))
         gallery = browser.find_element(By.ID, "attention")
         assert gallery.is_displayed()
         labels = [e.text.strip() for e in gallery.find_elements(By.CSS_SELECTOR, ".caption-label, figcaption") if e.text.strip()]
         assert labels == words, (labels, words)  # one overlay per word, in order, the word under it
-        # greedy and beam stay side by side on the desktop
-        if screen == "desktop":
+        browser.execute_script("arguments[0].scrollIntoView()", gallery)
+        view = browser.execute_script("""
+            const g = document.getElementById('attention'), w = window.innerWidth, gb = g.getBoundingClientRect();
+            const imgs = [...g.querySelectorAll('img')].map(i => i.getBoundingClientRect());
+            return {clipped: imgs.filter(r => r.left < 0 || r.right > w || r.left < gb.left - 1 || r.right > gb.right + 1
+                                          || r.bottom > gb.bottom + 1).length,
+                    inner: [...g.querySelectorAll('*')].filter(e => e.scrollHeight > e.clientHeight + 2
+                             && ['auto', 'scroll'].includes(getComputedStyle(e).overflowY)).length};""")
+        assert view == {"clipped": 0, "inner": 0}, view  # every tile whole, no scroll inside the gallery
+        if screen == "desktop":  # greedy and beam stay side by side
             lefts = browser.execute_script("""return ['greedy-caption', 'beam-caption'].map(
                 id => document.querySelector('#' + id).getBoundingClientRect().left)""")
             assert lefts[0] < lefts[1]

@@ -11,9 +11,11 @@ import pytest
 from gradio_client import Client, handle_file
 
 import hub_upload
-from hub_upload import SPACE_MODEL_DIR
-from tests.helpers_models import save_test_model
+from hub_upload import PENDING_COMMIT, SPACE_MODEL_FILE
+from tests.helpers_models import put_in_hub_cache, save_test_model
 from tests.helpers_server import REPO, running_app
+
+COMMIT = "89abcdef0123456789abcdef0123456789abcdef"  # the commit the recorded model upload "makes"
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,8 @@ def hub(monkeypatch, tmp_path):
                 snap = tmp_path / f"uploaded-{len(calls)}"
                 shutil.copytree(kwargs["folder_path"], snap)
                 kwargs["_snapshot"] = snap
-                return SimpleNamespace(commit_url=f"https://huggingface.co/{kwargs['repo_id']}/commit/abc")
+                return SimpleNamespace(commit_url=f"https://huggingface.co/{kwargs['repo_id']}/commit/{COMMIT}",
+                                       oid=COMMIT)
             return SimpleNamespace(repo_id=args[0] if args else kwargs.get("repo_id"))
         return method
 
@@ -69,18 +72,52 @@ def test_dry_run_lists_the_files_and_changes_nothing(model_dir, hub, capsys):
     assert hub == []  # no Hub call at all
 
 
-def test_dry_run_with_a_space(model_dir, hub, capsys):
+def test_dry_run_with_a_space_prints_its_model_reference_and_bundles_nothing(model_dir, hub, capsys):
     (model_dir / "evaluation.json").write_text(json.dumps({"evaluations": []}))
+    assert hub_upload.main([str(model_dir), "--repo-id", "me/tiny", "--space-id", "me/storyteller", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"Space model reference ({SPACE_MODEL_FILE}): me/tiny@{PENDING_COMMIT}" in out
     res = hub_upload.publish(model_dir, "me/tiny", dry_run=True, space_id="me/storyteller", log=lambda *a: None)
     assert res["model_files"] == ["config.json", "model.safetensors", "vocab.json", "evaluation.json", "README.md"]
+    assert res["space_model"] == f"me/tiny@{PENDING_COMMIT}"
     space = set(res["space_files"])
-    for f in ("app.py", "requirements.txt", "README.md", "storyteller/captioner.py", "storyteller/images.py",
-              f"{SPACE_MODEL_DIR}/config.json", f"{SPACE_MODEL_DIR}/model.safetensors",
-              f"{SPACE_MODEL_DIR}/vocab.json", f"{SPACE_MODEL_DIR}/README.md"):
+    for f in ("app.py", "requirements.txt", "README.md", SPACE_MODEL_FILE, "storyteller/captioner.py",
+              "storyteller/images.py", "storyteller/scoring.py"):
         assert f in space, f
+    assert not any(f.endswith((".safetensors", "vocab.json", "config.json")) for f in space), space  # no weights
     assert any(f.startswith("examples/") and f.endswith(".jpg") for f in space)
     assert not any("__pycache__" in f or f.endswith(".pyc") for f in space)
     assert hub == []
+
+
+def test_bundle_puts_the_model_in_the_space(model_dir, hub):
+    res = hub_upload.publish(model_dir, "me/tiny", dry_run=True, space_id="me/storyteller", bundle=True,
+                             log=lambda *a: None)
+    assert res["space_model"] == "models/tiny-lite0"
+    for f in ("config.json", "model.safetensors", "vocab.json", "README.md"):
+        assert f"models/tiny-lite0/{f}" in res["space_files"], f
+
+
+def test_bundle_without_a_space_is_a_usage_error(model_dir, hub):
+    with pytest.raises(SystemExit) as e:
+        hub_upload.main([str(model_dir), "--repo-id", "me/tiny", "--bundle", "--dry-run"])
+    assert e.value.code == 2 and hub == []
+
+
+@pytest.mark.parametrize("attention", [False, True])
+def test_the_space_readme_fits_the_model(tmp_path, attention):
+    from huggingface_hub.repocard import metadata_load
+
+    folder = save_test_model(tmp_path / "m", attention=attention)
+    files, ref = hub_upload.stage_space(folder, "me/m", "me/space", tmp_path / "space", COMMIT)
+    readme = (tmp_path / "space" / "README.md").read_text(encoding="utf-8")
+    assert ref == f"me/m@{COMMIT}" and ref in readme and SPACE_MODEL_FILE in readme
+    meta = metadata_load(tmp_path / "space" / "README.md")
+    assert meta["models"] == ["me/m"] and len(meta["short_description"]) <= 60
+    if attention:
+        assert "grid of features" in readme and "one feature vector" not in readme and "show-attend-tell" in meta["tags"]
+    else:
+        assert "one feature vector" in readme and "grid" not in readme and "show-and-tell" in meta["tags"]
 
 
 @pytest.mark.parametrize("breakage", ["missing vocab", "weights mismatch", "not a folder"])
@@ -122,10 +159,11 @@ def test_upload_calls(model_dir, hub):
     assert kw["allow_patterns"] == ["config.json", "model.safetensors", "vocab.json", "README.md"]
     card = (model_dir / "README.md").read_text()  # the model card was written before the upload
     assert card.startswith("---") and "me/tiny" in card and "image-to-text" in card
-    assert res["model_commit"] == "https://huggingface.co/me/tiny/commit/abc"
+    assert res["model_commit"] == f"https://huggingface.co/me/tiny/commit/{COMMIT}"
 
 
-def test_upload_with_space_and_the_staged_space_runs(model_dir, hub, tmp_path):
+def test_upload_with_space_pins_the_model_commit_and_the_staged_space_serves_it_from_the_hub_cache(
+        model_dir, hub, tmp_path, monkeypatch):
     from huggingface_hub.repocard import metadata_load
 
     res = hub_upload.publish(model_dir, "me/tiny", space_id="me/storyteller", log=lambda *a: None)
@@ -137,18 +175,27 @@ def test_upload_with_space_and_the_staged_space_runs(model_dir, hub, tmp_path):
     kw = hub[3][2]
     assert kw["repo_id"] == "me/storyteller" and kw["repo_type"] == "space"
     space = kw["_snapshot"]
+    assert (space / SPACE_MODEL_FILE).read_text().splitlines()[-1] == f"me/tiny@{COMMIT}" == res["space_model"]
+    assert not list(space.rglob("*.safetensors"))  # nothing bundled: the Space downloads the model
     meta = metadata_load(space / "README.md")
     import gradio
 
     assert meta["sdk"] == "gradio" and meta["app_file"] == "app.py" and meta["sdk_version"] == gradio.__version__
     assert meta["models"] == ["me/tiny"] and len(meta["short_description"]) <= 60
     assert res["space_commit"].startswith("https://huggingface.co/me/storyteller")
-    # the pushed Space, run as a Space runs it (`python app.py`, no --model): it serves its bundled model
+    # the pushed Space, run as a Space runs it (`python app.py`, no --model), offline, against a Hub cache
+    # that holds the model at the pinned commit: it serves that model
+    cache = tmp_path / "hub-cache"
+    put_in_hub_cache(model_dir, cache, "me/tiny", commit=COMMIT)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with running_app(None, tmp_path / "space.log", app_dir=space) as url:
         client = Client(url, verbose=False, download_files=False)
         photo = sorted((space / "examples").glob("*.jpg"))[0]
-        result = client.predict(handle_file(str(photo)), 3, 10, 0.0, api_name="/caption")
-        assert result[0].strip() and result[3].strip()
+        out = client.predict(handle_file(str(photo)), api_name="/caption_json")
+        assert out["beam"]["text"].strip() and out["model"]["label"] == "me/tiny" and out["model"]["revision"] == COMMIT
+    log = (tmp_path / "space.log").read_text()
+    assert f"loading the model me/tiny at revision {COMMIT}" in log
 
 
 def test_card_thumbnails_and_curves_are_uploaded(model_dir, hub, capsys):
@@ -158,7 +205,7 @@ def test_card_thumbnails_and_curves_are_uploaded(model_dir, hub, capsys):
     assert hub_upload.main([str(model_dir), "--repo-id", "me/tiny", "--dry-run"]) == 0
     listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
     assert "examples/img1.jpg" in listed and "metric_curve.png" in listed
-    res = hub_upload.publish(model_dir, "me/tiny", dry_run=True, space_id="me/space", log=lambda *a: None)
-    assert f"{SPACE_MODEL_DIR}/examples/img1.jpg" in res["space_files"]
+    res = hub_upload.publish(model_dir, "me/tiny", dry_run=True, space_id="me/space", bundle=True, log=lambda *a: None)
+    assert "models/tiny-lite0/examples/img1.jpg" in res["space_files"]
     hub_upload.publish(model_dir, "me/tiny", log=lambda *a: None)
     assert "examples/img1.jpg" in hub[-1][2]["allow_patterns"]

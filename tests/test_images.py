@@ -47,15 +47,18 @@ def test_bomb_is_refused_from_the_header_before_decoding():
     data = png_bomb(20000)
     assert len(data) < 200_000  # 400 megapixels in ~50 KB
     t = time.perf_counter()
-    with pytest.raises(ImageError, match="decompression bomb"):
+    with pytest.raises(ImageError, match="megapixels: too large to open safely"):
         load_image(data)
     assert time.perf_counter() - t < 1.0  # decoding 400 MP would take many seconds and ~400 MB
 
 
 def test_our_pixel_limit_applies_below_pillows(tmp_path):
     img = photo_like((300, 200))
+    png = io.BytesIO()
+    img.save(png, "PNG")
     with pytest.raises(ImageError, match="megapixels"):
-        load_image(jpeg_bytes(img), max_pixels=300 * 200 - 1)
+        load_image(png.getvalue(), max_pixels=300 * 200 - 1)
+    assert load_image(png.getvalue(), max_pixels=300 * 200).size == (300, 200)
     assert load_image(jpeg_bytes(img), max_pixels=300 * 200).size == (300, 200)
     with pytest.raises(ImageError, match="megapixels"):  # PIL images in memory are checked too
         load_image(img, max_pixels=1000)
@@ -257,6 +260,90 @@ def test_bomb_under_pillows_limit_is_refused_from_its_header_before_any_pixel_is
         raise AssertionError("pixels were decoded")
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
-    with pytest.raises(ImageError, match="9000x9000 = 81 megapixels"):
+    with pytest.raises(ImageError, match="9000x9000 pixels \\(81 megapixels\\)"):
         load_image(data)
     assert decoded == []
+
+
+# -- big JPEGs: the pixel limit applies to what is decoded -------------------------------------------------
+def jpeg_with_header_size(width: int, height: int) -> bytes:
+    """A small real JPEG whose frame header (SOF0) claims ``width`` x ``height``: cheap to make, and a
+    decoder that believed it would allocate for the claimed size."""
+    data = bytearray(jpeg_bytes(photo_like((64, 48))))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+@pytest.mark.parametrize("max_pixels, want", [(3_000_000, (2000, 1500)), (1_000_000, (1000, 750)),
+                                              (200_000, (500, 375)), (47_000, (250, 188))])
+def test_a_jpeg_over_the_pixel_limit_is_decoded_shrunk_by_the_least_factor_that_fits(max_pixels, want, monkeypatch):
+    from PIL.JpegImagePlugin import JpegImageFile
+
+    data = jpeg_bytes(photo_like((2000, 1500)))
+    sizes = []
+    real_load = JpegImageFile.load
+
+    def spy(self, *a, **k):  # the size the decoder is asked for, before it decodes a pixel
+        sizes.append(self.size)
+        return real_load(self, *a, **k)
+
+    monkeypatch.setattr(JpegImageFile, "load", spy)
+    img = load_image(data, max_pixels=max_pixels)
+    assert img.size == want and sizes[0] == want and want[0] * want[1] <= max_pixels
+
+
+def test_a_jpeg_that_does_not_fit_even_at_one_eighth_and_other_formats_over_the_limit_are_refused():
+    data = jpeg_bytes(photo_like((2000, 1500)))
+    with pytest.raises(ImageError, match="2000x1500 pixels .*too large"):
+        load_image(data, max_pixels=46_000)  # 1/8 is 250x188 = 47,000 pixels
+    with pytest.raises(ImageError, match="2000x1500 pixels"):  # over the JPEG header limit
+        load_image(data, max_jpeg_pixels=2_000_000)
+    png = io.BytesIO()
+    photo_like((2000, 1500)).save(png, "PNG")
+    with pytest.raises(ImageError, match="megapixels"):  # no shrinking decode for other formats
+        load_image(png.getvalue(), max_pixels=1_000_000)
+
+
+def test_jpegs_above_the_librarys_own_bomb_limit_are_decoded_shrunk(monkeypatch):
+    """The library's global limit (here lowered to 1 MP, so 2 MP is 'twice over') refuses before any
+    shrinking; our loader reads JPEG headers itself, so a JPEG that fits once shrunk is captioned, while a
+    PNG of the same size is still refused."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)
+    img = photo_like((2000, 1500))
+    assert load_image(jpeg_bytes(img), max_pixels=1_000_000).size == (1000, 750)
+    png = io.BytesIO()
+    img.save(png, "PNG")
+    with pytest.raises(ImageError, match="too large"):
+        load_image(png.getvalue(), max_pixels=1_000_000)
+
+
+def test_a_200_mp_header_is_decoded_shrunk_and_a_400_mp_one_is_refused():
+    """The header claims 16320x12240 (a 200 MP phone photo); the decoder fills what the data lacks."""
+    assert load_image(jpeg_with_header_size(16320, 12240), draft_size=256).size == (2040, 1530)  # 1/8
+    assert load_image(jpeg_with_header_size(16320, 12240)).size == (8160, 6120)  # the least shrink under 50 MP
+    with pytest.raises(ImageError, match="20000x20000 pixels \\(400 megapixels\\): too large"):
+        load_image(jpeg_with_header_size(20000, 20000), draft_size=256)
+
+
+def test_messages_name_no_library():
+    for data in (b"not an image at all" * 10, jpeg_bytes(photo_like())[:300], png_bomb(20000)):
+        with pytest.raises(ImageError) as e:
+            load_image(data)
+        assert "pillow" not in str(e.value).lower() and "PIL" not in str(e.value) and "bomb" not in str(e.value)
+
+
+def test_a_progressive_jpeg_is_refused_when_its_coefficients_would_not_fit(monkeypatch):
+    """A progressive JPEG's decoder holds every DCT coefficient (2 bytes a sample) whatever the scale: its
+    size is bounded by that buffer. 2000x1500 at 4:2:0 holds 2000*1500*1.5*2 = 9 MB of them; a baseline JPEG
+    of the same size needs no such buffer."""
+    import storyteller.images as images
+
+    img = photo_like((2000, 1500))
+    progressive, baseline = jpeg_bytes(img, progressive=True), jpeg_bytes(img)
+    monkeypatch.setattr(images, "MAX_PROGRESSIVE_BUFFER", 9_100_000)
+    assert load_image(progressive, draft_size=256).size == (500, 375)
+    monkeypatch.setattr(images, "MAX_PROGRESSIVE_BUFFER", 8_900_000)
+    with pytest.raises(ImageError, match="2000x1500 progressive JPEG .*too large"):
+        load_image(progressive, draft_size=256)
+    assert load_image(baseline, draft_size=256).size == (500, 375)
