@@ -423,7 +423,9 @@ def _width(g: _Beams, V: int) -> int:
 def _best_tokens(logp: torch.Tensor, g: _Beams) -> tuple[np.ndarray, np.ndarray]:
     """One search's rows of a step (rows, V) -> each row's best tokens as NumPy arrays (log-probabilities,
     ids), best first: a beam's ``min(K, V)`` best (``topk``); greedy rows, and a beam of 1, their argmax
-    (``max``: the first of equal values, so a beam of 1 is greedy search even where log-probabilities tie)."""
+    (``max``: the first of equal values, so a beam of 1 is greedy search even where log-probabilities tie).
+    One call per search: a ``topk`` shared by the greedy and beam rows of a step saved 7% of a one-photo search
+    (measured 2026-11-27), under the 10% that would pay for the code it needs to give greedy rows ``max``'s ties."""
     k = _width(g, logp.shape[1])
     return _numpy(*(logp.max(1, keepdim=True) if k == 1 else logp.topk(k, dim=1)))
 

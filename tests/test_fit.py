@@ -140,7 +140,7 @@ def test_fit_writes_run_folder_and_exports_best_model(cache, tmp_path):
     for k, v in ckpt["best"]["model"].items():
         assert torch.equal(exported[k], v), k  # the exported weights are the best epoch's
     card = (out / "model" / "README.md").read_text(encoding="utf-8")
-    assert "pipeline_tag: image-to-text" in card and "from_pretrained" in card
+    assert "pipeline_tag: image-to-text" in card and "load_decoder(" in card
     assert not (out / "model.tmp").exists() and not (out / "model.old").exists()
 
 
