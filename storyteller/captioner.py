@@ -137,7 +137,8 @@ class Captioner:
                 "backbone": spec.get("name"),
                 "backbone_weights": spec.get("weights"), "feature_dim": m.feature_dim, "vocab_size": m.vocab_size,
                 "decoder": getattr(m, "decoder_type", "show_and_tell"),
-                "embed_dim": m.embed_dim, "hidden_dim": m.hidden_dim, "num_layers": m.num_layers,
+                "embed_dim": getattr(m, "embed_dim", None), "hidden_dim": getattr(m, "hidden_dim", None),
+                "num_layers": getattr(m, "num_layers", None),
                 "dataset": (m.extra or {}).get("dataset"), "metrics": (m.extra or {}).get("metrics") or {},
                 "evaluations": _read_evaluations(self.model_dir), "decoding": dict(self.decoding),
                 "precision": self.precision}

@@ -64,26 +64,29 @@ class Caption:
 
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module):
-    """Dropout off for the block, the model's mode restored after it; a model in eval mode already (the app,
-    serving concurrent requests) is left untouched."""
-    was_training = model.training
-    if not any(m.training for m in model.modules()):  # all in eval mode already (the app, evaluation)
+    """Dropout off for the block, every module's own mode restored after it; a model in eval mode already (the
+    app, serving concurrent requests) is left untouched."""
+    modes = [(m, m.training) for m in model.modules()]
+    if not any(training for _, training in modes):  # all in eval mode already (the app, evaluation)
         yield
         return
     model.eval()
     try:
         yield
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
 
 
-def _check(model, features: torch.Tensor, max_len: int, min_len: int) -> None:
+def _check(model, features: torch.Tensor, max_len: int, min_len: int, no_repeat_ngram_size: int) -> None:
     if not getattr(model, "has_attention", False) and features.dim() != 2:
         raise ValueError(f"features must be (batch, feature_dim), got shape {tuple(features.shape)}")
     if max_len < 1:
         raise ValueError(f"max_len must be >= 1, got {max_len}")
     if not 0 <= min_len <= max_len:
         raise ValueError(f"min_len must be in 0..max_len, got min_len={min_len}, max_len={max_len}")
+    if no_repeat_ngram_size < 0:
+        raise ValueError(f"no_repeat_ngram_size must be >= 0 (0: off), got {no_repeat_ngram_size}")
     if features.is_floating_point() and not bool(torch.isfinite(features).all()):
         # NaN or inf would make every log-probability NaN: no caption could be ranked
         raise ValueError("features hold NaN or infinite values: the image encoder (or the feature cache) is broken")
@@ -169,7 +172,8 @@ def _bad_ending_ids(vocab: Vocabulary, bad_endings) -> np.ndarray | None:
         return None
     if isinstance(bad_endings, str):
         raise TypeError("bad_endings must be a sequence of words, not one string")
-    ids = sorted({vocab.stoi[w] for w in bad_endings if w in vocab.stoi and vocab.stoi[w] > Vocabulary.unk_id})
+    words = {w.strip().lower() for w in bad_endings}  # the vocabulary is lower case
+    ids = sorted({vocab.stoi[w] for w in words if w in vocab.stoi and vocab.stoi[w] > Vocabulary.unk_id})
     if not ids:
         return None
     table = np.zeros(len(vocab), dtype=bool)
@@ -335,7 +339,7 @@ class _Beams:
             self.scores += best[:, None]
             self.open = ~self.finished & (self.scores > -np.inf)
             if alpha_t is not None:
-                step = alpha_t.view(B, 1, 1, -1)
+                step = alpha_t.view(B, 1, 1, alpha_t.shape[-1])
                 self.att = step if self.att is None else torch.cat([self.att, step], 2)
             return None, tok
         # Each hypothesis's k best tokens first: within one hypothesis, log-probability, raw score and
@@ -439,7 +443,7 @@ def _search(model, features: torch.Tensor, searches: list[tuple[int, bool, float
     call (``_live_step``). Per step, PyTorch applies the token rules to the (N, V) log-probabilities and takes
     each search's best tokens per row (one ``max`` or ``topk`` per search); the searches' bookkeeping runs on
     those in NumPy (``_Beams``)."""
-    _check(model, features, max_len, min_len)
+    _check(model, features, max_len, min_len, no_repeat_ngram_size)
     with eval_mode(model):
         calls = DecoderCalls(model, attention=bool(getattr(model, "has_attention", False)))
         B, dev = features.shape[0], features.device
@@ -463,6 +467,8 @@ def _search(model, features: torch.Tensor, searches: list[tuple[int, bool, float
         for t in range(max_len):
             if t > 0:
                 logp, state, alpha = _live_step(calls, tokens, state, live)
+            if bool(torch.isnan(logp).any()):  # extreme (finite) features can overflow inside the decoder
+                raise ValueError("the decoder returned NaN log-probabilities for these features (out of its range?)")
             logp = rules.apply(logp, history[:, :t])  # (N, V), forbidden cells -inf
             rows, toks = [], []
             for g, s0 in zip(groups, starts):

@@ -253,18 +253,21 @@ def make_products(declared: dict[str, Product], precision: str, signature: tuple
 
 def weights_signature(params: Iterable[torch.Tensor]) -> tuple:
     """What identifies a model's weights now: each tensor's identity, storage, version counter, device and
-    dtype, and the bits of FINGERPRINT_SAMPLES values spread over it. An optimiser step, ``load_state_dict``
-    (also with ``assign=True``), ``param.data = ...``, ``.to()`` or an in-place edit through ``.data`` (which
-    PyTorch does not version) each change it; an edit that spares every sampled value would not (call
-    ``HubDecoder.repack()`` after surgery that precise).
+    dtype, and the bits of every value of a 1-D tensor (biases) and of FINGERPRINT_SAMPLES values spread over
+    each larger one. An optimiser step, ``load_state_dict`` (also with ``assign=True``), ``param.data = ...``,
+    ``.to()`` or an in-place edit through ``.data`` (which PyTorch does not version) each change it; an edit
+    of a weight matrix that spares every sampled value would not (call ``HubDecoder.repack()`` after surgery
+    that precise).
 
     Args:
         params: the model's parameters.
     """
     params = list(params)
-    meta = tuple((id(p), p.data_ptr(), p._version, p.device, p.dtype) for p in params)
-    with torch.no_grad():
-        samples = [p.detach().reshape(-1)[:: max(1, p.numel() // FINGERPRINT_SAMPLES)].float() for p in params]
+    # (an inference tensor, made under torch.inference_mode, has no version counter and cannot change in place)
+    meta = tuple((id(p), p.data_ptr(), -1 if p.is_inference() else p._version, p.device, p.dtype) for p in params)
+    with torch.no_grad():  # biases and other 1-D tensors whole (a bias edit bans or favours one word), weights sampled
+        samples = [p.detach().reshape(-1)[:: 1 if p.dim() < 2 else max(1, p.numel() // FINGERPRINT_SAMPLES)].float()
+                   for p in params]
         bits = torch.cat(samples).view(torch.int32).cpu().numpy().tobytes() if samples else b""
     return meta + (bits,)
 
@@ -346,8 +349,9 @@ def resolve_precision(requested: str | None, device: torch.device | str = "cpu")
     Raises:
         ValueError: an unknown name (naming where it came from).
     """
-    from_env = requested is None and bool(os.environ.get(ENV, "").strip())
-    name = (requested or os.environ.get(ENV) or AUTO).strip().lower()
+    env = os.environ.get(ENV, "").strip()
+    from_env = requested is None and bool(env)
+    name = (requested or env or AUTO).strip().lower()
     if name == AUTO:
         return auto_precision(device)
     if name not in PRECISIONS:

@@ -367,3 +367,28 @@ def test_early_stop_holds_for_a_decoder_that_returns_positive_scores(kind, when,
     assert checked
     if when == "every step":
         assert all(checked)  # no image was ever closed early
+
+
+def test_an_empty_batch_gives_no_captions(kind):
+    model = make_model(kind)
+    assert greedy_search(model, rand_feats(kind, 0), max_len=4) == []
+    assert beam_search(model, rand_feats(kind, 0), beam_size=3, max_len=4) == []
+
+
+def test_features_that_overflow_the_decoder_are_a_clear_error():
+    """Finite but huge features can make the attention decoder's log-probabilities NaN: one clear error, not an
+    empty beam list or an IndexError."""
+    model = make_model("attention")
+    feats = rand_feats("attention", 2) * 1e38
+    with pytest.raises(ValueError, match="NaN log-probabilities"):
+        beam_search(model, feats, beam_size=3, max_len=4)
+
+
+def test_decoding_restores_every_modules_own_mode_and_refuses_negative_ngrams(kind):
+    model = make_model(kind).train()
+    model.embed_dropout.eval()  # a submodule in its own mode
+    greedy_search(model, rand_feats(kind, 2), max_len=3)
+    assert model.training and not model.embed_dropout.training and model.out_dropout.training
+    with pytest.raises(ValueError, match="no_repeat_ngram_size"):
+        greedy_search(model, rand_feats(kind, 2), max_len=3, no_repeat_ngram_size=-1)
+

@@ -229,6 +229,39 @@ def test_products_are_made_again_whenever_the_weights_change(precision, edit, ki
     assert torch.equal(after, want)
 
 
+@pytest.mark.parametrize("attention", [False, True], ids=["pooled", "attention"])
+def test_one_bias_value_edited_through_data_is_noticed(attention):
+    """Favouring one word by its bias (an edit through .data, which PyTorch does not version) reaches the
+    captions: 1-D tensors are fingerprinted whole (a strided sample of a 300-word bias would miss this id)."""
+    torch.manual_seed(0)
+    vocab = Vocabulary([f"w{i}" for i in range(296)])
+    model = (ShowAttendTell(len(vocab), feature_dim=16, embed_dim=8, hidden_dim=16, attention_dim=8) if attention
+             else ShowAndTell(len(vocab), feature_dim=16, embed_dim=8, hidden_dim=16)).eval()
+    model.vocab, model.precision = vocab, "fp32"
+    feats = torch.randn(2, 2, 2, 16) if attention else torch.randn(2, 16)
+    word = 4 * (len(vocab) // P.FINGERPRINT_SAMPLES) + 1  # never among the old strided samples
+    assert word not in greedy_search(model, feats, max_len=3)[0].tokens
+    model.head.bias.data[word] = 1e4
+    assert all(c.tokens[0] == word for c in greedy_search(model, feats, max_len=3))
+
+
+def test_a_model_built_under_inference_mode_decodes_and_pickles_without_its_products():
+    """Tensors made under torch.inference_mode have no version counter; packed products do not pickle."""
+    import pickle
+
+    with torch.inference_mode():
+        model, feats = decoders()[0]
+        model.precision = "bf16"
+        want = [c.tokens for c in greedy_search(model, feats, max_len=4)]
+    copy = pickle.loads(pickle.dumps(model))  # the packed kernels stay behind; products() makes them again
+    assert [c.tokens for c in greedy_search(copy, feats, max_len=4)] == want
+
+
+def test_a_blank_environment_variable_means_auto(monkeypatch):
+    monkeypatch.setenv(P.ENV, "  ")
+    assert P.resolve_precision(None) == P.auto_precision()
+
+
 def test_auto_is_a_fixed_rule_by_what_the_cpu_supports(monkeypatch):
     """auto never times anything (a timing race let the same machine give one photo different captions):
     int8 where it runs, else bf16 where the CPU has bfloat16 instructions, else fp32; a GPU runs fp32."""

@@ -109,10 +109,24 @@ class HubDecoder(torch.nn.Module):
     """The base of every decoder: strict Hub save/load with ``vocab.json``, the decoding state, and the step's
     products in ``precision``.
 
-    A subclass sets ``decoder_type`` (its registry key and the ``decoder`` value in ``config.json``) and
-    implements ``step_products``, ``initial_state`` and ``step`` (and ``forward`` for training). It must also
-    inherit ``huggingface_hub.PyTorchModelHubMixin`` (after this class) for ``save_pretrained`` /
-    ``from_pretrained``.
+    A subclass (one file in this package, one line in ``registry.DECODERS``; ``show_and_tell.py`` is the
+    shortest example):
+
+    - sets ``decoder_type`` (its registry key, recorded as ``decoder`` in ``config.json``) and, for a decoder
+      that reads the feature grid, ``has_attention = True``;
+    - inherits ``huggingface_hub.PyTorchModelHubMixin`` after this class (``save_pretrained`` /
+      ``from_pretrained``), takes ``vocab_size, feature_dim, ..., backbone, extra, decoder`` and calls
+      ``_init_common`` first in ``__init__``; ``embed_dim``, ``hidden_dim`` and ``num_layers`` attributes,
+      where they mean something, show in ``Captioner.info``;
+    - declares its products in ``step_products()``: ``Input.HIDDEN`` only for inputs that are always within
+      [-1, 1] (not checked; int8 relies on it), and the initial state's carried products as ``Product.tail``
+      of the products a step makes, so int8 gives those rows the same numbers;
+    - implements ``initial_state(features, products)`` (what the searches call) and
+      ``step(tokens, state, products=None[, return_attention=False])`` (keyword arguments, as the searches
+      pass them), reading the products only through ``products[name]``;
+    - implements ``forward(features, captions, lengths, images=None) -> (logits (N, V), targets (N,))`` over the
+      N real positions in packed time-major order, on its own layers (training: SCST re-scores its samples
+      with it; ``fit`` trains the decoders it knows, see ``train/fit.py``).
     """
 
     decoder_type: str = ""
@@ -135,6 +149,8 @@ class HubDecoder(torch.nn.Module):
         self.vocab = None  # attached by from_pretrained / the trainer
         self.precision = "fp32"  # how step() computes its products (storyteller.precision)
         self._products: Products | None = None
+        if isinstance(getattr(self, "_hub_mixin_config", None), dict):  # config.json names the class to load
+            self._hub_mixin_config.setdefault("decoder", self.decoder_type)
 
     # -- the decoding protocol ---------------------------------------------------------------------
     def step_products(self) -> dict[str, Product]:
@@ -182,6 +198,11 @@ class HubDecoder(torch.nn.Module):
         import copy
 
         return copy.deepcopy(self._hub_mixin_config)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_products"] = None  # packed int8 / float16 kernels do not pickle; products() makes them again
+        return state
 
     def repack(self) -> None:
         """Make the products again at the next ``products()`` (after weight surgery ``weights_signature`` misses)."""
