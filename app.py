@@ -742,7 +742,8 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
                    help="seconds an uploaded photo is kept before it is deleted (default 600, or "
                         "$STORYTELLER_UPLOAD_MAX_AGE)")
     p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "int8"],
-                   help="decoder weights (default: $STORYTELLER_PRECISION, else auto)")
+                   help="how the decoder computes on a CPU (default: $STORYTELLER_PRECISION, else auto: a fixed "
+                        "rule by what the CPU supports, the same as the CLI's)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("STORYTELLER_THREADS", "0")),
                    help="PyTorch threads (default: CPUs / concurrency, at least 1; or $STORYTELLER_THREADS)")
     args = p.parse_args(argv)

@@ -54,8 +54,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--revision", default=None, help="Hub branch, tag or commit (repo ids only)")
         sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
         sp.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "int8"],
-                        help="decoder weights on a CPU (default: $STORYTELLER_PRECISION, else auto: the fastest "
-                             "this CPU supports)")
+                        help="how the decoder computes on a CPU (default: $STORYTELLER_PRECISION, else auto: int8 "
+                             "where it runs, else bf16 where the CPU has bfloat16 instructions, else fp32)")
 
     c = sub.add_parser("caption", help="caption image files")
     model_args(c)
