@@ -27,6 +27,8 @@ Separate checks, each run alone (they replace 1-4):
 - ``--startup R``: R times, the time ``python -c "import torch, gradio"`` takes, and the time from starting
   ``python app.py`` to its first caption (HTTP up, one request answered); the ratio of the medians
   (target: at most 1.6x).
+- ``--against MODEL``: one photo over HTTP, ``--model``'s app against MODEL's, both running at once and asked
+  in alternating order; their p50s and the ratio (a new default model against the one it replaces).
 - ``--big-photo``: ``python -m storyteller caption`` on a 16320x12240 (200 MP) JPEG (made from an example
   photo), with its peak RSS (target: exit 0, at most 1.5 GB); on progressive JPEGs of 96 MP (captioned)
   and 200 MP (refused: its decoder would hold all 600 MB of its coefficients); on a 20000x20000 PNG
@@ -273,6 +275,33 @@ def bench_http_single(url: str, paths: list[Path], n: int, beam: int, max_len: i
           f"upload + queue + transport p50 {statistics.median(lat) - statistics.median(server):7.1f} ms")
 
 
+def bench_against(model: str, other: str, paths: list[Path], n: int, beam: int, max_len: int, kind: str,
+                  tmp: Path) -> float:
+    """One photo over HTTP, ``model``'s app against ``other``'s, both running at once and asked in alternating
+    order (each photo to both, the first one switching), so load on the machine falls on both alike.
+    Returns the ratio of the p50s (``model`` / ``other``)."""
+    procs = [start_app(m, None, None, tmp / f"against-{i}.log") for i, m in enumerate((model, other))]
+    try:
+        clients = [CLIENTS[kind](url) for _, url in procs]
+        for c in clients:
+            c.caption(paths[0], beam, max_len)  # warm
+        lat: list[list[float]] = [[], []]
+        for i in range(n):
+            for j in ((0, 1) if i % 2 == 0 else (1, 0)):
+                t = time.perf_counter()
+                clients[j].caption(paths[i % len(paths)], beam, max_len)
+                lat[j].append((time.perf_counter() - t) * 1e3)
+    finally:
+        for proc, _ in procs:
+            _stop(proc)
+    p50 = [statistics.median(x) for x in lat]
+    print(f"\n== one photo over HTTP via {clients[0].name}, two apps at once, alternating ({n} photos each) ==")
+    print(f"  {model}: p50 {p50[0]:7.1f} ms   p95 {pct(lat[0], 95):7.1f} ms")
+    print(f"  {other}: p50 {p50[1]:7.1f} ms   p95 {pct(lat[1], 95):7.1f} ms")
+    print(f"  ratio {p50[0] / p50[1]:.2f}x")
+    return p50[0] / p50[1]
+
+
 def bench_load(url: str, paths: list[Path], clients: int, requests: int, beam: int, max_len: int, kind: str) -> bool:
     pool = [CLIENTS[kind](url) for _ in range(clients)]
     lat: list[float] = []
@@ -450,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--soak", type=int, default=0, metavar="N",
                    help="only the soak: N requests from --clients clients, every 10th not an image")
     p.add_argument("--startup", type=int, default=0, metavar="R", help="only the start-up check, R runs")
+    p.add_argument("--against", default=None, metavar="MODEL",
+                   help="only one photo over HTTP, --model's app against MODEL's, both at once (--single photos each)")
     p.add_argument("--big-photo", action="store_true", help="only the 200 MP photo check (CLI peak memory)")
     args = p.parse_args(argv)
     soak_client = (args.client or ["raw"])[0]  # the soak's clients: raw unless asked (they share the CPU with the app)
@@ -468,6 +499,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if bench_big_photo(model, tmp) else 1
     if args.startup:
         return 0 if bench_startup(model, args.startup, tmp) else 1
+    if args.against:
+        bench_against(model, args.against, paths, args.single, args.beam, args.max_len, soak_client, tmp)
+        return 0
     if args.soak:
         proc, url = start_app(model, args.concurrency, args.threads, tmp / "app.log")
         try:
