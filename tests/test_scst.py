@@ -132,6 +132,40 @@ def test_scst_steps_raise_the_reward_and_the_best_captions_probability():
     assert best_log_prob() > before + 1.0  # and the best caption got likelier
 
 
+def test_xe_weight_adds_the_weighted_cross_entropy_of_human_captions_to_the_loss():
+    """--xe-weight: the step's loss is the policy loss (the same samples: the same generator) plus the weight
+    times the cross-entropy of the given human captions under the model (eval function, no dropout)."""
+    import copy
+
+    torch.manual_seed(0)
+    vocab = Vocabulary(["a", "red", "blue", "circle", "square"])
+    model = ShowAndTell(len(vocab), feature_dim=8, embed_dim=8, hidden_dim=16, dropout=0.3).eval()
+    model.vocab = vocab
+    feats = torch.randn(3, 8)
+    reward = CaptionReward([["a red circle"]] * 3)
+    refs, vocab_map = reward.encode_references([["a red circle"]] * 3), reward.vocab_map(vocab.itos)
+    human = torch.tensor([[Vocabulary.start_id, *vocab.encode(c, add_special=False), Vocabulary.end_id]
+                          for c in ("a red circle", "a blue square", "a red square")])
+    lengths = torch.full((3,), 5)
+    with torch.no_grad():
+        logits, targets = model(feats, human, lengths)
+        xe = float(torch.nn.functional.cross_entropy(logits, targets))
+    losses = []
+    for extra in (None, (human, lengths, 0.7)):
+        m = copy.deepcopy(model)
+        out = scst.scst_step(m, m, torch.optim.SGD(m.parameters(), lr=0.0), feats, refs, reward, vocab_map,
+                             {"cider": 1.0}, 4, 5, "mean", torch.Generator().manual_seed(3), xe=extra)
+        losses.append(out["loss"])
+    assert losses[1] - losses[0] == pytest.approx(0.7 * xe, rel=1e-4)
+
+
+def test_scst_with_xe_weight_runs_and_records_it(init_run, cache, tmp_path):
+    out = tmp_path / "scst-xe"
+    scst.main(scst_args(init_run, cache, out, "--xe-weight", "0.5"))
+    model = ShowAndTell.from_pretrained(out / "model")
+    assert model.extra["training"]["hyperparameters"]["xe_weight"] == 0.5
+
+
 def test_sampled_captions_follow_the_decoding_rules(init_run):
     model, _ = scst.load_init_model(str(init_run))
     feats = torch.randn(6, model.feature_dim)

@@ -69,7 +69,8 @@ ARGUMENT_LIMITS = {
     "max_train_images": (0, None), "max_val_images": (0, None), "stop_after_epochs": (0, None), "samples": (1, None),
     "max_len": (1, None), "epochs": (0, None), "batch_size": (1, None), "lr": (0, None), "weight_decay": (0, None),
     "clip_grad": (0, None), "beam": (0, None), "patience": (0, None), "eval_batch_size": (1, None),
-    "num_threads": (0, None)}
+    "num_threads": (0, None), "xe_weight": (0, None)}
+XE_MAX_WORDS = 30  # --xe-weight's human captions are cut to this many words, as fit cuts its training captions
 EXAMPLES = 5  # validation images captioned in the exported model's card
 BAR_EVERY = 5  # steps between progress-bar updates
 # check_vocabulary reads the captions of this many images: enough to tell another dataset or language.
@@ -102,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reward", default="cider:1", help="reward mix NAME:WEIGHT,... of cider (CIDEr-D) and bleu4")
     s.add_argument("--max-len", type=int, default=20, help="sampled captions: " + MAX_LEN_HELP)
     s.add_argument("--epochs", type=int, default=5, help="most epochs (passes over the training images)")
+    s.add_argument("--xe-weight", type=float, default=0.0,
+                   help="add this weight x the cross-entropy of one human caption per image (drawn anew each step) "
+                        "to the policy loss: keeps the model nearer people's wording, against SCST's loss of "
+                        "distinct words and its stock phrases (0: pure SCST)")
     s.add_argument("--batch-size", type=int, default=50, help="images per step (per process under torchrun)")
     s.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate (constant)")
     s.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay")
@@ -339,7 +344,8 @@ def advantages(reward: np.ndarray, k: int, baseline: np.ndarray | None = None) -
 def scst_step(policy: torch.nn.Module, model: torch.nn.Module, optimizer: torch.optim.Optimizer, feats: torch.Tensor,
               refs: list[list[np.ndarray]], scorer: CaptionReward, vocab_map: np.ndarray, weights: dict[str, float],
               k: int, max_len: int, baseline: str, generator: torch.Generator, clip_grad: float = 0.0,
-              amp_dtype: torch.dtype | None = None) -> dict[str, Any]:
+              amp_dtype: torch.dtype | None = None,
+              xe: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> dict[str, Any]:
     """One SCST update on a batch of images: sample, reward, baseline, policy-gradient step.
 
     Args:
@@ -357,6 +363,8 @@ def scst_step(policy: torch.nn.Module, model: torch.nn.Module, optimizer: torch.
         generator: the sampling RNG.
         clip_grad: gradient-norm clip (0: off).
         amp_dtype: autocast dtype or None.
+        xe: ``(captions (B, T), lengths (B,) CPU, weight)``: one human caption per image whose cross-entropy,
+            times the weight, is added to the policy loss (``--xe-weight``); None: pure SCST.
 
     Returns:
         ``{"reward": (B*k,) rewards, "greedy_reward": (B,) or None, "loss": float,
@@ -382,6 +390,9 @@ def scst_step(policy: torch.nn.Module, model: torch.nn.Module, optimizer: torch.
     tc = time.perf_counter()
     with torch.autocast(**autocast), dropout_off_train_mode(model):
         loss = policy_loss(policy, feats, captions, lengths, adv, torch.from_numpy(image).to(feats.device))
+        if xe is not None:  # the same function (eval, no dropout) on people's captions of these photos
+            logits, targets = policy(feats, xe[0], xe[1])
+            loss = loss + xe[2] * torch.nn.functional.cross_entropy(logits.float(), targets)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if clip_grad > 0:
@@ -546,6 +557,19 @@ class ScstRun:
     vocab_map: np.ndarray
     decoding: dict[str, Any]
     progress: trainer.Progress
+    xe_pairs: Any = None  # --xe-weight: fit.CaptionPairs of every training caption, the images' in train order
+    xe_first: np.ndarray | None = None  # (N_train,) each image's first pair
+    xe_count: np.ndarray | None = None  # (N_train,) its number of captions
+
+    def xe_batch(self, idx: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """One human caption per image of the batch (``idx``, training-image positions), drawn with ``rng``,
+        for ``scst_step``'s ``xe``; None without ``--xe-weight``."""
+        if self.xe_pairs is None:
+            return None
+        pick = self.xe_first[idx.numpy()] + (rng.random(len(idx)) * self.xe_count[idx.numpy()]).astype(np.int64)
+        lengths = self.xe_pairs.lengths[pick]
+        captions = self.xe_pairs.tokens[torch.from_numpy(pick).to(self.xe_pairs.tokens.device), : int(lengths.max())]
+        return captions, lengths, self.args.xe_weight
 
 
 def build_run(args: argparse.Namespace, weights: dict[str, float], runtime: trainer.Runtime, run_dir: Path,
@@ -584,8 +608,13 @@ def build_run(args: argparse.Namespace, weights: dict[str, float], runtime: trai
               f"{len(data.val_rows)} val images, reward {weights}, baseline {args.baseline}, device {device}"
               f"{f' x {runtime.world} ranks' if runtime.world > 1 else ''}, amp {runtime.amp_dtype}; "
               f"document frequencies in {df_seconds:.1f}s", file=sys.stderr)
-    return ScstRun(args, weights, runtime, run_dir, model, init_name, trainer.distribute(model, runtime), optimizer,
-                   data, scorer, train_ref_ids, vocab_map, decoding, trainer.Progress.from_checkpoint(ckpt))
+    run = ScstRun(args, weights, runtime, run_dir, model, init_name, trainer.distribute(model, runtime), optimizer,
+                  data, scorer, train_ref_ids, vocab_map, decoding, trainer.Progress.from_checkpoint(ckpt))
+    if args.xe_weight > 0:  # every training caption encoded once; pairs of one image are adjacent
+        run.xe_pairs = fit.encode_pairs(data.train_rows, data.cache.captions, model.vocab, XE_MAX_WORDS, device)
+        run.xe_count = np.array([len(data.cache.captions[r]) for r in data.train_rows], dtype=np.int64)
+        run.xe_first = np.cumsum(run.xe_count) - run.xe_count
+    return run
 
 
 # -- one epoch -----------------------------------------------------------------------------------
@@ -608,6 +637,7 @@ def train_epoch(run: ScstRun, epoch: int) -> dict[str, Any]:
     batches = fit.epoch_order(torch.zeros(len(data.train_rows)), args.batch_size, args.seed, epoch, rt.rank, rt.world,
                               bucket=0)
     gen = torch.Generator(device=rt.device).manual_seed(trainer.epoch_seed(args.seed, epoch, rt.rank))  # sampling
+    xe_rng = np.random.default_rng(trainer.epoch_seed(args.seed, epoch, rt.rank))  # --xe-weight's captions
     seconds = {"sample": 0.0, "reward": 0.0, "update": 0.0}
     reward_sum = torch.zeros(3, dtype=torch.float64)  # (sum of rewards, samples, sum of greedy rewards), this rank
     show_bar = trainer.show_progress(args.progress, rt)
@@ -616,7 +646,8 @@ def train_epoch(run: ScstRun, epoch: int) -> dict[str, Any]:
         feats = data.train_feats[idx.to(rt.device)]  # (B, ...)
         refs = [run.train_ref_ids[i] for i in idx.tolist()]
         out = scst_step(run.policy, run.model, run.optimizer, feats, refs, run.scorer, run.vocab_map, run.weights,
-                        args.samples, args.max_len, args.baseline, gen, args.clip_grad, rt.amp_dtype)
+                        args.samples, args.max_len, args.baseline, gen, args.clip_grad, rt.amp_dtype,
+                        run.xe_batch(idx, xe_rng))
         for key in seconds:
             seconds[key] += out[f"{key}_seconds"]
         greedy = out["greedy_reward"]
@@ -772,7 +803,7 @@ def export(run_dir: Path, best: dict[str, Any], model: torch.nn.Module, init_nam
                 "init_model": init_name, "init_training": model.extra.get("training"),
                 "hyperparameters": {k: getattr(args, k) for k in (
                     "samples", "baseline", "reward", "max_len", "epochs", "batch_size", "lr", "weight_decay",
-                    "clip_grad", "seed", "patience")}}
+                    "clip_grad", "seed", "patience", "xe_weight")}}
     metrics = {"split": args.val_split, "decoding": "greedy, max_len " + str(decoding["max_len"]),
                **{k: m[f"greedy_{k}"] for k in ("bleu1", "bleu2", "bleu3", "bleu4", "cider")}}
     recommended = {k: decoding[k] for k in ("beam_size", "alpha", "no_repeat_ngram_size", "max_len")}
