@@ -3,13 +3,14 @@
 # cross-entropy) fine-tuned on CIDEr-D with the settings that made the default model (train/recipes/
 # flickr8k_lite0_scst.sh), then scored.
 #
-#   bash train/recipes/flickr8k_lite0_attention_scst.sh          # data at ../shared/data/flickr8k
-#   EPOCHS=4 bash train/recipes/flickr8k_lite0_attention_scst.sh # the CPU-budget run in the README
+#   bash train/recipes/flickr8k_lite0_attention_scst.sh              # data at ../shared/data/flickr8k
+#   XE_WEIGHT=0.2 WORK=runs/att-scst-xe bash train/recipes/flickr8k_lite0_attention_scst.sh   # mixed objective
 #
-# Cost: an epoch of 6,000 photos x 5 samples takes about 18 minutes on this project's 2-core CPU (one
-# thread; the LSTMCell loop of attention samples is slower than the pooled decoder's), so the README
-# reports the epochs that fitted in a session (EPOCHS=4); on a GPU the full 25 take minutes. Every step
-# resumes: rerun after a kill, or with a larger EPOCHS to go on (scst --resume accepts more epochs).
+# Cost, measured 2026-12-02 on a 2-core AMX CPU at one thread (bf16 autocast; another job on the other core):
+# 7-8 minutes an epoch of 6,000 photos x 5 samples plus about 2 minutes of validation; on a GPU the 25 epochs
+# take minutes. Every step resumes: rerun after a kill, or with a larger EPOCHS to go on (scst --resume accepts
+# more epochs, and --keep-epochs). Every epoch's weights are kept (--keep-epochs) for checkpoint averaging
+# (python -m train average, docs/training.md). docs/results.md has what the runs gave.
 set -euo pipefail
 DATA=${DATA:-../shared/data/flickr8k}
 INIT=${INIT:-models/flickr8k-lite0-attention}
@@ -17,14 +18,16 @@ FEATURES=${FEATURES:-runs/flickr8k-lite0-attention/features}
 WORK=${WORK:-runs/flickr8k-lite0-attention-scst}
 OUT=${OUT:-$WORK/bundle}
 EPOCHS=${EPOCHS:-25}
+XE_WEIGHT=${XE_WEIGHT:-0}  # > 0: add the cross-entropy of human captions (scst --xe-weight)
 
 # 1. Lite0 features with grids: the same command as flickr8k_lite0_attention.sh (nothing to do when it ran)
 python -m train extract --dataset "$DATA" --backbone efficientnet_lite0 --grid --out "$FEATURES"
 
-# 2. SCST from the attention model; validation with its own decoding (beam 3, alpha 1.0, trigram blocking)
+# 2. SCST from the attention model; validation with its own decoding (beam 3, alpha 1.0, trigram blocking) and
+#    the bad-ending rule it will ship with
 python -m train scst --init "$INIT" --features "$FEATURES" --out "$WORK/scst" \
-  --samples 5 --baseline mean --reward cider:1 --batch-size 50 --lr 2e-4 --epochs "$EPOCHS" --patience 4 --seed 0 \
-  --bad-endings none --progress off --resume
+  --samples 5 --baseline mean --reward cider:1 --batch-size 50 --lr 2e-4 --xe-weight "$XE_WEIGHT" \
+  --epochs "$EPOCHS" --patience 4 --seed 0 --bad-endings standard --keep-epochs --progress off --resume
 
 # 3. bundle like the attention model (float16, beam 3, alpha 1.0, trigram blocking) with the bad-ending rule
 rm -rf "$OUT"
