@@ -230,7 +230,8 @@ def refuse(message: str, title: str) -> gr.Error:
         title: its heading.
     """
     log.info("caption refused: %s: %s", title, message)
-    return gr.Error(html.escape(message), title=title, print_exception=False)
+    # plain text: API callers get it as is; the page never shows this error, it shows notice_html's escaped copy
+    return gr.Error(message, title=title, print_exception=False)
 
 
 # -- one photo, captioned and scored -------------------------------------------------------------------
@@ -455,10 +456,9 @@ def attention_gallery(captioner: Captioner, photo: Any, caption: Any) -> list[tu
     """
     if caption.attention is None:
         return None
-    from storyteller.heatmap import PhotoOverlay
+    from storyteller.heatmap import PhotoOverlay, fit_photo
 
-    small = photo.convert("RGB")
-    small = small.resize((ATTENTION_PANEL, max(1, round(ATTENTION_PANEL * small.height / small.width))))
+    small = fit_photo(photo, ATTENTION_PANEL)  # at most ATTENTION_PANEL wide and twice that tall
     draw_map = PhotoOverlay(small, captioner.backbone.spec["preprocessing"])  # the photo prepared once
     words = [captioner.model.vocab.itos[t] for t in caption.tokens]
     return [(draw_map(m), w) for w, m in zip(words, caption.attention)]
@@ -525,7 +525,7 @@ def caption_for_page(captioner: Captioner, names: tuple[str, ...], *inputs: Any)
     try:
         return caption_photo(captioner, names, *inputs)
     except gr.Error as e:
-        notice = notice_html("error", f"{e.title}:" if e.title else "Error:", html.unescape(str(e.message)))
+        notice = notice_html("error", f"{e.title}:" if e.title else "Error:", str(e.message))
     except Exception:  # a bug, not the user's fault: keep the traceback for the log
         log.exception("caption failed")
         notice = notice_html("error", "Something went wrong:", "the server could not caption this photo. Try another one.")
@@ -710,14 +710,19 @@ def _wire(image: Any, button: Any, inputs: list, panels: dict[str, Any], api_nam
     page_outputs = [panels[n] for n in page_names]
     cleared = tuple(CLEARED[n] for n in page_names)
     progress = [panels["greedy caption"], panels["beam caption"]]  # where the captions will appear
-    image.change(lambda: cleared, outputs=page_outputs, queue=False, show_progress="hidden", api_visibility="private") \
-        .then(caption_page, inputs=inputs, outputs=page_outputs, preprocess=False, api_visibility="private",
-              show_progress_on=progress) \
-        .then(None, js=SHOW_CAPTIONS_JS, api_visibility="private")
-    button.click(lambda: cleared, outputs=page_outputs, queue=False, show_progress="hidden", api_visibility="private") \
-        .then(caption_button, inputs=inputs, outputs=page_outputs, preprocess=False, api_visibility="private",
-              show_progress_on=progress) \
-        .then(None, js=SHOW_CAPTIONS_JS, api_visibility="private")
+    # One event per photo that first clears the old captions, then writes the new ones (a generator), and
+    # "always_last": a photo given while another is being captioned is captioned next, with the latest photo,
+    # so the page never keeps the first photo's captions under the second photo.
+    def clear_then(handler):
+        def run(*args):
+            yield cleared
+            yield handler(*args)
+        return run
+
+    for trigger, handler in ((image.change, caption_page), (button.click, caption_button)):
+        trigger(clear_then(handler), inputs=inputs, outputs=page_outputs, preprocess=False, api_visibility="private",
+                show_progress_on=progress, trigger_mode="always_last") \
+            .then(None, js=SHOW_CAPTIONS_JS, api_visibility="private")
     api_trigger = gr.Button(visible=False, elem_id="api-caption")
     api_trigger.click(caption, inputs=inputs, outputs=[panels[n] for n in api_names], api_name="caption",
                       preprocess=False)

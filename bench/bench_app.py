@@ -268,7 +268,7 @@ def bench_http_single(url: str, paths: list[Path], n: int, beam: int, max_len: i
         t = time.perf_counter()
         out = client.caption(paths[i % len(paths)], beam, max_len)
         lat.append((time.perf_counter() - t) * 1e3)
-        server.append(float(out[7]["timings_ms"]["total"]))  # the result JSON (app.OUTPUT_NAMES)
+        server.append(float(out[7]["timings_ms"]["total"]))  # the result JSON (app.API_OUTPUTS)
     print(f"\n== one photo alone, over HTTP via {client.name} ({n} runs) ==")
     print(f"  end to end  p50 {statistics.median(lat):7.1f} ms   p95 {pct(lat, 95):7.1f} ms")
     print(f"  of which captioning in the app p50 {statistics.median(server):7.1f} ms; "

@@ -187,7 +187,7 @@ def _cmd_library(args: argparse.Namespace) -> int:
     if not photos:
         print(f"caption: no image files in {' '.join(args.images)}", file=sys.stderr)
         return 0
-    todo = [p for p in photos if p.name not in out.done]
+    todo = [p for p in photos if out.record_of(p.name) is None]
     captioner = _load_captioner(args) if todo else None
     if todo and captioner is None:
         return 2
@@ -216,7 +216,7 @@ def _cmd_library(args: argparse.Namespace) -> int:
               f"{len(todo)} files in {seconds:.1f} s ({len(todo) / seconds:.1f} photos/s)", file=sys.stderr)
     else:
         print(f"caption: nothing to do, all {skipped} files are already in {args.out}", file=sys.stderr)
-    errors = sum("error" in out.done[p.name] for p in photos)
+    errors = sum("error" in out.record_of(p.name) for p in photos)
     if errors:
         print(f"caption: {errors} of {len(photos)} files could not be captioned: their records in {args.out} "
               f"have an \"error\"", file=sys.stderr)

@@ -45,6 +45,23 @@ _LEVELS = np.linspace(0.0, 1.0, 256, dtype=np.float32)
 _LUT = np.stack([np.interp(_LEVELS, _RAMP[:, 0], _RAMP[:, c + 1]) for c in range(3)], axis=1).astype(np.float32)
 
 
+MAX_PANEL_ASPECT = 2.0  # a panel at most this many times as tall as wide: a tall, thin photo at its own aspect
+# ratio would make panels tens of thousands of pixels tall
+
+
+def fit_photo(photo: Image.Image, width: int) -> Image.Image:
+    """``photo`` as RGB, shrunk (aspect ratio kept) to ``width`` pixels wide, or less where that would make it
+    taller than MAX_PANEL_ASPECT x ``width``.
+
+    Args:
+        photo: any PIL image.
+        width: the panel's width.
+    """
+    photo = photo.convert("RGB")
+    scale = min(width / photo.width, MAX_PANEL_ASPECT * width / photo.height)
+    return photo.resize((max(1, round(photo.width * scale)), max(1, round(photo.height * scale))), Image.BICUBIC)
+
+
 class PhotoOverlay:
     """Draws any number of heat maps over one photo; the photo's arrays are prepared once.
 
@@ -120,9 +137,8 @@ def attention_figure(photo: Image.Image, words: Sequence[str], maps: torch.Tenso
         raise ValueError(f"need one (h, w) map per word: {len(words)} words, maps of shape {maps.shape}")
     if not words:
         raise ValueError("no words to draw")
-    photo = photo.convert("RGB")
-    ph = max(1, round(panel_width * photo.height / photo.width))
-    small = photo.resize((panel_width, ph), Image.BICUBIC)
+    small = fit_photo(photo, panel_width)  # (panel_width or less, ph)
+    ph = small.height
     font = _font(max(12, panel_width // 11))
     label_h, pad = max(12, panel_width // 11) + 10, 6
     cols = max(1, min(columns, len(words)))
@@ -133,7 +149,7 @@ def attention_figure(photo: Image.Image, words: Sequence[str], maps: torch.Tenso
     for i, (word, m) in enumerate(zip(words, maps)):
         x = pad + (i % cols) * (panel_width + pad)
         y = pad + (i // cols) * (ph + label_h + pad)
-        sheet.paste(draw_map(m), (x, y))
+        sheet.paste(draw_map(m), (x + (panel_width - small.width) // 2, y))
         tw = draw.textlength(word, font=font)
         draw.text((x + (panel_width - tw) / 2, y + ph + 3), word, fill="black", font=font)
     return sheet

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import BinaryIO, Union
@@ -207,12 +208,14 @@ def _open(data: bytes, max_pixels: int, draft_size: int | None, max_jpeg_pixels:
             with warnings.catch_warnings():  # our own limit replaces the library's global one
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError:  # over twice the library's global limit: refused before ours
-        raise ImageError(f"the image has more than {2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6:.0f} megapixels: too "
-                         f"large to open safely. Photos up to {max_pixels / 1e6:.0f} megapixels (JPEG photos up to "
-                         f"{max_jpeg_pixels / 1e6:.0f}) can be captioned.") from None
+    except Image.DecompressionBombError as e:  # over twice the library's global limit: refused before ours
+        found = re.search(r"\((\d+) pixels\)", str(e))  # the reader's message gives the real size
+        size = (f"{int(found.group(1)) / 1e6:.0f} megapixels" if found else
+                f"more than {2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6:.0f} megapixels")
+        raise ImageError(f"the image has {size}: too large to open safely. Photos up to {max_pixels / 1e6:.0f} "
+                         f"megapixels (JPEG photos up to {max_jpeg_pixels / 1e6:.0f}) can be captioned.") from None
     except Exception:  # not an image, or a header so broken the reader chokes on it
-        raise ImageError("the file is not an image, or is in a format this app cannot read (try a JPEG or PNG)") from None
+        raise ImageError("the file is not an image, or is in a format that cannot be read here (try a JPEG or PNG)") from None
     if jpeg:
         _check_size(img.size, max_jpeg_pixels)
         _check_progressive(img)
@@ -229,7 +232,7 @@ def _open(data: bytes, max_pixels: int, draft_size: int | None, max_jpeg_pixels:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img.load()
     except Exception:  # "image file is truncated", broken Huffman data, ...
-        raise ImageError("the image file is truncated or corrupt: upload it again, or try another copy") from None
+        raise ImageError("the image file is truncated or corrupt: try another copy of it") from None
     return img
 
 
@@ -264,7 +267,7 @@ def _to_rgb(img: Image.Image, copy: bool) -> Image.Image:
     try:
         return img.convert("RGB")  # L, 1, P, CMYK (Adobe-inverted CMYK JPEGs are handled by Pillow), YCbCr, HSV
     except ValueError:
-        raise ImageError(f"the image uses a colour format this app cannot read ({mode})") from None
+        raise ImageError(f"the image uses a colour format that cannot be read here ({mode})") from None
 
 
 def _gray_to_uint8(img: Image.Image) -> np.ndarray:

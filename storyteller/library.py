@@ -399,6 +399,16 @@ class RecordFile:
         self.done: dict[str, dict[str, Any]] = {} if overwrite else {r["image"]: r for r in self.records}
         self._file: io.BufferedRandom | None = None
 
+    def as_read(self, name: str) -> str:
+        """``name`` as this file gives it back: a CSV stores a file name that is not valid UTF-8 with \\x escapes."""
+        if self.format != "csv":
+            return name  # JSON's \u escapes give the very same string back
+        return name.encode("utf-8", errors="backslashreplace").decode("utf-8")
+
+    def record_of(self, name: str) -> dict[str, Any] | None:
+        """The record already written for the file ``name`` (as :func:`find_images` names it), or None."""
+        return self.done.get(self.as_read(name))
+
     def _read(self) -> bytes:
         try:
             return self.path.read_bytes()
@@ -453,11 +463,15 @@ class RecordFile:
             data = buf.getvalue().encode("utf-8", errors="backslashreplace")
         else:
             data = "".join(_json_line(r) for r in records).encode("utf-8")
-        self._file.write(data)
-        self._file.flush()
+        try:
+            self._file.write(data)
+            self._file.flush()
+        except OSError as e:  # a full disk, a removed drive: every finished batch is in the file already
+            raise LibraryError(f"cannot write {self.path} ({e.strerror or e}); it holds every batch finished before "
+                               "this one: make room and rerun the same command to go on") from None
         for r in records:
             self.records.append(r)
-            self.done[r["image"]] = r
+            self.done[self.as_read(r["image"])] = r
 
     def close(self) -> None:
         if self._file is not None:

@@ -14,6 +14,7 @@ import base64
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -236,6 +237,26 @@ def test_example_tap_captions_in_view_and_shows_the_whole_human_caption(page, sh
     assert ref.get_property("scrollHeight") <= ref.get_property("clientHeight") + 2  # shown whole, no inner scroll
     no_sideways_overflow(driver)
     print(f"\nscreenshot: {screenshot(driver, shots, f'{screen}-example')}")
+
+
+def test_a_second_photo_given_while_the_first_is_captioned_gets_its_own_captions(browser, app_url):
+    """Two example taps 0.1 s apart (the second before the first is captioned): the page ends on the second
+    photo's captions, not the first's (the events once dropped the second photo's captioning)."""
+    from gradio_client import Client, handle_file
+
+    want = Client(app_url, verbose=False).predict(handle_file(str(EXAMPLES[4])), api_name="/caption_json")["beam"]["text"]
+    first = Client(app_url, verbose=False).predict(handle_file(str(EXAMPLES[0])), api_name="/caption_json")["beam"]["text"]
+    assert want != first  # the test needs photos with different captions
+    emulate(browser, "phone")
+    open_page(browser, app_url)
+    thumbs = WebDriverWait(browser, WAIT_S).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#examples .gallery-item"))
+    browser.execute_script("arguments[0].click()", thumbs[0])
+    time.sleep(0.1)
+    browser.execute_script("arguments[0].click()", thumbs[4])
+    WebDriverWait(browser, WAIT_S).until(lambda d: value(d, "beam-caption") == want)
+    time.sleep(2)  # and it stays
+    assert value(browser, "beam-caption") == want
+    browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
 
 def test_bad_upload_is_one_message_over_cleared_outputs(page, shots, tmp_path):

@@ -65,3 +65,19 @@ def test_attention_figure_has_a_panel_per_word():
     assert sheet.width == 3 * (100 + 6) + 6 and sheet.height > 2 * 75  # 3 columns, 2 rows of 4:3 panels
     with pytest.raises(ValueError, match="one \\(h, w\\) map per word"):
         attention_figure(photo, ["a", "dog"], maps, LITE0)
+
+
+def test_a_tall_thin_photo_makes_small_panels():
+    """A 6x2600 photo at its own aspect ratio made 200x86,667-pixel panels (and 256x110,933 tiles in the app,
+    more than JPEG can hold): panels are at most MAX_PANEL_ASPECT times as tall as wide."""
+    from PIL import Image
+
+    from storyteller.heatmap import MAX_PANEL_ASPECT, attention_figure, fit_photo
+
+    thin = Image.new("RGB", (6, 2600), (100, 50, 20))
+    small = fit_photo(thin, 256)
+    assert small.height <= MAX_PANEL_ASPECT * 256 and small.width >= 1
+    assert fit_photo(Image.new("RGB", (640, 480)), 256).size == (256, 192)  # ordinary photos: full width, own ratio
+    spec = {"resize": 256, "crop": 224, "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3}
+    fig = attention_figure(thin, ["a", "b"], np.full((2, 7, 7), 1 / 49, dtype=np.float32), spec, panel_width=200)
+    assert fig.height < 3 * 200 * MAX_PANEL_ASPECT
