@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train average", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--run", required=True, help="run folder whose epochs/ holds the epochs' weights (scst --keep-epochs)")
-    p.add_argument("--epochs", type=int, nargs="+", required=True, help="the epochs to average (at least 2)")
+    p.add_argument("--epochs", type=int, nargs="+", required=True,
+                   help="the epochs to average (one epoch: its own weights, as a model folder)")
     p.add_argument("--model", default=None,
                    help="model folder giving the architecture, vocabulary and metadata (default: RUN/model)")
     p.add_argument("--out", required=True, help="the new model folder (must not exist, or be empty)")
@@ -60,8 +61,6 @@ def main(argv: list[str] | None = None) -> Path:
     parser = build_parser()
     args = parser.parse_args(argv)
     epochs = sorted(set(args.epochs))
-    if len(epochs) < 2:
-        parser.error("--epochs: give at least two epochs to average")
     run = Path(args.run)
     files = [epoch_weights_file(run / EPOCHS_DIR, e) for e in epochs]
     missing = [f.name for f in files if not f.is_file()]
@@ -78,7 +77,8 @@ def main(argv: list[str] | None = None) -> Path:
     extra = {k: v for k, v in model.extra.items() if k != "metrics"}  # one epoch's figures: not this model's
     training = dict(extra.get("training") or {})
     training["averaged_epochs"] = epochs
-    training["method"] = (training.get("method", "") + f"; weights averaged over epochs {', '.join(map(str, epochs))}").lstrip("; ")
+    which = f"weights averaged over epochs {', '.join(map(str, epochs))}" if len(epochs) > 1 else f"epoch {epochs[0]}'s weights"
+    training["method"] = (training.get("method", "") + f"; {which}").lstrip("; ")
     config = model.init_arguments()
     config["extra"] = {**extra, "training": training}
     averaged = type(model)(**config)
