@@ -159,7 +159,7 @@ def model_markdown(info: dict[str, Any], grid: list[int] | tuple[int, int] | Non
         info: ``Captioner.info`` (plus ``hub``: True when the model came from a Hub repo).
         grid: an attention model's feature grid (h, w), if known.
     """
-    if info.get("decoder") == "show_attend_tell":
+    if info.get("has_attention") or info.get("decoder") == "show_attend_tell":
         where = f"a {grid[0]}x{grid[1]} grid" if grid else "a grid"
         features = f"{where} of {info.get('feature_dim')}-d features, looked over for every word"
     else:
@@ -167,13 +167,24 @@ def model_markdown(info: dict[str, Any], grid: list[int] | tuple[int, int] | Non
     lines = [f"**Model**: {model_link(info)}",  # a label or a Hub link, never the server's folders
              f"**Backbone**: `{info.get('backbone')}`: {features} (ImageNet weights "
              f"`{str(info.get('backbone_weights')).split(':')[-1]}`)",
-             f"**Decoder**: LSTM {info.get('num_layers')} x {info.get('hidden_dim')}, embeddings {info.get('embed_dim')}, "
-             f"{info.get('vocab_size')} tokens"]
+             f"**Decoder**: {decoder_markdown(info)}, {info.get('vocab_size')} tokens"]
     if info.get("precision"):
         lines.append(f"**Decoder weights**: {info['precision']}")
     if info.get("dataset"):  # its name or Hub id: never the training machine's path
         lines.append(f"**Trained on**: {dataset_label(info['dataset'])[0]}")
     return "  \n".join(lines) + "\n\n" + scores_markdown(info)
+
+
+def decoder_markdown(info: dict[str, Any]) -> str:
+    """The decoder in a few words: its LSTM's sizes, or an ensemble's members and how they are joined."""
+    def one(d: dict[str, Any]) -> str:
+        kind = "Show-Attend-Tell" if d.get("decoder") == "show_attend_tell" else "Show-and-Tell"
+        return f"{kind} LSTM {d.get('num_layers')} x {d.get('hidden_dim')}, embeddings {d.get('embed_dim')}"
+
+    if info.get("members"):
+        return (f"an ensemble of {len(info['members'])} ({'; '.join(one(d) for d in info['members'])}), the mean of "
+                "their next-word probabilities")
+    return one(info)
 
 
 def scores_markdown(info: dict[str, Any]) -> str:

@@ -111,14 +111,15 @@ def _need_token() -> None:
 
 # -- Space -------------------------------------------------------------------------------------------
 def is_attention_model(model_dir: Path) -> bool:
-    """True for a Show-Attend-Tell model folder (its config's ``decoder``), False for Show-and-Tell."""
+    """True for a model folder that shows where it looked (Show-Attend-Tell, or an ensemble holding one), False
+    for Show-and-Tell."""
     import json
 
-    from storyteller.decoders import ShowAttendTell
+    from storyteller.decoders import reads_grid
 
     try:
         config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-        return config.get("decoder") == ShowAttendTell.decoder_type
+        return reads_grid(config)
     except (OSError, ValueError, AttributeError):
         return False
 

@@ -136,9 +136,9 @@ class Captioner:
         return {"model": self.source, "model_name": model_label(self.source), "revision": self.revision,
                 "backbone": spec.get("name"),
                 "backbone_weights": spec.get("weights"), "feature_dim": m.feature_dim, "vocab_size": m.vocab_size,
-                "decoder": getattr(m, "decoder_type", "show_and_tell"),
-                "embed_dim": getattr(m, "embed_dim", None), "hidden_dim": getattr(m, "hidden_dim", None),
-                "num_layers": getattr(m, "num_layers", None),
+                **decoder_summary(m), "has_attention": self.has_attention,
+                # an ensemble's members, each as above (None: one decoder)
+                "members": [decoder_summary(x) for x in m.members] if hasattr(m, "members") else None,
                 "dataset": (m.extra or {}).get("dataset"), "metrics": (m.extra or {}).get("metrics") or {},
                 "evaluations": _read_evaluations(self.model_dir), "decoding": dict(self.decoding),
                 "precision": self.precision}
@@ -346,6 +346,12 @@ class Captioner:
 def _backbone_name(config: dict[str, Any]) -> str | None:
     spec = config.get("backbone")
     return spec.get("name") if isinstance(spec, dict) else spec
+
+
+def decoder_summary(model) -> dict[str, Any]:
+    """A decoder's type and sizes, for ``Captioner.info`` (None where a size means nothing for it)."""
+    return {"decoder": getattr(model, "decoder_type", "show_and_tell"), "embed_dim": getattr(model, "embed_dim", None),
+            "hidden_dim": getattr(model, "hidden_dim", None), "num_layers": getattr(model, "num_layers", None)}
 
 
 def _read_evaluations(model_dir: Path | None) -> list[dict[str, Any]]:

@@ -175,6 +175,7 @@ def _front_matter(config: dict[str, Any], evaluations: list[dict[str, Any]], nam
                                           metric_name=f"{label} (greedy)", metric_value=round(float(train_metrics[metric]), 4)))
     backbone = (config.get("backbone") or {}).get("name")
     family = ["show-attend-tell", "attention"] if _attention(config) else ["show-and-tell"]
+    family += ["ensemble"] if config.get("decoder") == "ensemble" else []
     data = ModelCardData(library_name="neural-storyteller", license=license, pipeline_tag="image-to-text",
                          tags=["image-captioning", *family, "lstm", *([backbone] if backbone else [])],
                          datasets=[hub_id] if hub_id else None, metrics=["bleu", "cider"],
@@ -183,14 +184,32 @@ def _front_matter(config: dict[str, Any], evaluations: list[dict[str, Any]], nam
 
 
 def _attention(config: dict[str, Any]) -> bool:
-    """True for a Show-Attend-Tell model (it reads the CNN's feature grid)."""
+    """True for a model that reads the CNN's feature grid: Show-Attend-Tell, or an ensemble holding one."""
+    members = config.get("members") if config.get("decoder") == "ensemble" else None
+    if isinstance(members, list):
+        return any(isinstance(m, dict) and _attention(m) for m in members)
     return config.get("decoder") == "show_attend_tell"
+
+
+def _member_words(config: dict[str, Any]) -> str:
+    """One decoder of an ensemble in a few words."""
+    if config.get("decoder") == "show_attend_tell":
+        return f"a Show-Attend-Tell LSTM (hidden {config.get('hidden_dim')}) attending over the grid"
+    return (f"a Show-and-Tell LSTM ({config.get('num_layers')} layer(s), hidden {config.get('hidden_dim')}) started "
+            "from the pooled feature")
 
 
 def _intro(config: dict[str, Any], name: str, ds_name: str) -> list[str]:
     backbone = config.get("backbone") or {}
     cnn, dim = backbone.get("name", "CNN"), backbone.get("feature_dim", config.get("feature_dim"))
-    if _attention(config):
+    if config.get("decoder") == "ensemble":
+        members = [m for m in config.get("members") or [] if isinstance(m, dict)]
+        what = (f"An ensemble image captioner: a frozen ImageNet **{cnn}** turns a photo into a grid of {dim}-d "
+                f"features (their mean is the pooled feature); {len(members)} decoders over {config.get('vocab_size')} tokens ("
+                + "; ".join(_member_words(m) for m in members) + ") each predict "
+                "the next word, and the caption follows the mean of their probabilities"
+                + (", so where the attention decoder looked can be shown per word." if _attention(config) else "."))
+    elif _attention(config):
         grid = "x".join(map(str, config.get("grid") or [])) or "h x w"
         what = (f"A Show-Attend-Tell image captioner: a frozen ImageNet **{cnn}** turns a photo into a {grid} grid of "
                 f"{dim}-d features; an LSTM (hidden {config.get('hidden_dim')}, embeddings {config.get('embed_dim')}, "
@@ -254,6 +273,14 @@ def _details_section(config: dict[str, Any]) -> list[str]:
     backbone = config.get("backbone") or {}
     pre = backbone.get("preprocessing") or {}
     vocab_size = config.get("vocab_size")
+    if config.get("decoder") == "ensemble":
+        decoder = ("- **Decoder**: an ensemble, decoded as one decoder: log p(word) = log sum_i w_i p_i(word) over "
+                   + "; ".join(_member_words(m) for m in config.get("members") or [] if isinstance(m, dict))
+                   + f" (weights {config.get('weights') or 'equal'}).")
+    else:
+        decoder = (f"- **Decoder**: image feature -> Linear -> tanh -> LSTM initial state (h0, c0); word embeddings "
+                   f"({config.get('embed_dim')}) -> LSTM ({config.get('num_layers')} x {config.get('hidden_dim')}) -> "
+                   f"Linear over {vocab_size} tokens; dropout {config.get('dropout')}.")
     return ["## Model details", "",
             f"- **Backbone**: `{backbone.get('name')}` (weights `{backbone.get('weights')}`), frozen; global average "
             f"pooling gives a {backbone.get('feature_dim')}-d feature.",
@@ -261,9 +288,7 @@ def _details_section(config: dict[str, Any]) -> list[str]:
             f"centre crop {pre.get('crop')}x{pre.get('crop')}, scale to [0, 1], normalise with mean "
             f"{pre.get('mean')} and std {pre.get('std')}. `config.json` stores this spec; "
             f"`storyteller.backbones.create_backbone(model.backbone)` rebuilds the same network and transform.",
-            f"- **Decoder**: image feature -> Linear -> tanh -> LSTM initial state (h0, c0); word embeddings "
-            f"({config.get('embed_dim')}) -> LSTM ({config.get('num_layers')} x {config.get('hidden_dim')}) -> Linear over "
-            f"{vocab_size} tokens; dropout {config.get('dropout')}.",
+            decoder,
             f"- **Vocabulary**: `vocab.json`, {vocab_size} tokens including `<pad> <start> <end> <unk>`.", ""]
 
 
@@ -272,7 +297,7 @@ def _training_section(training: dict[str, Any], ds_name: str, hub_id: str | None
     out.append(f"- **Dataset**: {ds_name}" + (f" ([{hub_id}](https://huggingface.co/datasets/{hub_id}))" if hub_id else ""))
     if training.get("method"):
         out.append(f"- **Training**: {training['method']}.")
-    if training:
+    if training.get("train_split"):
         out.append(f"- **Splits**: trained on `{training.get('train_split')}` ({training.get('train_images')} images), "
                    f"model selected on `{training.get('val_split')}` ({training.get('val_images')} images) by "
                    f"{training.get('select')}; best epoch {training.get('best_epoch')} of {training.get('epochs_run')} run.")

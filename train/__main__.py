@@ -5,6 +5,7 @@
     python -m train scst --init models/NAME --features feats/ --out runs/scst
     python -m train evaluate ...
     python -m train bundle --model RUN/model --out models/NAME
+    python -m train ensemble --models models/A models/B --out runs/ensemble
 
 Each subcommand lives in its own module (train/extract.py, train/fit.py, train/evaluate.py) with a
 ``main(argv)`` and its own argparse; modules are imported only when their command runs, so one
@@ -20,7 +21,8 @@ COMMANDS = {"extract": "cache pooled CNN features of a captioned-image dataset",
             "scst": "fine-tune a trained model on CIDEr-D (self-critical sequence training)",
             "evaluate": "score a trained model's captions",
             "bundle": "package a trained model for shipping (float16, decoding defaults, card)",
-            "average": "average the weights of several epochs of a run (checkpoint averaging)"}
+            "average": "average the weights of several epochs of a run (checkpoint averaging)",
+            "ensemble": "join trained models into one ensemble model (the mean of their probabilities)"}
 
 
 def main(argv: list[str] | None = None) -> None:

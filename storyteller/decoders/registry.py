@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from .base import CONFIG_FILE, HubDecoder, resolve_file
+from .ensemble import Ensemble
 from .show_and_tell import ShowAndTell
 from .show_attend_tell import ShowAttendTell
 
 DECODERS: dict[str, type[HubDecoder]] = {
     ShowAndTell.decoder_type: ShowAndTell,
     ShowAttendTell.decoder_type: ShowAttendTell,
+    Ensemble.decoder_type: Ensemble,
 }
 DEFAULT_DECODER = ShowAndTell.decoder_type  # what a config without a "decoder" key holds
 
@@ -32,6 +34,19 @@ def decoder_class(config: dict[str, Any]) -> type[HubDecoder]:
     if kind not in DECODERS:
         raise ValueError(f"{CONFIG_FILE} names decoder {kind!r}; this version knows {sorted(DECODERS)}")
     return DECODERS[kind]
+
+
+def reads_grid(config: dict[str, Any]) -> bool:
+    """True when a ``config.json`` (a dict) describes a decoder that reads the feature grid and shows where it
+    looked: an attention decoder, or an ensemble holding one. False for pooled decoders and unknown configs."""
+    try:
+        cls = decoder_class(config)
+    except ValueError:
+        return False
+    if cls is Ensemble:
+        members = config.get("members")
+        return isinstance(members, list) and any(isinstance(m, dict) and reads_grid(m) for m in members)
+    return cls.has_attention
 
 
 def load_decoder(model_id: str | Path, **kwargs: Any) -> HubDecoder:

@@ -1,0 +1,157 @@
+"""An ensemble: several trained decoders that the searches see as one (``init_state`` / ``step``).
+
+    python -m train ensemble --models models/flickr8k-lite0-scst RUN/attention-scst --out models/NAME
+
+Each member reads the photo in its own shape (an attention member the grid, a pooled member the grid's mean,
+which is the pooled feature) and steps on its own state; the ensemble's next-word distribution is the
+weighted mean of the members' probabilities, log p = log sum_i w_i p_i. With an attention member the ensemble
+shows where that member looked (the first one). The members share one vocabulary and one backbone.
+
+The Hub layout is every decoder's: ``config.json`` holds each member's own config under ``members`` (their
+``extra`` and ``backbone`` live once, at the top), ``model.safetensors`` their weights as ``members.{i}.*``,
+``vocab.json`` the shared vocabulary. An ensemble is built from trained models, never trained itself.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+from huggingface_hub import PyTorchModelHubMixin
+
+from .base import DecoderState, HubDecoder
+
+
+def member_class(kind: str) -> type[HubDecoder]:
+    """The decoder class whose ``decoder_type`` is ``kind``, among the loaded decoders (the registry imports
+    them all; reading them here, not from the registry, keeps the registry -> ensemble import one-way)."""
+    todo, seen = list(HubDecoder.__subclasses__()), []
+    while todo:
+        cls = todo.pop()
+        seen.append(cls)
+        todo += cls.__subclasses__()
+    found = [c for c in seen if c.decoder_type == kind and c is not Ensemble]
+    if not found:
+        raise ValueError(f"an ensemble member names decoder {kind!r}; members can be "
+                         f"{sorted({c.decoder_type for c in seen if c is not Ensemble})}")
+    return found[0]
+
+
+class Ensemble(
+    HubDecoder,
+    PyTorchModelHubMixin,
+    library_name="neural-storyteller",
+    tags=["image-captioning", "ensemble", "lstm"],
+    pipeline_tag="image-to-text",
+    license="mit",
+):
+    """Trained decoders decoded as one: the mean of their next-word probabilities.
+
+    Args:
+        vocab_size: number of token ids, shared by every member.
+        feature_dim: size of the backbone's feature (each region's, for grids), shared by every member.
+        members: each member's ``config.json`` arguments (with its ``decoder``; ``extra`` and ``backbone`` are
+            the ensemble's).
+        weights: each member's share of the mixture (positive; normalised to sum 1). None: equal shares.
+        backbone: the CNN spec, as for ``ShowAndTell``.
+        extra: free-form JSON metadata (training, metrics, decoding settings).
+        decoder: the model type in ``config.json``; must be ``"ensemble"``.
+    """
+
+    decoder_type = "ensemble"
+
+    def __init__(
+        self,
+        vocab_size: int,
+        feature_dim: int,
+        members: list[dict[str, Any]],
+        weights: list[float] | None = None,
+        backbone: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
+        decoder: str = "ensemble",
+    ):
+        super().__init__()
+        self._init_common(decoder, vocab_size, feature_dim, backbone, extra)
+        if not isinstance(members, list) or len(members) < 2 or not all(isinstance(m, dict) for m in members):
+            raise ValueError("an ensemble needs a list of at least two member configs")
+        weights = [1.0] * len(members) if weights is None else list(weights)
+        if len(weights) != len(members) or not all(isinstance(w, (int, float)) and w > 0 for w in weights):
+            raise ValueError(f"weights must be one positive number per member ({len(members)}), got {weights}")
+        built = []
+        for i, config in enumerate(members):
+            config = {k: v for k, v in config.items() if k not in ("backbone", "extra")}
+            cls = member_class(config.get("decoder", ""))
+            if cls is Ensemble:
+                raise ValueError("an ensemble member cannot be an ensemble")
+            if config.get("vocab_size") != vocab_size or config.get("feature_dim") != feature_dim:
+                raise ValueError(f"member {i} has vocab_size {config.get('vocab_size')} and feature_dim "
+                                 f"{config.get('feature_dim')}; the ensemble has {vocab_size} and {feature_dim}")
+            built.append(cls(**config))
+        self.members = nn.ModuleList(built)
+        total = float(sum(weights))
+        self.log_shares = [math.log(w / total) for w in weights]  # log w_i, summing to 1 in probability
+        # the grid if any member attends; the first attending member's maps are the ensemble's
+        self.has_attention = any(m.has_attention for m in built)
+        self.attending = next((i for i, m in enumerate(built) if m.has_attention), None)
+
+    # the precision is the members': set once here, it reaches every member (each packs its own products)
+    @property
+    def precision(self) -> str:
+        return self._precision
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        self._precision = value
+        for m in getattr(self, "members", ()):
+            m.precision = value
+
+    def products(self) -> tuple:
+        """Each member's step products in the ensemble's precision (made once, again after a weight change)."""
+        return tuple(m.products() for m in self.members)
+
+    def repack(self) -> None:
+        for m in self.members:
+            m.repack()
+
+    def member_features(self, member: HubDecoder, features: torch.Tensor) -> torch.Tensor:
+        """The ensemble's features in ``member``'s shape: grids (B, h, w, D) or regions (B, R, D) stay for an
+        attention member; a pooled member gets their mean (B, D), the pooled feature."""
+        if member.has_attention or features.dim() == 2:
+            return features
+        return features.flatten(1, -2).mean(1)
+
+    def initial_state(self, features: torch.Tensor, products: tuple) -> tuple[DecoderState, ...]:
+        """One row per photo: each member's own state."""
+        return tuple(m.initial_state(self.member_features(m, features), p) for m, p in zip(self.members, products))
+
+    def init_state(self, features: torch.Tensor, images: torch.Tensor | None = None) -> tuple[DecoderState, ...]:
+        state = self.initial_state(features, self.products())
+        return state if images is None else tuple(s.select(images).own_photos() for s in state)
+
+    def step(self, tokens: torch.Tensor, state: tuple[DecoderState, ...], products: tuple | None = None,
+             return_attention: bool = False):
+        """One decoding step of every member: tokens (N,) -> log-probabilities (N, V) of the mixture, the new
+        state, and with ``return_attention`` the attending member's weights (N, R)."""
+        P = products if products is not None else self.products()
+        logps, new, alpha = [], [], None
+        for i, (m, s, p) in enumerate(zip(self.members, state, P)):
+            if i == self.attending:
+                logp, s, alpha = m.step(tokens, s, products=p, return_attention=True)
+            else:
+                logp, s = m.step(tokens, s, products=p)
+            logps.append(logp + self.log_shares[i])
+            new.append(s)
+        logp = torch.logsumexp(torch.stack(logps), 0)  # (N, V): log sum_i w_i p_i
+        return (logp, tuple(new), alpha) if return_attention else (logp, tuple(new))
+
+    def select_state(self, state: tuple[DecoderState, ...], rows: torch.Tensor) -> tuple[DecoderState, ...]:
+        return tuple(s.select(rows) for s in state)
+
+    def scatter_state(self, state: tuple[DecoderState, ...], rows: torch.Tensor, sub: tuple[DecoderState, ...]
+                      ) -> tuple[DecoderState, ...]:
+        return tuple(s.scatter(rows, x) for s, x in zip(state, sub))
+
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError("an ensemble is built from trained models (python -m train ensemble); "
+                                  "train or fine-tune its members")

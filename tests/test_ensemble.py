@@ -1,0 +1,159 @@
+"""The ensemble decoder (issue 24): trained decoders that the searches decode as one."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from helpers_models import save_test_model
+from storyteller.decoders import Ensemble, load_decoder, reads_grid
+from storyteller.decoding import beam_search, greedy_and_beam_search, greedy_search
+from train import ensemble as ensemble_cmd
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory):
+    """A pooled and an attention model with the same vocabulary and backbone, and a second pooled one."""
+    root = tmp_path_factory.mktemp("members")
+    pooled = save_test_model(root / "pooled", seed=1, pretrained_backbone=False)
+    attention = save_test_model(root / "attention", seed=2, pretrained_backbone=False, attention=True)
+    pooled2 = save_test_model(root / "pooled2", seed=3, pretrained_backbone=False)
+    return pooled, attention, pooled2
+
+
+def grids(n: int = 3, dim: int = 1280, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 2, 3, dim, generator=g)
+
+
+def build(folders, weights=None):
+    models = [load_decoder(f) for f in folders]
+    return ensemble_cmd.build_ensemble(models, [str(f) for f in folders], weights), models
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_step_is_the_weighted_mean_of_the_members_probabilities(members, precision):
+    pooled, attention, _ = members
+    ens, (a, p) = build([attention, pooled], weights=[3, 1])
+    ens.precision = precision
+    assert [m.precision for m in ens.members] == [precision, precision]
+    for m in (p, a):
+        m.precision = precision
+    g = grids()
+    tokens = torch.tensor([1, 1, 1])
+    logp, state, alpha = ens.step(tokens, ens.init_state(g), return_attention=True)
+    lp_a, _, alpha_a = a.step(tokens, a.init_state(g), return_attention=True)
+    lp_p, _ = p.step(tokens, p.init_state(g.flatten(1, 2).mean(1)))  # the pooled member reads the grid's mean
+    expected = torch.log(0.75 * lp_a.exp() + 0.25 * lp_p.exp())
+    torch.testing.assert_close(logp, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(alpha, alpha_a)  # the attending member's maps
+    assert isinstance(state, tuple) and len(state) == 2
+
+
+def test_an_ensemble_of_one_model_twice_captions_as_the_model(members):
+    """Equal shares of the same distribution are that distribution: the searches give the model's captions."""
+    _, attention, _ = members
+    ens, (a, _) = build([attention, attention])
+    g = grids(4)
+    assert [c.text for c in greedy_search(ens, g)] == [c.text for c in greedy_search(a, g)]
+    ours = beam_search(ens, g, beam_size=3, n_best=3)
+    theirs = beam_search(a, g, beam_size=3, n_best=3)
+    assert [[c.text for c in cs] for cs in ours] == [[c.text for c in cs] for cs in theirs]
+    for cs, ts in zip(ours, theirs):
+        assert cs[0].log_prob == pytest.approx(ts[0].log_prob, abs=1e-4)
+        torch.testing.assert_close(cs[0].attention, ts[0].attention)
+
+
+def test_the_mixture_differs_from_each_member(members):
+    """A check that the members really mix: two different pooled models give log-probabilities unlike either."""
+    pooled, _, pooled2 = members
+    ens, (p, q) = build([pooled, pooled2])
+    assert not ens.has_attention
+    f = torch.rand(2, 1280)
+    logp, _ = ens.step(torch.tensor([1, 1]), ens.init_state(f))
+    for m in (p, q):
+        lp, _ = m.step(torch.tensor([1, 1]), m.init_state(f))
+        assert (logp - lp).abs().max() > 1e-3
+    g, b = greedy_and_beam_search(ens, f, beam_size=2)
+    assert len(g) == 2 and all(len(x) >= 1 for x in b)
+
+
+def test_round_trip_is_exact_and_loading_is_strict(members, tmp_path):
+    pooled, attention, _ = members
+    out = ensemble_cmd.main(["--models", str(attention), str(pooled), "--weights", "2", "1", "--out", str(tmp_path / "e")])
+    loaded = load_decoder(out)
+    built, _ = build([attention, pooled], weights=[2, 1])
+    assert isinstance(loaded, Ensemble) and loaded.has_attention
+    assert loaded.state_dict().keys() == built.state_dict().keys()
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in built.state_dict().items())
+    assert loaded.log_shares == built.log_shares and loaded.vocab == built.vocab
+    g = grids(2)
+    assert [c.text for c in greedy_search(loaded, g)] == [c.text for c in greedy_search(built, g)]
+    config = json.loads((out / "config.json").read_text())
+    assert config["decoder"] == "ensemble" and reads_grid(config)
+    assert [m["decoder"] for m in config["members"]] == ["show_attend_tell", "show_and_tell"]
+    assert all("extra" not in m and "backbone" not in m for m in config["members"])
+    assert "ensemble" in (out / "README.md").read_text()
+
+    # strict: a member's tensor missing from the weights is an error, not random weights
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(out / "model.safetensors"))
+    weights.pop(next(k for k in weights if k.startswith("members.1.")))
+    save_file(weights, str(out / "model.safetensors"))
+    with pytest.raises(ValueError, match="does not match"):
+        load_decoder(out)
+
+
+def test_members_that_cannot_be_decoded_as_one_are_refused(members, tmp_path):
+    pooled, attention, _ = members
+    other_vocab = save_test_model(tmp_path / "other", seed=1, pretrained_backbone=False)
+    words = json.loads((other_vocab / "vocab.json").read_text())
+    words["itos"][-1], words["itos"][-2] = words["itos"][-2], words["itos"][-1]
+    (other_vocab / "vocab.json").write_text(json.dumps(words))
+    with pytest.raises(SystemExit, match="vocabulary differs"):
+        ensemble_cmd.main(["--models", str(pooled), str(other_vocab), "--out", str(tmp_path / "a")])
+    other_backbone = save_test_model(tmp_path / "b0", backbone="efficientnet_lite1", pretrained_backbone=False)
+    with pytest.raises(SystemExit, match="backbone differs"):
+        ensemble_cmd.main(["--models", str(pooled), str(other_backbone), "--out", str(tmp_path / "b")])
+    ens = ensemble_cmd.main(["--models", str(pooled), str(attention), "--out", str(tmp_path / "c")])
+    with pytest.raises(SystemExit, match="ensemble already"):
+        ensemble_cmd.main(["--models", str(ens), str(pooled), "--out", str(tmp_path / "d")])
+    with pytest.raises(SystemExit, match="one positive number per member"):
+        ensemble_cmd.main(["--models", str(pooled), str(attention), "--weights", "1", "--out", str(tmp_path / "e")])
+    with pytest.raises(SystemExit, match="not empty"):
+        ensemble_cmd.main(["--models", str(pooled), str(attention), "--out", str(tmp_path / "c")])
+
+
+def test_reads_grid_follows_the_members():
+    pooled = {"decoder": "show_and_tell"}
+    attention = {"decoder": "show_attend_tell"}
+    assert reads_grid(attention) and not reads_grid(pooled) and not reads_grid({"decoder": "nonsense"})
+    assert reads_grid({"decoder": "ensemble", "members": [pooled, attention]})
+    assert not reads_grid({"decoder": "ensemble", "members": [pooled, pooled]})
+
+
+
+def test_the_captioner_app_panel_and_card_show_an_ensemble_with_attention(members, tmp_path):
+    """Loaded like any model: the grid goes in, each word has its map, the Model panel and card name the members."""
+    from PIL import Image
+
+    import app
+    from storyteller import load
+
+    pooled, attention, _ = members
+    out = ensemble_cmd.main(["--models", str(pooled), str(attention), "--out", str(tmp_path / "e")])
+    captioner = load(str(out))
+    assert captioner.has_attention
+    photo = Image.new("RGB", (96, 64), (200, 120, 40))
+    result = captioner.caption([photo])[0]
+    maps = result.beam[0].attention
+    assert maps is not None and maps.shape[0] == len(result.beam[0].tokens)
+    assert captioner.attention_figure(photo, result.beam[0]).size[0] > 0
+    info = captioner.info
+    assert info["decoder"] == "ensemble" and [m["decoder"] for m in info["members"]] == ["show_and_tell", "show_attend_tell"]
+    panel = app.model_markdown(info)
+    assert "an ensemble of 2" in panel and "Show-Attend-Tell LSTM 1 x 32" in panel and "looked over for every word" in panel
+    card = (out / "README.md").read_text()
+    assert "ensemble" in card and "where the attention decoder looked" in card
