@@ -164,6 +164,7 @@ def test_scst_with_xe_weight_runs_and_records_it(init_run, cache, tmp_path):
     scst.main(scst_args(init_run, cache, out, "--xe-weight", "0.5"))
     model = ShowAndTell.from_pretrained(out / "model")
     assert model.extra["training"]["hyperparameters"]["xe_weight"] == 0.5
+    assert "0.5 x the cross-entropy of one human caption" in model.extra["training"]["method"]
 
 
 def test_sampled_captions_follow_the_decoding_rules(init_run):

@@ -799,7 +799,9 @@ def export(run_dir: Path, best: dict[str, Any], model: torch.nn.Module, init_nam
                 "epochs_run": len(history) - 1, "best_epoch": best["epoch"],
                 "method": f"fine-tuned from `{init_name}` with self-critical sequence training (SCST): reward {reward} "
                           f"(document frequencies of the {args.train_split} references), {args.samples} samples per image, "
-                          f"baseline {'mean of the other samples' if args.baseline == 'mean' else 'greedy caption'}",
+                          f"baseline {'mean of the other samples' if args.baseline == 'mean' else 'greedy caption'}"
+                          + (f", plus {args.xe_weight:g} x the cross-entropy of one human caption per image"
+                             if getattr(args, "xe_weight", 0) else ""),
                 "init_model": init_name, "init_training": model.extra.get("training"),
                 "hyperparameters": {k: getattr(args, k) for k in (
                     "samples", "baseline", "reward", "max_len", "epochs", "batch_size", "lr", "weight_decay",
