@@ -297,6 +297,21 @@ def test_kept_epochs_average_into_a_model_folder(init_run, cache, tmp_path):
     with pytest.raises(SystemExit, match="epoch_009"):
         average.main(["--run", str(out), "--epochs", "2", "9", "--out", str(tmp_path / "avg2")])
 
+    # a run still going has no model/: the architecture comes from the model it started from, the card's
+    # method from the run's own args.json (SCST, its cross-entropy share), not from the starting model's card
+    import shutil
+
+    shutil.rmtree(out / "model")
+    going = average.main(["--run", str(out), "--epochs", "1", "2", "--out", str(tmp_path / "avg-going")])
+    model = ShowAndTell.from_pretrained(going)
+    one = load_file(files[1])
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, (one[k] + two[k]) / 2)
+    training = model.extra["training"]
+    assert training["method"].startswith("fine-tuned from") and "self-critical" in training["method"]
+    assert training["method"].endswith("weights averaged over epochs 1, 2")
+    assert training["averaged_epochs"] == [1, 2] and training["hyperparameters"]["samples"] == 3
+
 
 def test_killed_then_resumed_scst_ends_with_identical_weights(init_run, cache, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"

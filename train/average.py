@@ -6,19 +6,25 @@
 
 The mean of the last good epochs' weights often scores a little better than any one of them (the epochs
 lie around a minimum; their mean lies nearer it). The architecture, vocabulary and metadata come from
-``--model`` (default RUN_DIR/model, the run's exported model); ``extra.training.averaged_epochs`` and the
-card say which epochs were averaged. Pick the epochs on validation, and say so.
+``--model`` (default RUN_DIR/model, the run's exported model). A run still going has no model/ yet: then
+they come from the model it started from (its ``--init``), and the card describes the run from its
+args.json. ``extra.training.averaged_epochs`` and the card say which epochs were averaged. Pick the epochs
+on validation, and say so.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from storyteller.card import write_model_card
 from storyteller.decoders import load_decoder
+from train import scst
+from train.reward import parse_reward_weights
 from train.scst import EPOCHS_DIR
 from train.trainer import epoch_weights_file
 
@@ -30,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, nargs="+", required=True,
                    help="the epochs to average (one epoch: its own weights, as a model folder)")
     p.add_argument("--model", default=None,
-                   help="model folder giving the architecture, vocabulary and metadata (default: RUN/model)")
+                   help="model folder giving the architecture, vocabulary and metadata (default: RUN/model, or for a "
+                        "run still going the model it started from)")
     p.add_argument("--out", required=True, help="the new model folder (must not exist, or be empty)")
     return p
 
@@ -56,6 +63,23 @@ def average_weights(files: list[Path]) -> dict[str, torch.Tensor]:
     return {k: (v / len(files)).float() for k, v in total.items()}
 
 
+def source_model(run: Path, model: str | None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model whose architecture, vocabulary and metadata the average takes, and its ``extra.training``:
+    ``model`` or RUN/model; for an SCST run still going (no RUN/model), the model it started from, with the
+    training the run's args.json describes."""
+    args_file = run / "args.json"
+    if model is not None or (run / "model").is_dir() or not args_file.is_file():
+        found = load_decoder(model or run / "model")
+        return found, dict(found.extra.get("training") or {})
+    run_args = json.loads(args_file.read_text(encoding="utf-8"))
+    if "init" not in run_args or "reward" not in run_args:
+        raise ValueError(f"{run} has no model/ and its args.json is not an scst run's; give --model")
+    found, init_name = scst.load_init_model(run_args["init"])
+    record = scst.training_record(argparse.Namespace(**run_args), init_name, parse_reward_weights(run_args["reward"]),
+                                  found.extra)
+    return found, record
+
+
 def main(argv: list[str] | None = None) -> Path:
     """``python -m train average``: see the module docstring."""
     parser = build_parser()
@@ -70,12 +94,11 @@ def main(argv: list[str] | None = None) -> Path:
     if out.exists() and any(out.iterdir()):
         sys.exit(f"average: {out} is not empty; remove it or choose another --out")
     try:
-        model = load_decoder(args.model or run / "model")
+        model, training = source_model(run, args.model)
         model.load_state_dict(average_weights(files))
     except (OSError, ValueError, RuntimeError) as e:
         sys.exit(f"average: {e}")
     extra = {k: v for k, v in model.extra.items() if k != "metrics"}  # one epoch's figures: not this model's
-    training = dict(extra.get("training") or {})
     training["averaged_epochs"] = epochs
     which = f"weights averaged over epochs {', '.join(map(str, epochs))}" if len(epochs) > 1 else f"epoch {epochs[0]}'s weights"
     training["method"] = (training.get("method", "") + f"; {which}").lstrip("; ")

@@ -770,6 +770,32 @@ def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
     plot_scst_curves(history, run_dir / "reward_curve.png", run_dir / "metric_curve.png")
 
 
+HYPERPARAMETERS = ("samples", "baseline", "reward", "max_len", "epochs", "batch_size", "lr", "weight_decay",
+                   "clip_grad", "seed", "patience", "xe_weight")
+
+
+def training_record(args: argparse.Namespace, init_name: str, weights: dict[str, float],
+                    init_extra: dict[str, Any]) -> dict[str, Any]:
+    """What a model card says of an SCST run: the method in words, the splits, the starting model and the
+    hyperparameters (the exported model's, and ``train average``'s for a run's epochs).
+
+    Args:
+        args: the scst arguments (RUN_DIR/args.json).
+        init_name: the starting model's name.
+        weights: the reward mix (``parse_reward_weights``).
+        init_extra: the starting model's ``extra``.
+    """
+    reward = " + ".join(f"{w:g} x {'CIDEr-D' if k == 'cider' else 'BLEU-4'}" for k, w in weights.items() if w)
+    method = (f"fine-tuned from `{init_name}` with self-critical sequence training (SCST): reward {reward} "
+              f"(document frequencies of the {args.train_split} references), {args.samples} samples per image, "
+              f"baseline {'mean of the other samples' if args.baseline == 'mean' else 'greedy caption'}")
+    if getattr(args, "xe_weight", 0):
+        method += f", plus {args.xe_weight:g} x the cross-entropy of one human caption per image"
+    return {"train_split": args.train_split, "val_split": args.val_split, "method": method, "init_model": init_name,
+            "init_training": init_extra.get("training"),
+            "hyperparameters": {k: getattr(args, k, None) for k in HYPERPARAMETERS}}
+
+
 def export(run_dir: Path, best: dict[str, Any], model: torch.nn.Module, init_name: str, cache, n_train: int,
            args: argparse.Namespace,
            decoding: dict[str, Any], val_feats: torch.Tensor, val_rows: np.ndarray, val_refs: list[list[str]],
@@ -792,20 +818,10 @@ def export(run_dir: Path, best: dict[str, Any], model: torch.nn.Module, init_nam
         weights: the reward mix.
     """
     m = best["metrics"]
-    reward = " + ".join(f"{w:g} x {'CIDEr-D' if k == 'cider' else 'BLEU-4'}" for k, w in weights.items() if w)
-    training = {**(model.extra.get("training") or {}), "train_split": args.train_split, "val_split": args.val_split,
+    training = {**(model.extra.get("training") or {}), **training_record(args, init_name, weights, model.extra),
                 "train_images": int(n_train),
                 "val_images": int(len(val_rows)), "select": f"beam {decoding['beam_size']} CIDEr-D",
-                "epochs_run": len(history) - 1, "best_epoch": best["epoch"],
-                "method": f"fine-tuned from `{init_name}` with self-critical sequence training (SCST): reward {reward} "
-                          f"(document frequencies of the {args.train_split} references), {args.samples} samples per image, "
-                          f"baseline {'mean of the other samples' if args.baseline == 'mean' else 'greedy caption'}"
-                          + (f", plus {args.xe_weight:g} x the cross-entropy of one human caption per image"
-                             if getattr(args, "xe_weight", 0) else ""),
-                "init_model": init_name, "init_training": model.extra.get("training"),
-                "hyperparameters": {k: getattr(args, k) for k in (
-                    "samples", "baseline", "reward", "max_len", "epochs", "batch_size", "lr", "weight_decay",
-                    "clip_grad", "seed", "patience", "xe_weight")}}
+                "epochs_run": len(history) - 1, "best_epoch": best["epoch"]}
     metrics = {"split": args.val_split, "decoding": "greedy, max_len " + str(decoding["max_len"]),
                **{k: m[f"greedy_{k}"] for k in ("bleu1", "bleu2", "bleu3", "bleu4", "cider")}}
     recommended = {k: decoding[k] for k in ("beam_size", "alpha", "no_repeat_ngram_size", "max_len")}
