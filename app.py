@@ -803,8 +803,9 @@ def model_to_serve(model: str | None, revision: str | None) -> tuple[str | None,
 def _load_or_exit(name: str | None, revision: str | None, precision: str | None = None) -> Captioner:
     name, revision = model_to_serve(name, revision)
     at = f" at revision {revision}" if revision else ""
-    startup_log.info("loading the model %s%s (from the Hub cache, downloaded first if needed) ...",
-                     name or "(the default)", at)
+    hub = name is not None and not Path(name).expanduser().exists()  # a repo id, not a folder here
+    startup_log.info("loading the model %s%s%s ...", name or "(the default)", at,
+                     " (from the Hub cache, downloaded first if needed)" if hub else "")
     t = time.perf_counter()
     try:
         captioner = load(name, revision=revision, precision=precision)
