@@ -6,7 +6,7 @@
 Which model, first match wins: ``--model`` (with ``--revision``); ``$STORYTELLER_MODEL``; the Space's model
 reference in ``space_model.txt`` (one line, ``user/model@commit``, written by ``hub_upload.py --space-id``:
 the Space downloads that model from the Hub at start-up, through the Hub cache); the bundled
-``models/flickr8k-lite0-scst/``. It is loaded once at start-up; the handlers are pure functions of their inputs.
+``models/flickr8k-lite0-ensemble/``. It is loaded once at start-up; the handlers are pure functions of their inputs.
 
 The page is phone first: a photo is captioned as soon as it arrives (upload, paste, webcam, example tap)
 and both captions come into view; each word is shaded by the probability the model gave it (the value on
@@ -608,9 +608,16 @@ SHOW_CAPTIONS_JS = """() => {
 def header_html(captioner: Captioner) -> str:
     """The title, one line on what the page does, and one on how the model served works (pooled or
     attention; left out on a phone, where the Model panel says it)."""
-    how = ("Show-Attend-Tell: a frozen ImageNet CNN turns the photo into a grid of features, and an LSTM writes the "
-           "caption, looking over the grid for every word (shown under the captions)." if captioner.has_attention else
-           "Show-and-Tell: a frozen ImageNet CNN sums the photo up in one feature vector, and an LSTM writes the caption.")
+    if captioner.info.get("members") and captioner.has_attention:
+        how = ("Two LSTM decoders as one: a frozen ImageNet CNN turns the photo into a grid of features; one decoder "
+               "reads their mean, the other looks over the grid for every word (shown under the captions), and the "
+               "caption follows the mean of their next-word probabilities.")
+    elif captioner.has_attention:
+        how = ("Show-Attend-Tell: a frozen ImageNet CNN turns the photo into a grid of features, and an LSTM writes the "
+               "caption, looking over the grid for every word (shown under the captions).")
+    else:
+        how = ("Show-and-Tell: a frozen ImageNet CNN sums the photo up in one feature vector, and an LSTM writes the "
+               "caption.")
     return ('<h1>Neural Storyteller</h1><p class="lead">Upload, paste or take a photo, or tap an example: greedy and '
             'beam search caption it side by side, each word shaded by how sure the model was.</p>'
             f'<p class="how">{html.escape(how)}</p>')
@@ -747,7 +754,7 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Neural Storyteller web app.")
     p.add_argument("--model", default=None,
                    help=f"local model folder or Hub repo id (default: $STORYTELLER_MODEL, else the Space's {SPACE_MODEL_FILE}, "
-                        "else models/flickr8k-lite0-scst)")
+                        "else models/flickr8k-lite0-ensemble)")
     p.add_argument("--revision", default=None, help="Hub branch, tag or commit")
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                    help="address to bind (default 127.0.0.1; a Space sets GRADIO_SERVER_NAME)")

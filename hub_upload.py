@@ -26,7 +26,7 @@ call and no change.
 
 Example::
 
-    python hub_upload.py models/flickr8k-lite0-scst --repo-id me/storyteller-flickr8k-lite0-scst --space-id me/storyteller --dry-run
+    python hub_upload.py models/flickr8k-lite0-ensemble --repo-id me/storyteller-flickr8k-lite0-ensemble --space-id me/storyteller --dry-run
 """
 from __future__ import annotations
 
@@ -124,14 +124,25 @@ def is_attention_model(model_dir: Path) -> bool:
         return False
 
 
-def space_readme(repo_id: str, space_id: str, model_ref: str, attention: bool) -> str:
+def is_ensemble_model(model_dir: Path) -> bool:
+    """True for a model folder whose config names an ensemble of decoders."""
+    import json
+
+    try:
+        return json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("decoder") == "ensemble"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def space_readme(repo_id: str, space_id: str, model_ref: str, attention: bool, ensemble: bool = False) -> str:
     """The Space's README.md: front matter for the Hub plus a short description that fits the model.
 
     Args:
         repo_id: the model repo the Space serves.
         space_id: the Space.
         model_ref: what ``space_model.txt`` says (``repo@commit``, or a bundled folder).
-        attention: the model is Show-Attend-Tell (else Show-and-Tell).
+        attention: the model shows where it looked (Show-Attend-Tell, or an ensemble holding one).
+        ensemble: the model is an ensemble of decoders.
     """
     import gradio
 
@@ -148,15 +159,21 @@ def space_readme(repo_id: str, space_id: str, model_ref: str, attention: bool) -
         "app_file: app.py",
         "pinned: false",
         "license: mit",
-        f"short_description: {'Show-Attend-Tell' if attention else 'Show-and-Tell'} captions, greedy vs beam search",
+        "short_description: " + ("Captions that show where they looked, greedy vs beam" if ensemble and attention else
+                                 f"{'Show-Attend-Tell' if attention else 'Show-and-Tell'} captions, greedy vs beam search"),
         "models:",
         f"  - {repo_id}",
         "tags:",
         "  - image-captioning",
         f"  - {kind}",
+        *(["  - ensemble"] if ensemble else []),
         "---",
     ])
-    how = ("Show-Attend-Tell image captioning: a frozen ImageNet CNN turns the photo into a grid of features, and "
+    how = ("Image captioning by two kinds of LSTM decoder decoded as one: a frozen ImageNet CNN turns the photo into a "
+           "grid of features; a Show-and-Tell decoder reads their mean, a Show-Attend-Tell decoder looks over the grid "
+           "for every word (the page shows where), and the caption follows the mean of their next-word probabilities."
+           if ensemble and attention else
+           "Show-Attend-Tell image captioning: a frozen ImageNet CNN turns the photo into a grid of features, and "
            "an LSTM writes the caption, looking over the grid for every word (the page shows where)." if attention else
            "Show-and-Tell image captioning: a frozen ImageNet CNN sums the photo up in one feature vector, and an LSTM "
            "writes the caption.")
@@ -203,7 +220,8 @@ def stage_space(model_dir: Path, repo_id: str, space_id: str, dest: Path, model_
         ref = f"{repo_id}@{model_commit or PENDING_COMMIT}"
     (dest / SPACE_MODEL_FILE).write_text(f"# The model this Space serves: a Hub repo at a commit (or a folder here).\n"
                                          f"{ref}\n", encoding="utf-8")
-    (dest / "README.md").write_text(space_readme(repo_id, space_id, ref, is_attention_model(model_dir)), encoding="utf-8")
+    (dest / "README.md").write_text(space_readme(repo_id, space_id, ref, is_attention_model(model_dir),
+                                                           is_ensemble_model(model_dir)), encoding="utf-8")
     return sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()), ref
 
 

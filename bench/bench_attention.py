@@ -1,6 +1,6 @@
 """What attention costs at caption time: one decoder step and one photo, pooled model against attention model.
 
-    python -m bench.bench_attention --pooled models/flickr8k-lite0 --attention runs/f8k-att/model --threads 1
+    python -m bench.bench_attention --pooled models/flickr8k-lite0-scst --attention runs/f8k-att/model --threads 1
 
 Both models run in the same process on the same photos (examples/ by default), interleaved, so the
 ratio is measured under the same load. Prints a table and one JSON line:
@@ -57,7 +57,7 @@ def random_attention_model(pooled_dir: Path, out: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--pooled", default=str(REPO / "models" / "flickr8k-lite0"), help="pooled model folder")
+    p.add_argument("--pooled", default=str(REPO / "models" / "flickr8k-lite0-scst"), help="pooled model folder")
     p.add_argument("--attention", default=None, help="attention model folder (default: random weights, see above)")
     p.add_argument("--photos", default=str(REPO / "examples"), help="folder of .jpg photos")
     p.add_argument("--repeats", type=int, default=5, help="passes over the photos")

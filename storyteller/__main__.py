@@ -23,7 +23,7 @@ as each batch finishes; photos are decoded in DataLoader workers while the model
 summary line go to stderr. Rerunning the same command skips the files FILE already holds (a half-written last
 line from a killed run is redone); ``--overwrite`` starts over. ``docs/photo-library.md`` has the details.
 ``--model`` takes a local model folder or a Hub repo id; without it, ``$STORYTELLER_MODEL`` or the
-bundled ``models/flickr8k-lite0-scst/``. ``info`` prints the model's backbone, sizes and scores as JSON.
+bundled ``models/flickr8k-lite0-ensemble/``. ``info`` prints the model's backbone, sizes and scores as JSON.
 
 Example::
 
@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def model_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--model", default=None,
-                        help="local model folder or Hub repo id (default: $STORYTELLER_MODEL, else models/flickr8k-lite0-scst)")
+                        help="local model folder or Hub repo id (default: $STORYTELLER_MODEL, else models/flickr8k-lite0-ensemble)")
         sp.add_argument("--revision", default=None, help="Hub branch, tag or commit (repo ids only)")
         sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
         sp.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "int8"],

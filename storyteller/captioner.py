@@ -1,12 +1,12 @@
 """One way to load a captioner: ``load(name) -> Captioner``, a decoder plus the CNN it was trained with.
 
     from storyteller.captioner import load
-    captioner = load("models/flickr8k-lite0-scst")      # a local folder in the Hub layout, or a Hub repo id
+    captioner = load("models/flickr8k-lite0-ensemble")      # a local folder in the Hub layout, or a Hub repo id
     captioner("photo.jpg")                          # -> "a dog runs through the grass"
     results = captioner.caption([img1, img2], beam_size=5)   # one batch: greedy + beam, log-probs, timings
 
 Which model ``load()`` picks, first match wins: the ``name_or_path`` argument; the environment
-variable ``STORYTELLER_MODEL``; the bundled folder ``models/flickr8k-lite0-scst/`` at the repository root.
+variable ``STORYTELLER_MODEL``; the bundled folder ``models/flickr8k-lite0-ensemble/`` at the repository root.
 A Hub repo is fetched with ``snapshot_download`` (so ``HF_HUB_OFFLINE=1`` uses the local cache) and
 then loaded exactly like a folder. The backbone and its preprocessing come from the model's
 ``config.json`` (``create_backbone(config["backbone"])``), so live features match the features the
@@ -14,7 +14,7 @@ decoder was trained on. Every failure to load raises :class:`ModelLoadError` say
 
 Example::
 
-    python -c "from storyteller.captioner import load; print(load('models/flickr8k-lite0-scst')('examples/1130369873_d80a1aa59c.jpg'))"
+    python -c "from storyteller.captioner import load; print(load('models/flickr8k-lite0-ensemble')('examples/1130369873_d80a1aa59c.jpg'))"
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ __all__ = ["Captioner", "CaptionResult", "ModelLoadError", "load", "default_mode
            "check_weights_file", "model_label", "decoding_hints"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "flickr8k-lite0-scst"
+DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "flickr8k-lite0-ensemble"
 MODEL_ENV_VAR = "STORYTELLER_MODEL"
 # A model folder's files, the one list that loading, downloading (snapshot_download) and publishing
 # (hub_upload.py) share: what it must hold, what it may hold (the card and what the card shows), and
@@ -387,7 +387,7 @@ def default_model() -> str:
 
 def model_label(source: str) -> str:
     """How to name a model to users without showing a machine's folders: a Hub repo id as is; a local
-    folder by its path inside this repository (``models/flickr8k-lite0-scst``), else by its own name.
+    folder by its path inside this repository (``models/flickr8k-lite0-ensemble``), else by its own name.
 
     Args:
         source: what ``load`` was given (a folder or a repo id).
@@ -510,7 +510,7 @@ def load(name_or_path: str | os.PathLike | None = None, revision: str | None = N
     Args:
         name_or_path: a local model folder (``config.json`` + ``model.safetensors`` + ``vocab.json``)
             or a Hub repo id. Default: ``$STORYTELLER_MODEL``, else the bundled
-            ``models/flickr8k-lite0-scst/``.
+            ``models/flickr8k-lite0-ensemble/``.
         revision: Hub branch, tag or commit to load (repo ids only).
         device: where to run (``"cpu"``, ``"cuda"``...).
         precision: how the decoder's step computes on a CPU: ``fp32``, ``bf16``, ``int8`` or ``auto`` (default:

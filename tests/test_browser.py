@@ -35,7 +35,8 @@ CHROMEDRIVER = shutil.which("chromedriver")
 WAIT_S = 90
 SCREENS = {"desktop": (1400, 1000, False), "phone": (412, 915, True)}
 EXAMPLES = sorted((REPO / "examples").glob("*.jpg"))
-BUNDLED = REPO / "models" / "flickr8k-lite0-scst"
+BUNDLED = REPO / "models" / "flickr8k-lite0-ensemble"  # the default: it shows where it looked
+SCST = REPO / "models" / "flickr8k-lite0-scst"  # pooled
 HUMAN = json.loads((REPO / "examples" / "captions.json").read_text(encoding="utf-8"))["captions"]
 
 
@@ -328,6 +329,15 @@ def test_the_model_panel_breaks_no_word(page, shots):
 
 
 @pytest.fixture(scope="module")
+def pooled_app_url(tmp_path_factory):
+    """A pooled model (the shipped pooled SCST model where it is here, else a tiny random one): no attention view."""
+    model_dir = SCST if (SCST / "model.safetensors").is_file() else save_test_model(
+        tmp_path_factory.mktemp("browser-pooled-model") / "tiny-pooled", extra={"decoding": {"max_len": 12}})
+    with running_app(model_dir, tmp_path_factory.mktemp("browser-pooled-log") / "app.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
 def attention_app_url(tmp_path_factory):
     """A tiny random attention model: it never ends, so its captions are 20 words (the slider's default)."""
     model_dir = save_test_model(tmp_path_factory.mktemp("browser-att-model") / "tiny-att", attention=True)
@@ -336,11 +346,11 @@ def attention_app_url(tmp_path_factory):
 
 
 @pytest.mark.parametrize("screen", list(SCREENS))
-def test_attention_view_shows_every_word_unclipped_and_is_absent_for_pooled_models(browser, app_url, attention_app_url,
-                                                                                   shots, screen):
+def test_attention_view_shows_every_word_unclipped_and_is_absent_for_pooled_models(browser, pooled_app_url,
+                                                                                   attention_app_url, shots, screen):
     emulate(browser, screen)
     try:
-        open_page(browser, app_url)  # pooled model: no attention view at all
+        open_page(browser, pooled_app_url)  # pooled model: no attention view at all
         upload(browser, EXAMPLES[0])
         wait_for_captions(browser)
         assert not browser.find_elements(By.ID, "attention")

@@ -225,11 +225,11 @@ def test_bundled_folder_is_the_default(monkeypatch, model_dir):
 
 def test_no_model_anywhere_says_how_to_pass_one(monkeypatch, tmp_path):
     monkeypatch.delenv("STORYTELLER_MODEL", raising=False)
-    monkeypatch.setattr(captioner_mod, "DEFAULT_MODEL_DIR", tmp_path / "models" / "flickr8k-lite0-scst")
+    monkeypatch.setattr(captioner_mod, "DEFAULT_MODEL_DIR", tmp_path / "models" / "flickr8k-lite0-ensemble")
     with pytest.raises(ModelLoadError) as e:
         load()
     msg = str(e.value)
-    assert "flickr8k-lite0-scst" in msg and "--model" in msg and "STORYTELLER_MODEL" in msg and "repo id" in msg
+    assert "flickr8k-lite0-ensemble" in msg and "--model" in msg and "STORYTELLER_MODEL" in msg and "repo id" in msg
 
 
 def test_cached_hub_repo_loads_offline(offline_hub, model_dir):
@@ -440,7 +440,7 @@ def test_broken_weights_file_is_a_model_load_error_saying_what_to_do(tmp_path, d
 def test_model_label_never_shows_a_machine_folder(tmp_path):
     from storyteller.captioner import DEFAULT_MODEL_DIR, model_label
 
-    assert model_label(str(DEFAULT_MODEL_DIR)) == "models/flickr8k-lite0-scst"
+    assert model_label(str(DEFAULT_MODEL_DIR)) == "models/flickr8k-lite0-ensemble"
     (tmp_path / "my-model").mkdir()
     assert model_label(str(tmp_path / "my-model")) == "my-model"
     assert model_label("user/model") == "user/model"

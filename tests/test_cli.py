@@ -157,7 +157,7 @@ def test_model_errors_exit_2_with_a_message(tmp_path, photos, capsys, monkeypatc
     import storyteller.captioner as c
 
     monkeypatch.delenv("STORYTELLER_MODEL", raising=False)
-    monkeypatch.setattr(c, "DEFAULT_MODEL_DIR", tmp_path / "models" / "flickr8k-lite0-scst")
+    monkeypatch.setattr(c, "DEFAULT_MODEL_DIR", tmp_path / "models" / "flickr8k-lite0-ensemble")
     assert main(["caption", str(photos[0])]) == 2
     err = capsys.readouterr().err
     assert "--model" in err and "STORYTELLER_MODEL" in err

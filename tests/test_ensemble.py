@@ -157,3 +157,14 @@ def test_the_captioner_app_panel_and_card_show_an_ensemble_with_attention(member
     assert "an ensemble of 2" in panel and "Show-Attend-Tell LSTM 1 x 32" in panel and "looked over for every word" in panel
     card = (out / "README.md").read_text()
     assert "ensemble" in card and "where the attention decoder looked" in card
+
+
+def test_the_app_header_says_two_decoders(members, tmp_path):
+    import app
+    from storyteller import load
+
+    pooled, attention, _ = members
+    out = ensemble_cmd.main(["--models", str(pooled), str(attention), "--out", str(tmp_path / "e")])
+    header = app.header_html(load(str(out)))
+    assert "Two LSTM decoders as one" in header and "for every word" in header
+    assert "Show-Attend-Tell:" in app.header_html(load(str(attention)))

@@ -120,6 +120,21 @@ def test_the_space_readme_fits_the_model(tmp_path, attention):
         assert "one feature vector" in readme and "grid" not in readme and "show-and-tell" in meta["tags"]
 
 
+def test_the_space_readme_of_an_ensemble_says_what_it_is(tmp_path):
+    from huggingface_hub.repocard import metadata_load
+
+    from train import ensemble
+
+    members = [save_test_model(tmp_path / "p", pretrained_backbone=False),
+               save_test_model(tmp_path / "a", attention=True, pretrained_backbone=False)]
+    folder = ensemble.main(["--models", *map(str, members), "--out", str(tmp_path / "e")])
+    hub_upload.stage_space(folder, "me/e", "me/space", tmp_path / "space", COMMIT)
+    readme = (tmp_path / "space" / "README.md").read_text(encoding="utf-8")
+    meta = metadata_load(tmp_path / "space" / "README.md")
+    assert "decoded as one" in readme and "looks over the grid" in readme and "the page shows where" in readme
+    assert {"ensemble", "show-attend-tell"} <= set(meta["tags"]) and len(meta["short_description"]) <= 60
+
+
 @pytest.mark.parametrize("breakage", ["missing vocab", "weights mismatch", "not a folder"])
 def test_a_broken_folder_is_refused_before_any_upload(model_dir, hub, capsys, breakage):
     if breakage == "missing vocab":

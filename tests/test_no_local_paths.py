@@ -93,7 +93,7 @@ def test_hub_upload_refuses_a_folder_that_names_a_local_path(pipeline, tmp_path)
     hub_upload.publish(pipeline["bundled"], "me/model", dry_run=True, log=lambda *a: None)  # the clean one passes
 
 
-@pytest.mark.parametrize("name", ["flickr8k-lite0-scst", "flickr8k-lite0", "flickr8k-lite0-attention"])
+@pytest.mark.parametrize("name", ["flickr8k-lite0-ensemble", "flickr8k-lite0-scst", "flickr8k-lite0-attention"])
 def test_the_shipped_models_name_no_local_path(name):
     bundled = Path(__file__).resolve().parents[1] / "models" / name
     assert published_local_paths(bundled) == {}

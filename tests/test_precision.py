@@ -352,13 +352,14 @@ def test_shipped_models_in_int8_hold_their_validation_scores(flickr8k_dir):
     from storyteller.metrics import evaluate_captions
     from storyteller.decoders import load_decoder
     from train.evaluate import live_features
-    from tests.test_bundled_model import ATTENTION, BUNDLED
+    from tests.test_bundled_model import ATTENTION, BUNDLED, SCST
 
     images = open_captioned_images(flickr8k_dir, "validation")
     refs = [r.captions for r in images.records]
     assert load_decoder(BUNDLED).backbone == load_decoder(ATTENTION).backbone  # one Lite0 pass serves both
     grids = live_features(images, load_decoder(BUNDLED).backbone, torch.device("cpu"), 64, 0, grid=True)
-    inputs = {BUNDLED: grids.mean((1, 2)), ATTENTION: grids}  # the pooled vector is the grid's mean
+    # the pooled vector is the grid's mean; the default ensemble takes the grid (its pooled member the mean)
+    inputs = {BUNDLED: grids, SCST: grids.mean((1, 2)), ATTENTION: grids}
     for model_dir, feats in inputs.items():
         model = load_decoder(model_dir).float().eval()
         d = model.extra["decoding"]

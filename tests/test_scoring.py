@@ -116,7 +116,7 @@ def test_bad_arguments_are_refused():
     assert score_captions(model, features(False, B=1), [], []) == []
 
 
-@pytest.mark.parametrize("name", ["flickr8k-lite0-scst", "flickr8k-lite0-attention"])
+@pytest.mark.parametrize("name", ["flickr8k-lite0-ensemble", "flickr8k-lite0-scst", "flickr8k-lite0-attention"])
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_parts_add_up_on_the_shipped_models(name, precision):
     from storyteller.captioner import load

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Reproduce the bundled model models/flickr8k-lite0 from the real Flickr8k photos, on a CPU.
+# Reproduce models/flickr8k-lite0 (the pooled SCST run's starting point; shipped until 2026-12-02) from the real
+# Flickr8k photos, on a CPU.
 #
 #   bash train/recipes/flickr8k_lite0.sh                      # data at ../shared/data/flickr8k
 #   DATA=/path/to/flickr8k WORK=runs/f8k bash train/recipes/flickr8k_lite0.sh

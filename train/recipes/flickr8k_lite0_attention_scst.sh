@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # SCST on the attention model: models/flickr8k-lite0-attention (Show-Attend-Tell over Lite0 7x7 grids,
-# cross-entropy) fine-tuned on CIDEr-D with the settings that made the default model (train/recipes/
-# flickr8k_lite0_scst.sh), then scored.
+# cross-entropy) fine-tuned on CIDEr-D with the settings that made the pooled SCST model (train/recipes/
+# flickr8k_lite0_scst.sh), then scored. With XE_WEIGHT=0.2 it makes the attention member of the default
+# ensemble (flickr8k_lite0_ensemble.sh averages its epochs).
 #
 #   bash train/recipes/flickr8k_lite0_attention_scst.sh              # data at ../shared/data/flickr8k
 #   XE_WEIGHT=0.2 WORK=runs/att-scst-xe bash train/recipes/flickr8k_lite0_attention_scst.sh   # mixed objective

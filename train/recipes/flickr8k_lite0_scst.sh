@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Reproduce the default model models/flickr8k-lite0-scst: models/flickr8k-lite0 (pooled Lite0 feature, 2x512
-# LSTM, cross-entropy) fine-tuned with self-critical sequence training (SCST, CIDEr-D reward) on the Flickr8k
+# Reproduce models/flickr8k-lite0-scst (the pooled member of the default ensemble): models/flickr8k-lite0 (pooled
+# Lite0 feature, 2x512 LSTM, cross-entropy; made by flickr8k_lite0.sh, no longer shipped) fine-tuned with self-critical sequence training (SCST, CIDEr-D reward) on the Flickr8k
 # training photos, then scored against the model it started from.
 #
 #   bash train/recipes/flickr8k_lite0_scst.sh                    # data at ../shared/data/flickr8k
