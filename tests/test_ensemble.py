@@ -168,3 +168,12 @@ def test_the_app_header_says_two_decoders(members, tmp_path):
     header = app.header_html(load(str(out)))
     assert "Two LSTM decoders as one" in header and "for every word" in header
     assert "Show-Attend-Tell:" in app.header_html(load(str(attention)))
+
+
+def test_scst_refuses_an_ensemble_in_one_line(members, tmp_path):
+    from train import scst
+
+    pooled, attention, _ = members
+    out = ensemble_cmd.main(["--models", str(pooled), str(attention), "--out", str(tmp_path / "e")])
+    with pytest.raises(SystemExit, match="is an ensemble of decoders; fine-tune each member"):
+        scst.load_init_model(str(out))

@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 
 from storyteller.fileio import write_text_atomic
-from storyteller.decoders import ShowAttendTell, load_decoder
+from storyteller.decoders import Ensemble, ShowAttendTell, load_decoder
 from storyteller.rules import BAD_ENDINGS_HELP, parse_bad_endings, step_mask
 from storyteller.vocab import Vocabulary
 from train import fit, trainer
@@ -144,6 +144,9 @@ def load_init_model(init: str) -> tuple[torch.nn.Module, str]:
         model = load_decoder(str(path) if path.is_dir() else init)  # Show-and-Tell or Show-Attend-Tell
     except (OSError, ValueError) as e:
         raise SystemExit(f"scst: cannot load --init {init}: {e}") from None
+    if isinstance(model, Ensemble):
+        raise SystemExit(f"scst: --init {init} is an ensemble of decoders; fine-tune each member on its own and join "
+                         "them again with python -m train ensemble")
     name = init if not path.is_dir() else (path.parent.name if path.name == "model" else path.name)
     return model, name
 
