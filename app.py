@@ -51,7 +51,7 @@ import gradio as gr
 import torch
 
 from storyteller.captioner import DECODING_DEFAULTS, Captioner, CaptionResult, ModelLoadError, load
-from storyteller.card import dataset_label
+from storyteller.card import dataset_label, ensemble_summary
 from storyteller.images import MAX_BYTES, ImageError, image_warnings
 from storyteller.scoring import ScoredCaption, parting_step, score_result
 from storyteller.vocab import Vocabulary
@@ -182,8 +182,10 @@ def decoder_markdown(info: dict[str, Any]) -> str:
         return f"{kind} LSTM {d.get('num_layers')} x {d.get('hidden_dim')}, embeddings {d.get('embed_dim')}"
 
     if info.get("members"):
-        return (f"an ensemble of {len(info['members'])} ({'; '.join(one(d) for d in info['members'])}), the mean of "
-                "their next-word probabilities")
+        weights = info.get("weights")  # None: equal shares
+        mean = f"the mean of their next-word probabilities, weighted {', '.join(f'{w:g}' for w in weights)}" \
+            if weights and len(set(weights)) > 1 else "the mean of their next-word probabilities"
+        return f"an ensemble of {len(info['members'])} ({'; '.join(one(d) for d in info['members'])}), {mean}"
     return one(info)
 
 
@@ -608,10 +610,8 @@ SHOW_CAPTIONS_JS = """() => {
 def header_html(captioner: Captioner) -> str:
     """The title, one line on what the page does, and one on how the model served works (pooled or
     attention; left out on a phone, where the Model panel says it)."""
-    if captioner.info.get("members") and captioner.has_attention:
-        how = ("Two LSTM decoders as one: a frozen ImageNet CNN turns the photo into a grid of features; one decoder "
-               "reads their mean, the other looks over the grid for every word (shown under the captions), and the "
-               "caption follows the mean of their next-word probabilities.")
+    if captioner.info.get("members"):
+        how = ensemble_summary(captioner.model.init_arguments(), shown=" (shown under the captions)")
     elif captioner.has_attention:
         how = ("Show-Attend-Tell: a frozen ImageNet CNN turns the photo into a grid of features, and an LSTM writes the "
                "caption, looking over the grid for every word (shown under the captions).")

@@ -124,17 +124,23 @@ def is_attention_model(model_dir: Path) -> bool:
         return False
 
 
-def is_ensemble_model(model_dir: Path) -> bool:
-    """True for a model folder whose config names an ensemble of decoders."""
+def ensemble_description(model_dir: Path) -> str | None:
+    """How an ensemble model folder's decoders read the photo and are joined, in one sentence; None for one
+    decoder (or an unreadable config)."""
     import json
 
+    from storyteller.card import ensemble_summary
+
     try:
-        return json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("decoder") == "ensemble"
-    except (OSError, ValueError, AttributeError):
-        return False
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or config.get("decoder") != "ensemble":
+        return None
+    return ensemble_summary(config, shown=" (the page shows where)")
 
 
-def space_readme(repo_id: str, space_id: str, model_ref: str, attention: bool, ensemble: bool = False) -> str:
+def space_readme(repo_id: str, space_id: str, model_ref: str, attention: bool, ensemble: str | None = None) -> str:
     """The Space's README.md: front matter for the Hub plus a short description that fits the model.
 
     Args:
@@ -142,7 +148,7 @@ def space_readme(repo_id: str, space_id: str, model_ref: str, attention: bool, e
         space_id: the Space.
         model_ref: what ``space_model.txt`` says (``repo@commit``, or a bundled folder).
         attention: the model shows where it looked (Show-Attend-Tell, or an ensemble holding one).
-        ensemble: the model is an ensemble of decoders.
+        ensemble: an ensemble's description (``ensemble_description``), or None for one decoder.
     """
     import gradio
 
@@ -160,6 +166,7 @@ def space_readme(repo_id: str, space_id: str, model_ref: str, attention: bool, e
         "pinned: false",
         "license: mit",
         "short_description: " + ("Captions that show where they looked, greedy vs beam" if ensemble and attention else
+                                 "Captions by decoders decoded as one, greedy vs beam" if ensemble else
                                  f"{'Show-Attend-Tell' if attention else 'Show-and-Tell'} captions, greedy vs beam search"),
         "models:",
         f"  - {repo_id}",
@@ -169,10 +176,7 @@ def space_readme(repo_id: str, space_id: str, model_ref: str, attention: bool, e
         *(["  - ensemble"] if ensemble else []),
         "---",
     ])
-    how = ("Image captioning by two kinds of LSTM decoder decoded as one: a frozen ImageNet CNN turns the photo into a "
-           "grid of features; a Show-and-Tell decoder reads their mean, a Show-Attend-Tell decoder looks over the grid "
-           "for every word (the page shows where), and the caption follows the mean of their next-word probabilities."
-           if ensemble and attention else
+    how = (f"Image captioning by {ensemble[0].lower()}{ensemble[1:]}" if ensemble else
            "Show-Attend-Tell image captioning: a frozen ImageNet CNN turns the photo into a grid of features, and "
            "an LSTM writes the caption, looking over the grid for every word (the page shows where)." if attention else
            "Show-and-Tell image captioning: a frozen ImageNet CNN sums the photo up in one feature vector, and an LSTM "
@@ -221,7 +225,7 @@ def stage_space(model_dir: Path, repo_id: str, space_id: str, dest: Path, model_
     (dest / SPACE_MODEL_FILE).write_text(f"# The model this Space serves: a Hub repo at a commit (or a folder here).\n"
                                          f"{ref}\n", encoding="utf-8")
     (dest / "README.md").write_text(space_readme(repo_id, space_id, ref, is_attention_model(model_dir),
-                                                           is_ensemble_model(model_dir)), encoding="utf-8")
+                                                           ensemble_description(model_dir)), encoding="utf-8")
     return sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()), ref
 
 

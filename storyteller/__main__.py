@@ -289,8 +289,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _attention_folder(args: argparse.Namespace, captioner: Any) -> bool:
     """Check --attention can be done (an attention model, a folder we can create); False after an error line."""
     if not captioner.has_attention:
-        print(f"error: --attention: {captioner.info['model_name']} is a pooled (Show-and-Tell) model with no "
-              "attention maps; use an attention (Show-Attend-Tell) model", file=sys.stderr)
+        print(f"error: --attention: {captioner.info['model_name']} is a pooled model (no decoder of it looks over the "
+              "grid), so it has no attention maps; use a Show-Attend-Tell model or an ensemble holding one",
+              file=sys.stderr)
         return False
     from pathlib import Path
 

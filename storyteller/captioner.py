@@ -139,6 +139,7 @@ class Captioner:
                 **decoder_summary(m), "has_attention": self.has_attention,
                 # an ensemble's members, each as above (None: one decoder)
                 "members": [decoder_summary(x) for x in m.members] if hasattr(m, "members") else None,
+                "weights": getattr(m, "shares", None),  # an ensemble's shares (None: equal, or one decoder)
                 "dataset": (m.extra or {}).get("dataset"), "metrics": (m.extra or {}).get("metrics") or {},
                 "evaluations": _read_evaluations(self.model_dir), "decoding": dict(self.decoding),
                 "precision": self.precision}
@@ -313,8 +314,8 @@ class Captioner:
         from .heatmap import attention_figure
 
         if caption.attention is None:
-            raise ValueError(f"{model_label(self.source)} is a pooled (Show-and-Tell) model: it has no attention "
-                             "maps to show; use an attention (Show-Attend-Tell) model")
+            raise ValueError(f"{model_label(self.source)} is a pooled model (no decoder of it looks over the grid): it "
+                             "has no attention maps to show; use a Show-Attend-Tell model or an ensemble holding one")
         words = [self.model.vocab.itos[t] for t in caption.tokens]
         return attention_figure(image, words, caption.attention, self.backbone.spec["preprocessing"],
                                 panel_width=panel_width, columns=columns)

@@ -199,16 +199,41 @@ def _member_words(config: dict[str, Any]) -> str:
             "from the pooled feature")
 
 
+def ensemble_summary(config: dict[str, Any], shown: str = "") -> str:
+    """An ensemble's ``config.json`` (a dict) in one sentence for visitors: how many decoders of which kind read
+    what, and how they are joined. ``shown`` follows the words on looking over the grid (e.g. where the page
+    shows it)."""
+    members = [m for m in config.get("members") or [] if isinstance(m, dict)]
+    attending = sum(_attention(m) for m in members)
+    pooled = len(members) - attending
+    weights = config.get("weights")
+    mean = "weighted mean" if weights and len(set(weights)) > 1 else "mean"
+    if not attending:
+        return (f"{len(members)} Show-and-Tell LSTM decoders decoded as one: a frozen ImageNet CNN sums the photo up in "
+                f"one feature vector, each decoder starts from it, and the caption follows the {mean} of their next-word "
+                "probabilities.")
+    parts = []
+    if pooled:
+        parts.append("a Show-and-Tell decoder reads their mean" if pooled == 1 else
+                     f"{pooled} Show-and-Tell decoders read their mean")
+    parts.append(("a Show-Attend-Tell decoder looks" if attending == 1 else f"{attending} Show-Attend-Tell decoders look")
+                 + f" over the grid for every word{shown}")
+    return (f"{len(members)} LSTM decoders decoded as one: a frozen ImageNet CNN turns the photo into a grid of "
+            f"features; {', '.join(parts)}; and the caption follows the {mean} of their next-word probabilities.")
+
+
 def _intro(config: dict[str, Any], name: str, ds_name: str) -> list[str]:
     backbone = config.get("backbone") or {}
     cnn, dim = backbone.get("name", "CNN"), backbone.get("feature_dim", config.get("feature_dim"))
     if config.get("decoder") == "ensemble":
         members = [m for m in config.get("members") or [] if isinstance(m, dict)]
-        what = (f"An ensemble image captioner: a frozen ImageNet **{cnn}** turns a photo into a grid of {dim}-d "
-                f"features (their mean is the pooled feature); {len(members)} decoders over {config.get('vocab_size')} tokens ("
-                + "; ".join(_member_words(m) for m in members) + ") each predict "
-                "the next word, and the caption follows the mean of their probabilities"
-                + (", so where the attention decoder looked can be shown per word." if _attention(config) else "."))
+        what = (f"An ensemble image captioner: a frozen ImageNet **{cnn}** turns a photo into "
+                + (f"a grid of {dim}-d features (their mean is the pooled feature);" if _attention(config) else
+                   f"one pooled {dim}-d feature;") + f" {len(members)} decoders over {config.get('vocab_size')} tokens ("
+                + "; ".join(_member_words(m) for m in members) + ") each predict the next word, and the caption "
+                "follows the " + ("weighted " if len(set(config.get("weights") or [1])) > 1 else "") + "mean of their "
+                "probabilities" + (", so where the attention decoder looked can be shown per word."
+                                   if _attention(config) else "."))
     elif _attention(config):
         grid = "x".join(map(str, config.get("grid") or [])) or "h x w"
         what = (f"A Show-Attend-Tell image captioner: a frozen ImageNet **{cnn}** turns a photo into a {grid} grid of "
@@ -297,13 +322,15 @@ def _training_section(training: dict[str, Any], ds_name: str, hub_id: str | None
     out.append(f"- **Dataset**: {ds_name}" + (f" ([{hub_id}](https://huggingface.co/datasets/{hub_id}))" if hub_id else ""))
     if training.get("method"):
         out.append(f"- **Training**: {training['method']}.")
-    if training.get("train_split"):
+    if training.get("train_images"):  # a finished run's record (an average of a run still going has none)
         out.append(f"- **Splits**: trained on `{training.get('train_split')}` ({training.get('train_images')} images), "
                    f"model selected on `{training.get('val_split')}` ({training.get('val_images')} images) by "
                    f"{training.get('select')}; best epoch {training.get('best_epoch')} of {training.get('epochs_run')} run.")
-        hp = training.get("hyperparameters") or {}
-        if hp:
-            out.append("- **Hyperparameters**: " + ", ".join(f"{k} {v}" for k, v in hp.items()) + ".")
+    elif training.get("train_split"):
+        out.append(f"- **Splits**: trained on `{training.get('train_split')}`, checked on `{training.get('val_split')}`.")
+    hp = training.get("hyperparameters") or {}
+    if hp:
+        out.append("- **Hyperparameters**: " + ", ".join(f"{k} {v}" for k, v in hp.items()) + ".")
     out.append("")
     return out
 

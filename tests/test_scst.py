@@ -280,7 +280,7 @@ def test_kept_epochs_average_into_a_model_folder(init_run, cache, tmp_path):
     from train.trainer import epoch_weights_file
 
     out = tmp_path / "scst"
-    scst.main(scst_args(init_run, cache, out, "--keep-epochs"))
+    scst.main(scst_args(init_run, cache, out, "--keep-epochs", "--bad-endings", "standard"))
     files = [epoch_weights_file(out / scst.EPOCHS_DIR, e) for e in range(4)]
     assert all(f.is_file() for f in files)
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
@@ -311,6 +311,10 @@ def test_kept_epochs_average_into_a_model_folder(init_run, cache, tmp_path):
     assert training["method"].startswith("fine-tuned from") and "self-critical" in training["method"]
     assert training["method"].endswith("weights averaged over epochs 1, 2")
     assert training["averaged_epochs"] == [1, 2] and training["hyperparameters"]["samples"] == 3
+    card = (going / "README.md").read_text(encoding="utf-8")
+    assert "None images" not in card and "epoch None" not in card and "trained on `train`" in card and "self-critical" in card
+    # the run's decoding rule comes with it: it validated with bad endings, so the average recommends them
+    assert model.extra["decoding"]["bad_endings"] == ["a", "the", "on", "is"]  # the standard words its vocabulary has
 
 
 def test_killed_then_resumed_scst_ends_with_identical_weights(init_run, cache, tmp_path):

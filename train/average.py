@@ -24,6 +24,7 @@ import torch
 from storyteller.card import write_model_card
 from storyteller.decoders import load_decoder
 from train import scst
+from storyteller.rules import parse_bad_endings
 from train.reward import parse_reward_weights
 from train.scst import EPOCHS_DIR
 from train.trainer import epoch_weights_file
@@ -77,6 +78,10 @@ def source_model(run: Path, model: str | None) -> tuple[torch.nn.Module, dict[st
     found, init_name = scst.load_init_model(run_args["init"])
     record = scst.training_record(argparse.Namespace(**run_args), init_name, parse_reward_weights(run_args["reward"]),
                                   found.extra)
+    # the run validated with its bad-ending rule: the average recommends it, as the run's export would
+    endings = [w for w in parse_bad_endings(run_args.get("bad_endings", "none")) if w in found.vocab.stoi]
+    if endings:
+        found.extra["decoding"] = {**(found.extra.get("decoding") or {}), "bad_endings": endings}
     return found, record
 
 

@@ -1,6 +1,6 @@
 """Self-critical sequence training (SCST, Rennie et al. 2017): fine-tune a trained captioner on CIDEr-D.
 
-    python -m train scst --init models/flickr8k-lite0 --features feats/flickr8k-lite0 --out runs/scst
+    python -m train scst --init models/flickr8k-lite0-attention --features feats/f8k-lite0-grid --out runs/scst
     python -m train scst --init runs/f8k --features feats/flickr8k-lite0 --out runs/scst --resume   # after a kill
     torchrun --nproc_per_node=2 -m train scst --init runs/f8k --features feats/flickr8k-lite0 --out runs/scst-ddp
 

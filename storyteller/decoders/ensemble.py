@@ -75,25 +75,29 @@ class Ensemble(
         self._init_common(decoder, vocab_size, feature_dim, backbone, extra)
         if not isinstance(members, list) or len(members) < 2 or not all(isinstance(m, dict) for m in members):
             raise ValueError("an ensemble needs a list of at least two member configs")
-        weights = [1.0] * len(members) if weights is None else list(weights)
-        if len(weights) != len(members) or not all(isinstance(w, (int, float)) and w > 0 for w in weights):
-            raise ValueError(f"weights must be one positive number per member ({len(members)}), got {weights}")
+        given = weights
+        weights = [1.0] * len(members) if weights is None else weights
+        numbers = isinstance(weights, list) and all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and 0 < w < math.inf for w in weights)
+        if not numbers or len(weights) != len(members) or not math.isfinite(float(sum(weights))):
+            raise ValueError(f"weights must be one positive finite number per member ({len(members)}), got {weights!r}")
         built = []
         for i, config in enumerate(members):
             config = {k: v for k, v in config.items() if k not in ("backbone", "extra")}
-            cls = member_class(config.get("decoder", ""))
-            if cls is Ensemble:
-                raise ValueError("an ensemble member cannot be an ensemble")
+            # a member config without "decoder" is Show-and-Tell, as for a model folder (registry.DEFAULT_DECODER)
+            cls = member_class(config.get("decoder", "show_and_tell"))  # never an Ensemble: no nesting
             if config.get("vocab_size") != vocab_size or config.get("feature_dim") != feature_dim:
                 raise ValueError(f"member {i} has vocab_size {config.get('vocab_size')} and feature_dim "
                                  f"{config.get('feature_dim')}; the ensemble has {vocab_size} and {feature_dim}")
             built.append(cls(**config))
         self.members = nn.ModuleList(built)
+        self.shares = None if given is None else list(given)  # as config.json gives them (None: equal)
         total = float(sum(weights))
         self.log_shares = [math.log(w / total) for w in weights]  # log w_i, summing to 1 in probability
         # the grid if any member attends; the first attending member's maps are the ensemble's
         self.has_attention = any(m.has_attention for m in built)
         self.attending = next((i for i, m in enumerate(built) if m.has_attention), None)
+        self.grid = getattr(built[self.attending], "grid", None) if self.attending is not None else None
 
     # the precision is the members': set once here, it reaches every member (each packs its own products)
     @property
@@ -142,7 +146,9 @@ class Ensemble(
                 logp, s = m.step(tokens, s, products=p)
             logps.append(logp + self.log_shares[i])
             new.append(s)
-        logp = torch.logsumexp(torch.stack(logps), 0)  # (N, V): log sum_i w_i p_i
+        # (N, V): log sum_i w_i p_i; rounding can put a near-certain word a hair above 0, which a log-probability
+        # never is (beam search's early stop relies on it)
+        logp = torch.logsumexp(torch.stack(logps), 0).clamp_(max=0.0)
         return (logp, tuple(new), alpha) if return_attention else (logp, tuple(new))
 
     def select_state(self, state: tuple[DecoderState, ...], rows: torch.Tensor) -> tuple[DecoderState, ...]:
