@@ -245,15 +245,17 @@ def test_one_bias_value_edited_through_data_is_noticed(attention):
     assert all(c.tokens[0] == word for c in greedy_search(model, feats, max_len=3))
 
 
-def test_a_model_built_under_inference_mode_decodes_and_pickles_without_its_products():
-    """Tensors made under torch.inference_mode have no version counter; packed products do not pickle."""
-    import pickle
+def test_a_model_built_under_inference_mode_decodes_and_copies_without_its_products():
+    """Tensors made under torch.inference_mode have no version counter; packed products do not copy (deepcopy
+    goes through the same __getstate__ as pickling, which DataLoader workers and copies of the model use)."""
+    import copy as copying
 
     with torch.inference_mode():
         model, feats = decoders()[0]
         model.precision = "bf16"
         want = [c.tokens for c in greedy_search(model, feats, max_len=4)]
-    copy = pickle.loads(pickle.dumps(model))  # the packed kernels stay behind; products() makes them again
+    assert model._products is not None and model.__getstate__()["_products"] is None  # what a copy or pickle gets
+    copy = copying.deepcopy(model)  # the packed kernels stay behind; products() makes them again
     assert [c.tokens for c in greedy_search(copy, feats, max_len=4)] == want
 
 
