@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from storyteller.captioner import MODEL_EXAMPLES_GLOB, MODEL_FILES, OPTIONAL_MODEL_FILES
+from storyteller.decoders import WEIGHTS_INDEX_FILE, local_weight_files
 from storyteller.card import CARD_FILE as CARD
 from storyteller.vocab import SPECIAL_TOKENS
 
@@ -61,6 +62,8 @@ def model_files(model_dir: Path) -> tuple[list[str], list[str]]:
         model_dir: the model folder.
     """
     keep = [f for f in MODEL_FILES + OPTIONAL_MODEL_FILES if f != CARD and (model_dir / f).is_file()]
+    if (model_dir / WEIGHTS_INDEX_FILE).is_file():  # sharded weights: the index and its shards
+        keep += [WEIGHTS_INDEX_FILE] + [p.name for p in local_weight_files(model_dir) if p.is_file()]
     keep += sorted(p.relative_to(model_dir).as_posix() for p in model_dir.glob(MODEL_EXAMPLES_GLOB))
     keep.append(CARD)  # always: publish() writes it
     left_out = sorted(p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*")

@@ -34,7 +34,8 @@ from .decoding import Caption, beam_search, greedy_and_beam_search, greedy_searc
 from .precision import use_precision
 from .settings import DECODING_DEFAULTS, decoding_hints
 from .images import ImageSource, image_warnings, load_image
-from .decoders import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, HubDecoder, load_decoder
+from .decoders import (CONFIG_FILE, VOCAB_FILE, WEIGHT_SHARDS_GLOB, WEIGHTS_FILE, WEIGHTS_INDEX_FILE, HubDecoder,
+                       load_decoder, local_weight_files)
 
 __all__ = ["Captioner", "CaptionResult", "ModelLoadError", "load", "default_model", "DEFAULT_MODEL_DIR",
            "MODEL_ENV_VAR", "MODEL_FILES", "OPTIONAL_MODEL_FILES", "MODEL_EXAMPLES_GLOB", "DECODING_DEFAULTS",
@@ -459,7 +460,7 @@ def resolve_model_dir(name_or_path: str, revision: str | None = None) -> Path:
     """
     local = Path(name_or_path).expanduser()
     if local.is_dir():
-        missing = [f for f in MODEL_FILES if not (local / f).is_file()]
+        missing = missing_model_files(local)
         if missing:
             raise ModelLoadError(f"model folder {local} is missing {', '.join(missing)}; a model folder needs "
                                  f"{', '.join(MODEL_FILES)} (written by ShowAndTell.save_pretrained)")
@@ -478,7 +479,8 @@ def resolve_model_dir(name_or_path: str, revision: str | None = None) -> Path:
                     f"(download it once with `hf download {name_or_path}`), or pass a local model folder.")
     try:
         path = snapshot_download(repo_id=name_or_path, revision=revision,
-                                 allow_patterns=[*MODEL_FILES, *OPTIONAL_MODEL_FILES, MODEL_EXAMPLES_GLOB])
+                                 allow_patterns=[*MODEL_FILES, WEIGHTS_INDEX_FILE, WEIGHT_SHARDS_GLOB,
+                                                 *OPTIONAL_MODEL_FILES, MODEL_EXAMPLES_GLOB])
     except HFValidationError as e:
         raise ModelLoadError(f"{name_or_path!r} is neither a local folder nor a valid Hub repo id ({e})") from None
     except GatedRepoError:
@@ -497,11 +499,22 @@ def resolve_model_dir(name_or_path: str, revision: str | None = None) -> Path:
         raise ModelLoadError(f"could not download {name_or_path}{at} from the Hub: {type(e).__name__}: {e}. "
                              f"{offline_hint}") from None
     path = Path(path)
-    missing = [f for f in MODEL_FILES if not (path / f).is_file()]
+    missing = missing_model_files(path)
     if missing:
         raise ModelLoadError(f"Hub repo {name_or_path}{at} is not a Neural Storyteller model: it has no "
                              f"{', '.join(missing)}")
     return path
+
+
+def missing_model_files(folder: Path) -> list[str]:
+    """What a model folder lacks of ``MODEL_FILES``; its weights may be ``model.safetensors`` or the shards of
+    ``model.safetensors.index.json`` (a missing shard is named)."""
+    missing = [f for f in (CONFIG_FILE, VOCAB_FILE) if not (folder / f).is_file()]
+    try:
+        weights = local_weight_files(folder)
+    except ValueError as e:  # an unreadable index
+        return missing + [f"readable {WEIGHTS_INDEX_FILE} ({e})"]
+    return missing + ([f.name for f in weights if not f.is_file()] if weights else [WEIGHTS_FILE])
 
 
 def load(name_or_path: str | os.PathLike | None = None, revision: str | None = None,
@@ -550,7 +563,8 @@ def _load_folder(model_dir: Path, source: str, revision: str | None, device: str
         decoding_hints(config.get("extra"))
     except ValueError as e:  # checked here, not at the first caption
         raise ModelLoadError(f"{source}: {CONFIG_FILE}: {e}") from None
-    check_weights_file(model_dir / WEIGHTS_FILE)
+    for path in local_weight_files(model_dir):
+        check_weights_file(path)
     try:
         model = load_decoder(str(model_dir))
     except (ValueError, OSError, TypeError) as e:  # vocab/config/weights mismatch, missing file, bad config keys, NaN
@@ -558,7 +572,7 @@ def _load_folder(model_dir: Path, source: str, revision: str | None, device: str
     except Exception as e:  # safetensors' own SafetensorError on a file corrupt past its header
         if type(e).__name__ != "SafetensorError":
             raise
-        raise ModelLoadError(f"{source}: {WEIGHTS_FILE} is corrupt ({e}); download or export the model again") from None
+        raise ModelLoadError(f"{source}: its weights are corrupt ({e}); download or export the model again") from None
     try:
         backbone = create_backbone(config["backbone"], device=device)
     except (ValueError, TypeError, KeyError, RuntimeError) as e:

@@ -74,7 +74,7 @@ def browser(tmp_path_factory):
 def app_url(tmp_path_factory):
     """The bundled model where it is here (captions of real length); else a tiny random one, its captions
     cut at 12 words (a Flickr8k caption's length; a random decoder never ends on its own)."""
-    if (BUNDLED / "model.safetensors").is_file():
+    if (BUNDLED / "config.json").is_file():
         model_dir = BUNDLED
     else:
         model_dir = save_test_model(tmp_path_factory.mktemp("browser-model") / "tiny-lite0",
@@ -331,7 +331,7 @@ def test_the_model_panel_breaks_no_word(page, shots):
 @pytest.fixture(scope="module")
 def pooled_app_url(tmp_path_factory):
     """A pooled model (the shipped pooled SCST model where it is here, else a tiny random one): no attention view."""
-    model_dir = SCST if (SCST / "model.safetensors").is_file() else save_test_model(
+    model_dir = SCST if (SCST / "config.json").is_file() else save_test_model(
         tmp_path_factory.mktemp("browser-pooled-model") / "tiny-pooled", extra={"decoding": {"max_len": 12}})
     with running_app(model_dir, tmp_path_factory.mktemp("browser-pooled-log") / "app.log") as url:
         yield url

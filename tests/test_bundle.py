@@ -93,3 +93,36 @@ def test_bad_endings_mean_the_same_in_bundle_evaluate_and_scst(tmp_path):
         assert scst.validation_decoding(scst_args, model)["bad_endings"] == [w for w in words if w in model.vocab.stoi]
     assert scst.build_parser().get_default("bad_endings") == "standard"  # scst's default: the standard list
     assert evaluate.build_parser().get_default("bad_endings") is None  # evaluate's and bundle's: the model's own
+
+
+def test_weights_over_the_shard_size_are_written_in_shards_that_load_as_one(tmp_path):
+    """Big weights go out as model-0000i-of-0000N.safetensors plus the Hub's index (no file too big for a
+    repository); they load exactly as the single file does, through load_decoder, load and hub_upload's list."""
+    import hub_upload
+    from storyteller.captioner import ModelLoadError
+    from storyteller.decoders import load_decoder
+
+    src = save_test_model(tmp_path / "src", pretrained_backbone=False)
+    decoding = {"beam_size": 2, "alpha": 0.5, "no_repeat_ngram_size": 3, "max_len": 8}
+    one = bundle(src, tmp_path / "one", decoding)
+    size = (one / "model.safetensors").stat().st_size
+    sharded = bundle(src, tmp_path / "sharded", decoding, max_shard_bytes=size // 3)
+    shards = sorted(p.name for p in sharded.glob("model-*-of-*.safetensors"))
+    assert len(shards) >= 3 and not (sharded / "model.safetensors").exists()
+    index = json.loads((sharded / "model.safetensors.index.json").read_text(encoding="utf-8"))
+    held = {s: [k for k, f in index["weight_map"].items() if f == s] for s in shards}
+    # over the limit only where one tensor alone is bigger (a tensor is never split)
+    assert all((sharded / s).stat().st_size <= size // 3 + 4096 or len(held[s]) == 1 for s in shards)
+    assert sorted(set(index["weight_map"].values())) == shards
+    a, b = load_decoder(one), load_decoder(sharded)
+    assert a.state_dict().keys() == b.state_dict().keys()
+    assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
+    from PIL import Image
+
+    photo = Image.new("RGB", (64, 48), (90, 120, 30))
+    assert load(str(sharded)).caption([photo])[0].beam[0].text == load(str(one)).caption([photo])[0].beam[0].text
+    keep, _ = hub_upload.model_files(sharded)
+    assert {"model.safetensors.index.json", *shards} <= set(keep) and "model.safetensors" not in keep
+    (sharded / shards[1]).unlink()
+    with pytest.raises(ModelLoadError, match=shards[1]):
+        load(str(sharded))

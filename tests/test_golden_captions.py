@@ -42,7 +42,9 @@ def test_shipped_models_caption_the_examples_as_pinned(model, precision):
 
     if precision != "fp32" and precision not in supported_precisions():
         pytest.skip(f"no {precision} kernel on this CPU")
-    if not (REPO / model / "model.safetensors").is_file():
+    from storyteller.decoders import local_weight_files
+
+    if not local_weight_files(REPO / model):
         pytest.fail(f"{model} is pinned but not shipped: re-pin with `python tests/test_golden_captions.py --write`")
     want, got = golden()[model][precision], caption_examples(model, precision)
     assert sorted(got) == sorted(want), "the example photos changed: re-pin"
@@ -66,4 +68,4 @@ if __name__ == "__main__":
         sys.exit("usage: python tests/test_golden_captions.py --write [MODEL...]  (default: every shipped model)")
     sys.path.insert(0, str(REPO))
     names = [a for a in sys.argv[1:] if a != "--write"]
-    write(names or sorted(str(p.parent.relative_to(REPO)) for p in (REPO / "models").glob("*/model.safetensors")))
+    write(names or sorted(str(p.parent.relative_to(REPO)) for p in (REPO / "models").glob("*/config.json")))

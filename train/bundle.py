@@ -4,7 +4,8 @@
         --beam 3 --alpha 0.5 --no-repeat-ngram-size 3
 
 The result is a Hub-layout folder (config.json, model.safetensors, vocab.json, README.md, plus the
-source's loss/metric curves) that `storyteller.load`, `app.py` and `hub_upload.py` take as is. The
+source's loss/metric curves; weights over 20 MB go in shards, model-0000i-of-0000N.safetensors with the
+Hub's model.safetensors.index.json, so no file is too big for a repository) that `storyteller.load`, `app.py` and `hub_upload.py` take as is. The
 decoding settings go into ``config["extra"]["decoding"]``; the app and the CLI use them as their
 defaults. Weights are stored as float16 (half the size) and loaded back into a float32 model, so
 evaluate the *bundled* folder (``python -m train evaluate --model OUT ... --write-to-model``) to put
@@ -18,16 +19,18 @@ import shutil
 from pathlib import Path
 
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 
 from storyteller.card import public_dataset, published_local_paths, write_model_card
 from storyteller.fileio import atomic_path, write_json_atomic
-from storyteller.decoders import CONFIG_FILE, VOCAB_FILE, WEIGHTS_FILE, load_decoder
+from storyteller.decoders import CONFIG_FILE, VOCAB_FILE, WEIGHTS_INDEX_FILE, load_decoder
 from storyteller.rules import BAD_ENDINGS_HELP, parse_bad_endings
 from storyteller.settings import MAX_LEN_LIMIT
 from storyteller.settings import validate_decoding as check_decoding
 
 CARRIED_FILES = ("loss_curve.png", "metric_curve.png")
+MAX_SHARD_BYTES = 20_000_000  # every shipped file stays well under the 30 MB a repository file may take
 # The recommended decoding settings a bundle may carry: (lowest, highest) allowed value, None = unbounded.
 MAX_DECODING_STEPS = MAX_LEN_LIMIT
 
@@ -58,7 +61,20 @@ def validate_decoding(decoding: dict) -> None:
     check_decoding(decoding)
 
 
-def bundle(model_dir: str | Path, out: str | Path, decoding: dict, dtype: str = "float16") -> Path:
+def write_weights(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """``state`` as ``out/model.safetensors``, or, over ``max_shard_bytes``, as shards and their index in the Hub's
+    layout (``huggingface_hub.split_torch_state_dict_into_shards``), so no file is too big for a repository."""
+    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_bytes)
+    for filename, names in split.filename_to_tensors.items():
+        with atomic_path(out / filename) as tmp:
+            save_file({k: state[k] for k in names}, str(tmp), metadata={"format": "pt"})
+    if split.is_sharded:
+        write_json_atomic(out / WEIGHTS_INDEX_FILE, {"metadata": split.metadata, "weight_map": split.tensor_to_filename},
+                          indent=2, sort_keys=True)
+
+
+def bundle(model_dir: str | Path, out: str | Path, decoding: dict, dtype: str = "float16",
+           max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """Write a shippable copy of ``model_dir`` to ``out``.
 
     Args:
@@ -67,6 +83,7 @@ def bundle(model_dir: str | Path, out: str | Path, decoding: dict, dtype: str = 
         decoding: recommended decoding settings (beam_size, alpha, no_repeat_ngram_size, max_len);
             checked by ``validate_decoding``.
         dtype: ``float16`` or ``float32`` weights.
+        max_shard_bytes: weights over this many bytes are written in shards (``write_weights``).
     """
     validate_decoding(decoding)
     model_dir, out = Path(model_dir), Path(out)
@@ -84,8 +101,7 @@ def bundle(model_dir: str | Path, out: str | Path, decoding: dict, dtype: str = 
     write_json_atomic(out / CONFIG_FILE, config, indent=2, sort_keys=True)
     shutil.copy2(model_dir / VOCAB_FILE, out / VOCAB_FILE)
     state = {k: v.to(getattr(torch, dtype)).contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(out / WEIGHTS_FILE) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt"})
+    write_weights(state, out, max_shard_bytes)
     for name in CARRIED_FILES:
         if (model_dir / name).is_file():
             shutil.copy2(model_dir / name, out / name)

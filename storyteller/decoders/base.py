@@ -19,6 +19,7 @@ strict: a missing or unexpected tensor, or a vocabulary whose size does not matc
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,10 @@ from ..vocab import Vocabulary
 VOCAB_FILE = "vocab.json"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+# A model's weights over MAX_SHARD_BYTES are written in shards (``train bundle``), in the Hub's layout: an index
+# naming the file of every tensor, and files model-00001-of-0000N.safetensors, each small enough for a repository
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+WEIGHT_SHARDS_GLOB = "model-*-of-*.safetensors"
 
 
 @dataclass(frozen=True)
@@ -236,17 +241,79 @@ class HubDecoder(torch.nn.Module):
             raise ValueError(f"{model_id}: {VOCAB_FILE} has {len(vocab)} tokens but {CONFIG_FILE} says "
                              f"vocab_size={model_kwargs['vocab_size']}; the vocabulary does not belong to these weights")
         model = cls(**model_kwargs)
-        weights = resolve_file(model_id, WEIGHTS_FILE, **hub)
+        files = resolve_weight_files(model_id, **hub)
+        what = WEIGHTS_FILE if len(files) == 1 else f"the weight shards of {WEIGHTS_INDEX_FILE}"
         try:
-            safetensors.torch.load_model(model, str(weights), strict=strict, device=map_location)
+            state: dict[str, torch.Tensor] = {}
+            for path in files:
+                state.update(safetensors.torch.load_file(str(path), device=map_location))
+            model.load_state_dict(state, strict=strict)  # copies into the float32 parameters
         except (RuntimeError, ValueError) as e:  # shape mismatch, missing/unexpected tensors, corrupt file
-            raise ValueError(f"{model_id}: {WEIGHTS_FILE} does not match {CONFIG_FILE}: {e}") from None
+            raise ValueError(f"{model_id}: {what} does not match {CONFIG_FILE}: {e}") from None
         bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
         if bad:
-            raise ValueError(f"{model_id}: {WEIGHTS_FILE} holds NaN or infinite values (in {', '.join(bad[:3])}"
+            raise ValueError(f"{model_id}: {what} holds NaN or infinite values (in {', '.join(bad[:3])}"
                              f"{', ...' if len(bad) > 3 else ''}); the weights are broken: train or download them again")
         model.vocab = vocab
         return model.to(map_location).eval()  # load_model fills the existing (CPU) parameters
+
+
+def local_weight_files(folder: Path) -> list[Path]:
+    """The weight files of a local model folder: ``model.safetensors``, else the shards its index names (which
+    may be missing: the caller checks), else none.
+
+    Raises:
+        ValueError: an index that is not a JSON object with a ``weight_map``.
+    """
+    single = folder / WEIGHTS_FILE
+    if single.is_file():
+        return [single]
+    index = folder / WEIGHTS_INDEX_FILE
+    if not index.is_file():
+        return []
+    return [folder / name for name in shard_names(index)]
+
+
+def shard_names(index: Path) -> list[str]:
+    """The shard files a ``model.safetensors.index.json`` names, in order.
+
+    Raises:
+        ValueError: not a JSON object with a ``weight_map`` of plain file names.
+    """
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"unreadable {WEIGHTS_INDEX_FILE} ({type(e).__name__}: {e})") from None
+    if not names or not all(isinstance(n, str) and n == Path(n).name for n in names):
+        raise ValueError(f"{WEIGHTS_INDEX_FILE} must map every tensor to a file beside it, got {names[:3]}")
+    return names
+
+
+def resolve_weight_files(model_id: str, **hub_kwargs) -> list[Path]:
+    """The weight files of a local model folder or a Hub repo: ``model.safetensors``, or the shards of
+    ``model.safetensors.index.json``.
+
+    Raises:
+        FileNotFoundError: no weights, or a shard the index names is missing.
+        ValueError: an unreadable index.
+    """
+    local = Path(model_id)
+    if local.is_dir():
+        files = local_weight_files(local)
+        if not files:
+            raise FileNotFoundError(f"{model_id} is missing {WEIGHTS_FILE}")
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{model_id} is missing {', '.join(missing)} (named in {WEIGHTS_INDEX_FILE})")
+        return files
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return [resolve_file(model_id, WEIGHTS_FILE, **hub_kwargs)]
+    except EntryNotFoundError:  # a sharded model
+        index = resolve_file(model_id, WEIGHTS_INDEX_FILE, **hub_kwargs)
+        return [resolve_file(model_id, name, **hub_kwargs) for name in shard_names(index)]
 
 
 def resolve_file(model_id: str, filename: str, **hub_kwargs) -> Path:
