@@ -610,7 +610,7 @@ SHOW_CAPTIONS_JS = """() => {
 def header_html(captioner: Captioner) -> str:
     """The title, one line on what the page does, and one on how the model served works (pooled or
     attention; left out on a phone, where the Model panel says it)."""
-    if captioner.info.get("members"):
+    if hasattr(captioner.model, "members"):  # an ensemble (not Captioner.info: that reads the evaluations too)
         how = ensemble_summary(captioner.model.init_arguments(), shown=" (shown under the captions)")
     elif captioner.has_attention:
         how = ("Show-Attend-Tell: a frozen ImageNet CNN turns the photo into a grid of features, and an LSTM writes the "
