@@ -186,13 +186,50 @@ def test_an_ensemble_is_described_as_it_is_made():
     assert "a Show-and-Tell decoder reads their mean" in three and "weighted mean" in three
 
 
-def test_scst_refuses_an_ensemble_in_one_line(members, tmp_path):
-    from train import scst
-
+def test_forward_is_the_mixture_of_the_members_teacher_forced_probabilities(members):
+    """forward (what SCST and the cross-entropy share differentiate) reads the same mixture as step: log of the
+    weighted mean of the members' probabilities, position by position, with a gradient into every member."""
     pooled, attention, _ = members
-    out = ensemble_cmd.main(["--models", str(pooled), str(attention), "--out", str(tmp_path / "e")])
-    with pytest.raises(SystemExit, match="is an ensemble of decoders; fine-tune each member"):
-        scst.load_init_model(str(out))
+    ens, (p, a) = build([pooled, attention], weights=[1, 3])
+    g = grids(2)
+    captions = torch.tensor([[1, 5, 6, 7, 2, 0], [1, 8, 9, 2, 0, 0], [1, 5, 9, 7, 6, 2]])  # <start> .. <end> <pad>
+    lengths, images = torch.tensor([5, 4, 6]), torch.tensor([0, 1, 1])  # the third caption is of photo 1 too
+    for m in (ens, p, a):
+        m.eval()
+    logp, targets = ens(g, captions, lengths, images)
+    lp, tp = p(g.flatten(1, 2).mean(1), captions, lengths, images)  # the pooled member reads the grid's mean
+    la, ta = a(g, captions, lengths, images)
+    assert torch.equal(targets, tp) and torch.equal(targets, ta) and logp.shape == (int((lengths - 1).sum()), ens.vocab_size)
+    expected = torch.log(0.25 * lp.softmax(-1) + 0.75 * la.softmax(-1))
+    torch.testing.assert_close(logp, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.log_softmax(logp, -1), logp, atol=1e-5, rtol=1e-5)  # already normalised
+    torch.nn.functional.cross_entropy(logp, targets).backward()
+    assert all(m.head.weight.grad is not None and m.head.weight.grad.abs().sum() > 0 for m in ens.members)
+
+
+def test_scst_fine_tunes_both_members_of_an_ensemble_through_the_mixture(tmp_path):
+    """python -m train scst --init ENSEMBLE: the members trained together (grids for the attention member, their
+    mean for the pooled one) and exported as one ensemble that loads strictly and keeps its shares."""
+    from safetensors.torch import load_file
+
+    from test_attention import att_args, make_grid_cache
+    from test_fit import fit_args
+    from test_scst import scst_args
+    from train import fit, scst
+
+    cache = make_grid_cache(tmp_path / "grid", per_class=6, val_per_class=2)
+    fit.main(att_args(cache, tmp_path / "att", "--epochs", "2"))
+    fit.main(fit_args(cache, tmp_path / "pooled", "--epochs", "2"))
+    joined = ensemble_cmd.main(["--models", str(tmp_path / "pooled" / "model"), str(tmp_path / "att" / "model"),
+                                "--weights", "1", "2", "--out", str(tmp_path / "ens")])
+    out = tmp_path / "scst"
+    scst.main(scst_args(joined, cache, out, "--epochs", "1"))
+    model = load_decoder(out / "model")
+    assert isinstance(model, Ensemble) and model.shares == [1, 2] and model.extra["training"]["init_model"] == "ens"
+    before, after = load_file(joined / "model.safetensors"), torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    assert set(before) == set(after)
+    for i in (0, 1):  # every member moved
+        assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(f"members.{i}."))
 
 
 def test_finished_rows_leave_the_call_with_their_own_state(members, monkeypatch, tmp_path):

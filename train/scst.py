@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 
 from storyteller.fileio import write_text_atomic
-from storyteller.decoders import Ensemble, ShowAttendTell, load_decoder
+from storyteller.decoders import load_decoder
 from storyteller.rules import BAD_ENDINGS_HELP, parse_bad_endings, step_mask
 from storyteller.vocab import Vocabulary
 from train import fit, trainer
@@ -144,9 +144,6 @@ def load_init_model(init: str) -> tuple[torch.nn.Module, str]:
         model = load_decoder(str(path) if path.is_dir() else init)  # Show-and-Tell or Show-Attend-Tell
     except (OSError, ValueError) as e:
         raise SystemExit(f"scst: cannot load --init {init}: {e}") from None
-    if isinstance(model, Ensemble):
-        raise SystemExit(f"scst: --init {init} is an ensemble of decoders; fine-tune each member on its own and join "
-                         "them again with python -m train ensemble")
     name = init if not path.is_dir() else (path.parent.name if path.name == "model" else path.name)
     return model, name
 
@@ -154,7 +151,7 @@ def load_init_model(init: str) -> tuple[torch.nn.Module, str]:
 def load_split_features(cache, rows: np.ndarray, model: torch.nn.Module) -> torch.Tensor:
     """Features of the cache rows ``rows`` as the model takes them: the one place that reads them.
 
-    Show-and-Tell: (N, F) float32 pooled vectors. Show-Attend-Tell: (N, h, w, F) float16 grids
+    Show-and-Tell: (N, F) float32 pooled vectors. Show-Attend-Tell (or an ensemble holding one): (N, h, w, F) float16 grids
     (the model casts a batch to its weights' dtype), as ``fit`` keeps them.
 
     Args:
@@ -170,7 +167,7 @@ def load_split_features(cache, rows: np.ndarray, model: torch.nn.Module) -> torc
     if cache.feature_dim != model.feature_dim:
         raise SystemExit(f"scst: the cache has {cache.feature_dim}-d features but the model takes {model.feature_dim}-d")
     rows = np.asarray(rows)
-    if getattr(model, "decoder_type", None) == ShowAttendTell.decoder_type:
+    if getattr(model, "has_attention", False):  # Show-Attend-Tell, or an ensemble with an attention member
         try:
             return torch.from_numpy(np.array(cache.require_grid()[rows]))  # (N, h, w, F) float16
         except FeatureCacheError as e:

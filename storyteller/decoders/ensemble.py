@@ -9,7 +9,8 @@ shows where that member looked (the first one). The members share one vocabulary
 
 The Hub layout is every decoder's: ``config.json`` holds each member's own config under ``members`` (their
 ``extra`` and ``backbone`` live once, at the top), ``model.safetensors`` their weights as ``members.{i}.*``,
-``vocab.json`` the shared vocabulary. An ensemble is built from trained models, never trained itself.
+``vocab.json`` the shared vocabulary. An ensemble is built from trained models; ``train scst`` can fine-tune its members together
+(``forward`` gives the mixture's log-probabilities).
 """
 from __future__ import annotations
 
@@ -123,7 +124,7 @@ class Ensemble(
         attention member; a pooled member gets their mean (B, D), the pooled feature."""
         if member.has_attention or features.dim() == 2:
             return features
-        return features.flatten(1, -2).mean(1)
+        return features.flatten(1, -2).float().mean(1)  # fp32 even from a float16 grid cache
 
     def initial_state(self, features: torch.Tensor, products: tuple) -> tuple[DecoderState, ...]:
         """One row per photo: each member's own state."""
@@ -158,6 +159,27 @@ class Ensemble(
                       ) -> tuple[DecoderState, ...]:
         return tuple(s.scatter(rows, x) for s, x in zip(state, sub))
 
-    def forward(self, *args, **kwargs):
-        raise NotImplementedError("an ensemble is built from trained models (python -m train ensemble); "
-                                  "train or fine-tune its members")
+    def forward(self, features: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor,
+                images: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced log-probabilities of the mixture, with ``ShowAndTell.forward``'s contract, for
+        fine-tuning the members together (``train scst --init`` an ensemble): every member runs its own forward
+        and the result is log sum_i w_i p_i (N, V), already normalised, so a cross-entropy or ``log_softmax``
+        on it reads the mixture's probabilities. Each member keeps its own dropout.
+
+        Args:
+            features: (B, h, w, D) grids (or (B, D) pooled features when no member attends).
+            captions: (S, T) token ids ``<start> w1 .. wn <end> <pad>..``.
+            lengths: (S,) real tokens per row, ``<start>`` and ``<end>`` included.
+            images: (S,) the photo of each caption, an index into ``features`` (None: S = B).
+
+        Returns:
+            ``(log_probs, targets)`` over the N = sum(lengths - 1) predicted positions, in the members' packed order.
+        """
+        logps, targets = [], None
+        for m, share in zip(self.members, self.log_shares):
+            logits, t = m(self.member_features(m, features), captions, lengths, images)  # (N, V), (N,)
+            if targets is not None and not torch.equal(t, targets):  # the mixture is position by position
+                raise RuntimeError("the ensemble's members returned their positions in different orders")
+            targets = t
+            logps.append(torch.log_softmax(logits.float(), dim=-1) + share)
+        return torch.logsumexp(torch.stack(logps), 0), targets
