@@ -261,3 +261,50 @@ def test_captions_of_shared_photos_score_as_with_repeated_features(attention):
     assert a.image is None and b.image is None  # every row owns its photo's tensors
     for x, y in zip([*a.h, *a.c, *a.carry, *a.photos], [*b.h, *b.c, *b.carry, *b.photos], strict=True):
         torch.testing.assert_close(x, y)
+
+
+def mirrored_copy(cache_path: Path, out: Path, mirrored: bool = True, ids: list[str] | None = None) -> Path:
+    """The cache's photos as a mirrored cache: grids flipped left to right (a stand-in for extract --flip)."""
+    c = FeatureCache.open(cache_path)
+    grids = np.asarray(c.grid, np.float32)[:, :, ::-1].copy()
+    write_feature_cache(out, grids.mean((1, 2)), ids or c.ids, c.splits, c.captions, c.backbone,
+                        dataset={**c.manifest["dataset"], **({"mirrored": True} if mirrored else {})}, grid=grids)
+    return out
+
+
+def test_mirror_half_reads_the_mirrored_photo_and_swaps_left_and_right():
+    from types import SimpleNamespace
+
+    vocab = Vocabulary(["a", "dog", "on", "the", "left", "right"])
+    left, right, dog = vocab.stoi["left"], vocab.stoi["right"], vocab.stoi["dog"]
+    mirror = fit.mirror_token_map(vocab, torch.device("cpu"))
+    assert mirror[left] == right and mirror[right] == left and mirror[dog] == dog
+    assert torch.equal(fit.mirror_token_map(Vocabulary(["a", "left"]), torch.device("cpu")), torch.arange(6))  # no "right"
+    plain, flipped = torch.zeros(4, 2, 2, 3), torch.ones(4, 2, 2, 3)  # 4 photos
+    data = SimpleNamespace(train_pairs=SimpleNamespace(image=torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])),
+                           flip_features=flipped, mirror_tokens=mirror)
+    idx = torch.arange(8)
+    caps = torch.tensor([[1, dog, left, right, 2]] * 8)
+    seen = []
+    for seed in range(4):
+        feats, out = fit.mirror_half(data, idx, plain[data.train_pairs.image], caps, torch.Generator().manual_seed(seed))
+        flipped_rows = feats.flatten(1).mean(1) == 1  # (8,): read from the mirrored photos
+        assert torch.equal(out[flipped_rows], torch.tensor([[1, dog, right, left, 2]]).expand(int(flipped_rows.sum()), -1))
+        assert torch.equal(out[~flipped_rows], caps[~flipped_rows])
+        seen.append(int(flipped_rows.sum()))
+        again, _ = fit.mirror_half(data, idx, plain[data.train_pairs.image], caps, torch.Generator().manual_seed(seed))
+        assert torch.equal(feats, again)  # the epoch's seed decides
+    assert 0 < sum(seen) < 32  # some pairs of each kind
+
+
+def test_fit_with_flip_features_trains_on_both_and_refuses_a_cache_that_is_not_the_mirror(grid_cache, tmp_path):
+    flip = mirrored_copy(grid_cache, tmp_path / "flip")
+    out = tmp_path / "run"
+    fit.main(att_args(grid_cache, out, "--epochs", "1", "--flip-features", str(flip)))
+    model = load_decoder(out / "model")
+    assert model.extra["training"]["flip_augmentation"] is True
+    with pytest.raises(SystemExit, match="not a cache of mirrored photos"):
+        fit.main(att_args(grid_cache, tmp_path / "r1", "--flip-features", str(mirrored_copy(grid_cache, tmp_path / "f1", False))))
+    other = [f"x{i}" for i in range(len(FeatureCache.open(grid_cache).ids))]
+    with pytest.raises(SystemExit, match="other photos or another backbone"):
+        fit.main(att_args(grid_cache, tmp_path / "r2", "--flip-features", str(mirrored_copy(grid_cache, tmp_path / "f2", ids=other))))

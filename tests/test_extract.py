@@ -151,3 +151,28 @@ def test_dispatcher_reports_unknown_and_missing_commands(monkeypatch):
     monkeypatch.setitem(train_main.COMMANDS, "nosuch", "test")
     with pytest.raises(SystemExit, match="train/nosuch.py is missing"):
         train_main.main(["nosuch"])
+
+
+def test_flip_extracts_the_mirrored_photos_into_a_cache_of_their_own(tmp_path, capsys):
+    """--flip: every row is the backbone's features of its photo mirrored left to right (grids too), the same
+    ids and captions, and the manifest says so; a plain cache in that folder is never taken for it."""
+    from PIL import ImageOps
+
+    root = make_photos(tmp_path / "photos", 2)
+    args = ["--dataset", str(root), "--backbone", "efficientnet_lite0", "--random-weights", "--grid", "--batch-size", "2",
+            "--workers", "0", "--quiet"]
+    main([*args, "--out", str(tmp_path / "plain")])
+    main([*args, "--flip", "--out", str(tmp_path / "flip")])
+    plain, flip = FeatureCache.open(tmp_path / "plain"), FeatureCache.open(tmp_path / "flip")
+    assert flip.manifest["dataset"]["mirrored"] is True and "mirrored" not in plain.manifest["dataset"]
+    assert (flip.ids, flip.splits, flip.captions) == (plain.ids, plain.splits, plain.captions)
+    backbone = create_backbone("efficientnet_lite0", pretrained=False)
+    images = open_captioned_images(root)
+    with torch.inference_mode():
+        pixels = torch.stack([backbone.transform(ImageOps.mirror(images.load_image(i))) for i in range(len(images))])
+        feats, grids = backbone.forward_grid(pixels)
+    np.testing.assert_allclose(flip.features, feats.numpy(), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(np.asarray(flip.grid, np.float32), grids.numpy(), rtol=2e-2, atol=2e-2)
+    assert not np.allclose(flip.features, plain.features, atol=1e-2)  # the photos are not symmetric
+    with pytest.raises(SystemExit, match="another backbone or dataset"):  # the plain cache's folder: not resumed as it
+        main([*args, "--flip", "--out", str(tmp_path / "plain")])

@@ -4,6 +4,10 @@ feature cache (storyteller/features.py).
     python -m train extract --dataset ../shared/data/flickr8k --backbone efficientnet_lite0 --out feats/flickr8k-lite0
     python -m train extract --dataset ../shared/data/flickr8k --backbone efficientnet_lite0 --grid --out feats/f8k-lite0-grid
     python -m train extract --dataset nlphuji/flickr30k --backbone resnet50 --out feats/f30k-r50 --device cuda
+    python -m train extract --dataset ../shared/data/flickr8k --grid --flip --out feats/f8k-lite0-grid-flip  # mirrored
+
+``--flip`` extracts the photos mirrored left to right, into a cache of their own (same rows, ids and captions;
+its manifest's dataset says ``"mirrored": true``): ``fit --flip-features`` trains on it half the time.
 
 Pipeline: DataLoader workers decode + resize + normalise (the backbone's picklable transform) ->
 batched forward under torch.inference_mode (CUDA: channels_last + bf16/fp16 autocast) -> float16
@@ -29,6 +33,18 @@ from storyteller.backbones import Backbone, create_backbone, list_backbones
 from storyteller.data import FLICKR30K, CaptionedImages, open_captioned_images
 from storyteller.features import (MANIFEST, PARTIAL, ChunkedCacheWriter, FeatureCache, FeatureCacheError,
                                   same_backbone)
+
+
+class Mirrored:
+    """A transform that mirrors the photo left to right first (picklable, for DataLoader workers)."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, image):
+        from PIL import ImageOps
+
+        return self.transform(ImageOps.mirror(image))
 
 
 class PixelDataset(Dataset):
@@ -80,7 +96,7 @@ class ExtractResult:
 
 def extract(images: CaptionedImages, backbone: Backbone, out: str | os.PathLike, batch_size: int = 64,
             workers: int = 1, chunk_size: int = 1024, stop_after_chunks: int | None = None,
-            progress: bool = True, grid: bool = False) -> ExtractResult:
+            progress: bool = True, grid: bool = False, mirror: bool = False) -> ExtractResult:
     """Compute (or resume) the feature cache of ``images`` in ``out``.
 
     Args:
@@ -93,9 +109,10 @@ def extract(images: CaptionedImages, backbone: Backbone, out: str | os.PathLike,
         stop_after_chunks: debug/test hook: return after computing this many chunks, as if killed.
         progress: show a tqdm bar.
         grid: also store each image's (h, w, D) feature grid (for attention decoders).
+        mirror: extract the photos mirrored left to right (the dataset description says so).
     """
     records = images.records
-    writer = ChunkedCacheWriter(out, backbone.spec, images.description, len(records), chunk_size,
+    writer = ChunkedCacheWriter(out, backbone.spec, dataset_description(images, mirror), len(records), chunk_size,
                                 grid=backbone.grid_shape() if grid else None)
     resumed = writer.done_chunks
     start = writer.chunk_rows(resumed).start if resumed < writer.num_chunks else len(records)
@@ -106,7 +123,8 @@ def extract(images: CaptionedImages, backbone: Backbone, out: str | os.PathLike,
     computed = 0
     if start < len(records):
         device = backbone.device
-        loader = make_loader(images, backbone.transform, start, batch_size, workers, pin_memory=device.type == "cuda")
+        transform = Mirrored(backbone.transform) if mirror else backbone.transform
+        loader = make_loader(images, transform, start, batch_size, workers, pin_memory=device.type == "cuda")
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(records), initial=start, unit="img", disable=not progress, smoothing=0.1,
@@ -144,6 +162,12 @@ def extract(images: CaptionedImages, backbone: Backbone, out: str | os.PathLike,
     seconds = time.perf_counter() - t0
     cache = writer.finalize()
     return ExtractResult(cache, computed, resumed, len(records) - start, seconds)
+
+
+def dataset_description(images: CaptionedImages, mirror: bool = False) -> dict:
+    """What the cache's manifest says its rows are: the dataset's description, plus ``"mirrored": true`` for
+    photos extracted mirrored (so a mirrored cache is never taken for the plain one, nor resumed as it)."""
+    return {**images.description, "mirrored": True} if mirror else images.description
 
 
 def _existing_is_same(out: Path, backbone: dict, dataset: dict, grid: bool = False) -> bool | None:
@@ -189,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-weights", action="store_true", help="seeded random backbone weights (tests, benchmarks)")
     p.add_argument("--grid", action="store_true",
                    help="also store each image's feature grid (float16; Flickr8k with Lite0: about 1 GB) for attention decoders")
+    p.add_argument("--flip", action="store_true",
+                   help="extract the photos mirrored left to right (a cache of its own, for fit --flip-features)")
     p.add_argument("--out", required=True, help="cache folder")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=None,
@@ -226,7 +252,7 @@ def main(argv: list[str] | None = None) -> ExtractResult | None:
     if len(images) == 0:
         sys.exit(f"{args.dataset}: no images selected")
     backbone = create_backbone(args.backbone, pretrained=not args.random_weights, device=device)
-    same = _existing_is_same(out, backbone.spec, images.description, args.grid)
+    same = _existing_is_same(out, backbone.spec, dataset_description(images, args.flip), args.grid)
     if same and not args.overwrite:
         shutil.rmtree(out / PARTIAL, ignore_errors=True)  # leftover of a run killed right after its manifest
         print(f"{out} already holds this finished cache: {FeatureCache.open(out)}")
@@ -237,13 +263,13 @@ def main(argv: list[str] | None = None) -> ExtractResult | None:
         sys.exit(f"{out} holds a finished cache made from another backbone or dataset{' or without grids' if args.grid else ''}; "
                  "pass --overwrite to replace it")
 
-    print(f"{len(images)} images {images.split_counts()} from {args.dataset} -> {backbone.spec['name']} "
+    print(f"{len(images)} images {images.split_counts()}{' mirrored' if args.flip else ''} from {args.dataset} -> {backbone.spec['name']} "
           f"({backbone.feature_dim}-d, weights {backbone.spec['weights']}) on {device}, "
           f"{workers} workers, {torch.get_num_threads()} torch threads")
     try:
         result = extract(images, backbone, out, batch_size=args.batch_size, workers=workers,
                          chunk_size=args.chunk_size, stop_after_chunks=args.stop_after_chunks, progress=not args.quiet,
-                         grid=args.grid)
+                         grid=args.grid, mirror=args.flip)
     except FeatureCacheError as e:
         sys.exit(str(e))
     rate = result.images_computed / max(result.seconds, 1e-9)

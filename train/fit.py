@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     io = p.add_argument_group("data and outputs")
     io.add_argument("--features", required=True, help="feature cache folder written by `python -m train extract`")
     io.add_argument("--out", required=True, help="run folder for args.json, checkpoint.pt, metrics, plots and model/")
+    io.add_argument("--flip-features", default=None,
+                    help="a cache of the same photos mirrored left to right (extract --flip): each training caption "
+                         "reads its photo from it with probability 0.5, 'left' and 'right' swapped (augmentation)")
     io.add_argument("--train-split", default="train", help="split of the cache to train on")
     io.add_argument("--val-split", default="validation", help="split used for validation loss, BLEU-4 and CIDEr-D")
     io.add_argument("--max-val-images", type=int, default=0,
@@ -463,6 +466,8 @@ class FitData:
         train_pairs: every training (image, caption) pair, encoded.
         val_pairs: every validation pair, encoded.
         val_refs: the validation images' raw references.
+        flip_features: the same rows' features of the mirrored photos (``--flip-features``), or None.
+        mirror_tokens: (V,) token id -> its id in a mirrored caption ("left" <-> "right"), with flip_features.
     """
 
     cache: Any
@@ -473,6 +478,8 @@ class FitData:
     train_pairs: CaptionPairs
     val_pairs: CaptionPairs
     val_refs: list[list[str]]
+    flip_features: torch.Tensor | None = None
+    mirror_tokens: torch.Tensor | None = None
 
 
 def load_data(args: argparse.Namespace, device: torch.device, ckpt: dict[str, Any] | None) -> FitData:
@@ -504,10 +511,67 @@ def load_data(args: argparse.Namespace, device: torch.device, ckpt: dict[str, An
         vocab = Vocabulary(ckpt["vocab"][len(SPECIAL_TOKENS):])
     else:
         vocab = Vocabulary.build((c for r in train_rows for c in cache.captions[r]), min_freq=args.min_freq)
+    flip = None if args.flip_features is None else mirrored_features(args.flip_features, cache, grid is not None, device)
     return FitData(cache, features, train_rows, val_rows, vocab,
                    encode_pairs(train_rows, cache.captions, vocab, args.max_caption_words, device),
                    encode_pairs(val_rows, cache.captions, vocab, args.max_caption_words, device),
-                   [cache.captions[r] for r in val_rows])
+                   [cache.captions[r] for r in val_rows], flip,
+                   None if flip is None else mirror_token_map(vocab, device))
+
+
+MIRRORED_WORDS = ("left", "right")  # the words a mirrored photo swaps in its captions
+
+
+def mirrored_features(path: str, cache, grid: bool, device: torch.device) -> torch.Tensor:
+    """The mirrored cache's features (grids for an attention decoder), row for row those of ``cache``.
+
+    Raises:
+        SystemExit: not a cache of the same photos mirrored (other rows, another backbone, not mirrored, no grids),
+            in one line.
+    """
+    from storyteller.features import FeatureCache, FeatureCacheError, same_backbone
+
+    try:
+        flip = FeatureCache.open(path)
+        grids = flip.require_grid() if grid else None
+    except FeatureCacheError as e:
+        raise SystemExit(f"fit: --flip-features: {e}") from None
+    if not flip.manifest.get("dataset", {}).get("mirrored"):
+        raise SystemExit(f"fit: --flip-features {path} is not a cache of mirrored photos (make one with extract --flip)")
+    if flip.ids != cache.ids or not same_backbone(flip.backbone, cache.backbone):
+        raise SystemExit(f"fit: --flip-features {path} holds other photos or another backbone than --features "
+                         "(extract both from the same dataset with the same backbone)")
+    if grids is not None:
+        return torch.from_numpy(np.array(grids)).to(device)  # (N_images, h, w, F) float16
+    return torch.from_numpy(np.asarray(flip.features, dtype=np.float32)).to(device)  # (N_images, F)
+
+
+def mirror_token_map(vocab: Vocabulary, device: torch.device) -> torch.Tensor:
+    """(V,) each token id's id in the mirrored caption: "left" and "right" swapped where both are words of
+    ``vocab``, every other id itself."""
+    ids = torch.arange(len(vocab.itos))
+    a, b = (vocab.stoi.get(w) for w in MIRRORED_WORDS)
+    if a is not None and b is not None:
+        ids[a], ids[b] = b, a
+    return ids.to(device)
+
+
+def mirror_half(data: FitData, idx: torch.Tensor, feats: torch.Tensor, caps: torch.Tensor,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch with each pair, with probability 0.5, read from the mirrored photo and its caption mirrored.
+
+    Args:
+        data: the run's data (``flip_features`` and ``mirror_tokens`` set).
+        idx: (B,) CPU pair indices of the batch.
+        feats: (B, ...) the plain photos' features, as ``CaptionPairs.batch`` gave them.
+        caps: (B, T) their captions.
+        generator: a CPU generator (seeded per epoch: a resumed run draws the same).
+    """
+    flip = (torch.rand(len(idx), generator=generator) < 0.5).to(feats.device)  # (B,)
+    image = data.train_pairs.image[idx.to(feats.device)]
+    feats = torch.where(flip.view(-1, *[1] * (feats.dim() - 1)), data.flip_features[image], feats)
+    caps = torch.where(flip[:, None], data.mirror_tokens[caps], caps)
+    return feats, caps
 
 
 def model_arguments(args: argparse.Namespace, data: FitData) -> dict[str, Any]:
@@ -614,8 +678,11 @@ def train_epoch(run: FitRun, epoch: int) -> dict[str, float]:
     tokens = seen = 0
     show_bar = trainer.show_progress(args.progress, rt)
     bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not show_bar, leave=False, file=sys.stderr)
+    mirror = torch.Generator().manual_seed(trainer.epoch_seed(args.seed, epoch, rt.rank) + 1)  # which pairs read a mirror
     for step, idx in enumerate(bar):
         feats, caps, lengths = data.train_pairs.batch(data.features, idx)
+        if data.flip_features is not None:
+            feats, caps = mirror_half(data, idx, feats, caps, mirror)
         loss, n = train_step(run.forward, run.optimizer, feats, caps, lengths, amp_dtype=rt.amp_dtype,
                              clip_grad=args.clip_grad, label_smoothing=args.label_smoothing)
         if args.schedule != "plateau":
@@ -778,7 +845,8 @@ def export_best(run_dir: Path, best: dict[str, Any], model_kwargs: dict[str, Any
                 "hyperparameters": {k: getattr(args, k) for k in (
                     "min_freq", "max_caption_words", "batch_size", "lr", "weight_decay", "schedule", "warmup_epochs",
                     "min_lr_ratio", "clip_grad", "label_smoothing", "dropout", "seed", "epochs", "patience",
-                    *(("attention_dim", "attention_reg") if args.decoder == "attention" else ()))}}
+                    *(("attention_dim", "attention_reg") if args.decoder == "attention" else ()))},
+                "flip_augmentation": args.flip_features is not None}
     metrics = {"split": args.val_split, "decoding": f"greedy, max_len {args.max_len}", **best["metrics"]}
     model = build_decoder(model_kwargs, backbone=copy.deepcopy(cache.backbone),
                           extra={"dataset": public_dataset(cache.manifest.get("dataset", {})), "training": training,
