@@ -501,10 +501,7 @@ def load_data(args: argparse.Namespace, device: torch.device, ckpt: dict[str, An
         grid = cache.require_grid() if args.decoder == "attention" else None
     except FeatureCacheError as e:
         raise SystemExit(f"fit: {e}") from None
-    if grid is not None:
-        features = torch.from_numpy(np.array(grid)).to(device)  # (N_images, h, w, F) float16 (a writable copy)
-    else:
-        features = torch.from_numpy(np.asarray(cache.features, dtype=np.float32)).to(device)  # (N_images, F)
+    features = features_in_memory(cache, grid, device)
     if args.max_val_images > 0:
         val_rows = val_rows[: args.max_val_images]
     if ckpt is not None:
@@ -517,6 +514,14 @@ def load_data(args: argparse.Namespace, device: torch.device, ckpt: dict[str, An
                    encode_pairs(val_rows, cache.captions, vocab, args.max_caption_words, device),
                    [cache.captions[r] for r in val_rows], flip,
                    None if flip is None else mirror_token_map(vocab, device))
+
+
+def features_in_memory(cache, grid: np.ndarray | None, device: torch.device) -> torch.Tensor:
+    """A cache's features on ``device``: its grids (N_images, h, w, F) float16 (a writable copy) when ``grid`` is
+    given (``cache.require_grid()``), else its pooled vectors (N_images, F) float32."""
+    if grid is not None:
+        return torch.from_numpy(np.array(grid)).to(device)
+    return torch.from_numpy(np.asarray(cache.features, dtype=np.float32)).to(device)
 
 
 MIRRORED_WORDS = ("left", "right")  # the words a mirrored photo swaps in its captions
@@ -541,9 +546,7 @@ def mirrored_features(path: str, cache, grid: bool, device: torch.device) -> tor
     if flip.ids != cache.ids or not same_backbone(flip.backbone, cache.backbone):
         raise SystemExit(f"fit: --flip-features {path} holds other photos or another backbone than --features "
                          "(extract both from the same dataset with the same backbone)")
-    if grids is not None:
-        return torch.from_numpy(np.array(grids)).to(device)  # (N_images, h, w, F) float16
-    return torch.from_numpy(np.asarray(flip.features, dtype=np.float32)).to(device)  # (N_images, F)
+    return features_in_memory(flip, grids, device)
 
 
 def mirror_token_map(vocab: Vocabulary, device: torch.device) -> torch.Tensor:
@@ -568,9 +571,10 @@ def mirror_half(data: FitData, idx: torch.Tensor, feats: torch.Tensor, caps: tor
         generator: a CPU generator (seeded per epoch: a resumed run draws the same).
     """
     flip = (torch.rand(len(idx), generator=generator) < 0.5).to(feats.device)  # (B,)
-    image = data.train_pairs.image[idx.to(feats.device)]
-    feats = torch.where(flip.view(-1, *[1] * (feats.dim() - 1)), data.flip_features[image], feats)
-    caps = torch.where(flip[:, None], data.mirror_tokens[caps], caps)
+    image = data.train_pairs.image[idx.to(feats.device)][flip]
+    feats, caps = feats.clone(), caps.clone()  # the batch's own copies, never the caller's
+    feats[flip] = data.flip_features[image]  # only the flipped rows are read from the mirrored cache
+    caps[flip] = data.mirror_tokens[caps[flip]]
     return feats, caps
 
 

@@ -141,7 +141,7 @@ def load_init_model(init: str) -> tuple[torch.nn.Module, str]:
     if (path / "model" / "config.json").is_file() and not (path / "config.json").is_file():
         path = path / "model"  # a fit run folder
     try:
-        model = load_decoder(str(path) if path.is_dir() else init)  # Show-and-Tell or Show-Attend-Tell
+        model = load_decoder(str(path) if path.is_dir() else init)  # Show-and-Tell, Show-Attend-Tell or an ensemble
     except (OSError, ValueError) as e:
         raise SystemExit(f"scst: cannot load --init {init}: {e}") from None
     name = init if not path.is_dir() else (path.parent.name if path.name == "model" else path.name)

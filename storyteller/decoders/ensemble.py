@@ -145,12 +145,16 @@ class Ensemble(
                 logp, s, alpha = m.step(tokens, s, products=p, return_attention=True)
             else:
                 logp, s = m.step(tokens, s, products=p)
-            logps.append(logp + self.log_shares[i])
+            logps.append(logp)
             new.append(s)
-        # (N, V): log sum_i w_i p_i; rounding can put a near-certain word a hair above 0, which a log-probability
-        # never is (beam search's early stop relies on it)
-        logp = torch.logsumexp(torch.stack(logps), 0).clamp_(max=0.0)
+        # rounding can put a near-certain word a hair above 0, which a log-probability never is (beam search's
+        # early stop relies on it)
+        logp = self.mix(logps).clamp_(max=0.0)
         return (logp, tuple(new), alpha) if return_attention else (logp, tuple(new))
+
+    def mix(self, logps: list[torch.Tensor]) -> torch.Tensor:
+        """The members' log-probabilities (each (N, V)) -> the mixture's, log sum_i w_i p_i (N, V)."""
+        return torch.logsumexp(torch.stack([lp + share for lp, share in zip(logps, self.log_shares)]), 0)
 
     def select_state(self, state: tuple[DecoderState, ...], rows: torch.Tensor) -> tuple[DecoderState, ...]:
         return tuple(s.select(rows) for s in state)
@@ -176,10 +180,10 @@ class Ensemble(
             ``(log_probs, targets)`` over the N = sum(lengths - 1) predicted positions, in the members' packed order.
         """
         logps, targets = [], None
-        for m, share in zip(self.members, self.log_shares):
+        for m in self.members:
             logits, t = m(self.member_features(m, features), captions, lengths, images)  # (N, V), (N,)
             if targets is not None and not torch.equal(t, targets):  # the mixture is position by position
                 raise RuntimeError("the ensemble's members returned their positions in different orders")
             targets = t
-            logps.append(torch.log_softmax(logits.float(), dim=-1) + share)
-        return torch.logsumexp(torch.stack(logps), 0), targets
+            logps.append(torch.log_softmax(logits.float(), dim=-1))
+        return self.mix(logps), targets
