@@ -296,9 +296,13 @@ def test_stock_phrases_and_frequent_captions_on_hand_made_captions():
     assert evaluate.phrase_share(captions, "dog runs") == 2 / 5  # the tokenizer drops case and punctuation
     assert evaluate.phrase_share([], "dog") == 0.0
     rates = evaluate.stock_phrase_rates(captions, references, ("little boy", "red shirt", "holding a camera"))
-    assert rates["little boy"] == {"model": 2 / 5, "human": 1 / 9, "ratio": pytest.approx(3.6)}
-    assert rates["red shirt"] == {"model": 2 / 5, "human": 1 / 9, "ratio": pytest.approx(3.6)}
-    assert rates["holding a camera"] == {"model": 0.0, "human": 0.0, "ratio": None}  # nobody says it: no ratio
+    # "backed": of the images whose caption says it, the share whose own references say it too
+    # (image 0's people say "red shirt", image 2's say "little boy"; neither says both)
+    assert rates["little boy"] == {"model": 2 / 5, "human": 1 / 9, "ratio": pytest.approx(3.6), "backed": 1 / 2}
+    assert rates["red shirt"] == {"model": 2 / 5, "human": 1 / 9, "ratio": pytest.approx(3.6), "backed": 1 / 2}
+    assert rates["holding a camera"] == {"model": 0.0, "human": 0.0, "ratio": None, "backed": None}  # never said
+    elsewhere = evaluate.stock_phrase_rates(["a dog runs", "a cat"], [["a cat"], ["a dog runs"]], ("dog runs",))
+    assert elsewhere["dog runs"] == {"model": 1 / 2, "human": 1 / 2, "ratio": 1.0, "backed": 0.0}  # not its photo's
     assert evaluate.parse_phrases(None) == evaluate.STOCK_PHRASES
     assert evaluate.parse_phrases("Red shirt, little  boy,,red shirt") == ("red shirt", "little boy")
     assert evaluate.parse_phrases("none") == ()
@@ -317,14 +321,18 @@ def test_evaluate_reports_frequent_captions_and_stock_phrases_against_the_refere
     refs = [r for row in rows for r in cache.captions[row]]
     human = sum(" red picture" in f" {r}" for r in refs) / len(refs)
     assert human == pytest.approx(1 / 6)  # 2 red images of 6, one of their 2 references each
-    assert m["stock_phrases"]["red picture"] == {"model": sum("red picture" in g for g in greedy) / 6,
-                                                 "human": human, "ratio": pytest.approx(
-                                                     sum("red picture" in g for g in greedy) / 6 / human)}
+    said_red = [i for i, g in enumerate(greedy) if "red picture" in g]
+    backed = sum(any("red picture" in r for r in cache.captions[rows[i]]) for i in said_red)
+    assert m["stock_phrases"]["red picture"] == {"model": len(said_red) / 6, "human": human,
+                                                 "ratio": pytest.approx(len(said_red) / 6 / human),
+                                                 "backed": backed / len(said_red) if said_red else None}
     model_share = sum(said in g.split() for g in greedy) / 6
     assert m["stock_phrases"][said]["model"] == model_share > 0
     report = (tmp_path / "r.md").read_text(encoding="utf-8")
     assert f"| {greedy[0]} | {Counter(greedy)[greedy[0]]} |" in report
     assert f"| red picture | {m['stock_phrases']['red picture']['model']:.2%} | {human:.2%} |" in report
+    said_row = next(line for line in report.splitlines() if line.startswith(f"| {said} |"))
+    assert said_row.endswith(f"| {m['stock_phrases'][said]['backed']:.0%} |")  # the word the model says: backed
     default = run(setup, tmp_path, "--features", str(root / "feats"), "--beam", "1", "--max-len", "6")
     assert list(default["methods"]["greedy"]["stock_phrases"]) == list(evaluate.STOCK_PHRASES)
 

@@ -255,6 +255,15 @@ def frequent_captions(captions: Sequence[str], n: int = TOP_CAPTIONS) -> list[di
     return [{"caption": c, "count": k} for c, k in Counter(captions).most_common(n)]
 
 
+def _has_phrase(text: str, needle: str) -> bool:
+    """Whether ``text`` holds ``needle`` (`` w1 w2 ``, tokenized, space-padded) as whole words."""
+    return needle in f" {' '.join(tokenize(text))} "
+
+
+def _needle(phrase: str) -> str:
+    return f" {' '.join(tokenize(phrase))} "
+
+
 def phrase_share(captions: Sequence[str], phrase: str) -> float:
     """Share of ``captions`` that contain ``phrase`` as whole words, after the project's tokenizer (0 for none).
 
@@ -262,14 +271,15 @@ def phrase_share(captions: Sequence[str], phrase: str) -> float:
         captions: raw captions.
         phrase: a phrase (tokenized the same way).
     """
-    needle = f" {' '.join(tokenize(phrase))} "
-    hits = sum(needle in f" {' '.join(tokenize(c))} " for c in captions)
+    needle = _needle(phrase)
+    hits = sum(_has_phrase(c, needle) for c in captions)
     return hits / len(captions) if captions else 0.0
 
 
 def stock_phrase_rates(captions: Sequence[str], references: Sequence[Sequence[str]],
                        phrases: Sequence[str] = STOCK_PHRASES) -> dict[str, dict[str, float | None]]:
-    """How often the model says each phrase against how often people say it about the same images.
+    """How often the model says each phrase against how often people say it about the same images, and how
+    often a photo's own people back it up.
 
     Args:
         captions: the model's caption of each image.
@@ -278,13 +288,20 @@ def stock_phrase_rates(captions: Sequence[str], references: Sequence[Sequence[st
 
     Returns:
         phrase -> ``{"model": share of images whose caption has it, "human": share of the reference
-        captions that have it, "ratio": model / human (None when no reference has it)}``.
+        captions that have it, "ratio": model / human (None when no reference has it), "backed": share of the
+        images whose caption has it where at least one of that image's own references has it too (None when
+        no caption has it)}``. A ratio far above 1 with a low ``backed`` is a guess the model makes where
+        people see something else.
     """
     refs = [r for rs in references for r in rs]
     out = {}
     for phrase in phrases:
-        model, human = phrase_share(captions, phrase), phrase_share(refs, phrase)
-        out[phrase] = {"model": model, "human": human, "ratio": model / human if human > 0 else None}
+        needle = _needle(phrase)
+        said = [i for i, c in enumerate(captions) if _has_phrase(c, needle)]
+        backed = sum(any(_has_phrase(r, needle) for r in references[i]) for i in said)
+        model, human = len(said) / len(captions) if captions else 0.0, phrase_share(refs, phrase)
+        out[phrase] = {"model": model, "human": human, "ratio": model / human if human > 0 else None,
+                       "backed": backed / len(said) if said else None}
     return out
 
 
@@ -392,11 +409,12 @@ def render_diversity(result: dict[str, Any]) -> list[str]:
                 "| most frequent captions | count |", "|---|---|"]
         out += [f"| {c['caption'] or '(empty)'} | {c['count']} |" for c in m["top_captions"]]
         if m.get("stock_phrases"):
-            out += ["", "| phrase | model (share of images) | people (share of references) | model / people |",
-                    "|---|---|---|---|"]
+            out += ["", "| phrase | model (share of images) | people (share of references) | model / people | "
+                        "backed by the photo's own references |", "|---|---|---|---|---|"]
             for phrase, r in m["stock_phrases"].items():
                 ratio = "-" if r["ratio"] is None else f"{r['ratio']:.1f}x"
-                out.append(f"| {phrase} | {r['model']:.2%} | {r['human']:.2%} | {ratio} |")
+                backed = "-" if r.get("backed") is None else f"{r['backed']:.0%}"  # older results lack it
+                out.append(f"| {phrase} | {r['model']:.2%} | {r['human']:.2%} | {ratio} | {backed} |")
     return out
 
 
