@@ -84,3 +84,26 @@ def test_flickr30k_recipe_runs_end_to_end_offline_and_reruns(tmp_path):
     weights = (bundle / "model.safetensors").read_bytes()
     run()
     assert (bundle / "model.safetensors").read_bytes() == weights
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.parametrize("recipe", ["flickr8k_lite0.sh", "flickr8k_lite0_scst.sh"])
+@pytest.mark.parametrize("backbone", [None, "efficientnet_lite2"])
+def test_pooled_recipes_extract_with_the_backbone_asked_for(tmp_path, recipe, backbone):
+    # a `python` that only records its arguments: the recipe's own commands, in order, without running them
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.txt"
+    bin_dir.mkdir()
+    fake = bin_dir / "python"
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> "{log}"\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "WORK": str(tmp_path / "run"),
+           "OUT": str(tmp_path / "model"), "FEATURES": str(tmp_path / "features")}
+    if backbone:
+        env["BACKBONE"] = backbone
+    p = subprocess.run(["bash", str(REPO / "train" / "recipes" / recipe)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    calls = log.read_text().splitlines()
+    assert calls[0].startswith("-m train extract") and len(calls) >= 3
+    assert f"--backbone {backbone or 'efficientnet_lite0'} " in calls[0] + " "
+    assert not any("--backbone" in c for c in calls[1:])  # later steps read the backbone from the cache / model

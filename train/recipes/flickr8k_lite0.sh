@@ -4,6 +4,7 @@
 #
 #   bash train/recipes/flickr8k_lite0.sh                      # data at ../shared/data/flickr8k
 #   DATA=/path/to/flickr8k WORK=runs/f8k bash train/recipes/flickr8k_lite0.sh
+#   BACKBONE=efficientnet_lite2 WORK=runs/flickr8k-lite2 OUT=models/flickr8k-lite2 bash train/recipes/flickr8k_lite0.sh
 #
 # DATA is an imagefolder with train/ and validation/ (metadata.jsonl lines {"file_name", "captions"}).
 # Validation is used for early stopping / model selection and for the figures in the model card.
@@ -12,9 +13,10 @@ set -euo pipefail
 DATA=${DATA:-../shared/data/flickr8k}
 WORK=${WORK:-runs/flickr8k-lite0}
 OUT=${OUT:-models/flickr8k-lite0}
+BACKBONE=${BACKBONE:-efficientnet_lite0}  # any of `python -m train extract --help`'s --backbone choices
 
 # 1. pooled EfficientNet-Lite0 features (offline ImageNet weights), 7,000 images, resumable
-python -m train extract --dataset "$DATA" --backbone efficientnet_lite0 --out "$WORK/features"
+python -m train extract --dataset "$DATA" --backbone "$BACKBONE" --out "$WORK/features"
 
 # 2. the decoder: 2-layer LSTM 512, dropout 0.5, batch 64, AdamW 1e-3 with warmup + cosine,
 #    best epoch by validation CIDEr-D (greedy), early stopping after 6 epochs without improvement

@@ -5,6 +5,8 @@
 #
 #   bash train/recipes/flickr8k_lite0_scst.sh                    # data at ../shared/data/flickr8k
 #   DATA=/path/to/flickr8k WORK=runs/f8k-scst bash train/recipes/flickr8k_lite0_scst.sh
+#   BACKBONE=efficientnet_lite2 INIT=models/flickr8k-lite2 FEATURES=runs/flickr8k-lite2/features \
+#     WORK=runs/flickr8k-lite2-scst OUT=models/flickr8k-lite2-scst bash train/recipes/flickr8k_lite0_scst.sh
 #
 # The shipped run: 25 epochs at most of 6,000 images, 5 samples per image, mean-of-others baseline, AdamW
 # 2e-4 (constant), batch 50, seed 0, early stop after 4 epochs without a better validation beam-3 CIDEr-D
@@ -18,9 +20,10 @@ INIT=${INIT:-models/flickr8k-lite0}
 FEATURES=${FEATURES:-runs/flickr8k-lite0/features}
 WORK=${WORK:-runs/flickr8k-lite0-scst}
 OUT=${OUT:-models/flickr8k-lite0-scst}
+BACKBONE=${BACKBONE:-efficientnet_lite0}  # the backbone INIT was trained on
 
 # 1. pooled EfficientNet-Lite0 features: the same command as flickr8k_lite0.sh (nothing to do when it ran)
-python -m train extract --dataset "$DATA" --backbone efficientnet_lite0 --out "$FEATURES"
+python -m train extract --dataset "$DATA" --backbone "$BACKBONE" --out "$FEATURES"
 
 # 2. SCST from the cross-entropy model; validation with its own decoding (beam 3, alpha 0.5, trigram blocking)
 python -m train scst --init "$INIT" --features "$FEATURES" --out "$WORK/scst" \
