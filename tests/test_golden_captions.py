@@ -24,9 +24,8 @@ def pin_name(precision: str) -> str:
     0.03 apart, measured 2026-12-02), so AVX2-only CPUs have int8 pins of their own ("int8@avx2")."""
     import torch
 
-    if precision == "int8" and torch.backends.cpu.get_cpu_capability() in ("AVX2", "DEFAULT", "NO AVX"):
-        return "int8@avx2"
-    return precision
+    avx2_only = torch.backends.cpu.get_cpu_capability() == "AVX2"  # the ISA PyTorch's kernels dispatch on
+    return "int8@avx2" if precision == "int8" and avx2_only else precision
 
 
 def caption_examples(model: str, precision: str) -> dict[str, dict]:
@@ -57,11 +56,10 @@ def test_shipped_models_caption_the_examples_as_pinned(model, precision):
 
     if not local_weight_files(REPO / model):
         pytest.fail(f"{model} is pinned but not shipped: re-pin with `python tests/test_golden_captions.py --write`")
-    pins = golden()[model]
-    if pin_name(precision) not in pins:
-        pytest.fail(f"{model} has no {pin_name(precision)} pins for this CPU: pin them with "
-                    f"`python tests/test_golden_captions.py --write` on one")
-    want, got = pins[pin_name(precision)], caption_examples(model, precision)
+    pins, name = golden()[model], pin_name(precision)
+    if name not in pins:
+        pytest.fail(f"{model} has no {name} pins for this CPU: pin them with `python tests/test_golden_captions.py --write`")
+    want, got = pins[name], caption_examples(model, precision)
     assert sorted(got) == sorted(want), "the example photos changed: re-pin"
     for photo, w in want.items():
         g = got[photo]

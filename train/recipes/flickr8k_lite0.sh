@@ -15,7 +15,7 @@ WORK=${WORK:-runs/flickr8k-lite0}
 OUT=${OUT:-models/flickr8k-lite0}
 BACKBONE=${BACKBONE:-efficientnet_lite0}  # any of `python -m train extract --help`'s --backbone choices
 
-# 1. pooled EfficientNet-Lite0 features (offline ImageNet weights), 7,000 images, resumable
+# 1. pooled $BACKBONE features (EfficientNet-Lite0 unless set; offline ImageNet weights), 7,000 images, resumable
 python -m train extract --dataset "$DATA" --backbone "$BACKBONE" --out "$WORK/features"
 
 # 2. the decoder: 2-layer LSTM 512, dropout 0.5, batch 64, AdamW 1e-3 with warmup + cosine,

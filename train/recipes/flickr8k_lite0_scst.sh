@@ -22,7 +22,7 @@ WORK=${WORK:-runs/flickr8k-lite0-scst}
 OUT=${OUT:-models/flickr8k-lite0-scst}
 BACKBONE=${BACKBONE:-efficientnet_lite0}  # the backbone INIT was trained on
 
-# 1. pooled EfficientNet-Lite0 features: the same command as flickr8k_lite0.sh (nothing to do when it ran)
+# 1. pooled features ($BACKBONE, Lite0 unless set): the same command as flickr8k_lite0.sh (nothing to do when it ran)
 python -m train extract --dataset "$DATA" --backbone "$BACKBONE" --out "$FEATURES"
 
 # 2. SCST from the cross-entropy model; validation with its own decoding (beam 3, alpha 0.5, trigram blocking)
