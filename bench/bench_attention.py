@@ -29,12 +29,12 @@ sys.path.insert(0, str(REPO))
 
 from storyteller.decoders import ShowAttendTell  # noqa: E402
 from storyteller.captioner import load  # noqa: E402
-from storyteller.precision import time_step  # noqa: E402
+from bench.timing import time_step  # noqa: E402
 from storyteller.vocab import Vocabulary  # noqa: E402
 
 
 def step_ms(captioner, repeats: int = 200) -> float:
-    """Median ms of one decoder step for one image (``storyteller.precision.time_step``)."""
+    """Median ms of one decoder step for one image (``bench.timing.time_step``)."""
     return time_step(captioner.model, captioner.features([Image_blank()]), repeats=repeats)
 
 

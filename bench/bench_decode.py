@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from storyteller import precision as P  # noqa: E402
+from bench.timing import time_step  # noqa: E402
 from storyteller.captioner import DEFAULT_MODEL_DIR, load  # noqa: E402
 from storyteller.decoding import beam_search, greedy_and_beam_search, greedy_search  # noqa: E402
 from storyteller.vocab import Vocabulary  # noqa: E402
@@ -92,12 +93,12 @@ def count_steps(model):
 
 def load_features(args, captioner) -> torch.Tensor:
     if args.features:
-        from storyteller.features import FeatureCache
+        from train.features import FeatureCache
 
         cache = FeatureCache.open(args.features, expect_backbone=captioner.backbone.spec)
         rows = cache.split("validation")[: args.images]
         return torch.from_numpy(np.asarray(cache.features[rows], dtype=np.float32))
-    from storyteller.data import open_captioned_images
+    from train.data import open_captioned_images
     from train.evaluate import live_features
 
     images = open_captioned_images(args.dataset, "validation", limit_per_split=args.images)
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.inference_mode():
         for prec in P.PRECISIONS:  # each step continues the last one's state, as in a search
             model.precision = prec
-            steps[prec] = P.time_step(model, feat1, repeats=300)
+            steps[prec] = time_step(model, feat1, repeats=300)
         model.precision = "fp32"
         tok = torch.tensor([Vocabulary.start_id])
         lstm_state = model.initial_lstm_state(feat1)

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from storyteller.backbones import create_backbone  # noqa: E402
-from storyteller.data import open_captioned_images  # noqa: E402
+from train.data import open_captioned_images  # noqa: E402
 from train.extract import extract  # noqa: E402
 
 

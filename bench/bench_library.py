@@ -1,10 +1,10 @@
-"""Benchmark: captioning a photo folder (storyteller.library) against the backbone's forward alone, same photos.
+"""Benchmark: captioning a photo folder (storyteller.photo_library) against the backbone's forward alone, same photos.
 
     python bench/bench_library.py                                   # ../shared/data/flickr8k-fullres/validation
     python bench/bench_library.py --photos ../shared/data/flickr8k/validation --images 256 --threads 1,2
 
 "forward only" times ``captioner.encode_pixels(pixels)`` (the backbone) on batches decoded and transformed
-beforehand: the machine's ceiling. "library" runs ``storyteller.library.caption_batches`` on the same files:
+beforehand: the machine's ceiling. "library" runs ``storyteller.photo_library.caption_batches`` on the same files:
 decoding in DataLoader workers, the backbone and the greedy + beam search in this process, i.e. what
 ``python -m storyteller caption DIR --out FILE`` does apart from writing its records (a few hundred bytes a
 photo). The ratio library / forward is the issue's goal: >= 0.8. Both run with the same model (the bundled
@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from storyteller.captioner import load  # noqa: E402
-from storyteller.library import caption_batches, default_workers, find_images  # noqa: E402
+from storyteller.photo_library import caption_batches, default_workers, find_images  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -52,7 +52,7 @@ def load_data(features_dir: Path, captions_dir: Path, feature_dim: int = 1280, s
     """(features (N, F) float32, train rows, val rows, captions per row, description)."""
     manifest = features_dir / "manifest.json"
     if manifest.is_file():
-        from storyteller.features import FeatureCache
+        from train.features import FeatureCache
 
         cache = FeatureCache.open(features_dir)
         feats = torch.from_numpy(np.asarray(cache.features, dtype=np.float32))

@@ -6,7 +6,7 @@
     python -m storyteller info [--model M] [--revision R]
 
 A PATH is an image file or a folder; folders are walked recursively for image files (hidden ones skipped,
-in a stable order; see ``storyteller.library``).
+in a stable order; see ``storyteller.photo_library``).
 
 ``caption`` prints one line per image, in input order: ``IMAGE<TAB>beam caption<TAB>greedy caption``
 (with ``--json``: one JSON object per line with ``image``, ``beam``, ``beam_size``, ``greedy``,
@@ -144,7 +144,7 @@ def _cmd_caption(args: argparse.Namespace, captioner: Any) -> int:
                 print(f"{path}\t{r.beam[0].text}\t{r.greedy.text}", flush=True)
         pending.clear()
 
-    from .library import IMAGE_EXTENSIONS, walk_inputs
+    from .photo_library import IMAGE_EXTENSIONS, walk_inputs
 
     photos = []
     for given in args.images:  # files as given; a folder's image files, as folder/name
@@ -171,12 +171,12 @@ def _cmd_caption(args: argparse.Namespace, captioner: Any) -> int:
 
 
 def _cmd_library(args: argparse.Namespace) -> int:
-    """caption --out: every file of the inputs into a resumable record file (storyteller.library)."""
+    """caption --out: every file of the inputs into a resumable record file (storyteller.photo_library)."""
     import time
 
     from tqdm import tqdm
 
-    from .library import LibraryError, RecordFile, caption_batches, find_images, to_record
+    from .photo_library import LibraryError, RecordFile, caption_batches, find_images, to_record
 
     try:
         photos = find_images(args.images)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from storyteller.decoders import ShowAttendTell, attention_penalty
 from storyteller.decoding import greedy_search
-from storyteller.features import ChunkedCacheWriter, FeatureCache, FeatureCacheError, write_feature_cache
+from train.features import ChunkedCacheWriter, FeatureCache, FeatureCacheError, write_feature_cache
 from storyteller.decoders import ShowAndTell, load_decoder
 from storyteller.vocab import Vocabulary
 from train import fit

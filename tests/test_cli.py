@@ -135,7 +135,7 @@ def test_plain_mode_errors_go_to_stderr(model_dir, photos, tmp_path, capsys):
 def test_unreadable_files_get_an_error_line_and_the_run_goes_on(model_dir, photos, tmp_path, capsys):
     """OSError while reading one file (here a name too long for the file system and, on Linux,
     /proc/self/mem, which stat() calls a file but read() fails with EIO) must not abort the run. (A folder
-    is walked for its image files: tests/test_library.py.)"""
+    is walked for its image files: tests/test_photo_library.py.)"""
     too_long = str(tmp_path / ("x" * 300 + ".jpg"))
     unreadable = [too_long] + (["/proc/self/mem"] if os.path.isfile("/proc/self/mem") else [])
     args = [str(photos[0]), *unreadable, str(photos[1])]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from storyteller.data import CaptionedImage, iter_captioned_images, normalize_split, open_captioned_images
+from train.data import CaptionedImage, iter_captioned_images, normalize_split, open_captioned_images
 from storyteller.images import load_image
 
 

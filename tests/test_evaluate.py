@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from tests.helpers_images import colour_imagefolder
-from storyteller.data import open_captioned_images
+from train.data import open_captioned_images
 from storyteller.decoding import beam_search, greedy_search
-from storyteller.features import FeatureCache
+from train.features import FeatureCache
 from storyteller.metrics import evaluate_captions
 from storyteller.decoders import ShowAndTell
 from storyteller.precision import auto_precision

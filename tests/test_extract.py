@@ -12,9 +12,9 @@ from PIL import Image
 
 from storyteller.backbones import backbone_spec, create_backbone
 from storyteller.captioner import load
-from storyteller.data import open_captioned_images
+from train.data import open_captioned_images
 from storyteller.decoding import greedy_search
-from storyteller.features import FeatureCache, FeatureCacheError
+from train.features import FeatureCache, FeatureCacheError
 from tests.helpers_models import save_test_model
 from train import __main__ as train_main
 from train.extract import extract, main

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from storyteller.backbones import backbone_spec
-from storyteller.features import (ChunkedCacheWriter, FeatureCache, FeatureCacheError, check_backbone,
+from train.features import (ChunkedCacheWriter, FeatureCache, FeatureCacheError, check_backbone,
                                   write_feature_cache)
 
 SPEC = {**backbone_spec("efficientnet_lite0"), "feature_dim": 8}  # tiny D: the cache only needs a spec

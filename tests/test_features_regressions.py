@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from storyteller.backbones import backbone_spec, create_backbone
-from storyteller.data import open_captioned_images
-from storyteller.features import PARTIAL, FeatureCache
+from train.data import open_captioned_images
+from train.features import PARTIAL, FeatureCache
 from tests.test_extract import TINY, make_photos
 from train.extract import extract
 

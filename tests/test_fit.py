@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from storyteller.features import write_feature_cache
+from train.features import write_feature_cache
 from storyteller.decoders import ShowAndTell
 from train import fit
 
@@ -100,7 +100,7 @@ def test_padded_teacher_forcing_equals_the_packed_forward():
 
 
 def test_caption_pairs_batch_trims_to_longest(cache):
-    from storyteller.features import FeatureCache
+    from train.features import FeatureCache
     from storyteller.vocab import Vocabulary
 
     c = FeatureCache.open(cache)
@@ -209,7 +209,7 @@ def test_missing_split_is_one_clear_line(cache, tmp_path):
 ])
 def test_nonsense_arguments_exit_2_with_one_line_before_the_run_starts(cache, tmp_path, capsys, monkeypatch,
                                                                        change, message):
-    from storyteller.features import FeatureCache
+    from train.features import FeatureCache
 
     monkeypatch.setattr(FeatureCache, "open", lambda *a, **k: pytest.fail("read the cache for nonsense arguments"))
     with pytest.raises(SystemExit, match=message) as e:

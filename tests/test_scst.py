@@ -408,7 +408,7 @@ def test_nonsense_arguments_exit_2_with_one_line_before_the_run_starts(init_run,
 
 
 def test_model_and_cache_that_do_not_belong_together_are_refused(init_run, cache, tmp_path):
-    from storyteller.features import write_feature_cache
+    from train.features import write_feature_cache
 
     other = {**SPEC, "preprocessing": {**SPEC["preprocessing"], "crop": 200}}
     wrong_backbone = tmp_path / "b"
@@ -441,7 +441,7 @@ def test_bad_endings_are_never_the_last_word_and_flow_through_bundle_evaluate_an
 
     from storyteller import decoding
     from storyteller.captioner import decoding_hints
-    from storyteller.features import FeatureCache
+    from train.features import FeatureCache
     from train import bundle, evaluate
 
     out = tmp_path / "scst"
@@ -503,7 +503,7 @@ def test_scst_fine_tunes_an_attention_decoder_on_feature_grids(tmp_path):
     before = load_file(tmp_path / "att" / "model" / "model.safetensors")
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert any(not torch.equal(before[k], ckpt["model"][k]) for k in before)  # the grids fed a real update
-    from storyteller.features import FeatureCache, write_feature_cache
+    from train.features import FeatureCache, write_feature_cache
 
     g = FeatureCache.open(grid_cache)  # the same photos and captions without grids
     write_feature_cache(tmp_path / "pooled", np.asarray(g.features, np.float32), g.ids, g.splits, g.captions, g.backbone)

@@ -490,7 +490,7 @@ def open_images(args: argparse.Namespace):
     """
     if args.dataset is None:
         return None
-    from storyteller.data import open_captioned_images
+    from train.data import open_captioned_images
 
     try:
         return open_captioned_images(args.dataset, args.split, limit_per_split=args.limit if args.limit > 0 else None)
@@ -507,7 +507,7 @@ def cached_split(args: argparse.Namespace, model: torch.nn.Module, device: torch
         device: where it decodes.
         images: the ``--dataset`` images (thumbnails) or None.
     """
-    from storyteller.features import FeatureCache, FeatureCacheError
+    from train.features import FeatureCache, FeatureCacheError
 
     try:
         cache = FeatureCache.open(args.features, expect_backbone=model.backbone) if model.backbone else FeatureCache.open(args.features)

@@ -1,5 +1,5 @@
 """Extract pooled CNN features (and with --grid the feature grids) of a captioned-image dataset into a
-feature cache (storyteller/features.py).
+feature cache (train/features.py).
 
     python -m train extract --dataset ../shared/data/flickr8k --backbone efficientnet_lite0 --out feats/flickr8k-lite0
     python -m train extract --dataset ../shared/data/flickr8k --backbone efficientnet_lite0 --grid --out feats/f8k-lite0-grid
@@ -30,8 +30,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from storyteller.backbones import Backbone, create_backbone, list_backbones
-from storyteller.data import FLICKR30K, CaptionedImages, open_captioned_images
-from storyteller.features import (MANIFEST, PARTIAL, ChunkedCacheWriter, FeatureCache, FeatureCacheError,
+from train.data import FLICKR30K, CaptionedImages, open_captioned_images
+from train.features import (MANIFEST, PARTIAL, ChunkedCacheWriter, FeatureCache, FeatureCacheError,
                                   same_backbone)
 
 

@@ -493,7 +493,7 @@ def load_data(args: argparse.Namespace, device: torch.device, ckpt: dict[str, An
     Raises:
         SystemExit: a missing cache, split or grid (one line naming what is there).
     """
-    from storyteller.features import FeatureCache, FeatureCacheError
+    from train.features import FeatureCache, FeatureCacheError
 
     try:
         cache = FeatureCache.open(args.features)
@@ -534,7 +534,7 @@ def mirrored_features(path: str, cache, grid: bool, device: torch.device) -> tor
         SystemExit: not a cache of the same photos mirrored (other rows, another backbone, not mirrored, no grids),
             in one line.
     """
-    from storyteller.features import FeatureCache, FeatureCacheError, same_backbone
+    from train.features import FeatureCache, FeatureCacheError, same_backbone
 
     try:
         flip = FeatureCache.open(path)

@@ -162,7 +162,7 @@ def load_split_features(cache, rows: np.ndarray, model: torch.nn.Module) -> torc
     Raises:
         SystemExit: another feature size, or no grids for an attention model.
     """
-    from storyteller.features import FeatureCacheError
+    from train.features import FeatureCacheError
 
     if cache.feature_dim != model.feature_dim:
         raise SystemExit(f"scst: the cache has {cache.feature_dim}-d features but the model takes {model.feature_dim}-d")
@@ -485,7 +485,7 @@ def load_data(args: argparse.Namespace, model: torch.nn.Module, device: torch.de
     Raises:
         SystemExit: a missing cache or split, another backbone or vocabulary (one line).
     """
-    from storyteller.features import FeatureCache, FeatureCacheError
+    from train.features import FeatureCache, FeatureCacheError
 
     try:
         cache = FeatureCache.open(args.features, expect_backbone=model.backbone) if model.backbone else FeatureCache.open(args.features)

@@ -28,7 +28,7 @@ from typing import Any
 
 from PIL import Image
 
-from .images import ImageError, load_image
+from storyteller.images import ImageError, load_image
 
 FLICKR30K = "nlphuji/flickr30k"
 FLICKR30K_REVISION = "refs/convert/parquet"

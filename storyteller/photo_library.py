@@ -1,7 +1,7 @@
 """Caption a photo library: folders in, one record per photo out, resumable.
 
     from storyteller.images import ImageError
-    from storyteller.library import caption_folder
+    from storyteller.photo_library import caption_folder
 
     for name, result in caption_folder("photos/"):      # walked recursively, in a stable order
         if isinstance(result, ImageError):

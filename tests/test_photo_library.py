@@ -1,4 +1,4 @@
-"""storyteller.library and `caption --out`: which files a folder gives (extensions, hidden, symlink loops,
+"""storyteller.photo_library and `caption --out`: which files a folder gives (extensions, hidden, symlink loops,
 order), one record per file with errors for the bad ones, exit status, CSV and JSONL read back, resuming after
 a cut-short last line and after a real SIGKILL, --overwrite, refusing a file that is not ours, and that the
 records' captions are `caption --json`'s."""
@@ -17,7 +17,7 @@ import pytest
 
 from storyteller.__main__ import main
 from storyteller.images import ImageError
-from storyteller.library import (RECORD_FIELDS, LibraryError, RecordFile, caption_folder, find_images, read_records,
+from storyteller.photo_library import (RECORD_FIELDS, LibraryError, RecordFile, caption_folder, find_images, read_records,
                                  walk_inputs)
 from storyteller.vocab import SPECIAL_TOKENS
 from tests.helpers_images import photo_like, write_bad_inputs

@@ -24,7 +24,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from .fileio import write_json_atomic
+from storyteller.fileio import write_json_atomic
 
 FORMAT, VERSION = "storyteller-features", 1
 MANIFEST, FEATURES, GRID, INDEX, PARTIAL = "manifest.json", "features.npy", "grid.npy", "index.jsonl", ".partial"
@@ -59,7 +59,7 @@ def check_backbone(found: dict[str, Any], expect: str | dict[str, Any], where: s
         where: what holds ``found``, for the message.
     """
     if isinstance(expect, str):
-        from .backbones import backbone_spec
+        from storyteller.backbones import backbone_spec
 
         expect = backbone_spec(expect)
     a, b = _backbone_key(found), _backbone_key(expect)
@@ -76,7 +76,7 @@ def library_versions() -> dict[str, str]:
     import torch
     import torchvision
 
-    from . import __version__
+    from storyteller import __version__
 
     return {"storyteller": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "timm": timm.__version__, "numpy": np.__version__, "pillow": PIL.__version__}
