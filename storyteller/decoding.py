@@ -60,6 +60,9 @@ class Caption:
     # attention decoders: (words, h, w) weights (or (words, R) for region inputs) that chose each word's
     # context, one map per word of ``tokens``; None for pooled decoders
     attention: torch.Tensor | None = None
+    # the estimated probability that the caption is good (storyteller.confidence: the model's calibrator applied
+    # to what the search saw); None when the model has no calibrator: never a made-up number
+    confidence: float | None = None
 
 
 @contextlib.contextmanager
