@@ -74,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="with --out: start over instead of resuming")
     c.add_argument("--workers", type=int, default=None, metavar="W",
                    help="with --out: processes decoding photos (default: 1 on a CPU, more with a GPU; 0: none)")
+    c.add_argument("--review-below", type=float, default=None, metavar="X",
+                   help="with --out: mark records whose confidence is below X (or unknown) \"needs_review\": true")
     c.add_argument("--json", action="store_true", help="one JSON object per line")
     c.add_argument("--attention", default=None, metavar="DIR",
                    help="attention models: write DIR/<image>.attention.png, the heat map of each word of the beam caption")
@@ -87,13 +89,16 @@ def _caption_record(path: str, result: Any, beam_size: int, n_best: int) -> dict
     best = result.beam[0]
     rec = {"image": path, "beam": best.text, "beam_log_prob": round(best.log_prob, 4),
            "beam_score": round(best.score, 4), "beam_size": beam_size, "greedy": result.greedy.text,
-           "greedy_log_prob": round(result.greedy.log_prob, 4), "warnings": list(result.warnings),
+           "greedy_log_prob": round(result.greedy.log_prob, 4),
+           # the estimated probability that the caption is good (storyteller.confidence); null: no calibration
+           "beam_confidence": best.confidence, "greedy_confidence": result.greedy.confidence,
+           "warnings": list(result.warnings),
            # the backbone and the searches run once per batch: these are the batch's times, not this image's
            "batch_images": result.batch_size,
            "batch_timings_ms": {k: round(v, 1) for k, v in result.timings_ms.items()}}
     if n_best > 1:
-        rec["n_best"] = [{"caption": c.text, "log_prob": round(c.log_prob, 4), "score": round(c.score, 4)}
-                         for c in result.beam]
+        rec["n_best"] = [{"caption": c.text, "log_prob": round(c.log_prob, 4), "score": round(c.score, 4),
+                          "confidence": c.confidence} for c in result.beam]
     return rec
 
 
@@ -197,7 +202,7 @@ def _cmd_library(args: argparse.Namespace) -> int:
         with out, tqdm(total=len(todo), unit="photo", desc="caption", file=sys.stderr, disable=None) as bar:
             for batch in caption_batches(todo, captioner, batch_size=args.batch_size, workers=args.workers,
                                          **settings):
-                records = [to_record(photo.name, result) for photo, result in batch]
+                records = [to_record(photo.name, result, args.review_below) for photo, result in batch]
                 out.write(records)
                 new_errors += sum("error" in r for r in records)
                 bar.update(len(records))
@@ -242,6 +247,8 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.out is not None and (args.json or args.attention or args.n_best > 1):
         p.error("--out writes its own records (JSONL or CSV by extension): --json, --attention and --n-best are "
                 "for printed output")
+    if args.review_below is not None and (args.out is None or not 0.0 <= args.review_below <= 1.0):
+        p.error("--review-below goes with --out and is a confidence in 0..1")
 
 
 def _load_captioner(args: argparse.Namespace) -> Any:

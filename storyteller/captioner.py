@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .confidence import CALIBRATION_FILE, NEIGHBOURS_FILE, CalibrationError, Calibrator
 from .decoding import Caption, beam_search, greedy_and_beam_search, greedy_search
 from .precision import use_precision
 from .settings import DECODING_DEFAULTS, decoding_hints
@@ -48,7 +49,7 @@ MODEL_ENV_VAR = "STORYTELLER_MODEL"
 # (hub_upload.py) share: what it must hold, what it may hold (the card and what the card shows), and
 # the card's example thumbnails (written by `train evaluate --write-to-model`).
 MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, VOCAB_FILE)
-OPTIONAL_MODEL_FILES = ("README.md", "evaluation.json", "loss_curve.png", "metric_curve.png")
+OPTIONAL_MODEL_FILES = ("README.md", "evaluation.json", "loss_curve.png", "metric_curve.png", CALIBRATION_FILE, NEIGHBOURS_FILE)
 MODEL_EXAMPLES_GLOB = "examples/*.jpg"
 _LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 
@@ -110,10 +111,12 @@ class Captioner:
         source: where the model came from (folder or repo id), for display.
         revision: the Hub revision asked for, if any.
         model_dir: the local folder holding the model files (a Hub snapshot for repo ids).
+        calibrator: the model's confidence calibration (``storyteller.confidence``); None: captions carry no
+            confidence.
     """
 
     def __init__(self, model: HubDecoder, backbone: torch.nn.Module, source: str, revision: str | None = None,
-                 model_dir: str | Path | None = None):
+                 model_dir: str | Path | None = None, calibrator: Calibrator | None = None):
         if getattr(backbone, "feature_dim", model.feature_dim) != model.feature_dim:
             raise ModelLoadError(f"{source}: backbone gives {backbone.feature_dim}-d features but the decoder "
                                  f"expects {model.feature_dim}")
@@ -124,6 +127,7 @@ class Captioner:
         self.decoding = {**DECODING_DEFAULTS, **decoding_hints(model.extra)}
         # an attention decoder reads the backbone's feature grid, a pooled one its pooled vector
         self.has_attention = bool(getattr(model, "has_attention", False))
+        self.calibrator = calibrator
 
     @property
     def device(self) -> torch.device:
@@ -297,7 +301,14 @@ class Captioner:
             beam_caps = beam_search(self.model, features, beam_size=beam_size, alpha=alpha, n_best=n_best, **kw)
         search = (time.perf_counter() - t2) * 1e3
         timings.update(search=search, total=timings.get("total", 0.0) + search)
-        return [CaptionResult(g, b, dict(timings), B, w) for g, b, w in zip(greedy_caps, beam_caps, notes)]
+        results = [CaptionResult(g, b, dict(timings), B, w) for g, b, w in zip(greedy_caps, beam_caps, notes)]
+        if self.calibrator is not None:
+            t3 = time.perf_counter()
+            self.calibrator.annotate(features, results)
+            confidence = (time.perf_counter() - t3) * 1e3
+            for r in results:
+                r.timings_ms.update(confidence=confidence, total=r.timings_ms["total"] + confidence)
+        return results
 
     def attention_figure(self, image: Image.Image, caption: Caption, panel_width: int = 200, columns: int = 5
                          ) -> Image.Image:
@@ -583,4 +594,8 @@ def _load_folder(model_dir: Path, source: str, revision: str | None, device: str
     except ValueError as e:
         raise ModelLoadError(f"{source}: {e}") from None
     model.products()  # the step's products made now, not at the first caption
-    return Captioner(model, backbone, source=source, revision=revision, model_dir=model_dir)
+    try:
+        calibrator = Calibrator.load(model_dir)
+    except CalibrationError as e:
+        raise ModelLoadError(f"{source}: {e}") from None
+    return Captioner(model, backbone, source=source, revision=revision, model_dir=model_dir, calibrator=calibrator)

@@ -48,7 +48,7 @@ __all__ = ["IMAGE_EXTENSIONS", "RECORD_FIELDS", "RECORD_FORMATS", "Photo", "Libr
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"})
 # The columns of a record, in CSV order; a JSONL record holds image + error, or image + the other four.
-RECORD_FIELDS = ("image", "greedy", "beam", "beam_log_prob", "warnings", "error")
+RECORD_FIELDS = ("image", "greedy", "beam", "beam_log_prob", "confidence", "needs_review", "warnings", "error")
 RECORD_FORMATS = {".jsonl": "jsonl", ".csv": "csv"}
 WARNINGS_SEPARATOR = " | "  # a CSV cell holds a photo's warning sentences joined by this
 PREFETCH_BATCHES = 4  # batches each worker decodes ahead, so one slow file does not starve the backbone
@@ -286,15 +286,25 @@ def caption_folder(inputs: str | os.PathLike | Sequence[str | os.PathLike], capt
             yield photo.name, result
 
 
-def to_record(name: str, result: CaptionResult | BaseException) -> dict[str, Any]:
-    """The record of one photo: ``image``, ``greedy``, ``beam``, ``beam_log_prob``, ``warnings``; or
-    ``image`` and ``error`` (one line) for a file that could not be captioned."""
+def to_record(name: str, result: CaptionResult | BaseException, review_below: float | None = None) -> dict[str, Any]:
+    """The record of one photo: ``image``, ``greedy``, ``beam``, ``beam_log_prob``, ``confidence`` (the beam
+    caption's; None when the model has no calibration), ``needs_review``, ``warnings``; or ``image`` and
+    ``error`` (one line) for a file that could not be captioned.
+
+    Args:
+        name: the photo's name in the records.
+        result: its captions, or why it could not be captioned.
+        review_below: ``needs_review`` is True where the confidence is below this (None: never; a caption
+            without a confidence needs review whenever a threshold is given).
+    """
     if isinstance(result, BaseException):
         return {"image": name, "error": _one_line(result)}
     best = result.beam[0] if result.beam else None
+    confidence = best.confidence if best else None
+    review = review_below is not None and (confidence is None or confidence < review_below)
     return {"image": name, "greedy": result.greedy.text if result.greedy else None,
             "beam": best.text if best else None, "beam_log_prob": round(best.log_prob, 4) if best else None,
-            "warnings": list(result.warnings)}
+            "confidence": confidence, "needs_review": review, "warnings": list(result.warnings)}
 
 
 def _json_line(record: dict[str, Any]) -> str:
@@ -331,6 +341,8 @@ def _csv_record(row: list[str]) -> dict[str, Any]:
         return {"image": cells["image"], "error": cells["error"]}
     return {"image": cells["image"], "greedy": cells["greedy"], "beam": cells["beam"],
             "beam_log_prob": float(cells["beam_log_prob"]) if cells["beam_log_prob"] else None,
+            "confidence": float(cells["confidence"]) if cells["confidence"] else None,
+            "needs_review": cells["needs_review"] == "True",
             "warnings": cells["warnings"].split(WARNINGS_SEPARATOR) if cells["warnings"] else []}
 
 

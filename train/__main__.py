@@ -20,6 +20,7 @@ COMMANDS = {"extract": "cache pooled CNN features of a captioned-image dataset",
             "fit": "train the caption decoder on a feature cache",
             "scst": "fine-tune a trained model on CIDEr-D (self-critical sequence training)",
             "evaluate": "score a trained model's captions",
+            "calibrate": "fit a model's confidence calibration on validation photos",
             "bundle": "package a trained model for shipping (float16, decoding defaults, card)",
             "average": "average the weights of several epochs of a run (checkpoint averaging)",
             "ensemble": "join trained models into one ensemble model (the mean of their probabilities)"}

@@ -55,7 +55,8 @@ from storyteller.vocab import Vocabulary
 from train import fit, trainer
 from storyteller.settings import MAX_LEN_HELP
 from train.evaluate import DECODING_FALLBACK, caption_statistics, decode_all
-from train.reward import CaptionReward, parse_reward_weights
+from storyteller.cider import CaptionReward
+from train.reward import parse_reward_weights
 
 CHECKPOINT_FORMAT = "storyteller-scst-checkpoint-v1"
 # Arguments that may differ between a run and its --resume. Unlike fit (whose cosine schedule spans
