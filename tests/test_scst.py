@@ -23,7 +23,7 @@ from storyteller.metrics import corpus_bleu
 from storyteller.vocab import Vocabulary, tokenize
 from test_fit import SPEC, fit_args, make_cache
 from train import fit, scst
-from train.reward import CaptionReward
+from storyteller.cider import CaptionReward
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "a dog man runs in the park with ball red shirt two children play on grass water".split()
