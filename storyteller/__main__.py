@@ -4,6 +4,7 @@
                                   [--n-best N] [--json] [--batch-size B] [--device D] [--attention DIR] PATH...
     python -m storyteller caption PATH... --out captions.jsonl|captions.csv [--overwrite] [--workers W]
     python -m storyteller info [--model M] [--revision R]
+    python -m storyteller tag captions.csv|PATH... [--embed] [--dry-run] [--min-confidence X]   (storyteller.tagging)
 
 A PATH is an image file or a folder; folders are walked recursively for image files (hidden ones skipped,
 in a stable order; see ``storyteller.photo_library``).
@@ -82,6 +83,12 @@ def _parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="print the model's backbone, sizes and scores as JSON")
     model_args(i)
+
+    from .tagging import add_arguments as tag_arguments
+
+    t = sub.add_parser("tag", help="write captions into photos' metadata (XMP sidecars, or --embed), after review")
+    model_args(t)
+    tag_arguments(t)
     return p
 
 
@@ -270,6 +277,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command == "tag":
+        from .tagging import run_cli
+
+        return run_cli(args, _load_captioner)
     if args.command == "caption":
         _check_args(parser, args)
         if args.threads:
