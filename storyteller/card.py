@@ -294,6 +294,36 @@ def _examples_section(model_dir: Path, examples: list[dict[str, Any]]) -> list[s
     return out
 
 
+def _confidence_section(model_dir: Path) -> list[str]:
+    """What the model's confidence means and how well it was calibrated (``calibration.json``); nothing without one."""
+    path = model_dir / "calibration.json"  # storyteller.confidence.CALIBRATION_FILE (card imports no torch module)
+    if not path.is_file():
+        return []
+    cal = json.loads(path.read_text(encoding="utf-8"))
+    v = cal.get("validation") or {}
+    spread = next((x for k, x in v.items() if k.startswith("over_") and isinstance(x, dict)), {})
+
+    def fig(key: str) -> str:
+        s = spread.get(key) or {}
+        return f"{s['mean']:.3f} ± {s['sd']:.3f}" if "mean" in s else _fmt(v.get(key), 3)
+
+    out = ["## Confidence", "",
+           f"Every caption carries a `confidence`: the estimated probability that it is good, where good means "
+           f"{_cell(cal.get('criterion', {}).get('description', '?'))}. It is a logistic function of "
+           f"{', '.join(f'`{s}`' for s in cal.get('signals', []))}, fitted by `python -m train calibrate` on "
+           f"{v.get('photos', '?')} {v.get('split', 'validation')} photos (figures: fitted on one half, judged on the "
+           f"other, over random halvings). References are other people's words, not a person's eyes: treat it as a "
+           f"ranking of which captions to check first.", "",
+           "| | validation |", "|---|---:|",
+           f"| share of good captions | {_fmt(v.get('good_rate'), 3)} |",
+           f"| mean confidence | {fig('mean_confidence')} |",
+           f"| AUROC against the criterion | {fig('auroc_criterion')} |",
+           f"| AUROC against per-photo CIDEr-D above the median | {fig('auroc_cider_above_median')} |",
+           f"| expected calibration error | {fig('ece')} |",
+           f"| mean CIDEr-D of the most confident quarter / of all | {fig('top_quarter_cider_ratio')} |", ""]
+    return out
+
+
 def _details_section(config: dict[str, Any]) -> list[str]:
     backbone = config.get("backbone") or {}
     pre = backbone.get("preprocessing") or {}
@@ -391,6 +421,7 @@ def write_model_card(model_dir: str | os.PathLike, *, repo_id: str | None = None
     out += _intro(config, name, ds_name)
     out += _results_section(model_dir, evaluations, extra.get("metrics") or {}, ds_name)
     out += _examples_section(model_dir, examples)
+    out += _confidence_section(model_dir)
     out += _details_section(config)
     out += _training_section(extra.get("training") or {}, ds_name, hub_id)
     out += _usage_section(repo_id or "path/to/this/folder", config.get("vocab_size"), ds_name)

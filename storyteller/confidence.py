@@ -94,6 +94,10 @@ class Neighbours:
     reward: CaptionReward
     k: int = 10
 
+    def __post_init__(self):
+        # (d, N) float32, made once: converting the float16 bank at every caption cost more than the search's step
+        self._bank_t = self.bank.float().T.contiguous()
+
     def nearest(self, pooled: torch.Tensor) -> np.ndarray:
         """(B, D) pooled features -> (B, k) indices of the nearest training photos, nearest first."""
         if pooled.shape[-1] != self.mean.shape[0]:
@@ -101,7 +105,7 @@ class Neighbours:
                                    f"backbone gives {pooled.shape[-1]}-d ones")
         q = (pooled.float().cpu() - self.mean) @ self.projection
         q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        sim = q @ self.bank.float().T  # (B, N) cosine
+        sim = q @ self._bank_t  # (B, N) cosine
         return sim.topk(min(self.k, sim.shape[1]), dim=1).indices.numpy()
 
     def consensus(self, pooled: torch.Tensor, texts: Sequence[str], photo: Sequence[int]) -> np.ndarray:
@@ -234,6 +238,9 @@ class Calibrator:
         if self.neighbours is not None:
             tmp = model_dir / f".{NEIGHBOURS_FILE}.tmp"
             save_file(self.neighbours.tensors(), str(tmp))
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # a model file like the others (safetensors creates it private)
             os.replace(tmp, model_dir / NEIGHBOURS_FILE)
             written.append(model_dir / NEIGHBOURS_FILE)
         write_json_atomic(model_dir / CALIBRATION_FILE, self.to_json())

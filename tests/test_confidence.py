@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -203,3 +204,73 @@ def test_dry_run_writes_nothing(tmp_path):
     before = sorted(p.name for p in model_dir.iterdir())
     _calibrate(model_dir, data, "--dry-run")
     assert sorted(p.name for p in model_dir.iterdir()) == before
+
+
+def test_command_line_and_records_carry_the_confidence(calibrated, tmp_path, capsys):
+    from storyteller.__main__ import main
+    from storyteller.photo_library import read_records
+
+    model_dir, data, _ = calibrated
+    photos = [str(p) for p in sorted((data / "validation").glob("*.png"))[:3]]
+    assert main(["caption", "--model", str(model_dir), "--json", "--beam", "3", "--n-best", "2", *photos]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 3
+    for rec in lines:
+        assert 0 <= rec["beam_confidence"] <= 1 and 0 <= rec["greedy_confidence"] <= 1
+        assert rec["n_best"][0]["confidence"] == rec["beam_confidence"]
+    for suffix in (".jsonl", ".csv"):
+        out = tmp_path / f"records{suffix}"
+        assert main(["caption", "--model", str(model_dir), "--out", str(out), "--review-below", "0.999", *photos]) == 0
+        records = read_records(out)
+        assert [r["confidence"] for r in records] == pytest.approx([x["beam_confidence"] for x in lines], abs=1e-9)
+        assert all(r["needs_review"] is True for r in records)  # no confidence reaches 0.999 here
+        low = tmp_path / f"none{suffix}"
+        assert main(["caption", "--model", str(model_dir), "--out", str(low), "--review-below", "0", *photos]) == 0
+        assert not any(r["needs_review"] for r in read_records(low))
+
+
+def test_review_below_is_a_confidence_with_out(calibrated, capsys):
+    from storyteller.__main__ import main
+
+    model_dir, data, _ = calibrated
+    photo = str(sorted((data / "validation").glob("*.png"))[0])
+    for argv in (["--review-below", "0.5"], ["--out", "x.csv", "--review-below", "1.5"]):
+        with pytest.raises(SystemExit) as e:
+            main(["caption", "--model", str(model_dir), *argv, photo])
+        assert e.value.code == 2
+    assert "--review-below" in capsys.readouterr().err
+
+
+SHIPPED = sorted(p for p in (Path(__file__).resolve().parents[1] / "models").iterdir() if (p / "config.json").is_file())
+
+
+@pytest.mark.parametrize("model_dir", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_model_is_calibrated_with_honest_figures(model_dir):
+    cal = Calibrator.load(model_dir)
+    assert cal is not None, f"{model_dir.name} has no {CALIBRATION_FILE}: run python -m train calibrate"
+    v = cal.validation
+    assert v["split"] == "validation" and v["photos"] == 1000
+    assert cal.criterion["name"] == C.CRITERION["name"]
+    # calibrated: the mean confidence of the judged halves is the rate of good captions, within 0.05
+    assert abs(v["mean_confidence"] - v["good_rate"]) < 0.05 and v["ece"] < 0.05
+    assert v["auroc_criterion"] > 0.7 and v["auroc_cider_above_median"] > 0.7
+    assert cal.neighbours.bank.shape == (6000, v["dim"]) and cal.neighbours.k == v["k"]
+
+
+def test_the_default_model_gives_confidences_in_0_1():
+    captioner = load()
+    examples = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.jpg"))
+    for r in captioner.caption(examples, n_best=2):
+        assert all(0.0 <= c.confidence <= 1.0 for c in [r.greedy, *r.beam])
+
+
+def test_the_model_card_carries_the_calibration(calibrated, tmp_path):
+    from storyteller.card import write_model_card
+
+    model_dir, _, _ = calibrated
+    text = write_model_card(model_dir).read_text()
+    figures = json.loads((model_dir / CALIBRATION_FILE).read_text())["validation"]
+    assert "## Confidence" in text and C.CRITERION["description"] in text
+    assert f"| share of good captions | {figures['good_rate']:.3f} |" in text
+    plain = save_test_model(tmp_path / "plain", pretrained_backbone=False)
+    assert "## Confidence" not in write_model_card(plain).read_text()

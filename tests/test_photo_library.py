@@ -139,7 +139,8 @@ def test_records_errors_and_exit_status(tmp_path, capsys, caption_out):
     assert [r["image"] for r in recs] == ["a/p0.jpg", "a/p2.jpg", "b/p1.jpg", "b/p3.jpg", "bad/empty.png",
                                           "bad/not_an_image.jpg", "bad/truncated.jpg"]
     for r in recs[:4]:
-        assert set(r) == {"image", "greedy", "beam", "beam_log_prob", "warnings"}
+        assert set(r) == {"image", "greedy", "beam", "beam_log_prob", "confidence", "needs_review", "warnings"}
+        assert r["confidence"] is None and r["needs_review"] is False  # the test model has no calibration
         assert clean(r["beam"]) and clean(r["greedy"]) and r["beam_log_prob"] < 0 and r["warnings"] == []
     errors = {r["image"]: r["error"] for r in recs[4:]}
     assert set(recs[4]) == {"image", "error"}
