@@ -32,7 +32,7 @@ from PIL import Image
 
 from .decoding import Caption, beam_search, greedy_and_beam_search, greedy_search
 from .precision import use_precision
-from .settings import DECODING_DEFAULTS, decoding_hints
+from .decoding_settings import DECODING_DEFAULTS, check_beam, decoding_hints, end_allowed_from
 from .images import ImageSource, image_warnings, load_image
 from .decoders import (CONFIG_FILE, VOCAB_FILE, WEIGHT_SHARDS_GLOB, WEIGHTS_FILE, WEIGHTS_INDEX_FILE, HubDecoder,
                        load_decoder, local_weight_files)
@@ -276,14 +276,14 @@ class Captioner:
         ngram = d["no_repeat_ngram_size"] if no_repeat_ngram_size is None else int(no_repeat_ngram_size)
         if not (greedy or beam):
             raise ValueError("nothing to do: greedy and beam are both off")
-        if beam and not 1 <= n_best <= beam_size:
-            raise ValueError(f"n_best must be in 1..beam_size={beam_size}, got {n_best}")
+        if beam:
+            check_beam(beam_size, n_best)
         B = features.shape[0]
         if B == 0:
             return []
         timings = {} if timings is None else timings
         notes = list(warnings) if warnings is not None else [[] for _ in range(B)]
-        min_len = min(d["min_len"], max_len)
+        min_len = end_allowed_from(d["min_len"], max_len)
 
         t2 = time.perf_counter()
         kw = dict(max_len=max_len, no_repeat_ngram_size=ngram, min_len=min_len, bad_endings=d["bad_endings"])

@@ -25,9 +25,8 @@ from safetensors.torch import save_file
 from storyteller.card import public_dataset, published_local_paths, write_model_card
 from storyteller.fileio import atomic_path, write_json_atomic
 from storyteller.decoders import CONFIG_FILE, VOCAB_FILE, WEIGHTS_INDEX_FILE, load_decoder
-from storyteller.rules import BAD_ENDINGS_HELP, parse_bad_endings
-from storyteller.settings import MAX_LEN_LIMIT
-from storyteller.settings import validate_decoding as check_decoding
+from storyteller.decoding_settings import BAD_ENDINGS_HELP, MAX_LEN_LIMIT, parse_bad_endings
+from storyteller.decoding_settings import validate_decoding as check_decoding
 
 CARRIED_FILES = ("loss_curve.png", "metric_curve.png")
 MAX_SHARD_BYTES = 20_000_000  # every shipped file stays well under the 30 MB a repository file may take
@@ -53,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def validate_decoding(decoding: dict) -> None:
     """Check recommended decoding settings before they are written into a bundle
-    (``storyteller.settings.validate_decoding``, the check ``load()`` applies too; unknown keys refused).
+    (``storyteller.decoding_settings.validate_decoding``, the check ``load()`` applies too; unknown keys refused).
 
     Raises:
         ValueError: an unknown key or a value out of range, naming it.

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from storyteller.rules import BAD_ENDINGS  # noqa: F401  (re-exported: bad_ending_share's default)
+from storyteller.decoding_settings import BAD_ENDINGS  # noqa: F401  (re-exported: bad_ending_share's default)
 from storyteller.vocab import tokenize
 
 # An n-gram is one int64 key: its word ids are the digits of a base-BASE number. 55,000 leaves room for
