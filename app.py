@@ -51,6 +51,7 @@ import gradio as gr
 import torch
 
 from storyteller.captioner import DECODING_DEFAULTS, Captioner, CaptionResult, ModelLoadError, load
+from storyteller.decoding_settings import SLIDER_RANGES
 from storyteller.card import dataset_label, ensemble_summary
 from storyteller.images import MAX_BYTES, ImageError, image_warnings
 from storyteller.scoring import ScoredCaption, parting_step, score_result
@@ -58,7 +59,7 @@ from storyteller.vocab import Vocabulary
 
 HERE = Path(__file__).resolve().parent
 EXAMPLES_DIR = HERE / "examples"
-BEAM_RANGE, MAX_LEN_RANGE, ALPHA_RANGE = (1, 10), (1, 40), (0.0, 2.0)
+BEAM_RANGE, MAX_LEN_RANGE, ALPHA_RANGE = (SLIDER_RANGES[k] for k in ("beam_size", "max_len", "alpha"))
 log = logging.getLogger("storyteller.app")
 # Start-up progress goes to stdout, so a failed start is still one line on stderr (see _load_or_exit).
 startup_log = logging.getLogger("storyteller.app.startup")

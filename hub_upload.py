@@ -37,8 +37,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from storyteller.captioner import MODEL_EXAMPLES_GLOB, MODEL_FILES, OPTIONAL_MODEL_FILES
-from storyteller.decoders import WEIGHTS_INDEX_FILE, local_weight_files
+from storyteller.loading import MODEL_EXAMPLES_GLOB, MODEL_FILES, OPTIONAL_MODEL_FILES, WEIGHTS_INDEX_FILE, local_weight_files
 from storyteller.card import CARD_FILE as CARD
 from storyteller.vocab import SPECIAL_TOKENS
 

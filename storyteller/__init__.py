@@ -15,10 +15,9 @@ __version__ = "0.1.0"
 
 # Imported on first use: they pull in torchvision/timm/PIL, which the training loop does not need.
 _LAZY = {
-    "load": "captioner", "Captioner": "captioner", "CaptionResult": "captioner", "ModelLoadError": "captioner",
+    "load": "captioner", "Captioner": "captioner", "CaptionResult": "captioner", "ModelLoadError": "loading",
     "load_image": "images", "ImageError": "images",
     "create_backbone": "backbones", "list_backbones": "backbones",
-    "FeatureCache": "features", "FeatureCacheError": "features",
 }
 
 

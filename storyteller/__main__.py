@@ -40,7 +40,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .settings import MAX_LEN_HELP
+from .decoding_settings import MAX_LEN_HELP, check_setting
 
 __all__ = ["main"]
 
@@ -237,10 +237,13 @@ def _cmd_library(args: argparse.Namespace) -> int:
 
 def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Usage errors (exit 2 through argparse) before anything is loaded."""
-    if args.beam is not None and args.beam < 1:
-        p.error("--beam must be >= 1")
-    if args.max_len is not None and args.max_len < 1:
-        p.error("--max-len must be >= 1")
+    for option, key in (("--beam", "beam_size"), ("--max-len", "max_len"), ("--alpha", "alpha")):
+        value = getattr(args, option[2:].replace("-", "_"))
+        try:
+            if value is not None:
+                check_setting(key, value, name=option)  # the limits the searches apply, stated once
+        except ValueError as e:
+            p.error(str(e))
     if args.batch_size < 1:
         p.error("--batch-size must be >= 1")
     if args.n_best < 1 or (args.beam is not None and args.n_best > args.beam):

@@ -8,7 +8,7 @@
 Which model ``load()`` picks, first match wins: the ``name_or_path`` argument; the environment
 variable ``STORYTELLER_MODEL``; the bundled folder ``models/flickr8k-lite0-ensemble/`` at the repository root.
 A Hub repo is fetched with ``snapshot_download`` (so ``HF_HUB_OFFLINE=1`` uses the local cache) and
-then loaded exactly like a folder. The backbone and its preprocessing come from the model's
+then loaded exactly like a folder: finding, checking and reading the files is ``storyteller.loading``. The backbone and its preprocessing come from the model's
 ``config.json`` (``create_backbone(config["backbone"])``), so live features match the features the
 decoder was trained on. Every failure to load raises :class:`ModelLoadError` saying what to do.
 
@@ -18,7 +18,6 @@ Example::
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 import warnings
@@ -30,32 +29,20 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .confidence import CALIBRATION_FILE, NEIGHBOURS_FILE, CalibrationError, Calibrator
+from .confidence import CalibrationError, Calibrator
 from .decoding import Caption, beam_search, greedy_and_beam_search, greedy_search
 from .precision import use_precision
-from .settings import DECODING_DEFAULTS, decoding_hints
+from .decoding_settings import DECODING_DEFAULTS, check_beam, decoding_hints, end_allowed_from
 from .images import ImageSource, image_warnings, load_image
-from .decoders import (CONFIG_FILE, VOCAB_FILE, WEIGHT_SHARDS_GLOB, WEIGHTS_FILE, WEIGHTS_INDEX_FILE, HubDecoder,
-                       load_decoder, local_weight_files)
+from .decoders import HubDecoder, load_decoder
+# Loading lives in storyteller.loading; these names stay importable from here, where users found them.
+from .loading import (DEFAULT_MODEL_DIR, MODEL_ENV_VAR, MODEL_EXAMPLES_GLOB, MODEL_FILES, OPTIONAL_MODEL_FILES,
+                      ModelLoadError, check_model_folder, check_weights_file, default_model, model_label,
+                      resolve_model_dir)
 
 __all__ = ["Captioner", "CaptionResult", "ModelLoadError", "load", "default_model", "DEFAULT_MODEL_DIR",
            "MODEL_ENV_VAR", "MODEL_FILES", "OPTIONAL_MODEL_FILES", "MODEL_EXAMPLES_GLOB", "DECODING_DEFAULTS",
            "check_weights_file", "model_label", "decoding_hints"]
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "flickr8k-lite0-ensemble"
-MODEL_ENV_VAR = "STORYTELLER_MODEL"
-# A model folder's files, the one list that loading, downloading (snapshot_download) and publishing
-# (hub_upload.py) share: what it must hold, what it may hold (the card and what the card shows), and
-# the card's example thumbnails (written by `train evaluate --write-to-model`).
-MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, VOCAB_FILE)
-OPTIONAL_MODEL_FILES = ("README.md", "evaluation.json", "loss_curve.png", "metric_curve.png", CALIBRATION_FILE, NEIGHBOURS_FILE)
-MODEL_EXAMPLES_GLOB = "examples/*.jpg"
-_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
-
-
-class ModelLoadError(RuntimeError):
-    """A model could not be found or loaded; the message says what to pass instead."""
 
 
 @dataclass
@@ -280,14 +267,14 @@ class Captioner:
         ngram = d["no_repeat_ngram_size"] if no_repeat_ngram_size is None else int(no_repeat_ngram_size)
         if not (greedy or beam):
             raise ValueError("nothing to do: greedy and beam are both off")
-        if beam and not 1 <= n_best <= beam_size:
-            raise ValueError(f"n_best must be in 1..beam_size={beam_size}, got {n_best}")
+        if beam:
+            check_beam(beam_size, n_best)
         B = features.shape[0]
         if B == 0:
             return []
         timings = {} if timings is None else timings
         notes = list(warnings) if warnings is not None else [[] for _ in range(B)]
-        min_len = min(d["min_len"], max_len)
+        min_len = end_allowed_from(d["min_len"], max_len)
 
         t2 = time.perf_counter()
         kw = dict(max_len=max_len, no_repeat_ngram_size=ngram, min_len=min_len, bad_endings=d["bad_endings"])
@@ -380,154 +367,6 @@ def _read_evaluations(model_dir: Path | None) -> list[dict[str, Any]]:
         return []
 
 
-def default_model() -> str:
-    """The model ``load()`` uses with no argument: ``$STORYTELLER_MODEL``, else the bundled folder.
-
-    Raises:
-        ModelLoadError: neither is set / present.
-    """
-    env = os.environ.get(MODEL_ENV_VAR, "").strip()
-    if env:
-        return env
-    if DEFAULT_MODEL_DIR.is_dir():
-        return str(DEFAULT_MODEL_DIR)
-    raise ModelLoadError(
-        f"no model given and no bundled model at {DEFAULT_MODEL_DIR}. Pass one: a local folder with "
-        f"{', '.join(MODEL_FILES)} (e.g. made by `python -m train fit`) or a Hugging Face Hub repo id, as "
-        f"load('user/model') in Python, --model user/model on the command line, or the environment variable "
-        f"{MODEL_ENV_VAR}=user/model.")
-
-
-def model_label(source: str) -> str:
-    """How to name a model to users without showing a machine's folders: a Hub repo id as is; a local
-    folder by its path inside this repository (``models/flickr8k-lite0-ensemble``), else by its own name.
-
-    Args:
-        source: what ``load`` was given (a folder or a repo id).
-    """
-    path = Path(source).expanduser()
-    if not path.exists() and not _looks_like_path(source):
-        return source  # a Hub repo id
-    try:
-        return path.resolve().relative_to(REPO_ROOT).as_posix()
-    except ValueError:
-        return path.resolve().name or source
-
-
-def check_weights_file(path: str | os.PathLike) -> None:
-    """Refuse a ``model.safetensors`` that cannot be the weights, before safetensors reads it.
-
-    Catches a Git LFS pointer left by a clone without LFS, a file cut short (interrupted download
-    or copy) and a file that is not safetensors at all, each with what to do about it.
-
-    Args:
-        path: the weights file.
-
-    Raises:
-        ModelLoadError: the file is a pointer, truncated or corrupt.
-    """
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if (head + f.read(len(_LFS_POINTER) - 8)).startswith(_LFS_POINTER):
-                raise ModelLoadError(
-                    f"{path} is a Git LFS pointer, not the weights: the repository was cloned without Git LFS. "
-                    f"Install it and fetch the files (`git lfs install && git lfs pull`), or download the model "
-                    f"from the Hub.")
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if not 2 <= n <= min(size - 8, 100 * 2**20):
-                raise ValueError("no valid safetensors header")
-            f.seek(8)
-            header = json.loads(f.read(n))
-        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-    except ModelLoadError:
-        raise
-    except OSError as e:
-        raise ModelLoadError(f"cannot read {path}: {e.strerror or e}") from None
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-        raise ModelLoadError(f"{path} is not a safetensors weights file (corrupt or the wrong file); download or "
-                             f"export the model again") from None
-    if size < 8 + n + end:
-        raise ModelLoadError(f"{path} is truncated ({size:,} bytes, its header promises {8 + n + end:,}): an "
-                             f"interrupted download or copy. Download or copy the model again.")
-
-
-def _looks_like_path(name: str) -> bool:
-    """True for names that cannot be Hub repo ids (``user/model``), so they must have meant a folder."""
-    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or name.endswith("/")
-
-
-def resolve_model_dir(name_or_path: str, revision: str | None = None) -> Path:
-    """A local folder holding the model's files: the folder itself, or a Hub snapshot (downloaded or cached).
-
-    Args:
-        name_or_path: a local folder or a Hub repo id (``"user/model"``).
-        revision: Hub branch, tag or commit (repo ids only).
-
-    Raises:
-        ModelLoadError: no such folder, no such repo/revision, or no network and nothing cached.
-    """
-    local = Path(name_or_path).expanduser()
-    if local.is_dir():
-        missing = missing_model_files(local)
-        if missing:
-            raise ModelLoadError(f"model folder {local} is missing {', '.join(missing)}; a model folder needs "
-                                 f"{', '.join(MODEL_FILES)} (written by ShowAndTell.save_pretrained)")
-        return local
-    if local.exists():
-        raise ModelLoadError(f"{local} is a file; pass the model folder that holds {', '.join(MODEL_FILES)}")
-    if _looks_like_path(name_or_path):
-        raise ModelLoadError(f"no model folder at {local.resolve()} (and it is not a Hub repo id like 'user/model')")
-
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, HFValidationError, LocalEntryNotFoundError,
-                                        OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
-
-    at = f" at revision {revision!r}" if revision else ""
-    offline_hint = (f"Without network, set HF_HUB_OFFLINE=1 and use a copy in the Hugging Face cache "
-                    f"(download it once with `hf download {name_or_path}`), or pass a local model folder.")
-    try:
-        path = snapshot_download(repo_id=name_or_path, revision=revision,
-                                 allow_patterns=[*MODEL_FILES, WEIGHTS_INDEX_FILE, WEIGHT_SHARDS_GLOB,
-                                                 *OPTIONAL_MODEL_FILES, MODEL_EXAMPLES_GLOB])
-    except HFValidationError as e:
-        raise ModelLoadError(f"{name_or_path!r} is neither a local folder nor a valid Hub repo id ({e})") from None
-    except GatedRepoError:
-        raise ModelLoadError(f"Hub repo {name_or_path} is gated: accept its terms on huggingface.co and log in "
-                             f"(`hf auth login` or HF_TOKEN)") from None
-    except RepositoryNotFoundError:
-        raise ModelLoadError(f"no Hub model repo {name_or_path!r} (or it is private: log in with `hf auth login` "
-                             f"or set HF_TOKEN), and no local folder of that name") from None
-    except RevisionNotFoundError:
-        raise ModelLoadError(f"Hub repo {name_or_path} has no revision {revision!r}") from None
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
-        raise ModelLoadError(f"{name_or_path!r} is not a local folder ({local.resolve()} does not exist), and the "
-                             f"Hugging Face Hub could not be reached for it{at} with nothing in the local cache "
-                             f"({type(e).__name__}). {offline_hint}") from None
-    except Exception as e:  # other HTTP errors (HfHubHTTPError), proxy/connection failures, disk errors
-        raise ModelLoadError(f"could not download {name_or_path}{at} from the Hub: {type(e).__name__}: {e}. "
-                             f"{offline_hint}") from None
-    path = Path(path)
-    missing = missing_model_files(path)
-    if missing:
-        raise ModelLoadError(f"Hub repo {name_or_path}{at} is not a Neural Storyteller model: it has no "
-                             f"{', '.join(missing)}")
-    return path
-
-
-def missing_model_files(folder: Path) -> list[str]:
-    """What a model folder lacks of ``MODEL_FILES``; its weights may be ``model.safetensors`` or the shards of
-    ``model.safetensors.index.json`` (a missing shard is named)."""
-    missing = [f for f in (CONFIG_FILE, VOCAB_FILE) if not (folder / f).is_file()]
-    try:
-        weights = local_weight_files(folder)
-    except ValueError as e:  # an unreadable index
-        return missing + [f"readable {WEIGHTS_INDEX_FILE} ({e})"]
-    return missing + ([f.name for f in weights if not f.is_file()] if weights else [WEIGHTS_FILE])
-
-
 def load(name_or_path: str | os.PathLike | None = None, revision: str | None = None,
          device: str | torch.device = "cpu", precision: str | None = None) -> Captioner:
     """Load a captioner: the decoder, its vocabulary, and the backbone named in its config.
@@ -563,19 +402,7 @@ def _load_folder(model_dir: Path, source: str, revision: str | None, device: str
     """:func:`load`'s work once the folder is found; each expected failure is a ModelLoadError saying what to do."""
     from .backbones import create_backbone
 
-    try:
-        config = json.loads((model_dir / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{source}: unreadable {CONFIG_FILE} ({e})") from None
-    if not isinstance(config, dict) or not config.get("backbone"):
-        raise ModelLoadError(f"{source}: {CONFIG_FILE} names no backbone, so the image features cannot be "
-                             f"computed; re-export the model with its backbone spec (ShowAndTell(..., backbone=spec))")
-    try:
-        decoding_hints(config.get("extra"))
-    except ValueError as e:  # checked here, not at the first caption
-        raise ModelLoadError(f"{source}: {CONFIG_FILE}: {e}") from None
-    for path in local_weight_files(model_dir):
-        check_weights_file(path)
+    config = check_model_folder(model_dir, source)
     try:
         model = load_decoder(str(model_dir))
     except (ValueError, OSError, TypeError) as e:  # vocab/config/weights mismatch, missing file, bad config keys, NaN

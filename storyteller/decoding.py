@@ -14,7 +14,7 @@ Conventions shared by both:
 - a caption has at most ``max_len`` decoder steps; ``<end>`` counts as a step. A sequence that
   reaches ``max_len`` without ``<end>`` is cut there and still returned (``finished=False``), so a
   caption always comes back, also from a model that never emits ``<end>``.
-- the token rules of ``storyteller.rules``: ``<pad>`` and ``<start>`` are never emitted; ``<unk>`` is
+- the token rules of ``storyteller.token_rules``: ``<pad>`` and ``<start>`` are never emitted; ``<unk>`` is
   suppressed unless ``suppress_unk=False``; ``<end>`` is allowed only after ``min_len`` words (default 1), so
   an empty caption never comes back.
 - ``no_repeat_ngram_size=n`` forbids any n-gram from appearing twice in one caption (3 = the usual
@@ -40,7 +40,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .rules import forbidden_tokens
+from .decoding_settings import check_beam, check_setting
+from .token_rules import forbidden_tokens
 from .vocab import Vocabulary
 
 # While more than this share of a step's rows is live, every row runs and the others are masked: picking
@@ -84,12 +85,11 @@ def eval_mode(model: torch.nn.Module):
 def _check(model, features: torch.Tensor, max_len: int, min_len: int, no_repeat_ngram_size: int) -> None:
     if not getattr(model, "has_attention", False) and features.dim() != 2:
         raise ValueError(f"features must be (batch, feature_dim), got shape {tuple(features.shape)}")
-    if max_len < 1:
-        raise ValueError(f"max_len must be >= 1, got {max_len}")
-    if not 0 <= min_len <= max_len:
+    check_setting("max_len", max_len)
+    check_setting("no_repeat_ngram_size", no_repeat_ngram_size)
+    check_setting("min_len", min_len)
+    if min_len > max_len:
         raise ValueError(f"min_len must be in 0..max_len, got min_len={min_len}, max_len={max_len}")
-    if no_repeat_ngram_size < 0:
-        raise ValueError(f"no_repeat_ngram_size must be >= 0 (0: off), got {no_repeat_ngram_size}")
     if features.is_floating_point() and not bool(torch.isfinite(features).all()):
         # NaN or inf would make every log-probability NaN: no caption could be ranked
         raise ValueError("features hold NaN or infinite values: the image encoder (or the feature cache) is broken")
@@ -185,7 +185,7 @@ def _bad_ending_ids(vocab: Vocabulary, bad_endings) -> np.ndarray | None:
 
 
 class _Rules:
-    """The token rules of one search (``storyteller.rules``' per-step rules, plus the history-dependent ones:
+    """The token rules of one search (``storyteller.token_rules``' per-step rules, plus the history-dependent ones:
     bad endings and n-gram blocking), prepared once."""
 
     def __init__(self, V: int, suppress_unk: bool, no_repeat_ngram_size: int, min_len: int,
@@ -196,7 +196,7 @@ class _Rules:
         self._numpy_fill: bool | None = None  # set by the first step: float32 log-probabilities on the CPU
 
     def banned_cells(self, N: int, step: int) -> np.ndarray:
-        """Flat indices row * V + token of ``storyteller.rules.forbidden_tokens`` at ``step`` for N rows."""
+        """Flat indices row * V + token of ``storyteller.token_rules.forbidden_tokens`` at ``step`` for N rows."""
         cols = forbidden_tokens(step, self.min_len, self.suppress_unk)
         if (N, cols) not in self._flat:
             self._flat[N, cols] = (np.arange(N, dtype=np.int64)[:, None] * self.V + np.array(cols, dtype=np.int64)).ravel()
@@ -514,13 +514,6 @@ def greedy_search(model, features: torch.Tensor, vocab: Vocabulary | None = None
     return [caps[0] for caps in g.captions(vocab, _grid_of(features))]
 
 
-def _check_beam(beam_size: int, n_best: int) -> None:
-    if beam_size < 1:
-        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
-    if not 1 <= n_best <= beam_size:
-        raise ValueError(f"n_best must be in 1..beam_size={beam_size}, got {n_best}")
-
-
 @torch.inference_mode()
 def beam_search(model, features: torch.Tensor, vocab: Vocabulary | None = None, beam_size: int = 5,
                 max_len: int = 20, alpha: float = 0.0, n_best: int = 1, suppress_unk: bool = True,
@@ -549,7 +542,7 @@ def beam_search(model, features: torch.Tensor, vocab: Vocabulary | None = None, 
         empty (with ``attention`` maps for attention decoders).
     """
     vocab = vocab or model.vocab
-    _check_beam(beam_size, n_best)
+    check_beam(beam_size, n_best)
     (g,) = _search(model, features, [(beam_size, False, alpha, n_best)], vocab, max_len, suppress_unk,
                    no_repeat_ngram_size, min_len, bad_endings)
     return g.captions(vocab, _grid_of(features))
@@ -569,7 +562,7 @@ def greedy_and_beam_search(model, features: torch.Tensor, vocab: Vocabulary | No
         ``(greedy captions, beam caption lists)``, each in input order.
     """
     vocab = vocab or model.vocab
-    _check_beam(beam_size, n_best)
+    check_beam(beam_size, n_best)
     g, b = _search(model, features, [(1, True, 0.0, 1), (beam_size, False, alpha, n_best)], vocab, max_len, suppress_unk,
                    no_repeat_ngram_size, min_len, bad_endings)
     grid = _grid_of(features)

@@ -254,8 +254,8 @@ def weights_signature(params: Iterable[torch.Tensor]) -> tuple:
     dtype, and the bits of every value of a 1-D tensor (biases) and of FINGERPRINT_SAMPLES values spread over
     each larger one. An optimiser step, ``load_state_dict`` (also with ``assign=True``), ``param.data = ...``,
     ``.to()`` or an in-place edit through ``.data`` (which PyTorch does not version) each change it; an edit
-    of a weight matrix that spares every sampled value would not (call ``HubDecoder.repack()`` after surgery
-    that precise).
+    of a weight matrix that spares every sampled value would not (after surgery that precise, save and load
+    the model again).
 
     Args:
         params: the model's parameters.

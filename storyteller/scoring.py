@@ -17,7 +17,7 @@ All captions are scored in one batch, one decoder call per step (the first step 
 searches run it).
 
 The ``top`` words of a step are the model's likeliest next words there, without the tokens no caption may
-emit at that step (``storyteller.rules.forbidden_tokens``); the searches' history rules (n-gram blocking,
+emit at that step (``storyteller.token_rules.forbidden_tokens``); the searches' history rules (n-gram blocking,
 bad endings) are not applied to them.
 
 Example::
@@ -33,7 +33,8 @@ from dataclasses import dataclass
 import torch
 
 from .decoding import DecoderCalls, eval_mode
-from .rules import step_mask
+from .decoding_settings import end_allowed_from
+from .token_rules import step_mask
 from .vocab import Vocabulary
 
 __all__ = ["ScoredCaption", "score_captions", "score_result", "parting_step", "DEFAULT_TOP_K"]
@@ -161,7 +162,7 @@ def score_result(captioner, features: torch.Tensor, result, max_len: int | None 
         ``[greedy, beam 1, beam 2, ...]`` (no greedy entry when greedy search was off).
     """
     caps = ([result.greedy] if result.greedy is not None else []) + list(result.beam)
-    min_len = min(captioner.decoding["min_len"], captioner.decoding["max_len"] if max_len is None else max_len)
+    min_len = end_allowed_from(captioner.decoding["min_len"], captioner.decoding["max_len"] if max_len is None else max_len)
     return score_captions(captioner.model, features, [c.tokens for c in caps], [c.finished for c in caps],
                           top_k=top_k, min_len=min_len)
 

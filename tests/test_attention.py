@@ -308,3 +308,39 @@ def test_fit_with_flip_features_trains_on_both_and_refuses_a_cache_that_is_not_t
     other = [f"x{i}" for i in range(len(FeatureCache.open(grid_cache).ids))]
     with pytest.raises(SystemExit, match="other photos or another backbone"):
         fit.main(att_args(grid_cache, tmp_path / "r2", "--flip-features", str(mirrored_copy(grid_cache, tmp_path / "f2", ids=other))))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8", "bf16"])
+def test_a_photo_alone_steps_bit_exactly_as_in_a_batch_of_80(precision):
+    """The attention step is batch-independent (issue 31, bug 3): the rows of one photo decoded alone give the
+    same bits in int8 and bf16 (within 1e-5 in fp32) as the same rows among 80 photos' (the app captions one photo,
+    ``caption --out`` batches). One code path serves one photo and many: a shortcut for one photo
+    (``alpha @ V[0]``) rounds differently from the batched product, and int8's per-row quantisation of
+    the context magnifies that into the log-probabilities."""
+    from storyteller import precision as P
+    from storyteller.decoders import DecoderState
+
+    if precision not in P.supported_precisions():
+        pytest.skip(f"no {precision} on this CPU")
+    torch.manual_seed(0)
+    vocab = Vocabulary.build(["a dog runs on the grass near a red ball"] * 5, min_freq=1)
+    model = ShowAttendTell(len(vocab), feature_dim=320, embed_dim=32, hidden_dim=128, attention_dim=64, grid=[7, 7])
+    model.vocab, model.precision = vocab, precision
+    model.eval()
+    photo, rows = 37, torch.arange(80).repeat_interleave(3)  # 3 beam rows per photo
+    mine = slice(3 * photo, 3 * photo + 3)
+    with torch.inference_mode():
+        batch = model.select_state(model.init_state(torch.randn(80, 7, 7, 320).relu()), rows)
+        V, enc = batch.photos
+        alone = DecoderState(tuple(t[mine] for t in batch.h), tuple(t[mine] for t in batch.c),
+                             tuple(t[mine] for t in batch.carry), (V[photo:photo + 1], enc[photo:photo + 1]),
+                             torch.zeros(3, dtype=torch.long))
+        tokens = torch.randint(4, len(vocab), (240,))
+        for _ in range(4):
+            logp_b, batch, alpha_b = model.step(tokens, batch, return_attention=True)
+            logp_1, alone, alpha_1 = model.step(tokens[mine], alone, return_attention=True)
+            if precision == "fp32":  # its products are PyTorch's float matmuls, whose kernel is chosen by batch size
+                assert torch.allclose(logp_b[mine], logp_1, atol=1e-5) and torch.allclose(alpha_b[mine], alpha_1, atol=1e-6)
+            else:
+                assert torch.equal(alpha_b[mine], alpha_1) and torch.equal(logp_b[mine], logp_1)
+            tokens = logp_b.argmax(-1)

@@ -73,11 +73,11 @@ def test_bundle_writes_atomically_through_fileio():
 
 
 def test_bad_endings_mean_the_same_in_bundle_evaluate_and_scst(tmp_path):
-    """``standard`` names storyteller.rules.BAD_ENDINGS everywhere, ``none`` turns the rule off, and a
-    list is words; one parser (storyteller.rules.parse_bad_endings) behind every command."""
+    """``standard`` names storyteller.decoding_settings.BAD_ENDINGS everywhere, ``none`` turns the rule off, and a
+    list is words; one parser (storyteller.decoding_settings.parse_bad_endings) behind every command."""
     import argparse
 
-    from storyteller.rules import BAD_ENDINGS
+    from storyteller.decoding_settings import BAD_ENDINGS
     from train import evaluate, scst
 
     src = save_test_model(tmp_path / "src", pretrained_backbone=False)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-import storyteller.captioner as captioner_mod
+import storyteller.loading as loading
 from storyteller.captioner import Captioner, CaptionResult, ModelLoadError, load
 from storyteller.decoding import beam_search, greedy_search
 from storyteller.images import ImageError
@@ -210,22 +210,22 @@ def test_model_files_are_read_as_utf8_whatever_the_locale(tmp_path):
 
 # -- where the model comes from --------------------------------------------------------------------
 def test_env_var_overrides_the_default(monkeypatch, model_dir, tmp_path):
-    monkeypatch.setattr(captioner_mod, "DEFAULT_MODEL_DIR", tmp_path / "no-bundled-model")
+    monkeypatch.setattr(loading, "DEFAULT_MODEL_DIR", tmp_path / "no-bundled-model")
     monkeypatch.setenv("STORYTELLER_MODEL", str(model_dir))
-    assert captioner_mod.default_model() == str(model_dir)
+    assert loading.default_model() == str(model_dir)
     c = load()
     assert c.source == str(model_dir)
 
 
 def test_bundled_folder_is_the_default(monkeypatch, model_dir):
     monkeypatch.delenv("STORYTELLER_MODEL", raising=False)
-    monkeypatch.setattr(captioner_mod, "DEFAULT_MODEL_DIR", model_dir)
-    assert captioner_mod.default_model() == str(model_dir)
+    monkeypatch.setattr(loading, "DEFAULT_MODEL_DIR", model_dir)
+    assert loading.default_model() == str(model_dir)
 
 
 def test_no_model_anywhere_says_how_to_pass_one(monkeypatch, tmp_path):
     monkeypatch.delenv("STORYTELLER_MODEL", raising=False)
-    monkeypatch.setattr(captioner_mod, "DEFAULT_MODEL_DIR", tmp_path / "models" / "flickr8k-lite0-ensemble")
+    monkeypatch.setattr(loading, "DEFAULT_MODEL_DIR", tmp_path / "models" / "flickr8k-lite0-ensemble")
     with pytest.raises(ModelLoadError) as e:
         load()
     msg = str(e.value)

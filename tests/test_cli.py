@@ -154,10 +154,10 @@ def test_unreadable_files_get_an_error_line_and_the_run_goes_on(model_dir, photo
 def test_model_errors_exit_2_with_a_message(tmp_path, photos, capsys, monkeypatch):
     assert main(["caption", "--model", str(tmp_path / "nope"), str(photos[0])]) == 2
     assert "no model folder" in capsys.readouterr().err
-    import storyteller.captioner as c
+    import storyteller.loading as loading
 
     monkeypatch.delenv("STORYTELLER_MODEL", raising=False)
-    monkeypatch.setattr(c, "DEFAULT_MODEL_DIR", tmp_path / "models" / "flickr8k-lite0-ensemble")
+    monkeypatch.setattr(loading, "DEFAULT_MODEL_DIR", tmp_path / "models" / "flickr8k-lite0-ensemble")
     assert main(["caption", str(photos[0])]) == 2
     err = capsys.readouterr().err
     assert "--model" in err and "STORYTELLER_MODEL" in err

@@ -24,7 +24,7 @@ import torch
 from storyteller.card import write_model_card
 from storyteller.decoders import load_decoder
 from train import scst
-from storyteller.rules import parse_bad_endings
+from storyteller.decoding_settings import parse_bad_endings
 from train.reward import parse_reward_weights
 from train.scst import EPOCHS_DIR
 from train.trainer import epoch_weights_file

@@ -19,18 +19,15 @@ import shutil
 from pathlib import Path
 
 import torch
-from huggingface_hub import split_torch_state_dict_into_shards
-from safetensors.torch import save_file
 
 from storyteller.card import public_dataset, published_local_paths, write_model_card
-from storyteller.fileio import atomic_path, write_json_atomic
-from storyteller.decoders import CONFIG_FILE, VOCAB_FILE, WEIGHTS_INDEX_FILE, load_decoder
-from storyteller.rules import BAD_ENDINGS_HELP, parse_bad_endings
-from storyteller.settings import MAX_LEN_LIMIT
-from storyteller.settings import validate_decoding as check_decoding
+from storyteller.fileio import write_json_atomic
+from storyteller.decoders import load_decoder
+from storyteller.loading import CONFIG_FILE, MAX_SHARD_BYTES, VOCAB_FILE, save_weights
+from storyteller.decoding_settings import BAD_ENDINGS_HELP, MAX_LEN_LIMIT, parse_bad_endings
+from storyteller.decoding_settings import validate_decoding as check_decoding
 
 CARRIED_FILES = ("loss_curve.png", "metric_curve.png")
-MAX_SHARD_BYTES = 20_000_000  # every shipped file stays well under the 30 MB a repository file may take
 # The recommended decoding settings a bundle may carry: (lowest, highest) allowed value, None = unbounded.
 MAX_DECODING_STEPS = MAX_LEN_LIMIT
 
@@ -53,24 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def validate_decoding(decoding: dict) -> None:
     """Check recommended decoding settings before they are written into a bundle
-    (``storyteller.settings.validate_decoding``, the check ``load()`` applies too; unknown keys refused).
+    (``storyteller.decoding_settings.validate_decoding``, the check ``load()`` applies too; unknown keys refused).
 
     Raises:
         ValueError: an unknown key or a value out of range, naming it.
     """
     check_decoding(decoding)
-
-
-def write_weights(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
-    """``state`` as ``out/model.safetensors``, or, over ``max_shard_bytes``, as shards and their index in the Hub's
-    layout (``huggingface_hub.split_torch_state_dict_into_shards``), so no file is too big for a repository."""
-    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_bytes)
-    for filename, names in split.filename_to_tensors.items():
-        with atomic_path(out / filename) as tmp:
-            save_file({k: state[k] for k in names}, str(tmp), metadata={"format": "pt"})
-    if split.is_sharded:
-        write_json_atomic(out / WEIGHTS_INDEX_FILE, {"metadata": split.metadata, "weight_map": split.tensor_to_filename},
-                          indent=2, sort_keys=True)
 
 
 def bundle(model_dir: str | Path, out: str | Path, decoding: dict, dtype: str = "float16",
@@ -83,7 +68,7 @@ def bundle(model_dir: str | Path, out: str | Path, decoding: dict, dtype: str = 
         decoding: recommended decoding settings (beam_size, alpha, no_repeat_ngram_size, max_len);
             checked by ``validate_decoding``.
         dtype: ``float16`` or ``float32`` weights.
-        max_shard_bytes: weights over this many bytes are written in shards (``write_weights``).
+        max_shard_bytes: weights over this many bytes are written in shards (``storyteller.loading.save_weights``).
     """
     validate_decoding(decoding)
     model_dir, out = Path(model_dir), Path(out)
@@ -101,7 +86,7 @@ def bundle(model_dir: str | Path, out: str | Path, decoding: dict, dtype: str = 
     write_json_atomic(out / CONFIG_FILE, config, indent=2, sort_keys=True)
     shutil.copy2(model_dir / VOCAB_FILE, out / VOCAB_FILE)
     state = {k: v.to(getattr(torch, dtype)).contiguous() for k, v in model.state_dict().items()}
-    write_weights(state, out, max_shard_bytes)
+    save_weights(state, out, max_shard_bytes)
     for name in CARRIED_FILES:
         if (model_dir / name).is_file():
             shutil.copy2(model_dir / name, out / name)

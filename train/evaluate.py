@@ -49,8 +49,8 @@ from storyteller.decoding import beam_search, greedy_search
 from storyteller.fileio import atomic_path, write_json_atomic, write_text_atomic
 from storyteller.decoders import HubDecoder, load_decoder
 from storyteller.precision import use_precision
-from storyteller.settings import DECODING_DEFAULTS, MAX_LEN_HELP, decoding_hints
-from storyteller.rules import BAD_ENDINGS_HELP, parse_bad_endings
+from storyteller.decoding_settings import (BAD_ENDINGS_HELP, DECODING_DEFAULTS, MAX_LEN_HELP, check_setting,
+                                           decoding_hints, end_allowed_from, parse_bad_endings)
 from storyteller.vocab import tokenize
 
 EVALUATION_FORMAT = "storyteller-evaluation-v1"
@@ -177,15 +177,13 @@ def decoding_settings(args: argparse.Namespace, extra: dict[str, Any] | None) ->
     settings["bad_endings"] = list(recommended["bad_endings"] if bad is None else bad)
     beams = args.beam if args.beam is not None else [1, recommended["beam_size"]]
     settings["beams"] = list(dict.fromkeys(beams))
-    if any(b < 1 for b in settings["beams"]):
-        sys.exit(f"beam sizes must be >= 1, got {settings['beams']}")
-    if settings["max_len"] < 1:
-        sys.exit(f"max length must be >= 1, got {settings['max_len']}")
-    if not settings["alpha"] >= 0:  # NaN too
-        sys.exit(f"alpha must be >= 0, got {settings['alpha']}")
-    if settings["no_repeat_ngram_size"] < 0 or settings["min_len"] < 0:
-        sys.exit(f"no-repeat n-gram size and min length must be >= 0, got {settings['no_repeat_ngram_size']} "
-                 f"and {settings['min_len']}")
+    try:
+        for b in settings["beams"]:
+            check_setting("beam_size", b, name="beam size")
+        for key in ("max_len", "alpha", "no_repeat_ngram_size", "min_len"):
+            check_setting(key, settings[key])
+    except ValueError as e:
+        sys.exit(str(e))
     return settings
 
 
@@ -206,7 +204,7 @@ def decode_all(model: HubDecoder, features: torch.Tensor, beam: int, *, max_len:
         amp_dtype: autocast dtype (e.g. torch.bfloat16) or None for full precision.
         bad_endings: words after which ``<end>`` is forbidden.
     """
-    kw = dict(max_len=max_len, no_repeat_ngram_size=no_repeat_ngram_size, min_len=min(min_len, max_len),
+    kw = dict(max_len=max_len, no_repeat_ngram_size=no_repeat_ngram_size, min_len=end_allowed_from(min_len, max_len),
               bad_endings=tuple(bad_endings))
     texts = []
     for chunk in features.split(batch_size):

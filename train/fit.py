@@ -47,7 +47,7 @@ from storyteller.fileio import write_text_atomic
 from storyteller.decoders import DECODERS, ShowAndTell, ShowAttendTell, attention_penalty
 from storyteller.vocab import SPECIAL_TOKENS, Vocabulary
 from train import trainer
-from storyteller.settings import MAX_LEN_HELP
+from storyteller.decoding_settings import MAX_LEN_HELP
 from train.evaluate import decode_all
 from train.trainer import default_amp  # noqa: F401  (public here too: tests/test_precision.py imports it from fit)
 

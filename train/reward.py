@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from storyteller.cider import CaptionReward  # noqa: F401  (re-exported: SCST's reward)
-from storyteller.rules import BAD_ENDINGS
+from storyteller.decoding_settings import BAD_ENDINGS
 from storyteller.vocab import tokenize
 
 

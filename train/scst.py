@@ -18,7 +18,7 @@ Each step takes a batch of training images and, for each image:
    gradient, and minimises -(reward - baseline) x (mean log-probability of the sample's tokens).
 
 The sampling policy and the re-scored one are the same distribution: both run in eval mode (no
-dropout) and forbid the same tokens, ``storyteller.rules.step_mask`` (``<pad>``, ``<start>``,
+dropout) and forbid the same tokens, ``storyteller.token_rules.step_mask`` (``<pad>``, ``<start>``,
 ``<unk>``, and ``<end>`` as the first word; the searches take their rules from there too). The model
 is touched only through ``init_state``, ``step`` and ``forward``, and the features of a split come
 from :func:`load_split_features`, so another decoder with that interface trains unchanged.
@@ -50,10 +50,10 @@ import torch.distributed as dist
 
 from storyteller.fileio import write_text_atomic
 from storyteller.decoders import load_decoder
-from storyteller.rules import BAD_ENDINGS_HELP, parse_bad_endings, step_mask
+from storyteller.decoding_settings import BAD_ENDINGS_HELP, MAX_LEN_HELP, parse_bad_endings
+from storyteller.token_rules import step_mask
 from storyteller.vocab import Vocabulary
 from train import fit, trainer
-from storyteller.settings import MAX_LEN_HELP
 from train.evaluate import DECODING_FALLBACK, caption_statistics, decode_all
 from storyteller.cider import CaptionReward
 from train.reward import parse_reward_weights
@@ -296,7 +296,7 @@ def policy_loss(forward: torch.nn.Module, features: torch.Tensor, captions: torc
     logits, targets = forward(features, captions, lengths, images)  # (N, V), (N,) over real positions
     sample, time_step = forward_rows(captions, lengths, targets)
     sample, time_step = sample.to(logits.device), time_step.to(logits.device)
-    # the sampler's masks (storyteller.rules), one row per time step: the same distribution it drew from
+    # the sampler's masks (storyteller.token_rules), one row per time step: the same distribution it drew from
     masks = torch.stack([step_mask(logits.shape[1], t, device=logits.device) for t in range(captions.shape[1] - 1)])
     logits = logits.float() + masks[time_step]  # (N, V)
     logp = torch.log_softmax(logits, -1).gather(1, targets[:, None]).squeeze(1)  # (N,)
@@ -514,7 +514,7 @@ def validation_decoding(args: argparse.Namespace, model: torch.nn.Module) -> dic
         args: the scst arguments.
         model: the starting model.
     """
-    from storyteller.settings import decoding_hints
+    from storyteller.decoding_settings import decoding_hints
 
     decoding = {**DECODING_FALLBACK, **decoding_hints(model.extra)}
     if args.beam > 0:

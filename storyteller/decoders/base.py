@@ -15,7 +15,8 @@ dropout, no gradient. Training runs the teacher-forced ``forward`` on the model'
 
 Hub layout (``huggingface_hub.PyTorchModelHubMixin``): ``config.json`` (every init argument, the backbone spec
 with its preprocessing, and ``decoder``, the registry key), ``model.safetensors`` and ``vocab.json``. Loading is
-strict: a missing or unexpected tensor, or a vocabulary whose size does not match the config, is an error.
+strict: a missing or unexpected tensor, or a vocabulary whose size does not match the config, is an error
+(``storyteller.loading``, where the files and their checks are defined).
 """
 from __future__ import annotations
 
@@ -26,16 +27,9 @@ from typing import Any
 
 import torch
 
+from ..loading import CONFIG_FILE, VOCAB_FILE, load_vocabulary, load_weights_strictly, resolve_file
 from ..precision import Product, Products, make_products, weights_signature
 from ..vocab import Vocabulary
-
-VOCAB_FILE = "vocab.json"
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-# A model's weights over MAX_SHARD_BYTES are written in shards (``train bundle``), in the Hub's layout: an index
-# naming the file of every tensor, and files model-00001-of-0000N.safetensors, each small enough for a repository
-WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
-WEIGHT_SHARDS_GLOB = "model-*-of-*.safetensors"
 
 
 @dataclass(frozen=True)
@@ -209,10 +203,6 @@ class HubDecoder(torch.nn.Module):
         state["_products"] = None  # packed int8 / float16 kernels do not pickle; products() makes them again
         return state
 
-    def repack(self) -> None:
-        """Make the products again at the next ``products()`` (after weight surgery ``weights_signature`` misses)."""
-        self._products = None
-
     # -- Hub layout ----------------------------------------------------------------------------------
     def _save_pretrained(self, save_directory: Path) -> None:
         if self.vocab is None:
@@ -226,104 +216,15 @@ class HubDecoder(torch.nn.Module):
     def _from_pretrained(cls, *, model_id: str, revision: str | None = None, cache_dir=None, force_download: bool = False,
                          local_files_only: bool = False, token=None, map_location: str = "cpu", strict: bool = True,
                          **model_kwargs):
-        # Our own loader rather than the mixin's: strict by default (the mixin's strict=False would leave
-        # missing tensors random), safetensors only (no pickle fallback), vocab.json checked against config,
-        # and every weight finite.
-        import safetensors.torch
-
+        # Our own loader rather than the mixin's (storyteller.loading): strict by default, safetensors only,
+        # vocab.json checked against config, and every weight finite.
         hub = dict(revision=revision, cache_dir=cache_dir, force_download=force_download,
                    local_files_only=local_files_only, token=token)
         config_path = resolve_file(model_id, CONFIG_FILE, **hub)  # raises a clear error if absent
         if "vocab_size" not in model_kwargs:
             raise ValueError(f"{model_id}: {config_path.name} has no 'vocab_size'; not a Neural Storyteller model")
-        vocab = Vocabulary.load(resolve_file(model_id, VOCAB_FILE, **hub))
-        if len(vocab) != model_kwargs["vocab_size"]:
-            raise ValueError(f"{model_id}: {VOCAB_FILE} has {len(vocab)} tokens but {CONFIG_FILE} says "
-                             f"vocab_size={model_kwargs['vocab_size']}; the vocabulary does not belong to these weights")
+        vocab = load_vocabulary(model_id, model_kwargs["vocab_size"], **hub)
         model = cls(**model_kwargs)
-        files = resolve_weight_files(model_id, **hub)
-        what = WEIGHTS_FILE if len(files) == 1 else f"the weight shards of {WEIGHTS_INDEX_FILE}"
-        try:
-            state: dict[str, torch.Tensor] = {}
-            for path in files:
-                state.update(safetensors.torch.load_file(str(path), device=map_location))
-            model.load_state_dict(state, strict=strict)  # copies into the float32 parameters
-        except (RuntimeError, ValueError) as e:  # shape mismatch, missing/unexpected tensors, corrupt file
-            raise ValueError(f"{model_id}: {what} does not match {CONFIG_FILE}: {e}") from None
-        bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
-        if bad:
-            raise ValueError(f"{model_id}: {what} holds NaN or infinite values (in {', '.join(bad[:3])}"
-                             f"{', ...' if len(bad) > 3 else ''}); the weights are broken: train or download them again")
+        load_weights_strictly(model, model_id, map_location, strict, **hub)
         model.vocab = vocab
         return model.to(map_location).eval()  # load_model fills the existing (CPU) parameters
-
-
-def local_weight_files(folder: Path) -> list[Path]:
-    """The weight files of a local model folder: ``model.safetensors``, else the shards its index names (which
-    may be missing: the caller checks), else none.
-
-    Raises:
-        ValueError: an index that is not a JSON object with a ``weight_map``.
-    """
-    single = folder / WEIGHTS_FILE
-    if single.is_file():
-        return [single]
-    index = folder / WEIGHTS_INDEX_FILE
-    if not index.is_file():
-        return []
-    return [folder / name for name in shard_names(index)]
-
-
-def shard_names(index: Path) -> list[str]:
-    """The shard files a ``model.safetensors.index.json`` names, in order.
-
-    Raises:
-        ValueError: not a JSON object with a ``weight_map`` of plain file names.
-    """
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        names = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"unreadable {WEIGHTS_INDEX_FILE} ({type(e).__name__}: {e})") from None
-    if not names or not all(isinstance(n, str) and n == Path(n).name for n in names):
-        raise ValueError(f"{WEIGHTS_INDEX_FILE} must map every tensor to a file beside it, got {names[:3]}")
-    return names
-
-
-def resolve_weight_files(model_id: str, **hub_kwargs) -> list[Path]:
-    """The weight files of a local model folder or a Hub repo: ``model.safetensors``, or the shards of
-    ``model.safetensors.index.json``.
-
-    Raises:
-        FileNotFoundError: no weights, or a shard the index names is missing.
-        ValueError: an unreadable index.
-    """
-    local = Path(model_id)
-    if local.is_dir():
-        files = local_weight_files(local)
-        if not files:
-            raise FileNotFoundError(f"{model_id} is missing {WEIGHTS_FILE}")
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise FileNotFoundError(f"{model_id} is missing {', '.join(missing)} (named in {WEIGHTS_INDEX_FILE})")
-        return files
-    from huggingface_hub.errors import EntryNotFoundError
-
-    try:
-        return [resolve_file(model_id, WEIGHTS_FILE, **hub_kwargs)]
-    except EntryNotFoundError:  # a sharded model
-        index = resolve_file(model_id, WEIGHTS_INDEX_FILE, **hub_kwargs)
-        return [resolve_file(model_id, name, **hub_kwargs) for name in shard_names(index)]
-
-
-def resolve_file(model_id: str, filename: str, **hub_kwargs) -> Path:
-    """A file of a local model folder, or downloaded from the Hub repo ``model_id``."""
-    local = Path(model_id)
-    if local.is_dir():
-        path = local / filename
-        if not path.is_file():
-            raise FileNotFoundError(f"{model_id} is missing {filename}")
-        return path
-    from huggingface_hub import hf_hub_download
-
-    return Path(hf_hub_download(repo_id=model_id, filename=filename, **hub_kwargs))

@@ -115,10 +115,6 @@ class Ensemble(
         """Each member's step products in the ensemble's precision (made once, again after a weight change)."""
         return tuple(m.products() for m in self.members)
 
-    def repack(self) -> None:
-        for m in self.members:
-            m.repack()
-
     def member_features(self, member: HubDecoder, features: torch.Tensor) -> torch.Tensor:
         """The ensemble's features in ``member``'s shape: grids (B, h, w, D) or regions (B, R, D) stay for an
         attention member; a pooled member gets their mean (B, D), the pooled feature."""

@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .base import CONFIG_FILE, HubDecoder, resolve_file
+from ..loading import CONFIG_FILE, resolve_file
+from .base import HubDecoder
 from .ensemble import Ensemble
 from .show_and_tell import ShowAndTell
 from .show_attend_tell import ShowAttendTell

@@ -113,16 +113,13 @@ class ShowAttendTell(
         """The gated context (N, D) and the attention weights alpha (N, R) of rows whose hidden state gave the
         query ``q`` = W h (N, A) and the gate's logits ``beta`` = W_beta h + b (N, D); row i reads photo
         ``image[i]`` of V (B, R, D) and enc (B, R, A) (None: photo i)."""
-        if image is not None and V.shape[0] == 1:  # one photo (the app): all rows share its regions, no copies
-            e = self.att_out(torch.tanh(enc[0] + q[:, None, :])).squeeze(-1)  # (N, R)
-            alpha = torch.softmax(e.float(), dim=-1).to(V.dtype)
-            context = alpha @ V[0]  # (N, D)
-        else:
-            if image is not None:  # rows -> their photo's regions
-                V, enc = V[image], enc[image]  # (N, R, D), (N, R, A)
-            e = self.att_out(torch.tanh(enc + q[:, None, :])).squeeze(-1)  # (N, R)
-            alpha = torch.softmax(e.float(), dim=-1).to(V.dtype)
-            context = torch.bmm(alpha[:, None, :], V).squeeze(1)  # (N, D)
+        if image is not None:  # rows -> their photo's regions
+            V, enc = V[image], enc[image]  # (N, R, D), (N, R, A)
+        # att_out (A -> 1) as a product and a sum over A: each row reduced alone, in the same order whatever the
+        # batch (a matrix product over N x R rows picks its kernel by N; a photo alone must equal it in a batch)
+        e = (torch.tanh(enc + q[:, None, :]) * self.att_out.weight[0]).sum(-1) + self.att_out.bias  # (N, R)
+        alpha = torch.softmax(e.float(), dim=-1).to(V.dtype)
+        context = torch.bmm(alpha[:, None, :], V).squeeze(1)  # (N, D)
         return torch.sigmoid(beta) * context, alpha
 
     # -- decoding: the step, written once over the products it declares -----------------------------
