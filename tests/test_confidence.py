@@ -274,3 +274,14 @@ def test_the_model_card_carries_the_calibration(calibrated, tmp_path):
     assert f"| share of good captions | {figures['good_rate']:.3f} |" in text
     plain = save_test_model(tmp_path / "plain", pretrained_backbone=False)
     assert "## Confidence" not in write_model_card(plain).read_text()
+
+
+def test_the_calibration_travels_with_the_model(calibrated, tmp_path):
+    """Downloading (snapshot_download's allow_patterns) and publishing (hub_upload) share loading's file lists."""
+    import hub_upload
+    from storyteller.loading import OPTIONAL_MODEL_FILES
+
+    assert {CALIBRATION_FILE, NEIGHBOURS_FILE} <= set(OPTIONAL_MODEL_FILES)
+    model_dir, _, _ = calibrated
+    files, _ = hub_upload.model_files(model_dir)
+    assert {CALIBRATION_FILE, NEIGHBOURS_FILE} <= set(files)
