@@ -42,7 +42,11 @@ __all__ = ["Captioner", "CaptionResult", "ModelLoadError", "load", "default_mode
            "check_weights_file", "model_label", "decoding_hints"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "flickr8k-lite0-ensemble"
+# The default model: the repository's models/ folder in a checkout; an installed package (`pip install .`) holds
+# the same files in storyteller/_models/ (pyproject.toml), so load() works from any directory, offline.
+_CHECKOUT_MODEL_DIR = REPO_ROOT / "models" / "flickr8k-lite0-ensemble"
+PACKAGED_MODEL_DIR = Path(__file__).resolve().parent / "_models" / "flickr8k-lite0-ensemble"
+DEFAULT_MODEL_DIR = _CHECKOUT_MODEL_DIR if _CHECKOUT_MODEL_DIR.is_dir() else PACKAGED_MODEL_DIR
 MODEL_ENV_VAR = "STORYTELLER_MODEL"
 # A model folder's files, the one list that loading, downloading (snapshot_download) and publishing
 # (hub_upload.py) share: what it must hold, what it may hold (the card and what the card shows), and
@@ -397,6 +401,8 @@ def model_label(source: str) -> str:
     path = Path(source).expanduser()
     if not path.exists() and not _looks_like_path(source):
         return source  # a Hub repo id
+    if path.resolve() == PACKAGED_MODEL_DIR:  # the installed package's copy of the default: named as in a checkout
+        return f"models/{PACKAGED_MODEL_DIR.name}"
     try:
         return path.resolve().relative_to(REPO_ROOT).as_posix()
     except ValueError:
