@@ -49,7 +49,7 @@ from typing import Any
 import gradio as gr
 import torch
 
-from storyteller.captioner import DECODING_DEFAULTS, Captioner, CaptionResult, ModelLoadError, load
+from storyteller.captioner import DECODING_DEFAULTS, Captioner, CaptionResult, ModelLoadError, load, looks_like_path
 from storyteller.card import ensemble_summary
 from storyteller.images import MAX_BYTES, ImageError, image_warnings
 from storyteller.render import (CSS, Captioned, attention_html, attention_note, changed_html, model_markdown,
@@ -247,7 +247,8 @@ def caption_and_score(captioner: Captioner, image: Any, beam_size: Any, max_len:
     try:
         photo = captioner.load_image(src)  # decoded once: the features and the attention view use it
     except ImageError as e:  # the loader's message says what is wrong; the title says it is not usable
-        raise refuse(str(e), "Not a usable image") from None
+        message = str(e)
+        raise refuse(message[:1].upper() + message[1:], "Not a usable image") from None
     decode_ms = (time.perf_counter() - t0) * 1e3
     result, scored = (route or Route(captioner))(photo, k, n, a, score_all, image_warnings(photo))
     t = result.timings_ms
@@ -657,7 +658,8 @@ def model_to_serve(model: str | None, revision: str | None) -> tuple[str | None,
 def _load_or_exit(name: str | None, revision: str | None, precision: str | None = None) -> Captioner:
     name, revision = model_to_serve(name, revision)
     at = f" at revision {revision}" if revision else ""
-    hub = name is not None and not Path(name).expanduser().exists()  # a repo id, not a folder here
+    # a repo id, not a folder here (a path written as one, e.g. ./missing, is a folder that is not there)
+    hub = name is not None and not Path(name).expanduser().exists() and not looks_like_path(name)
     startup_log.info("loading the model %s%s%s ...", name or "(the default)", at,
                      " (from the Hub cache, downloaded first if needed)" if hub else "")
     t = time.perf_counter()

@@ -303,12 +303,13 @@ class Captioner:
         timings.update(search=search, total=timings.get("total", 0.0) + search)
         return [CaptionResult(g, b, dict(timings), B, w) for g, b, w in zip(greedy_caps, beam_caps, notes)]
 
-    def attention_figure(self, image: Image.Image, caption: Caption, panel_width: int = 200, columns: int = 5
+    def attention_figure(self, image: ImageSource, caption: Caption, panel_width: int = 200, columns: int = 5
                          ) -> Image.Image:
         """Where the model looked for each word of ``caption``: one panel per word (``storyteller.heatmap``).
 
         Args:
-            image: the photo the caption is of (as returned by :meth:`load_image`).
+            image: the photo the caption is of: a PIL image (as returned by :meth:`load_image`), or a path, bytes
+                or binary file, decoded as :meth:`caption` decodes it.
             caption: a caption of an attention decoder (its ``attention`` is set).
             panel_width: width of each word's panel in pixels.
             columns: panels per row.
@@ -321,6 +322,8 @@ class Captioner:
         if caption.attention is None:
             raise ValueError(f"{model_label(self.source)} is a pooled model (no decoder of it looks over the grid): it "
                              "has no attention maps to show; use a Show-Attend-Tell model or an ensemble holding one")
+        if not isinstance(image, Image.Image):
+            image = self.load_image(image)
         words = [self.model.vocab.itos[t] for t in caption.tokens]
         return attention_figure(image, words, caption.attention, self.backbone.spec["preprocessing"],
                                 panel_width=panel_width, columns=columns)
@@ -355,9 +358,10 @@ def _backbone_name(config: dict[str, Any]) -> str | None:
 
 
 def decoder_summary(model) -> dict[str, Any]:
-    """A decoder's type and sizes, for ``Captioner.info`` (None where a size means nothing for it)."""
-    return {"decoder": getattr(model, "decoder_type", "show_and_tell"), "embed_dim": getattr(model, "embed_dim", None),
-            "hidden_dim": getattr(model, "hidden_dim", None), "num_layers": getattr(model, "num_layers", None)}
+    """A decoder's type and sizes, for ``Captioner.info``; a size that means nothing for it (an ensemble's: its
+    members have their own) is left out, not shown as null."""
+    sizes = {k: getattr(model, k, None) for k in ("embed_dim", "hidden_dim", "num_layers")}
+    return {"decoder": getattr(model, "decoder_type", "show_and_tell"), **{k: v for k, v in sizes.items() if v is not None}}
 
 
 def _read_evaluations(model_dir: Path | None) -> list[dict[str, Any]]:
@@ -449,6 +453,16 @@ def check_weights_file(path: str | os.PathLike) -> None:
                              f"interrupted download or copy. Download or copy the model again.")
 
 
+def _hub_offline() -> bool:
+    """Whether the Hub client is in offline mode (``HF_HUB_OFFLINE``, read as huggingface_hub reads it)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether ``name`` is written as a local path (``./x``, ``/x``, ``~/x``, ``x/y/z``...) rather than a Hub id."""
+    return _looks_like_path(name)
+
+
 def _looks_like_path(name: str) -> bool:
     """True for names that cannot be Hub repo ids (``user/model``), so they must have meant a folder."""
     return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or name.endswith("/")
@@ -481,8 +495,12 @@ def resolve_model_dir(name_or_path: str, revision: str | None = None) -> Path:
                                         OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
 
     at = f" at revision {revision!r}" if revision else ""
-    offline_hint = (f"Without network, set HF_HUB_OFFLINE=1 and use a copy in the Hugging Face cache "
-                    f"(download it once with `hf download {name_or_path}`), or pass a local model folder.")
+    if _hub_offline():  # already offline: asking to set it again would not help
+        offline_hint = (f"HF_HUB_OFFLINE is set, so only the Hugging Face cache is looked at: download the model "
+                        f"into it once while online (`hf download {name_or_path}`), or pass a local model folder.")
+    else:
+        offline_hint = (f"Without network, set HF_HUB_OFFLINE=1 and use a copy in the Hugging Face cache "
+                        f"(download it once with `hf download {name_or_path}`), or pass a local model folder.")
     try:
         path = snapshot_download(repo_id=name_or_path, revision=revision,
                                  allow_patterns=[*MODEL_FILES, WEIGHTS_INDEX_FILE, WEIGHT_SHARDS_GLOB,

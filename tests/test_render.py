@@ -72,3 +72,18 @@ def test_heat_layer_over_the_photo_gives_the_overlay():
     want = PhotoOverlay(photo, prep)(m)
     diff = np.abs(np.asarray(composed, dtype=int) - np.asarray(want, dtype=int))
     assert diff.max() <= 3, diff.max()
+
+
+def test_the_runner_up_note_shows_the_score_the_captions_are_ranked_by():
+    from types import SimpleNamespace
+
+    from storyteller.render import Captioned, agree_html
+
+    beams = [SimpleNamespace(text=t, log_prob=lp, score=sc) for t, lp, sc in
+             (("a dog", -1.0, -0.5), ("a brown dog", -1.5, -0.61), ("the dog", -1.2, -0.74))]
+    c = Captioned(None, SimpleNamespace(beam=beams, greedy=beams[0]), [], 3, 20, 0.7)
+    line = agree_html(c)
+    assert "score -0.61" in line and "score -0.74" in line  # what the beam ranked them by
+    assert "log-prob -1.50" in line  # and, with length normalisation on, the raw log-probability too
+    c.alpha = 0.0
+    assert "log-prob" not in agree_html(c) and "score -0.61" in agree_html(c)
