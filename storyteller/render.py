@@ -231,7 +231,7 @@ def legend_html() -> str:
 
 def attention_html(photo: Any, words: list[str], maps: Any, preprocessing: dict[str, Any], note: str = "") -> str:
     """The attention view: the photo encoded once (JPEG, ATTENTION_PHOTO wide), a transparent heat layer per
-    word laid over it (a small PNG the browser scales), the word under each tile (never over the map); a tap
+    word painted over it (a small PNG the browser scales), the word under each tile (never over the map); a tap
     or click opens a tile at least 400 px wide (the whole screen width on a phone), another closes it. A
     colour legend and ``note`` (which decoder the maps come from) follow.
 
@@ -245,22 +245,21 @@ def attention_html(photo: Any, words: list[str], maps: Any, preprocessing: dict[
     from .heatmap import HeatLayer, fit_photo
 
     small = fit_photo(photo, ATTENTION_PHOTO)
-    src = _data_url(small, "JPEG", quality=82)
     layer = HeatLayer(small.size, preprocessing, HEAT_WIDTH)
-    ratio = f"{small.width} / {small.height}"
+    # the photo once for the whole view and each layer once for its tile: CSS variables that the tile and its
+    # enlarged copy both paint (the heat layer over the photo), so no image travels twice
+    photo_url = _data_url(small, "JPEG", quality=82)
+    pic = f'<span class="att-pic" style="aspect-ratio: {small.width} / {small.height}"></span>'
     tiles = []
     for i, (word, m) in enumerate(zip(words, maps)):
-        heat = _data_url(layer(m), "PNG")
-        pic = (f'<span class="att-pic" style="aspect-ratio: {ratio}"><img class="att-photo" src="{src}" alt="">'
-               f'<img class="att-heat" src="{heat}" alt=""></span>')
         w = html.escape(word)
-        tiles.append(f'<details class="att-tile" data-word="{w}"><summary title="{w}: tap to enlarge">'
-                     f'<figure>{pic}<figcaption>{w}</figcaption></figure>'
+        tiles.append(f'<details class="att-tile" data-word="{w}" style="--heat: url({_data_url(layer(m), "PNG")})">'
+                     f'<summary title="{w}: tap to enlarge"><figure>{pic}<figcaption>{w}</figcaption></figure>'
                      f'<span class="att-big" role="dialog" aria-label="where it looked for “{w}”">'
                      f'<figure>{pic}<figcaption>{i + 1}. {w} <small>(tap to close)</small></figcaption></figure>'
                      f'</span></summary></details>')
-    return (f'<div class="att-view"><div class="att-grid">{"".join(tiles)}</div>{legend_html()}'
-            + (f'<p class="att-note">{html.escape(note)}</p>' if note else "") + "</div>")
+    return (f'<div class="att-view" style="--photo: url({photo_url})"><div class="att-grid">{"".join(tiles)}</div>'
+            f'{legend_html()}' + (f'<p class="att-note">{html.escape(note)}</p>' if note else "") + "</div>")
 
 
 # -- the Model panel ---------------------------------------------------------------------------------------
@@ -389,8 +388,8 @@ table.nbest td.text { white-space: normal; overflow-wrap: anywhere; width: 100%;
 .att-tile summary { list-style: none; cursor: zoom-in; }
 .att-tile summary::-webkit-details-marker { display: none; }
 .att-tile figure { margin: 0; }
-.att-pic { position: relative; display: block; width: 100%; overflow: hidden; border-radius: 4px; }
-.att-pic img { position: absolute; inset: 0; width: 100%; height: 100%; display: block; max-width: none; }
+.att-pic { display: block; width: 100%; border-radius: 4px; background-image: var(--heat), var(--photo);
+           background-size: 100% 100%; background-repeat: no-repeat; }
 .att-tile figcaption { text-align: center; font-size: 0.9rem; line-height: 1.3; padding-top: 0.1rem;
                        overflow-wrap: anywhere; }
 .att-big { display: none; }

@@ -392,9 +392,11 @@ def test_attention_view_shows_every_word_unclipped_and_is_absent_for_pooled_mode
             return {clipped: imgs.filter(r => r.left < 0 || r.right > w || r.left < gb.left - 1 || r.right > gb.right + 1
                                           || r.bottom > gb.bottom + 1 || r.height < 20).length,
                     covered: covered.length,
+                    unpainted: pics.filter(p => (getComputedStyle(p).backgroundImage.match(/url\(/g) || []).length != 2).length,
                     inner: [...g.querySelectorAll('*')].filter(e => e.scrollHeight > e.clientHeight + 2
                              && ['auto', 'scroll'].includes(getComputedStyle(e).overflowY)).length};""")
-        assert view == {"clipped": 0, "covered": 0, "inner": 0}, view  # every tile whole, labels below, no inner scroll
+        # every tile whole and painted (the word's heat layer over the photo), labels below, no inner scroll
+        assert view == {"clipped": 0, "covered": 0, "unpainted": 0, "inner": 0}, view
         assert gallery.find_element(By.CSS_SELECTOR, ".att-legend").is_displayed()
         assert "Show-Attend-Tell" in gallery.find_element(By.CSS_SELECTOR, ".att-note").text
         tile = gallery.find_elements(By.CSS_SELECTOR, ".att-tile summary")[1]
