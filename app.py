@@ -1,6 +1,7 @@
 """Neural Storyteller web app (Gradio): upload, paste or snap a photo, get greedy and beam-search captions.
 
-    python app.py [--model M] [--revision R] [--host 127.0.0.1] [--port 7860] [--concurrency N] [--threads T]
+    python app.py [--model M] [--revision R] [--host 127.0.0.1] [--port 7860] [--concurrency N] [--batch B]
+                  [--threads T]
     STORYTELLER_MODEL=user/model gradio app.py      # reload mode; the env var picks the model
 
 Which model, first match wins: ``--model`` (with ``--revision``); ``$STORYTELLER_MODEL``; the Space's model
@@ -10,14 +11,20 @@ the Space downloads that model from the Hub at start-up, through the Hub cache);
 
 The page is phone first: a photo is captioned as soon as it arrives (upload, paste, webcam, example tap)
 and both captions come into view; each word is shaded by the probability the model gave it (the value on
-hover or tap); one line says when greedy and beam search agree (with beam search's runner-ups), else a
-small table shows where they part and the words the model offered there. Decoding settings sit in a
-closed "Settings" accordion. A refused input is one notice above cleared outputs and one log line.
+hover or tap) and, where the model has a calibrator, each caption has a confidence badge. Those come first;
+a chained event then adds one line saying when greedy and beam search agree (with beam search's runner-ups),
+else a small table of where they part and the words the model offered there, and the attention view. Decoding
+settings sit in a closed "Settings" accordion. A refused input is one notice above cleared outputs and one
+log line. The HTML comes from ``storyteller.render``.
+
+Concurrent requests' photos are captioned together by one batch worker (``storyteller.serving.Batcher``,
+``--batch``). On a ZeroGPU Space the model's work is ``caption_on_device`` under ``@spaces.GPU``, called from
+each request (docs/space.md).
 
 API (gradio_client), beside the page's:
 
 - ``/caption_json`` (image, beam_size, max_len, alpha; all but the image optional): one JSON object,
-  ``greedy`` and ``beam`` as ``{text, words, word_log_probs, end_log_prob, log_prob, score}``, ``n_best``
+  ``greedy`` and ``beam`` as ``{text, words, word_log_probs, end_log_prob, log_prob, score, confidence}``, ``n_best``
   (a list of those), ``parting``, ``attention`` (attention models only), ``timings_ms``, ``warnings`` and
   ``model``. Per-word log-probabilities come from scoring each caption with the decoder in teacher-forcing
   mode (``storyteller.scoring``), on the same weights and precision as the search.

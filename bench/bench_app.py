@@ -106,7 +106,7 @@ def start_app(model: str, concurrency: int | None, threads: int | None, log: Pat
     """Start ``app`` (default: this checkout's app.py) serving ``model``; ``extra``: more app.py arguments."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
-    app = app or REPO / "app.py"
+    app = (app or REPO / "app.py").resolve()
     args = [sys.executable, str(app), "--model", model, "--host", "127.0.0.1", "--port", str(port)]
     if concurrency:
         args += ["--concurrency", str(concurrency)]
