@@ -619,15 +619,18 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
                    help="how the decoder computes on a CPU (default: $STORYTELLER_PRECISION, else auto: a fixed "
                         "rule by what the CPU supports, the same as the CLI's)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("STORYTELLER_THREADS", "0")),
-                   help="PyTorch threads (default: all CPUs for the one batch worker; without batching CPUs / "
-                        "concurrency, at least 1; or $STORYTELLER_THREADS)")
+                   help="PyTorch threads (default: the CPUs but one for the batch worker; without batching CPUs / "
+                        "concurrency; at least 1; or $STORYTELLER_THREADS)")
     args = p.parse_args(argv)
     if args.concurrency < 1:
         p.error("--concurrency must be >= 1")
     if args.batch < 1:
         p.error("--batch must be >= 1")
-    # one batch worker runs the model: it gets every core; without it, concurrent requests share them
-    args.threads = args.threads if args.threads > 0 else (CPUS if args.batch > 1 else max(1, CPUS // args.concurrency))
+    # one batch worker runs the model: it gets every core but one, which is left to the server (uploads, decoding,
+    # rendering; on 2 cores one thread also runs the tiny decoder steps faster than two: docs/benchmarks.md);
+    # without it, concurrent requests share the cores
+    args.threads = args.threads if args.threads > 0 else (
+        max(1, CPUS - 1) if args.batch > 1 else max(1, CPUS // args.concurrency))
     return args
 
 
