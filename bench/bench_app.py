@@ -1,7 +1,7 @@
 """Benchmark the Gradio app: one photo alone (where the time goes) and many concurrent clients.
 
     python bench/bench_app.py [--model DIR|REPO|random] [--url URL] [--clients 16] [--requests 10]
-                              [--single 20] [--beam 5] [--concurrency N] [--threads T]
+                              [--single 20] [--beam 5] [--concurrency N] [--batch B] [--threads T]
 
 1. **One photo alone, in process**: ``Captioner.caption`` (greedy + beam) on real photos one at a
    time; p50 / p95 of each stage — preprocessing (decode + resize + normalise), backbone, search
@@ -11,7 +11,9 @@
    context for each of its three requests per call, about 40 ms each here, even for plain http, and polls
    what it has received every 50 ms), ``gradio-plain`` (the same client with ``ssl_verify=False``, which
    skips the TLS contexts; plain http only) and ``raw`` (Gradio's queue protocol spoken directly over
-   httpx, as a browser does).
+   httpx, as a browser does); ``page`` speaks the same protocol to the page's own first event
+   (``caption_page``), whose answer is the captions: the time until they are on the screen (the attention
+   view and "where they part" follow in a chained event the browser starts, not counted).
 3. **Load**: ``--clients`` threads, each with its own client, send ``--requests`` captions each at
    once; every request must succeed; p50 / p95 latency and requests/s; once per ``--client``.
 4. **Gradio's floor** (unless ``--no-floor``): the same one-photo requests to a Gradio app whose
@@ -29,6 +31,11 @@ Separate checks, each run alone (they replace 1-4):
   (target: at most 1.6x).
 - ``--against MODEL``: one photo over HTTP, ``--model``'s app against MODEL's, both running at once and asked
   in alternating order; their p50s and the ratio (a new default model against the one it replaces).
+- ``--baseline ARGS``: load (``--clients`` x ``--requests``, ``--rounds`` times each, alternating) on this
+  app.py with the given ``--concurrency``/``--batch``/``--threads`` against app.py with ARGS (e.g.
+  ``--baseline "--batch 1 --concurrency 2"``, the settings before batching), or against another checkout's
+  app.py (``--baseline-app PATH``, e.g. an earlier commit's, or ``bench/gradio_batch_app.py``: Gradio's own
+  queue batching), both started first: throughput and p50 / p95 of each, and the ratios.
 - ``--big-photo``: ``python -m storyteller caption`` on a 16320x12240 (200 MP) JPEG (made from an example
   photo), with its peak RSS (target: exit 0, at most 1.5 GB); on progressive JPEGs of 96 MP (captioned)
   and 200 MP (refused: its decoder would hold all 600 MB of its coefficients); on a 20000x20000 PNG
