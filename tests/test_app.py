@@ -105,7 +105,8 @@ def check_json(out: dict, beam_size: int) -> None:
     assert set(out) == {"greedy", "beam", "n_best", "parting", "timings_ms", "warnings", "model"}  # no attention: pooled
     assert len(out["n_best"]) == beam_size and out["n_best"][0] == out["beam"]
     for cap in [out["greedy"], *out["n_best"]]:
-        assert set(cap) == {"text", "words", "word_log_probs", "end_log_prob", "log_prob", "score"}
+        assert set(cap) == {"text", "words", "word_log_probs", "end_log_prob", "log_prob", "score", "confidence"}
+        assert cap["confidence"] is None  # the test model has no calibrator: null, never a made-up number
         assert " ".join(cap["words"]) == cap["text"] and len(cap["word_log_probs"]) == len(cap["words"])
         assert abs(sum(cap["word_log_probs"]) + (cap["end_log_prob"] or 0) - cap["log_prob"]) <= 2e-3, cap
     assert out["model"]["decoding"]["beam_size"] == beam_size and out["model"]["label"] == "tiny-lite0"
