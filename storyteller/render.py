@@ -377,7 +377,9 @@ table.nbest td.text { white-space: normal; overflow-wrap: anywhere; width: 100%;
 .confidence summary { display: inline-block; cursor: help; list-style: none; border-radius: 999px;
                       padding: 0.05rem 0.6rem; font-weight: 600; }
 .confidence summary::-webkit-details-marker { display: none; }
-.confidence summary::after { content: " ⓘ"; font-weight: 400; opacity: 0.7; }
+.confidence summary::after { content: "?"; display: inline-block; margin-left: 0.35em; width: 1.1em; height: 1.1em;
+                             line-height: 1.1em; text-align: center; border-radius: 50%; border: 1px solid currentColor;
+                             font-size: 0.75em; font-weight: 400; opacity: 0.7; }
 .conf-likely-right summary { background: #dcfce7; color: #14532d; }
 .conf-unsure summary { background: #fef3c7; color: #713f12; }
 .conf-likely-wrong summary { background: #fee2e2; color: #7f1d1d; }
