@@ -78,7 +78,7 @@ log = logging.getLogger("storyteller.app")
 startup_log = logging.getLogger("storyteller.app.startup")
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 # On a ZeroGPU Space (Hugging Face sets SPACES_ZERO_GPU there) the model runs on the GPU that @spaces.GPU attaches.
-ZERO_GPU = spaces is not None and os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true")
+ZERO_GPU = spaces is not None and os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")  # as spaces reads it
 GPU_DURATION_S = 20  # ZeroGPU's limit for one caption call (s): well over a caption's time, short to queue sooner
 # Photos of concurrent requests captioned together, and requests handled at once (each waits for its batch);
 # bench/bench_app.py --baseline measures these against one photo at a time and 2 at once (docs/benchmarks.md).
@@ -549,8 +549,9 @@ def build_demo(captioner: Captioner, concurrency: int | None = None, max_age: in
                         label="Example photos (Flickr8k validation): tap one", examples_per_page=len(examples))
         with gr.Accordion("Model", open=False, elem_id="model-accordion"):
             gr.Markdown(model_markdown(info, getattr(captioner.model, "grid", None)), elem_id="model-info")
-        # the photo captioned, for the chained event (one per browser tab; dropped after an hour unused)
-        state = gr.State(None, time_to_live=3600)
+        # the photo captioned, for the chained event that follows within seconds (one per browser tab, about a
+        # megabyte; dropped after 5 minutes, so a busy public Space does not keep every visitor's photo)
+        state = gr.State(None, time_to_live=300)
         _wire(image, button, [image, beam, max_len, alpha], panels, state, (api_names, first_names, later_names),
               (caption, caption_json_api, caption_page, caption_button, later))
     demo.queue(default_concurrency_limit=DEFAULT_CONCURRENCY if concurrency is None else concurrency,
