@@ -1,7 +1,7 @@
 """Publish a model folder to the Hugging Face Hub (and optionally the Gradio Space that serves it).
 
     python hub_upload.py MODEL_DIR --repo-id USER/NAME [--private] [--revision BRANCH]
-                         [--commit-message MSG] [--dry-run] [--space-id USER/SPACE [--bundle]]
+                         [--commit-message MSG] [--dry-run] [--space-id USER/SPACE [--bundle] [--hardware zerogpu|cpu]]
 
 1. **Validate** the folder: load it exactly as the app does (``storyteller.captioner.load``) and
    caption an example photo; a folder that fails is refused and nothing is uploaded.
@@ -18,7 +18,10 @@
    cache), so no weights travel with the Space; a new model version reaches it by changing that one line
    (or by running this script again, which uploads the model and re-points the line). With ``--bundle``
    the model files go into the Space as ``models/<folder name>/`` and the line names that folder (a
-   Space that must start without the Hub).
+   Space that must start without the Hub). ``--hardware zerogpu`` (the default: what a free account can host)
+   stages it for ZeroGPU: Python 3.12 in the front matter, PyTorch 2.8-2.11 and ``spaces`` in its
+   requirements; ``--hardware cpu`` stages the repository's requirements as they are (CPU Basic needs a paid
+   plan). The hardware is asked for when the Space is created (docs/space.md).
 
 The token comes from ``hf auth login`` or ``HF_TOKEN``. ``--dry-run`` validates, renders the card in
 a temporary copy, lists what would be uploaded and the Space's model reference, and makes no network
@@ -47,6 +50,13 @@ SPACE_SOURCES = ("app.py", "requirements.txt", "LICENSE")
 # folder inside the Space with --bundle.
 SPACE_MODEL_FILE = "space_model.txt"
 PENDING_COMMIT = "<the commit this upload makes>"  # a dry run's stand-in: the commit is known only after the upload
+# The Space's hardware (--hardware): the Hub's name for it, the Python the Space runs, and what its requirements
+# change. ZeroGPU (what a free account can host) supports Python 3.10 and 3.12 and PyTorch 2.8 to 2.11 (hub-docs,
+# spaces-zerogpu.md), and needs Hugging Face's `spaces` package for @spaces.GPU; CPU hardware takes the
+# repository's requirements as they are (docs/space.md).
+HARDWARE = {"zerogpu": "zero-a10g", "cpu": "cpu-basic"}
+PYTHON_VERSION = {"zerogpu": "3.12", "cpu": "3.11"}
+ZEROGPU_REQUIREMENTS = {"torch": "torch>=2.8,<2.12", "torchvision": "torchvision>=0.23,<0.27"}  # 0.23 goes with 2.8
 
 
 class UploadRefused(Exception):
@@ -142,7 +152,26 @@ def ensemble_description(model_dir: Path) -> str | None:
     return ensemble_summary(config, shown=" (the page shows where)")
 
 
-def space_readme(repo_id: str, space_id: str, model_ref: str, attention: bool, ensemble: str | None = None) -> str:
+def space_requirements(hardware: str, source: Path = REPO / "requirements.txt") -> str:
+    """The Space's requirements.txt: the repository's, and for ZeroGPU its PyTorch range and ``spaces``.
+
+    Args:
+        hardware: ``"zerogpu"`` or ``"cpu"``.
+        source: the repository's requirements file.
+    """
+    lines = source.read_text(encoding="utf-8").splitlines()
+    if hardware != "zerogpu":
+        return "\n".join(lines) + "\n"
+    out = []
+    for line in lines:
+        name = line.split("#")[0].strip().split(">")[0].split("=")[0].split("<")[0].strip()
+        out.append(ZEROGPU_REQUIREMENTS.get(name, line))
+    out += ["# ZeroGPU: a GPU is attached while a @spaces.GPU function runs (app.py's caption_on_device)", "spaces"]
+    return "\n".join(out) + "\n"
+
+
+def space_readme(repo_id: str, space_id: str, model_ref: str, attention: bool, ensemble: str | None = None,
+                 hardware: str = "zerogpu") -> str:
     """The Space's README.md: front matter for the Hub plus a short description that fits the model.
 
     Args:
@@ -151,6 +180,7 @@ def space_readme(repo_id: str, space_id: str, model_ref: str, attention: bool, e
         model_ref: what ``space_model.txt`` says (``repo@commit``, or a bundled folder).
         attention: the model shows where it looked (Show-Attend-Tell, or an ensemble holding one).
         ensemble: an ensemble's description (``ensemble_description``), or None for one decoder.
+        hardware: ``"zerogpu"`` or ``"cpu"`` (HARDWARE): the Python version and the suggested hardware.
     """
     import gradio
 
@@ -163,7 +193,8 @@ def space_readme(repo_id: str, space_id: str, model_ref: str, attention: bool, e
         "colorTo: yellow",
         "sdk: gradio",
         f"sdk_version: {gradio.__version__}",
-        'python_version: "3.11"',
+        f'python_version: "{PYTHON_VERSION[hardware]}"',
+        f"suggested_hardware: {HARDWARE[hardware]}",
         "app_file: app.py",
         "pinned: false",
         "license: mit",
@@ -195,7 +226,8 @@ def space_readme(repo_id: str, space_id: str, model_ref: str, attention: bool, e
 
 
 def stage_space(model_dir: Path, repo_id: str, space_id: str, dest: Path, model_commit: str | None,
-                bundle: bool = False, bundle_name: str | None = None) -> tuple[list[str], str]:
+                bundle: bool = False, bundle_name: str | None = None, hardware: str = "zerogpu"
+                ) -> tuple[list[str], str]:
     """Copy what the Space needs into ``dest``; returns the staged files (relative paths, sorted) and the
     model reference written to ``space_model.txt``.
 
@@ -207,11 +239,15 @@ def stage_space(model_dir: Path, repo_id: str, space_id: str, dest: Path, model_
         model_commit: the model repo's commit to pin (None: ``PENDING_COMMIT``, for a dry run).
         bundle: copy the model files into the Space (``models/<bundle_name>/``) and point at them.
         bundle_name: the bundled folder's name (default: ``model_dir``'s).
+        hardware: ``"zerogpu"`` or ``"cpu"``: its requirements and README front matter (HARDWARE).
     """
+    if hardware not in HARDWARE:
+        raise UploadRefused(f"unknown hardware {hardware!r}: use one of {', '.join(HARDWARE)}")
     dest.mkdir(parents=True, exist_ok=True)
     for name in SPACE_SOURCES:
         if (REPO / name).is_file():
             shutil.copy2(REPO / name, dest / name)
+    (dest / "requirements.txt").write_text(space_requirements(hardware), encoding="utf-8")
     shutil.copytree(REPO / "storyteller", dest / "storyteller", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     if (REPO / "examples").is_dir():
         shutil.copytree(REPO / "examples", dest / "examples")
@@ -227,7 +263,7 @@ def stage_space(model_dir: Path, repo_id: str, space_id: str, dest: Path, model_
     (dest / SPACE_MODEL_FILE).write_text(f"# The model this Space serves: a Hub repo at a commit (or a folder here).\n"
                                          f"{ref}\n", encoding="utf-8")
     (dest / "README.md").write_text(space_readme(repo_id, space_id, ref, is_attention_model(model_dir),
-                                                           ensemble_description(model_dir)), encoding="utf-8")
+                                                 ensemble_description(model_dir), hardware), encoding="utf-8")
     return sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()), ref
 
 
@@ -257,11 +293,12 @@ def _render_card(model_dir: Path, files: list[str], repo_id: str, dry_run: bool,
 
 
 def _stage_space_logged(model_dir: Path, repo_id: str, space_id: str, dest: Path, model_commit: str | None,
-                        bundle: str | None, dry_run: bool, log) -> tuple[list[str], str]:
+                        bundle: str | None, dry_run: bool, log, hardware: str = "zerogpu") -> tuple[list[str], str]:
     """:func:`stage_space` into a new ``dest`` (``bundle``: the bundled folder's name, None: no bundle), then the
     Space's model reference and files logged."""
     files, ref = stage_space(model_dir, repo_id, space_id, dest, model_commit, bundle=bundle is not None,
-                             bundle_name=bundle)
+                             bundle_name=bundle, hardware=hardware)
+    log(f"Space hardware: {hardware} ({HARDWARE[hardware]}, Python {PYTHON_VERSION[hardware]})")
     log(f"Space model reference ({SPACE_MODEL_FILE}): {ref}")
     log(f"{'would upload' if dry_run else 'uploading'} to Space {space_id}: {len(files)} files")
     for f in files:
@@ -271,7 +308,7 @@ def _stage_space_logged(model_dir: Path, repo_id: str, space_id: str, dest: Path
 
 def publish(model_dir: Path, repo_id: str, *, private: bool = False, revision: str | None = None,
             commit_message: str | None = None, dry_run: bool = False, space_id: str | None = None,
-            bundle: bool = False, log=print) -> dict[str, Any]:
+            bundle: bool = False, hardware: str = "zerogpu", log=print) -> dict[str, Any]:
     """Validate, write the card, and upload the model (and the Space that serves it from the Hub).
 
     Args:
@@ -283,6 +320,8 @@ def publish(model_dir: Path, repo_id: str, *, private: bool = False, revision: s
         dry_run: validate and list, but write nothing and make no network call.
         space_id: also push the Gradio Space ``user/space``, pinned to the model commit just uploaded.
         bundle: put the model files into the Space too (a Space that must start without the Hub).
+        hardware: the Space's hardware, ``"zerogpu"`` (free accounts) or ``"cpu"`` (a paid plan): its requirements,
+            Python version and the hardware asked for when the Space is created (docs/space.md).
         log: where progress lines go.
 
     Returns:
@@ -312,7 +351,7 @@ def publish(model_dir: Path, repo_id: str, *, private: bool = False, revision: s
         if dry_run:
             if space_id:
                 out["space_files"], out["space_model"] = _stage_space_logged(
-                    card.parent, repo_id, space_id, tmp / "space", None, bundle_as, dry_run, log)
+                    card.parent, repo_id, space_id, tmp / "space", None, bundle_as, dry_run, log, hardware)
             log("dry run: nothing uploaded")
             return out
 
@@ -329,8 +368,10 @@ def publish(model_dir: Path, repo_id: str, *, private: bool = False, revision: s
         log(f"model: {out['model_commit']}")
         if space_id:  # staged now: it is pinned to the commit the model upload just made (CommitInfo.oid)
             out["space_files"], out["space_model"] = _stage_space_logged(
-                model_dir, repo_id, space_id, tmp / "space", info.oid, bundle_as, dry_run, log)
-            api.create_repo(space_id, repo_type="space", space_sdk="gradio", private=private or None, exist_ok=True)
+                model_dir, repo_id, space_id, tmp / "space", info.oid, bundle_as, dry_run, log, hardware)
+            # the hardware is asked for when the Space is created; an existing Space keeps its own (Settings)
+            api.create_repo(space_id, repo_type="space", space_sdk="gradio", private=private or None, exist_ok=True,
+                            space_hardware=HARDWARE[hardware])
             info = api.upload_folder(repo_id=space_id, folder_path=str(tmp / "space"), repo_type="space",
                                      commit_message=f"Neural Storyteller app serving {out['space_model']}")
             out["space_commit"] = getattr(info, "commit_url", str(info))
@@ -357,12 +398,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bundle", action="store_true",
                    help="with --space-id: put the model files into the Space too, for a Space that must start "
                         "without the Hub")
+    p.add_argument("--hardware", choices=sorted(HARDWARE), default="zerogpu",
+                   help="with --space-id: the Space's hardware: zerogpu (default; what a free account can host: "
+                        "Python 3.12, PyTorch 2.8-2.11 and `spaces` in its requirements) or cpu (CPU Basic, a paid "
+                        "plan); see docs/space.md")
     args = p.parse_args(argv)
     if args.bundle and not args.space_id:
         p.error("--bundle goes with --space-id")
     try:
         publish(args.model_dir, args.repo_id, private=args.private, revision=args.revision,
-                commit_message=args.commit_message, dry_run=args.dry_run, space_id=args.space_id, bundle=args.bundle)
+                commit_message=args.commit_message, dry_run=args.dry_run, space_id=args.space_id, bundle=args.bundle,
+                hardware=args.hardware)
     except UploadRefused as e:
         print(f"hub_upload: refusing to upload: {e}", file=sys.stderr)
         return 1

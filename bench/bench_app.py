@@ -1,7 +1,7 @@
 """Benchmark the Gradio app: one photo alone (where the time goes) and many concurrent clients.
 
     python bench/bench_app.py [--model DIR|REPO|random] [--url URL] [--clients 16] [--requests 10]
-                              [--single 20] [--beam 5] [--concurrency N] [--threads T]
+                              [--single 20] [--beam 5] [--concurrency N] [--batch B] [--threads T]
 
 1. **One photo alone, in process**: ``Captioner.caption`` (greedy + beam) on real photos one at a
    time; p50 / p95 of each stage — preprocessing (decode + resize + normalise), backbone, search
@@ -11,7 +11,9 @@
    context for each of its three requests per call, about 40 ms each here, even for plain http, and polls
    what it has received every 50 ms), ``gradio-plain`` (the same client with ``ssl_verify=False``, which
    skips the TLS contexts; plain http only) and ``raw`` (Gradio's queue protocol spoken directly over
-   httpx, as a browser does).
+   httpx, as a browser does); ``page`` speaks the same protocol to the page's own first event
+   (``caption_page``), whose answer is the captions: the time until they are on the screen (the attention
+   view and "where they part" follow in a chained event the browser starts, not counted).
 3. **Load**: ``--clients`` threads, each with its own client, send ``--requests`` captions each at
    once; every request must succeed; p50 / p95 latency and requests/s; once per ``--client``.
 4. **Gradio's floor** (unless ``--no-floor``): the same one-photo requests to a Gradio app whose
@@ -29,6 +31,11 @@ Separate checks, each run alone (they replace 1-4):
   (target: at most 1.6x).
 - ``--against MODEL``: one photo over HTTP, ``--model``'s app against MODEL's, both running at once and asked
   in alternating order; their p50s and the ratio (a new default model against the one it replaces).
+- ``--baseline ARGS``: load (``--clients`` x ``--requests``, ``--rounds`` times each, alternating) on this
+  app.py with the given ``--concurrency``/``--batch``/``--threads`` against app.py with ARGS (e.g.
+  ``--baseline "--batch 1 --concurrency 2"``, the settings before batching), or against another checkout's
+  app.py (``--baseline-app PATH``, e.g. an earlier commit's, or ``bench/gradio_batch_app.py``: Gradio's own
+  queue batching), both started first: throughput and p50 / p95 of each, and the ratios.
 - ``--big-photo``: ``python -m storyteller caption`` on a 16320x12240 (200 MP) JPEG (made from an example
   photo), with its peak RSS (target: exit 0, at most 1.5 GB); on progressive JPEGs of 96 MP (captioned)
   and 200 MP (refused: its decoder would hold all 600 MB of its coefficients); on a 20000x20000 PNG
@@ -58,6 +65,7 @@ import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,22 +108,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_app(model: str, concurrency: int | None, threads: int | None, log: Path) -> tuple[subprocess.Popen, str]:
+def start_app(model: str, concurrency: int | None, threads: int | None, log: Path, extra: Sequence[str] = (),
+              app: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """Start ``app`` (default: this checkout's app.py) serving ``model``; ``extra``: more app.py arguments."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
-    args = [sys.executable, str(REPO / "app.py"), "--model", model, "--host", "127.0.0.1", "--port", str(port)]
+    app = (app or REPO / "app.py").resolve()
+    args = [sys.executable, str(app), "--model", model, "--host", "127.0.0.1", "--port", str(port)]
     if concurrency:
         args += ["--concurrency", str(concurrency)]
     if threads:
         args += ["--threads", str(threads)]
-    return _serve(args, url, log, "app.py")
+    return _serve(args + list(extra), url, log, "app.py", cwd=app.parent)
 
 
-def _serve(args: list[str], url: str, log: Path, name: str) -> tuple[subprocess.Popen, str]:
+def _serve(args: list[str], url: str, log: Path, name: str, cwd: Path = REPO) -> tuple[subprocess.Popen, str]:
     """Start a Gradio server process and wait until ``url`` answers."""
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
     with open(log, "wb") as f:
-        proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -227,6 +238,7 @@ class RawClient:
     join the queue, read the event stream until the result. No polling: the floor of a request here."""
 
     name = "raw HTTP"
+    api_name = "caption"
 
     def __init__(self, url: str):
         import httpx
@@ -234,7 +246,7 @@ class RawClient:
         self.http = httpx.Client(timeout=120)
         config = self.http.get(url.rstrip("/") + "/config").json()
         self.prefix = url.rstrip("/") + "/" + config.get("api_prefix", "/gradio_api").strip("/") + "/"
-        self.fn_index = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "caption")
+        self.fn_index = next(d["id"] for d in config["dependencies"] if d.get("api_name") == self.api_name)
 
     def caption(self, path: Path, beam: int, max_len: int) -> list:
         import uuid
@@ -253,11 +265,31 @@ class RawClient:
                 if msg.get("msg") == "process_completed":
                     if not msg.get("success"):
                         raise RuntimeError(f"the app failed: {msg.get('output')}")
-                    return msg["output"]["data"]
+                    data = msg["output"]["data"]
+                    if isinstance(data[0], str) and data[0].strip():
+                        return data
+                    raise RuntimeError(f"the app answered without captions: {str(msg.get('output'))[:300]}")
         raise RuntimeError("the event stream ended without a result")
 
 
-CLIENTS = {"gradio": GradioClient, "gradio-plain": PlainGradioClient, "raw": RawClient}
+class PageClient(RawClient):
+    """What the page's own event costs until the captions are on the screen: the browser's protocol (as
+    :class:`RawClient`) on the page's first event (``caption_page``: clear, then the captions); the attention
+    view and "where they part" follow in a chained event the browser starts afterwards, not counted here. An
+    app without that event (before 2026-12-07) is asked through ``/caption``, which is what its page waited for."""
+
+    name = "raw HTTP, the page's first event"
+    api_name = "caption_page"
+
+    def __init__(self, url: str):
+        try:
+            super().__init__(url)
+        except StopIteration:  # an older app: its page event returned everything at once, as /caption does
+            self.api_name = "caption"
+            super().__init__(url)
+
+
+CLIENTS = {"gradio": GradioClient, "gradio-plain": PlainGradioClient, "raw": RawClient, "page": PageClient}
 
 
 def bench_http_single(url: str, paths: list[Path], n: int, beam: int, max_len: int, kind: str) -> None:
@@ -302,7 +334,10 @@ def bench_against(model: str, other: str, paths: list[Path], n: int, beam: int, 
     return p50[0] / p50[1]
 
 
-def bench_load(url: str, paths: list[Path], clients: int, requests: int, beam: int, max_len: int, kind: str) -> bool:
+def run_load(url: str, paths: list[Path], clients: int, requests: int, beam: int, max_len: int, kind: str
+             ) -> tuple[list[float], list[str], float]:
+    """``clients`` threads, each with its own client, send ``requests`` photos each at once.
+    Returns every request's latency (ms), the errors, and the wall time (s)."""
     pool = [CLIENTS[kind](url) for _ in range(clients)]
     lat: list[float] = []
     errors: list[str] = []
@@ -328,14 +363,53 @@ def bench_load(url: str, paths: list[Path], clients: int, requests: int, beam: i
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as ex:
         list(ex.map(worker, range(clients)))
-    wall = time.perf_counter() - t0
+    return lat, errors, time.perf_counter() - t0
+
+
+def bench_load(url: str, paths: list[Path], clients: int, requests: int, beam: int, max_len: int, kind: str) -> bool:
+    lat, errors, wall = run_load(url, paths, clients, requests, beam, max_len, kind)
     total = clients * requests
-    print(f"\n== load: {clients} concurrent {pool[0].name} clients x {requests} requests = {total} "
+    print(f"\n== load: {clients} concurrent {CLIENTS[kind].name} clients x {requests} requests = {total} "
           f"(beam {beam}, max_len {max_len}) ==")
     print(f"  succeeded {total - len(errors)}/{total}" + (f"; first error: {errors[0]}" if errors else ""))
     print(f"  latency p50 {statistics.median(lat):7.0f} ms   p95 {pct(lat, 95):7.0f} ms   max {max(lat):7.0f} ms")
     print(f"  throughput {total / wall:5.2f} requests/s  ({wall:.1f} s wall)")
     return not errors
+
+
+def bench_against_settings(model: str, new_args: list[str], old_args: list[str], old_app: Path | None,
+                           paths: list[Path], clients: int, requests: int, rounds: int, beam: int, max_len: int,
+                           kind: str, tmp: Path) -> bool:
+    """Load on two apps in one run: this app.py with ``new_args`` against ``old_app`` (default: the same app.py)
+    with ``old_args``, both started first and loaded in turn, ``rounds`` times (old, new, old, new...), so drift in
+    the machine's load falls on both. Prints each one's throughput and p50 / p95; True when every request succeeded."""
+    sides = {"old": (old_app, old_args), "new": (None, new_args)}
+    procs = {k: start_app(model, None, None, tmp / f"settings-{k}.log", extra=a, app=app) for k, (app, a) in sides.items()}
+    stats = {k: {"lat": [], "errors": [], "wall": 0.0} for k in sides}
+    try:
+        for url in (u for _, u in procs.values()):  # warm both
+            run_load(url, paths, 2, 2, beam, max_len, kind)
+        for _ in range(rounds):
+            for k in sides:
+                lat, errors, wall = run_load(procs[k][1], paths, clients, requests, beam, max_len, kind)
+                stats[k]["lat"] += lat
+                stats[k]["errors"] += errors
+                stats[k]["wall"] += wall
+    finally:
+        for proc, _ in procs.values():
+            _stop(proc)
+    print(f"\n== load, two settings in one run: {clients} concurrent {CLIENTS[kind].name} clients x {requests} "
+          f"requests, {rounds} rounds each, alternating (beam {beam}, max_len {max_len}) ==")
+    rate = {}
+    for k, (app, a) in sides.items():
+        st, n = stats[k], len(stats[k]["lat"])
+        rate[k] = n / st["wall"]
+        print(f"  {k}: {app or 'app.py'} {' '.join(a) or '(defaults)'}: succeeded {n - len(st['errors'])}/{n}; "
+              f"{rate[k]:5.2f} requests/s; latency p50 {statistics.median(st['lat']):6.0f} ms  p95 {pct(st['lat'], 95):6.0f} ms"
+              + (f"; first error: {st['errors'][0]}" if st["errors"] else ""))
+    print(f"  throughput new / old: {rate['new'] / rate['old']:.2f}x; p95 new / old: "
+          f"{pct(stats['new']['lat'], 95) / pct(stats['old']['lat'], 95):.2f}x")
+    return not stats["old"]["errors"] and not stats["new"]["errors"]
 
 
 def rss_mb(pid: int) -> float:
@@ -482,6 +556,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--against", default=None, metavar="MODEL",
                    help="only one photo over HTTP, --model's app against MODEL's, both at once (--single photos each)")
     p.add_argument("--big-photo", action="store_true", help="only the 200 MP photo check (CLI peak memory)")
+    p.add_argument("--batch", type=int, default=None, help="app.py --batch (default: the app's)")
+    p.add_argument("--baseline", default=None, metavar="ARGS",
+                   help="only load on two settings in one run: app.py with --concurrency/--batch/--threads as given "
+                        "against app.py with ARGS (e.g. '--batch 1 --concurrency 2', the settings before batching)")
+    p.add_argument("--baseline-app", type=Path, default=None,
+                   help="with --baseline: another checkout's app.py for the old side (e.g. an earlier commit's)")
+    p.add_argument("--rounds", type=int, default=2, help="with --baseline: load rounds per side")
     args = p.parse_args(argv)
     soak_client = (args.client or ["raw"])[0]  # the soak's clients: raw unless asked (they share the CPU with the app)
     if args.client is None:
@@ -499,11 +580,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if bench_big_photo(model, tmp) else 1
     if args.startup:
         return 0 if bench_startup(model, args.startup, tmp) else 1
+    if args.baseline is not None:
+        new = [a for k, v in (("--concurrency", args.concurrency), ("--batch", args.batch), ("--threads", args.threads))
+               if v for a in (k, str(v))]
+        ok = bench_against_settings(model, new, args.baseline.split(), args.baseline_app, paths, args.clients,
+                                    args.requests, args.rounds, args.beam, args.max_len, soak_client, tmp)
+        return 0 if ok else 1
     if args.against:
         bench_against(model, args.against, paths, args.single, args.beam, args.max_len, soak_client, tmp)
         return 0
+    extra = ["--batch", str(args.batch)] if args.batch else []
     if args.soak:
-        proc, url = start_app(model, args.concurrency, args.threads, tmp / "app.log")
+        proc, url = start_app(model, args.concurrency, args.threads, tmp / "app.log", extra=extra)
         try:
             ok = bench_soak(url, proc.pid, paths, args.clients, args.soak, args.beam, args.max_len,
                             soak_client, tmp)
@@ -519,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     proc = None
     url = args.url
     if url is None:
-        proc, url = start_app(model, args.concurrency, args.threads, tmp / "app.log")
+        proc, url = start_app(model, args.concurrency, args.threads, tmp / "app.log", extra=extra)
         print(f"\nstarted app.py at {url} (concurrency {args.concurrency or 'default'}, threads {args.threads or 'default'})")
     ok = True
     try:

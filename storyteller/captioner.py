@@ -37,8 +37,8 @@ from .images import ImageSource, image_warnings, load_image
 from .decoders import HubDecoder, load_decoder
 # Loading lives in storyteller.loading; these names stay importable from here, where users found them.
 from .loading import (DEFAULT_MODEL_DIR, MODEL_ENV_VAR, MODEL_EXAMPLES_GLOB, MODEL_FILES, OPTIONAL_MODEL_FILES,
-                      ModelLoadError, check_model_folder, check_weights_file, default_model, model_label,
-                      resolve_model_dir)
+                      ModelLoadError, check_model_folder, check_weights_file, default_model, looks_like_path,
+                      model_label, resolve_model_dir)
 
 __all__ = ["Captioner", "CaptionResult", "ModelLoadError", "load", "default_model", "DEFAULT_MODEL_DIR",
            "MODEL_ENV_VAR", "MODEL_FILES", "OPTIONAL_MODEL_FILES", "MODEL_EXAMPLES_GLOB", "DECODING_DEFAULTS",
@@ -297,12 +297,13 @@ class Captioner:
                 r.timings_ms.update(confidence=confidence, total=r.timings_ms["total"] + confidence)
         return results
 
-    def attention_figure(self, image: Image.Image, caption: Caption, panel_width: int = 200, columns: int = 5
+    def attention_figure(self, image: ImageSource, caption: Caption, panel_width: int = 200, columns: int = 5
                          ) -> Image.Image:
         """Where the model looked for each word of ``caption``: one panel per word (``storyteller.heatmap``).
 
         Args:
-            image: the photo the caption is of (as returned by :meth:`load_image`).
+            image: the photo the caption is of: a PIL image (as returned by :meth:`load_image`), or a path, bytes
+                or binary file, decoded as :meth:`caption` decodes it.
             caption: a caption of an attention decoder (its ``attention`` is set).
             panel_width: width of each word's panel in pixels.
             columns: panels per row.
@@ -315,6 +316,8 @@ class Captioner:
         if caption.attention is None:
             raise ValueError(f"{model_label(self.source)} is a pooled model (no decoder of it looks over the grid): it "
                              "has no attention maps to show; use a Show-Attend-Tell model or an ensemble holding one")
+        if not isinstance(image, Image.Image):
+            image = self.load_image(image)
         words = [self.model.vocab.itos[t] for t in caption.tokens]
         return attention_figure(image, words, caption.attention, self.backbone.spec["preprocessing"],
                                 panel_width=panel_width, columns=columns)
@@ -349,9 +352,10 @@ def _backbone_name(config: dict[str, Any]) -> str | None:
 
 
 def decoder_summary(model) -> dict[str, Any]:
-    """A decoder's type and sizes, for ``Captioner.info`` (None where a size means nothing for it)."""
-    return {"decoder": getattr(model, "decoder_type", "show_and_tell"), "embed_dim": getattr(model, "embed_dim", None),
-            "hidden_dim": getattr(model, "hidden_dim", None), "num_layers": getattr(model, "num_layers", None)}
+    """A decoder's type and sizes, for ``Captioner.info``; a size that means nothing for it (an ensemble's: its
+    members have their own) is left out, not shown as null."""
+    sizes = {k: getattr(model, k, None) for k in ("embed_dim", "hidden_dim", "num_layers")}
+    return {"decoder": getattr(model, "decoder_type", "show_and_tell"), **{k: v for k, v in sizes.items() if v is not None}}
 
 
 def _read_evaluations(model_dir: Path | None) -> list[dict[str, Any]]:

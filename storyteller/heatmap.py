@@ -62,6 +62,72 @@ def fit_photo(photo: Image.Image, width: int) -> Image.Image:
     return photo.resize((max(1, round(photo.width * scale)), max(1, round(photo.height * scale))), Image.BICUBIC)
 
 
+def blend_tables(strength: float = HEAT_BLEND) -> tuple[np.ndarray, np.ndarray]:
+    """The blend per attention level b (256 steps): ``out = photo * scale[b] + tint[b]``.
+
+    The photo is darkened where the model did not look, lit = photo * (LOOK_FLOOR + (1 - LOOK_FLOOR) b), and
+    the ramp colour blended in with weight a = strength * b, so a map costs one multiply-add per pixel.
+
+    Returns:
+        scale (256, 1) and tint (256, 3), float32.
+    """
+    a = strength * _LEVELS
+    scale = ((LOOK_FLOOR + (1 - LOOK_FLOOR) * _LEVELS) * (1 - a))[:, None].astype(np.float32)
+    return scale, (_LUT * a[:, None]).astype(np.float32)
+
+
+def upsample_map(weights: torch.Tensor | np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """One word's (h, w) map scaled to its own peak and bilinearly upsampled to ``size`` (w, h), on cell
+    centres (as the CNN's receptive fields are): attention levels 0..255 as uint8."""
+    w = np.asarray(weights, dtype=np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"weights must be (h, w), got shape {w.shape}")
+    w = w / max(float(w.max()), 1e-12)  # each word's map scaled to its own peak
+    big = np.asarray(Image.fromarray(w).resize(size, Image.BILINEAR), dtype=np.float32)
+    return (big.clip(0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+class HeatLayer:
+    """Heat maps as transparent layers (RGBA) to lay over a photo drawn once: composited "over" the photo they
+    give :class:`PhotoOverlay`'s picture (``photo * scale + tint`` is ``photo * (1 - alpha) + colour * alpha``
+    with ``alpha = 1 - scale`` and ``colour = tint / alpha``), so a page encodes the photo once and each word's
+    map as a small layer the browser scales.
+
+    Args:
+        size: the photo's (w, h) at display size; the layer is drawn at ``width`` pixels wide, same aspect.
+        preprocessing: the backbone's preprocessing (``resize``, ``crop``).
+        width: the layer's width in pixels.
+    """
+
+    def __init__(self, size: tuple[int, int], preprocessing: dict[str, Any], width: int = 48,
+                 strength: float = HEAT_BLEND):
+        lw = max(1, min(width, size[0]))
+        lh = max(1, round(size[1] * lw / size[0]))
+        self.size = (lw, lh)
+        self.box = crop_box(self.size, preprocessing)
+        self.bw, self.bh = max(1, self.box[2] - self.box[0]), max(1, self.box[3] - self.box[1])
+        scale, tint = blend_tables(strength)
+        alpha = (1 - scale).clip(1e-6, 1)  # (256, 1)
+        self.rgba = np.concatenate([(tint / alpha).clip(0, 255), alpha * 255], 1).round().astype(np.uint8)
+        self.outside = np.array([0, 0, 0, round((1 - OUTSIDE_CROP) * 255)], dtype=np.uint8)  # the model never saw it
+
+    def __call__(self, weights: torch.Tensor | np.ndarray) -> Image.Image:
+        """The RGBA layer of one word's (h, w) map."""
+        level = upsample_map(weights, (self.bw, self.bh))
+        out = np.broadcast_to(self.outside, (self.size[1], self.size[0], 4)).copy()
+        out[self.box[1]:self.box[1] + self.bh, self.box[0]:self.box[0] + self.bw] = self.rgba[level]
+        return Image.fromarray(out, "RGBA")
+
+
+def legend_colours(levels: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), grey: float = 128.0,
+                   strength: float = HEAT_BLEND) -> list[tuple[int, int, int]]:
+    """The colours a mid-grey photo takes at attention ``levels`` (0: not looked at, 1: the word's peak), for a
+    legend drawn with the same blend as the maps."""
+    scale, tint = blend_tables(strength)
+    idx = [min(255, max(0, round(b * 255))) for b in levels]
+    return [tuple(int(round(min(255.0, grey * float(scale[i, 0]) + float(t)))) for t in tint[i]) for i in idx]
+
+
 class PhotoOverlay:
     """Draws any number of heat maps over one photo; the photo's arrays are prepared once.
 
@@ -77,22 +143,11 @@ class PhotoOverlay:
         self.bw, self.bh = max(1, self.box[2] - self.box[0]), max(1, self.box[3] - self.box[1])
         self.dimmed = base * OUTSIDE_CROP  # outside the crop: dimmed, the model never saw it
         self.region = base[self.box[1]:self.box[1] + self.bh, self.box[0]:self.box[0] + self.bw]
-        # Per attention level b (256 steps): the photo is darkened where the model did not look,
-        # lit = photo * (LOOK_FLOOR + (1 - LOOK_FLOOR) b), and the ramp colour blended in with weight
-        # a = strength * b: out = photo * scale[b] + tint[b], so a map costs one multiply-add per pixel.
-        a = strength * _LEVELS
-        self.scale = ((LOOK_FLOOR + (1 - LOOK_FLOOR) * _LEVELS) * (1 - a))[:, None].astype(np.float32)  # (256, 1)
-        self.tint = (_LUT * a[:, None]).astype(np.float32)  # (256, 3)
+        self.scale, self.tint = blend_tables(strength)
 
     def __call__(self, weights: torch.Tensor | np.ndarray) -> Image.Image:
         """The photo with ``weights`` (h, w), one word's attention over the grid, as a heat map."""
-        w = np.asarray(weights, dtype=np.float32)
-        if w.ndim != 2:
-            raise ValueError(f"weights must be (h, w), got shape {w.shape}")
-        w = w / max(float(w.max()), 1e-12)  # each word's map scaled to its own peak
-        # bilinear upsampling of the grid to the crop, on cell centres (as the CNN's receptive fields are)
-        big = np.asarray(Image.fromarray(w).resize((self.bw, self.bh), Image.BILINEAR), dtype=np.float32)
-        level = (big.clip(0, 1) * 255 + 0.5).astype(np.uint8)  # (bh, bw) in 0..255
+        level = upsample_map(weights, (self.bw, self.bh))  # (bh, bw) in 0..255
         out = self.dimmed.copy()
         out[self.box[1]:self.box[1] + self.bh, self.box[0]:self.box[0] + self.bw] = (
             self.region * self.scale[level] + self.tint[level])

@@ -26,7 +26,11 @@ from .fileio import atomic_path, write_json_atomic
 from .vocab import Vocabulary
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "flickr8k-lite0-ensemble"
+# The default model: the repository's models/ folder in a checkout; an installed package (`pip install .`) holds
+# the same files in storyteller/_models/ (pyproject.toml), so load() works from any directory, offline.
+_CHECKOUT_MODEL_DIR = REPO_ROOT / "models" / "flickr8k-lite0-ensemble"
+PACKAGED_MODEL_DIR = Path(__file__).resolve().parent / "_models" / "flickr8k-lite0-ensemble"
+DEFAULT_MODEL_DIR = _CHECKOUT_MODEL_DIR if _CHECKOUT_MODEL_DIR.is_dir() else PACKAGED_MODEL_DIR
 MODEL_ENV_VAR = "STORYTELLER_MODEL"
 VOCAB_FILE = "vocab.json"
 CONFIG_FILE = "config.json"
@@ -80,6 +84,8 @@ def model_label(source: str) -> str:
     if not path.exists() and not _looks_like_path(source):
         return source  # a Hub repo id
     try:
+        if path.resolve() == PACKAGED_MODEL_DIR:  # the installed package's copy of the default: named as in a checkout
+            return f"models/{PACKAGED_MODEL_DIR.name}"
         return path.resolve().relative_to(REPO_ROOT).as_posix()
     except ValueError:
         return path.resolve().name or source
@@ -125,6 +131,16 @@ def check_weights_file(path: str | os.PathLike) -> None:
                              f"interrupted download or copy. Download or copy the model again.")
 
 
+def _hub_offline() -> bool:
+    """Whether the Hub client is in offline mode (``HF_HUB_OFFLINE``, read as huggingface_hub reads it)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether ``name`` is written as a local path (``./x``, ``/x``, ``~/x``, ``x/y/z``...) rather than a Hub id."""
+    return _looks_like_path(name)
+
+
 def _looks_like_path(name: str) -> bool:
     """True for names that cannot be Hub repo ids (``user/model``), so they must have meant a folder."""
     return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or name.endswith("/")
@@ -157,8 +173,12 @@ def resolve_model_dir(name_or_path: str, revision: str | None = None) -> Path:
                                         OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
 
     at = f" at revision {revision!r}" if revision else ""
-    offline_hint = (f"Without network, set HF_HUB_OFFLINE=1 and use a copy in the Hugging Face cache "
-                    f"(download it once with `hf download {name_or_path}`), or pass a local model folder.")
+    if _hub_offline():  # already offline: asking to set it again would not help
+        offline_hint = (f"HF_HUB_OFFLINE is set, so only the Hugging Face cache is looked at: download the model "
+                        f"into it once while online (`hf download {name_or_path}`), or pass a local model folder.")
+    else:
+        offline_hint = (f"Without network, set HF_HUB_OFFLINE=1 and use a copy in the Hugging Face cache "
+                        f"(download it once with `hf download {name_or_path}`), or pass a local model folder.")
     try:
         path = snapshot_download(repo_id=name_or_path, revision=revision,
                                  allow_patterns=[*MODEL_FILES, WEIGHTS_INDEX_FILE, WEIGHT_SHARDS_GLOB,

@@ -105,7 +105,8 @@ def check_json(out: dict, beam_size: int) -> None:
     assert set(out) == {"greedy", "beam", "n_best", "parting", "timings_ms", "warnings", "model"}  # no attention: pooled
     assert len(out["n_best"]) == beam_size and out["n_best"][0] == out["beam"]
     for cap in [out["greedy"], *out["n_best"]]:
-        assert set(cap) == {"text", "words", "word_log_probs", "end_log_prob", "log_prob", "score"}
+        assert set(cap) == {"text", "words", "word_log_probs", "end_log_prob", "log_prob", "score", "confidence"}
+        assert cap["confidence"] is None  # the test model has no calibrator: null, never a made-up number
         assert " ".join(cap["words"]) == cap["text"] and len(cap["word_log_probs"]) == len(cap["words"])
         assert abs(sum(cap["word_log_probs"]) + (cap["end_log_prob"] or 0) - cap["log_prob"]) <= 2e-3, cap
     assert out["model"]["decoding"]["beam_size"] == beam_size and out["model"]["label"] == "tiny-lite0"
@@ -322,12 +323,13 @@ def test_user_errors_log_one_line_without_a_traceback(client, server_log, tmp_pa
     assert log.count("caption refused") == 1 and "Traceback" not in log, log
 
 
-PAGE = ("greedy caption", "greedy figures", "beam caption", "beam figures", "n-best list", "timings", "notice",
-        "result", "greedy words", "beam words", "what beam search changed")
+def page(app_module, *inputs) -> tuple:
+    """The page's first event's outputs (FIRST_OUTPUTS), without the captioned photo it keeps for the chained one."""
+    return app_module.caption_for_page(app_module.captioner, app_module.FIRST_OUTPUTS, *inputs)[0]
 
 
 def cleared_but_the_notice(app_module, out: tuple) -> bool:
-    return all(v == app_module.CLEARED[n] for n, v in zip(PAGE, out) if n != "notice")
+    return all(v == app_module.CLEARED[n] for n, v in zip(app_module.FIRST_OUTPUTS, out) if n != "notice")
 
 
 def test_unexpected_errors_still_log_a_traceback_and_the_page_says_so(app_module, caplog, monkeypatch):
@@ -337,24 +339,24 @@ def test_unexpected_errors_still_log_a_traceback_and_the_page_says_so(app_module
     monkeypatch.setattr(app_module.captioner, "caption_features", broken)
     photo = {"path": str(EXAMPLES[0]), "url": None}
     with caplog.at_level("INFO", logger="storyteller.app"):
-        out = app_module.caption_for_page(app_module.captioner, PAGE, photo, 3, 10, 0.0)
-    assert cleared_but_the_notice(app_module, out) and "Something went wrong" in out[PAGE.index("notice")]
+        out = page(app_module, photo, 3, 10, 0.0)
+    assert cleared_but_the_notice(app_module, out) and "Something went wrong" in out[app_module.FIRST_OUTPUTS.index("notice")]
     assert any(r.exc_info and "boom" in str(r.exc_info[1]) for r in caplog.records)
 
 
 def test_page_refusals_are_one_notice_over_cleared_outputs(app_module, tmp_path, caplog):
     bad = write_bad_inputs(tmp_path)["not_an_image.jpg"]
     with caplog.at_level("INFO", logger="storyteller.app"):
-        out = app_module.caption_for_page(app_module.captioner, PAGE, {"path": str(bad), "url": None}, 3, 10, 0.0)
-    notice = out[PAGE.index("notice")]
+        out = page(app_module, {"path": str(bad), "url": None}, 3, 10, 0.0)
+    notice = out[app_module.FIRST_OUTPUTS.index("notice")]
     assert cleared_but_the_notice(app_module, out)
     assert notice.count("notice-error") == 1 and "not an image" in notice and "Pillow" not in notice
     assert [r.exc_info for r in caplog.records] == [None]  # one line, no traceback
 
 
 def test_the_button_without_a_photo_says_what_to_do(app_module):
-    out = app_module.caption_for_page(app_module.captioner, PAGE, None, 3, 10, 0.0)
-    notice = out[PAGE.index("notice")]
+    out = page(app_module, None, 3, 10, 0.0)
+    notice = out[app_module.FIRST_OUTPUTS.index("notice")]
     assert "notice-error" in notice and "Upload, paste or take a photo first" in notice and "example" in notice
     assert cleared_but_the_notice(app_module, out)
 
@@ -486,24 +488,89 @@ def test_broken_weights_fail_at_start_with_one_clear_line(model_dir, tmp_path, d
     assert len(lines) == 1 and lines[0].startswith("app.py: cannot start:") and words in lines[0], lines
 
 
-def test_attention_model_gallery_json_maps_and_api(app_module, tmp_path):
-    """An attention model: one overlay per beam word on the page, one map per word in the JSON, and the
-    gallery advertised in /caption's API (a pooled model's is not: see the view_api test)."""
+def test_attention_model_view_json_maps_and_api(app_module, tmp_path):
+    """An attention model: one tile per beam word on the page (the photo encoded once, a heat layer per word),
+    one map per word in the JSON, and the view advertised in /caption's API (a pooled model's is not)."""
     from storyteller.captioner import load
     from tests.helpers_models import save_test_model
 
     captioner = load(save_test_model(tmp_path / "att", attention=True))
     photo = {"path": str(EXAMPLES[0]), "url": None}
-    beam, gallery = app_module.caption_photo(captioner, ("beam caption", "attention"), photo, 2, 8, 0.0)
-    assert [w for _, w in gallery] == beam.split()
-    img = gallery[0][0]
-    src = Image.open(EXAMPLES[0])
-    assert img.width == app_module.ATTENTION_PANEL and abs(img.height / img.width - src.height / src.width) < 0.01
+    beam, view = app_module.caption_photo(captioner, ("beam caption", "attention"), photo, 2, 8, 0.0)
+    words = re.findall(r'<details class="att-tile" data-word="([^"]*)"', view)
+    assert words == [html.escape(w) for w in beam.split()]
+    assert view.count("data:image/jpeg;base64,") == 1  # the photo once, whatever the number of words
+    assert view.count("data:image/png;base64,") == len(words)  # a heat layer per word, shared by tile and enlarged
+    assert "att-legend" in view and "Show-Attend-Tell" in view
     c = app_module.caption_and_score(captioner, photo, 2, 8, 0.0)
     out = app_module.caption_json(captioner, c, app_module.model_summary(captioner, captioner.info))
     maps = out["attention"]
     assert len(maps) == len(out["beam"]["words"]) and len(maps[0]) == 7 and len(maps[0][0]) == 7
     assert abs(sum(map(sum, maps[0])) - 1) < 1e-2  # each word's weights over the grid sum to 1
-    api = app_module.build_demo(captioner).get_api_info()["named_endpoints"]
-    assert [r["component"] for r in api["/caption"]["returns"]][-1] == "Gallery"
+    api = app_module.build_demo(captioner, max_batch=1).get_api_info()["named_endpoints"]
+    assert [r["label"] for r in api["/caption"]["returns"]][-1].startswith("Where it looked")
     assert "grid" in app_module.header_html(captioner) and "one feature vector" not in app_module.header_html(captioner)
+
+
+def test_the_page_shows_captions_first_and_the_extras_in_a_chained_event(app_module):
+    """The first event's outputs hold the captions, words and badges but no attention view and no parting; the
+    chained event fills those from the photo the first one kept."""
+    photo = {"path": str(EXAMPLES[0]), "url": None}
+    values, c = app_module.caption_for_page(app_module.captioner, app_module.FIRST_OUTPUTS, photo, 3, 10, 0.0)
+    named = dict(zip(app_module.FIRST_OUTPUTS, values))
+    assert named["beam caption"] == c.result.beam[0].text and 'class="words"' in named["beam words"]
+    assert "attention" not in app_module.FIRST_OUTPUTS and "what beam search changed" not in app_module.FIRST_OUTPUTS
+    assert len(c.scored) == 2  # the page scores greedy's caption and the best, not every hypothesis
+    later = app_module.later_values(app_module.captioner, c)
+    assert later["what beam search changed"] and later["attention"] == ""  # a pooled model: no view
+    assert app_module.later_values(app_module.captioner, None) == {"what beam search changed": "", "attention": ""}
+    fns = {f.api_name: f for f in app_module.demo.fns.values()}
+    assert fns["caption_page"].preprocess is False
+
+
+def test_caption_json_carries_each_captions_confidence_or_null(app_module, monkeypatch):
+    photo = {"path": str(EXAMPLES[0]), "url": None}
+    captioner = app_module.captioner
+    summary = app_module.model_summary(captioner, captioner.info)
+    out = app_module.caption_json(captioner, app_module.caption_and_score(captioner, photo, 3, 10, 0.0), summary)
+    assert [e["confidence"] for e in [out["greedy"], *out["n_best"]]] == [None] * 4  # no calibrator: null, not made up
+    c = app_module.caption_and_score(captioner, photo, 3, 10, 0.0)
+    for i, cap in enumerate([c.result.greedy, *c.result.beam]):
+        cap.confidence = 0.1 + 0.2 * i
+    out = app_module.caption_json(captioner, c, summary)
+    assert [e["confidence"] for e in [out["greedy"], *out["n_best"]]] == [0.1, 0.3, 0.5, 0.7]
+    assert out["beam"]["confidence"] == 0.3
+    named = dict(zip(app_module.FIRST_OUTPUTS, [app_module.caption_values(captioner, c)[n]
+                                                 for n in app_module.FIRST_OUTPUTS]))
+    assert 'class="confidence conf-likely-wrong"' in named["greedy words"]
+    assert 'class="confidence conf-unsure"' in named["beam words"]
+    assert named["result"]["beam"][0]["confidence"] == 0.3
+
+
+def test_a_refused_file_says_why_once(app_module, tmp_path):
+    import gradio as gr
+
+    bad = write_bad_inputs(tmp_path)["not_an_image.jpg"]
+    with pytest.raises(gr.Error) as e:
+        app_module.caption_and_score(app_module.captioner, {"path": str(bad), "url": None}, 3, 10, 0.0)
+    assert e.value.title == "Not a usable image" and "not an image" in e.value.message
+    assert "Cannot caption this file" not in e.value.message and "usable image" not in e.value.message
+
+
+def test_concurrent_requests_are_captioned_together_with_the_same_captions(app_module):
+    """The batch route: eight requests at once are captioned in fewer batches, each with the captions it gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    captioner = app_module.captioner
+    alone = [app_module.caption_and_score(captioner, {"path": str(p), "url": None}, 3, 10, 0.0, score_all=False)
+             for p in EXAMPLES[:4]]
+    route = app_module.Route(captioner, max_batch=8)
+    photos = [{"path": str(EXAMPLES[i % 4]), "url": None} for i in range(8)]
+    with ThreadPoolExecutor(8) as ex:
+        got = list(ex.map(lambda p: app_module.caption_and_score(captioner, p, 3, 10, 0.0, score_all=False,
+                                                                  route=route), photos))
+    for i, c in enumerate(got):
+        want = alone[i % 4]
+        assert c.result.greedy.text == want.result.greedy.text and c.result.beam[0].text == want.result.beam[0].text
+        assert [round(x, 3) for x in c.scored[1].word_log_probs] == [round(x, 3) for x in want.scored[1].word_log_probs]
+    assert max(c.timings["batch"] for c in got) > 1  # some were captioned together

@@ -91,7 +91,9 @@ def emulate(driver, screen: str) -> None:
 
 def open_page(driver, url: str) -> None:
     driver.get(url)
-    WebDriverWait(driver, WAIT_S).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#photo input[type=file]"))
+    # the whole page rendered: the photo's input and the last output of the captions' column
+    WebDriverWait(driver, WAIT_S).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#photo input[type=file]")
+                                        and d.find_elements(By.ID, "timing") and d.find_elements(By.ID, "greedy-stats"))
 
 
 @pytest.fixture(params=list(SCREENS))
@@ -128,8 +130,30 @@ def captions_in_view(driver) -> bool:
         return r.top >= 0 && r.left >= 0 && r.bottom <= window.innerHeight && r.right <= window.innerWidth; });""")
 
 
-def assert_captions_in_view(driver) -> None:
+def assert_captions_in_view(driver, calibrated: bool | None = None) -> None:
     WebDriverWait(driver, 10).until(captions_in_view)  # the page brings them into view once they are filled
+    badges_in_view(driver, calibrated)
+
+
+def badges_in_view(driver, calibrated: bool | None = None) -> None:
+    """Each caption's confidence badge is in view with it where the served model has a calibrator
+    (``calibrated``: its captions carry a confidence); a model without one shows none. None: either, both alike."""
+    found = driver.execute_script("""return ['greedy-words', 'beam-words'].map(id => {
+        const b = document.querySelector('#' + id + ' .confidence summary');
+        if (!b) return null;
+        const r = b.getBoundingClientRect();
+        return r.top >= 0 && r.bottom <= window.innerHeight && r.width > 0; });""")
+    want = {True: [[True, True]], False: [[None, None]], None: [[None, None], [True, True]]}[calibrated]
+    assert found in want, found
+
+
+@pytest.fixture(scope="module")
+def calibrated(app_url) -> bool:
+    """Whether the served model gives its captions a confidence (a calibrator), asked through the API."""
+    from gradio_client import Client, handle_file
+
+    out = Client(app_url, verbose=False).predict(handle_file(str(EXAMPLES[0])), api_name="/caption_json")
+    return out["beam"]["confidence"] is not None
 
 
 def no_sideways_overflow(driver) -> None:
@@ -168,16 +192,18 @@ def check_words(driver, elem_id: str, caption: str) -> None:
     assert chips[0].get_attribute("data-p") in shown, shown
 
 
-def test_upload_captions_in_view_with_word_probabilities_where_they_part_and_every_beam(page, shots):
+def test_upload_captions_in_view_with_word_probabilities_where_they_part_and_every_beam(page, shots, calibrated):
     driver, screen = page
     # before any photo: no numbers that read as results
     assert text(driver, "greedy-stats") == "" and text(driver, "beam-stats") == "" and text(driver, "timing") == ""
     upload(driver, EXAMPLES[0])  # no button press: the upload itself captions
     greedy, beam = wait_for_captions(driver)
-    assert_captions_in_view(driver)
+    assert_captions_in_view(driver, calibrated)  # with their confidence badges where the model has a calibrator
     for caption in (greedy, beam):
         assert caption.strip() and not any(tok in caption for tok in SPECIAL_TOKENS)
     assert "log-probability" in text(driver, "greedy-stats") and "score" in text(driver, "beam-stats")
+    # the visitor's own photo has no human caption: no empty box for one
+    assert not [e for e in driver.find_elements(By.ID, "reference") if e.is_displayed()]
     assert driver.find_elements(By.CSS_SELECTOR, "#greedy-caption button, #beam-caption button")  # copy buttons
     font = driver.execute_script("return getComputedStyle(document.querySelector('#beam-caption textarea')).fontSize")
     assert float(font.rstrip("px")) >= 19, font  # large, readable caption text
@@ -361,20 +387,39 @@ def test_attention_view_shows_every_word_unclipped_and_is_absent_for_pooled_mode
         assert_captions_in_view(browser)
         words = beam.split()
         assert len(words) == 20
-        WebDriverWait(browser, WAIT_S).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#attention img")) == len(words))
+        WebDriverWait(browser, WAIT_S).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#attention .att-tile")) == len(words))
         gallery = browser.find_element(By.ID, "attention")
         assert gallery.is_displayed()
-        labels = [e.text.strip() for e in gallery.find_elements(By.CSS_SELECTOR, ".caption-label, figcaption") if e.text.strip()]
-        assert labels == words, (labels, words)  # one overlay per word, in order, the word under it
+        labels = [e.text.strip() for e in gallery.find_elements(By.CSS_SELECTOR, ".att-tile summary > figure > figcaption")]
+        assert labels == words, (labels, words)  # one tile per word, in order, the word under it
         browser.execute_script("arguments[0].scrollIntoView()", gallery)
         view = browser.execute_script("""
             const g = document.getElementById('attention'), w = window.innerWidth, gb = g.getBoundingClientRect();
-            const imgs = [...g.querySelectorAll('img')].map(i => i.getBoundingClientRect());
+            const pics = [...g.querySelectorAll('.att-tile summary > figure > .att-pic')];
+            const imgs = pics.map(i => i.getBoundingClientRect());
+            const covered = pics.filter(p => { const c = p.nextElementSibling.getBoundingClientRect(),
+                                                      r = p.getBoundingClientRect(); return c.top < r.bottom - 1; });
             return {clipped: imgs.filter(r => r.left < 0 || r.right > w || r.left < gb.left - 1 || r.right > gb.right + 1
-                                          || r.bottom > gb.bottom + 1).length,
+                                          || r.bottom > gb.bottom + 1 || r.height < 20).length,
+                    covered: covered.length,
+                    unpainted: pics.filter(p => (getComputedStyle(p).backgroundImage.match(/url\(/g) || []).length != 2).length,
                     inner: [...g.querySelectorAll('*')].filter(e => e.scrollHeight > e.clientHeight + 2
                              && ['auto', 'scroll'].includes(getComputedStyle(e).overflowY)).length};""")
-        assert view == {"clipped": 0, "inner": 0}, view  # every tile whole, no scroll inside the gallery
+        # every tile whole and painted (the word's heat layer over the photo), labels below, no inner scroll
+        assert view == {"clipped": 0, "covered": 0, "unpainted": 0, "inner": 0}, view
+        assert gallery.find_element(By.CSS_SELECTOR, ".att-legend").is_displayed()
+        assert "Show-Attend-Tell" in gallery.find_element(By.CSS_SELECTOR, ".att-note").text
+        tile = gallery.find_elements(By.CSS_SELECTOR, ".att-tile summary")[1]
+        browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", tile)
+        tile.click()  # a tap enlarges
+        big = WebDriverWait(browser, 10).until(lambda d: [e for e in d.find_elements(By.CSS_SELECTOR, ".att-tile[open] .att-big .att-pic")
+                                                         if e.is_displayed()])[0]
+        rect = browser.execute_script("return arguments[0].getBoundingClientRect().toJSON()", big)
+        assert rect["width"] >= 400 and rect["left"] >= -1 and rect["right"] <= browser.execute_script(
+            "return window.innerWidth") + 1, rect
+        print(f"\nscreenshot: {screenshot(browser, shots, f'{screen}-attention-enlarged')}")
+        big.click()  # a second tap closes it
+        WebDriverWait(browser, 10).until(lambda d: not d.find_elements(By.CSS_SELECTOR, ".att-tile[open]"))
         if screen == "desktop":  # greedy and beam stay side by side
             lefts = browser.execute_script("""return ['greedy-caption', 'beam-caption'].map(
                 id => document.querySelector('#' + id).getBoundingClientRect().left)""")

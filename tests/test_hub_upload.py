@@ -186,7 +186,7 @@ def test_upload_with_space_pins_the_model_commit_and_the_staged_space_serves_it_
     assert hub[0][2]["private"] is None and hub[1][2]["revision"] is None
     _, args, kw = hub[2]
     assert args == ("me/storyteller",) and kw == {"repo_type": "space", "space_sdk": "gradio", "private": None,
-                                                  "exist_ok": True}
+                                                  "exist_ok": True, "space_hardware": "zero-a10g"}
     kw = hub[3][2]
     assert kw["repo_id"] == "me/storyteller" and kw["repo_type"] == "space"
     space = kw["_snapshot"]
@@ -224,3 +224,42 @@ def test_card_thumbnails_and_curves_are_uploaded(model_dir, hub, capsys):
     assert "models/tiny-lite0/examples/img1.jpg" in res["space_files"]
     hub_upload.publish(model_dir, "me/tiny", log=lambda *a: None)
     assert "examples/img1.jpg" in hub[-1][2]["allow_patterns"]
+
+
+@pytest.mark.parametrize("hardware", ["zerogpu", "cpu"])
+def test_the_space_is_staged_for_its_hardware(tmp_path, good_model, hardware):
+    from huggingface_hub.repocard import metadata_load
+
+    hub_upload.stage_space(good_model, "me/m", "me/space", tmp_path / "space", COMMIT, hardware=hardware)
+    meta = metadata_load(tmp_path / "space" / "README.md")
+    reqs = [line.split("#")[0].strip() for line in (tmp_path / "space" / "requirements.txt").read_text().splitlines()]
+    reqs = [r for r in reqs if r]
+    if hardware == "zerogpu":
+        assert meta["python_version"] in ("3.10", "3.12") and meta["suggested_hardware"] == "zero-a10g"
+        assert "spaces" in reqs and "torch>=2.8,<2.12" in reqs and "torchvision>=0.23,<0.27" in reqs
+        from packaging.specifiers import SpecifierSet
+
+        torch_spec = SpecifierSet(next(r for r in reqs if r.startswith("torch>")).removeprefix("torch"))
+        assert all(v in torch_spec for v in ("2.8.0", "2.11.0")) and "2.12.0" not in torch_spec
+    else:
+        assert meta["suggested_hardware"] == "cpu-basic" and "spaces" not in reqs
+        assert (tmp_path / "space" / "requirements.txt").read_text() == (REPO / "requirements.txt").read_text()
+    # the rest of the requirements are the repository's
+    theirs = {r.split("#")[0].strip() for r in (REPO / "requirements.txt").read_text().splitlines()} - {""}
+    assert {r for r in theirs if not r.startswith(("torch>", "torchvision>"))} <= set(reqs)
+
+
+def test_the_staged_zerogpu_space_serves_on_a_cpu_machine(tmp_path, good_model):
+    """Its app imports and serves here (the `spaces` decorator, where installed, does nothing off ZeroGPU)."""
+    files, ref = hub_upload.stage_space(good_model, "me/m", "me/space", tmp_path / "space", COMMIT, bundle=True,
+                                        hardware="zerogpu")
+    with running_app(None, tmp_path / "space.log", app_dir=tmp_path / "space") as url:
+        out = Client(url, verbose=False, download_files=False).predict(
+            handle_file(str(sorted((tmp_path / "space" / "examples").glob("*.jpg"))[0])), api_name="/caption_json")
+    assert out["beam"]["text"].strip()
+
+
+def test_unknown_hardware_is_a_usage_error(model_dir, hub):
+    with pytest.raises(SystemExit) as e:
+        hub_upload.main([str(model_dir), "--repo-id", "me/tiny", "--space-id", "me/s", "--hardware", "tpu", "--dry-run"])
+    assert e.value.code == 2 and hub == []
