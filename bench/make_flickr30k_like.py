@@ -87,17 +87,26 @@ def plan(n_sources: int, total: int, seed: int) -> list[tuple[int, int, str]]:
     rng = random.Random(seed)
     order = list(range(n_sources))
     rng.shuffle(order)
-    # total // n_sources variants of every photo, one more for the first total % n_sources; a photo's
-    # variants are consecutive here so that they fall in one split
-    grouped = [(s, v) for rank, s in enumerate(order)
-               for v in range(total // n_sources + (1 if rank < total % n_sources else 0))]
-    splits, start = [], 0
     scale = total / sum(SIZES.values())
-    for name, n in SIZES.items():
-        n = round(n * scale) if name != "train" else total - start
-        splits += [name] * n
-        start += n
-    rows = [(s, v, splits[i]) for i, (s, v) in enumerate(grouped)]
+    quotas = [max(1, round(n * scale)) for name, n in SIZES.items() if name != "train"]
+    quotas.append(total - sum(quotas))  # train: the rest
+    names = list(SIZES)
+    # total // n_sources variants of every photo, one more for the first total % n_sources. A photo's variants
+    # all go to one split: the split being filled takes what it still needs of a photo, and what it leaves goes to
+    # the last photo (of train), so the split sizes are exact.
+    rows, split, left, spare = [], 0, quotas[0], 0
+    for rank, s in enumerate(order):
+        count = total // n_sources + (1 if rank < total % n_sources else 0)
+        if split < len(quotas) - 1:
+            take = min(count, left)
+            spare, count = spare + count - take, take
+        elif rank == n_sources - 1:
+            count += spare
+        rows += [(s, v, names[split]) for v in range(count)]
+        left -= count
+        while left == 0 and split < len(quotas) - 1:
+            split += 1
+            left = quotas[split]
     rng.shuffle(rows)
     return rows
 
@@ -114,12 +123,12 @@ def make(flickr8k: Path, out: Path, total: int = sum(SIZES.values()), seed: int 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    sources = _sources(flickr8k)
     if total < 3:
         sys.exit("--photos must be >= 3 (one per split)")
     folder = out / "TEST" / "test"
     if folder.exists() and any(folder.glob("*.parquet")):
         sys.exit(f"{folder} already holds parquet files; delete it or choose another --out")
+    sources = _sources(flickr8k)
     folder.mkdir(parents=True, exist_ok=True)
     rows, seen, t0 = plan(len(sources), total, seed), set(), time.perf_counter()
     batch: list[dict] = []
