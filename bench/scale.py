@@ -145,9 +145,17 @@ def cut_cache(source: Path, n: int, out: Path) -> None:
     writer.finalize()
 
 
-def synthetic_cache(dataset: Path, backbone: str, out: Path) -> None:
+def synthetic_cache(dataset: Path, backbone: str, out: Path, as_extracted: bool = False) -> None:
     """Random float16 features and grids of ``backbone``'s shape for the photos of ``dataset`` (ids, splits and
-    captions from it), written straight into a cache: the memory and disk of a real one, without extracting."""
+    captions from it), written straight into a cache: the memory and disk of a real one, without extracting.
+
+    Args:
+        dataset: the parquet dataset.
+        backbone: a key of ``SYNTHETIC_GRID``.
+        out: the cache folder.
+        as_extracted: describe the rows exactly as ``extract --random-weights`` would (no ``"synthetic"`` mark), so
+            that the recipe's extract step takes the cache as its own finished one and goes on to fit.
+    """
     from storyteller.backbones import backbone_spec
     from train.data import open_captioned_images
     from train.features import DTYPE, FEATURES, GRID, INDEX, _finish, _index_line
@@ -171,7 +179,7 @@ def synthetic_cache(dataset: Path, backbone: str, out: Path) -> None:
     with open(out / INDEX, "w", encoding="utf-8") as f:
         f.writelines(_index_line(r.id, r.split, r.captions) for r in images.records)
     spec = {**backbone_spec(backbone), "weights": None}
-    _finish(out, n, d, spec, {**images.description, "synthetic": True}, (h, w))
+    _finish(out, n, d, spec, images.description if as_extracted else {**images.description, "synthetic": True}, (h, w))
 
 
 def reward_task(features: Path, samples: int = 1000) -> None:
