@@ -158,7 +158,7 @@ def synthetic_cache(dataset: Path, backbone: str, out: Path, as_extracted: bool 
     """
     from storyteller.backbones import backbone_spec
     from train.data import open_captioned_images
-    from train.features import DTYPE, FEATURES, GRID, INDEX, _finish, _index_line
+    from train.features import DTYPE, FEATURES, GRID, finish_in_place
 
     images = open_captioned_images(dataset)
     n, (h, w, d) = len(images), SYNTHETIC_GRID[backbone]
@@ -176,10 +176,10 @@ def synthetic_cache(dataset: Path, backbone: str, out: Path, as_extracted: bool 
     grid.flush()
     feats.flush()
     del grid, feats
-    with open(out / INDEX, "w", encoding="utf-8") as f:
-        f.writelines(_index_line(r.id, r.split, r.captions) for r in images.records)
     spec = {**backbone_spec(backbone), "weights": None}
-    _finish(out, n, d, spec, images.description if as_extracted else {**images.description, "synthetic": True}, (h, w))
+    records = images.records
+    finish_in_place(out, [r.id for r in records], [r.split for r in records], [r.captions for r in records], spec,
+                    images.description if as_extracted else {**images.description, "synthetic": True})
 
 
 def reward_task(features: Path, samples: int = 1000) -> None:

@@ -94,3 +94,17 @@ def test_table_gives_growth_against_the_smallest_size():
     row = {"seconds": 10.0, "peak_rss_mb": 100, "peak_anon_mb": 50, "peak_disk_mb": 0}
     text = scale.table({1000: {"fit": row}, 4000: {"fit": {**row, "seconds": 40.0, "peak_anon_mb": 200}}})
     assert "| fit | 4,000 | 4.0 | 40.0 | 4.0 | 100 | 200 | 4.0 | 0 | - |" in text
+
+
+def test_finish_in_place_refuses_metadata_of_another_length(tmp_path):
+    from train.features import FEATURES, FeatureCacheError, finish_in_place
+
+    tmp_path.mkdir(exist_ok=True)
+    np.save(tmp_path / FEATURES, np.zeros((3, 4), dtype=np.float16))
+    spec = {"name": "efficientnet_lite0", "weights": None, "feature_dim": 4, "preprocessing": {}}
+    with pytest.raises(ValueError, match="3 rows but ids/splits/captions have 2/2/2"):
+        finish_in_place(tmp_path, ["a", "b"], ["train"] * 2, [["x"]] * 2, spec)
+    with pytest.raises(FeatureCacheError):  # nothing half-made is taken for a cache
+        FeatureCache.open(tmp_path)
+    cache = finish_in_place(tmp_path, ["a", "b", "c"], ["train"] * 3, [["x"]] * 3, spec)
+    assert len(cache) == 3 and cache.grid is None

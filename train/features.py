@@ -299,6 +299,34 @@ def write_feature_cache(path: str | os.PathLike, features: np.ndarray, ids: list
             None if grid is None else (grid.shape[1], grid.shape[2]))
 
 
+def finish_in_place(path: str | os.PathLike, ids: list[str], splits: list[str], captions: list[list[str]],
+                    backbone: dict[str, Any], dataset: dict[str, Any] | None = None) -> "FeatureCache":
+    """Make a cache of a folder whose ``features.npy`` (and ``grid.npy``) were written in place, e.g. through
+    ``np.lib.format.open_memmap`` for data too big to pass to :func:`write_feature_cache`: writes the index, then the
+    manifest (last), and opens the cache (which checks the shapes).
+
+    Args:
+        path: the cache folder holding features.npy (N, D) float16 and optionally grid.npy (N, h, w, D) float16.
+        ids, splits, captions: per-row metadata, N each.
+        backbone: the spec of the backbone the features stand for.
+        dataset: JSON-able description of the rows.
+    """
+    path = Path(path)
+    _invalidate(path)
+    features = np.load(path / FEATURES, mmap_mode="r", allow_pickle=False)
+    grid = np.load(path / GRID, mmap_mode="r", allow_pickle=False) if (path / GRID).is_file() else None
+    if not (len(ids) == len(splits) == len(captions) == len(features)):
+        raise ValueError(f"{FEATURES} has {len(features)} rows but ids/splits/captions have "
+                         f"{len(ids)}/{len(splits)}/{len(captions)}")
+    tmp = path / (INDEX + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(_index_line(i, s, c) for i, s, c in zip(ids, splits, captions))
+    os.replace(tmp, path / INDEX)
+    _finish(path, len(features), int(features.shape[1]), backbone, dataset,
+            None if grid is None else (int(grid.shape[1]), int(grid.shape[2])))
+    return FeatureCache.open(path)
+
+
 class ChunkedCacheWriter:
     """Resumable writer: fixed-size chunks in ``DIR/.partial/``, assembled at the end.
 
