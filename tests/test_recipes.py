@@ -107,3 +107,42 @@ def test_pooled_recipes_extract_with_the_backbone_asked_for(tmp_path, recipe, ba
     assert calls[0].startswith("-m train extract") and len(calls) >= 3
     assert f"--backbone {backbone or 'efficientnet_lite0'} " in calls[0] + " "
     assert not any("--backbone" in c for c in calls[1:])  # later steps read the backbone from the cache / model
+
+
+def _fake_python(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """An environment whose `python` only records its arguments, one call a line."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.txt"
+    bin_dir.mkdir()
+    fake = bin_dir / "python"
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> "{log}"\n')
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "UPLOAD_ARGS", "EXTRACT_ARGS")}
+    return {**env, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "WORK": str(tmp_path / "run")}, log
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.parametrize("argv, why", [([], "no HUB_USER given"), (["tester", "--no-publish"], "--no-publish"),
+                                       (["--no-publish", "tester"], "--no-publish")])
+def test_flickr30k_recipe_without_a_hub_user_trains_only(tmp_path, argv, why):
+    env, log = _fake_python(tmp_path)
+    p = subprocess.run(["bash", str(SCRIPT), *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    calls = log.read_text().splitlines()
+    assert [c.split()[2] for c in calls] == ["extract", "fit", "scst", "bundle", "evaluate"]
+    assert not any("hub_upload" in c for c in calls)  # nothing staged for upload, no token needed
+    assert f"== 6/6 publish: skipped ({why}); nothing was uploaded" in p.stdout
+    assert "huggingface.co" not in p.stdout
+    assert all("--resume" in c for c in calls[1:3])  # fit and scst go on from their checkpoints
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_flickr30k_recipe_with_a_hub_user_publishes_and_refuses_odd_arguments(tmp_path):
+    env, log = _fake_python(tmp_path)
+    p = subprocess.run(["bash", str(SCRIPT), "tester"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    upload = log.read_text().splitlines()[-1]
+    assert upload.startswith("hub_upload.py ") and "--repo-id tester/storyteller-flickr30k-resnet50-attention" in upload
+    assert "published:" in p.stdout
+    for argv in (["--publish"], ["a", "b"]):
+        p = subprocess.run(["bash", str(SCRIPT), *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 2 and "usage: bash train/recipes/flickr30k.sh [HUB_USER] [--no-publish]" in p.stderr

@@ -299,6 +299,34 @@ def write_feature_cache(path: str | os.PathLike, features: np.ndarray, ids: list
             None if grid is None else (grid.shape[1], grid.shape[2]))
 
 
+def finish_in_place(path: str | os.PathLike, ids: list[str], splits: list[str], captions: list[list[str]],
+                    backbone: dict[str, Any], dataset: dict[str, Any] | None = None) -> "FeatureCache":
+    """Make a cache of a folder whose ``features.npy`` (and ``grid.npy``) were written in place, e.g. through
+    ``np.lib.format.open_memmap`` for data too big to pass to :func:`write_feature_cache`: writes the index, then the
+    manifest (last), and opens the cache (which checks the shapes).
+
+    Args:
+        path: the cache folder holding features.npy (N, D) float16 and optionally grid.npy (N, h, w, D) float16.
+        ids, splits, captions: per-row metadata, N each.
+        backbone: the spec of the backbone the features stand for.
+        dataset: JSON-able description of the rows.
+    """
+    path = Path(path)
+    _invalidate(path)
+    features = np.load(path / FEATURES, mmap_mode="r", allow_pickle=False)
+    grid = np.load(path / GRID, mmap_mode="r", allow_pickle=False) if (path / GRID).is_file() else None
+    if not (len(ids) == len(splits) == len(captions) == len(features)):
+        raise ValueError(f"{FEATURES} has {len(features)} rows but ids/splits/captions have "
+                         f"{len(ids)}/{len(splits)}/{len(captions)}")
+    tmp = path / (INDEX + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(_index_line(i, s, c) for i, s, c in zip(ids, splits, captions))
+    os.replace(tmp, path / INDEX)
+    _finish(path, len(features), int(features.shape[1]), backbone, dataset,
+            None if grid is None else (int(grid.shape[1]), int(grid.shape[2])))
+    return FeatureCache.open(path)
+
+
 class ChunkedCacheWriter:
     """Resumable writer: fixed-size chunks in ``DIR/.partial/``, assembled at the end.
 
@@ -449,3 +477,173 @@ class ChunkedCacheWriter:
                 self.grid)
         shutil.rmtree(self.partial)
         return FeatureCache.open(self.path)
+
+
+# -- reading features for training: into memory, or memory-mapped when they do not fit -------------
+
+FEATURE_MEMORY = ("auto", "ram", "mmap")
+RAM_SHARE = 0.5  # auto: hold the features in memory when they take at most this share of what is free
+
+
+def available_memory(device: Any = "cpu") -> int:
+    """Bytes free for new data: ``MemAvailable`` of /proc/meminfo (else physical pages) for the CPU, the free
+    memory of a CUDA device.
+
+    Args:
+        device: a torch device or its name.
+    """
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))  # no /proc (not Linux): all of it
+
+
+def choose_feature_memory(nbytes: int, device: Any, asked: str = "auto") -> tuple[str, str]:
+    """``("ram" | "mmap", why)``: where a run keeps ``nbytes`` of features.
+
+    ``ram``: one copy on the training device (GPU memory on CUDA); ``mmap``: the cache stays memory-mapped on
+    disk and each batch's rows are read (from the OS page cache after the first epoch) and copied to the
+    device. ``auto`` picks ``ram`` when the features take at most ``RAM_SHARE`` of the free memory (of the
+    GPU on CUDA, and of the host on both, which stages the copy), else ``mmap``.
+
+    Args:
+        nbytes: size of the features as held (float16 grids, float32 pooled vectors).
+        device: the training device.
+        asked: ``auto``, ``ram`` or ``mmap`` (``--feature-memory``).
+    """
+    import torch
+
+    if asked not in FEATURE_MEMORY:
+        raise ValueError(f"feature memory must be one of {FEATURE_MEMORY}, got {asked!r}")
+    if asked != "auto":
+        return asked, "as asked"
+    device = torch.device(device)
+    gib = 2 ** 30
+    free = {"host": available_memory("cpu")}
+    if device.type == "cuda":
+        free["GPU"] = available_memory(device)
+    for where, n in free.items():
+        if nbytes > RAM_SHARE * n:
+            return "mmap", (f"{nbytes / gib:.1f} GiB of features > {RAM_SHARE:.0%} of the {n / gib:.1f} GiB free "
+                            f"{where} memory")
+    return "ram", f"{nbytes / gib:.1f} GiB of features fit in {RAM_SHARE:.0%} of the free memory"
+
+
+def read_rows(path: str | os.PathLike, rows: np.ndarray | None = None) -> np.ndarray:
+    """Rows of a ``.npy`` file read into memory with plain reads, no mapping: the process then holds the copy
+    only, not the copy plus the mapped file's pages (which ``np.array(memmap)`` would count twice).
+
+    Args:
+        path: the ``.npy`` file (C order, no pickles).
+        rows: row numbers to read, or None for all.
+    """
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        if fortran or dtype.hasobject:
+            raise FeatureCacheError(f"{path}: not a C-ordered numeric array")
+        start, row_bytes = f.tell(), int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        if rows is None:
+            count = int(np.prod(shape, dtype=np.int64))
+            out = np.fromfile(f, dtype=dtype, count=count)
+            if out.size != count:
+                raise FeatureCacheError(f"{path} is truncated; re-extract it")
+            return out.reshape(shape)
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), *shape[1:]), dtype=dtype)
+        flat = memoryview(out.reshape(-1).view(np.uint8))
+        for i, r in enumerate(rows):  # ascending rows in practice (cache.split): the reads go forwards
+            f.seek(start + int(r) * row_bytes)
+            if f.readinto(flat[i * row_bytes:(i + 1) * row_bytes]) != row_bytes:
+                raise FeatureCacheError(f"{path} is truncated at row {r}; re-extract it")
+        return out
+
+
+class MappedRows:
+    """Rows of a memory-mapped feature array, read when indexed: what training holds instead of a tensor when
+    the features do not fit in memory (``--feature-memory mmap``).
+
+    Indexing with a (B,) tensor, array or slice returns a (B, ...) tensor on ``device``, rows in the order asked,
+    exactly the values a tensor of the whole array would give (so a run's results do not depend on the mode).
+
+    Args:
+        array: the (N, ...) memmap (``FeatureCache.features`` or ``.grid``).
+        rows: which of its rows this view holds (None: all), e.g. a split.
+        device: where indexed rows are sent.
+        dtype: numpy dtype the rows are cast to (None: as stored).
+    """
+
+    def __init__(self, array: np.ndarray, rows: np.ndarray | None = None, device: Any = "cpu", dtype: Any = None):
+        import torch
+
+        self.array, self.device, self.dtype = array, torch.device(device), dtype
+        self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
+        self.shape = (len(array) if self.rows is None else len(self.rows), *array.shape[1:])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def to(self, device: Any, non_blocking: bool = False) -> "MappedRows":
+        """The same view, sending rows to ``device``."""
+        return MappedRows(self.array, self.rows, device, self.dtype)
+
+    def cpu(self) -> "MappedRows":
+        """The same view, sending rows to the CPU."""
+        return self.to("cpu")
+
+    def __getitem__(self, idx: Any) -> Any:
+        import torch
+
+        if isinstance(idx, slice):
+            idx = np.arange(len(self))[idx]
+        elif isinstance(idx, torch.Tensor):
+            idx = idx.detach().cpu().numpy()
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        src = idx if self.rows is None else self.rows[idx]
+        order = np.argsort(src, kind="stable")  # read the file forwards, then put the rows back in the order asked
+        block = np.empty((len(src), *self.shape[1:]), dtype=self.dtype or self.array.dtype)
+        block[order] = self.array[src[order]]
+        out = torch.from_numpy(block)
+        return out.to(self.device, non_blocking=True) if self.device.type != "cpu" else out
+
+
+def training_features(cache: FeatureCache, rows: np.ndarray | None, grid: bool, device: Any,
+                      memory: str = "auto", log: Any = None) -> Any:
+    """The features a training run reads, the one place that decides whether they are held or memory-mapped.
+
+    Grids stay float16 ((N, h, w, D); the model casts each batch), pooled vectors become float32 ((N, D)).
+
+    Args:
+        cache: the feature cache.
+        rows: the rows wanted (None: every row, indexed by cache row).
+        grid: the grids (attention decoders) rather than the pooled vectors.
+        device: the training device.
+        memory: ``auto``, ``ram`` or ``mmap`` (:func:`choose_feature_memory`).
+        log: a ``print``-like function told what was chosen and why (None: silent).
+
+    Returns:
+        a tensor on ``device`` (``ram``) or a :class:`MappedRows` (``mmap``).
+    """
+    import torch
+
+    array = cache.require_grid() if grid else cache.features
+    dtype = np.float16 if grid else np.float32
+    n = len(array) if rows is None else len(rows)
+    nbytes = n * int(np.prod(array.shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+    mode, why = choose_feature_memory(nbytes, device, memory)
+    if log is not None:
+        log(f"features: {'held in memory' if mode == 'ram' else 'memory-mapped, read per batch'} ({why})")
+    if mode == "mmap":
+        return MappedRows(array, rows, device, dtype)
+    values = read_rows(cache.path / (GRID if grid else FEATURES), rows)
+    return torch.from_numpy(values.astype(dtype, copy=False)).to(device)

@@ -49,6 +49,7 @@ from storyteller.vocab import SPECIAL_TOKENS, Vocabulary
 from train import trainer
 from storyteller.decoding_settings import MAX_LEN_HELP
 from train.evaluate import decode_all
+from train.features import FEATURE_MEMORY
 from train.trainer import default_amp  # noqa: F401  (public here too: tests/test_precision.py imports it from fit)
 
 CHECKPOINT_FORMAT = "storyteller-fit-checkpoint-v1"
@@ -67,7 +68,7 @@ EXAMPLES = 5  # validation images captioned in the exported model's card
 BAR_EVERY = 20  # steps between progress-bar updates (each costs a device sync for the loss)
 # (lowest, highest) of each numeric argument (None: no bound); others are refused before anything runs.
 ARGUMENT_LIMITS = {
-    "max_val_images": (0, None), "stop_after_epochs": (0, None), "attention_dim": (1, None), "attention_reg": (0, None),
+    "max_val_images": (0, None), "max_train_images": (0, None), "stop_after_epochs": (0, None), "attention_dim": (1, None), "attention_reg": (0, None),
     "min_freq": (1, None), "max_caption_words": (1, None), "embed_dim": (1, None), "hidden_dim": (1, None),
     "num_layers": (1, None), "dropout": (0, 1), "epochs": (1, None), "batch_size": (1, None), "lr": (0, None),
     "weight_decay": (0, None), "warmup_epochs": (0, None), "min_lr_ratio": (0, 1), "clip_grad": (0, None),
@@ -90,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--val-split", default="validation", help="split used for validation loss, BLEU-4 and CIDEr-D")
     io.add_argument("--max-val-images", type=int, default=0,
                     help="validate on the first N images of the validation split only (0: all)")
+    io.add_argument("--max-train-images", type=int, default=0,
+                    help="train on the first N images of the training split only (0: all; short trial runs)")
+    io.add_argument("--feature-memory", choices=FEATURE_MEMORY, default="auto",
+                    help="ram: hold the features in memory (GPU memory on CUDA); mmap: keep the cache memory-mapped "
+                         "and read each batch's rows from it (features bigger than memory); auto: ram when they "
+                         "take at most half the free memory")
     io.add_argument("--resume", action="store_true",
                     help="continue from RUN_DIR/checkpoint.pt if it exists (start fresh otherwise); "
                          "the other arguments must match the ones stored in that checkpoint")
@@ -459,7 +466,8 @@ class FitData:
 
     Attributes:
         cache: the FeatureCache.
-        features: (N_images, F) float32 pooled features, or (N_images, h, w, F) float16 grids (cast per batch).
+        features: (N_images, F) float32 pooled features, or (N_images, h, w, F) float16 grids (cast per batch);
+            a tensor on the device, or a ``train.features.MappedRows`` read per batch (``--feature-memory``).
         train_rows: training image rows.
         val_rows: validation image rows (``--max-val-images`` applied).
         vocab: the vocabulary (the checkpoint's when resuming).
@@ -501,14 +509,17 @@ def load_data(args: argparse.Namespace, device: torch.device, ckpt: dict[str, An
         grid = cache.require_grid() if args.decoder == "attention" else None
     except FeatureCacheError as e:
         raise SystemExit(f"fit: {e}") from None
-    features = features_in_memory(cache, grid, device)
+    if args.max_train_images > 0:
+        train_rows = train_rows[: args.max_train_images]
     if args.max_val_images > 0:
         val_rows = val_rows[: args.max_val_images]
+    features = features_in_memory(cache, grid, device, args.feature_memory)
     if ckpt is not None:
         vocab = Vocabulary(ckpt["vocab"][len(SPECIAL_TOKENS):])
     else:
         vocab = Vocabulary.build((c for r in train_rows for c in cache.captions[r]), min_freq=args.min_freq)
-    flip = None if args.flip_features is None else mirrored_features(args.flip_features, cache, grid is not None, device)
+    flip = None if args.flip_features is None else mirrored_features(args.flip_features, cache, grid is not None,
+                                                                      device, args.feature_memory)
     return FitData(cache, features, train_rows, val_rows, vocab,
                    encode_pairs(train_rows, cache.captions, vocab, args.max_caption_words, device),
                    encode_pairs(val_rows, cache.captions, vocab, args.max_caption_words, device),
@@ -516,18 +527,20 @@ def load_data(args: argparse.Namespace, device: torch.device, ckpt: dict[str, An
                    None if flip is None else mirror_token_map(vocab, device))
 
 
-def features_in_memory(cache, grid: np.ndarray | None, device: torch.device) -> torch.Tensor:
-    """A cache's features on ``device``: its grids (N_images, h, w, F) float16 (a writable copy) when ``grid`` is
-    given (``cache.require_grid()``), else its pooled vectors (N_images, F) float32."""
-    if grid is not None:
-        return torch.from_numpy(np.array(grid)).to(device)
-    return torch.from_numpy(np.asarray(cache.features, dtype=np.float32)).to(device)
+def features_in_memory(cache, grid: np.ndarray | None, device: torch.device, memory: str = "auto"):
+    """A cache's features as training reads them, indexed by cache row: its grids (N_images, h, w, F) float16 when
+    ``grid`` is given (``cache.require_grid()``), else its pooled vectors (N_images, F) float32; held on ``device``,
+    or memory-mapped (``train.features.training_features`` decides, ``--feature-memory``)."""
+    from train.features import training_features
+
+    return training_features(cache, None, grid is not None, device, memory,
+                             log=lambda m: print(f"fit: {m}", file=sys.stderr))
 
 
 MIRRORED_WORDS = ("left", "right")  # the words a mirrored photo swaps in its captions
 
 
-def mirrored_features(path: str, cache, grid: bool, device: torch.device) -> torch.Tensor:
+def mirrored_features(path: str, cache, grid: bool, device: torch.device, memory: str = "auto"):
     """The mirrored cache's features (grids for an attention decoder), row for row those of ``cache``.
 
     Raises:
@@ -546,7 +559,7 @@ def mirrored_features(path: str, cache, grid: bool, device: torch.device) -> tor
     if flip.ids != cache.ids or not same_backbone(flip.backbone, cache.backbone):
         raise SystemExit(f"fit: --flip-features {path} holds other photos or another backbone than --features "
                          "(extract both from the same dataset with the same backbone)")
-    return features_in_memory(flip, grids, device)
+    return features_in_memory(flip, grids, device, memory)
 
 
 def mirror_token_map(vocab: Vocabulary, device: torch.device) -> torch.Tensor:

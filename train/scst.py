@@ -56,6 +56,7 @@ from storyteller.vocab import Vocabulary
 from train import fit, trainer
 from train.evaluate import DECODING_FALLBACK, caption_statistics, decode_all
 from storyteller.cider import CaptionReward
+from train.features import FEATURE_MEMORY
 from train.reward import parse_reward_weights
 
 CHECKPOINT_FORMAT = "storyteller-scst-checkpoint-v1"
@@ -90,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--val-split", default="validation", help="split for validation and model selection")
     io.add_argument("--max-train-images", type=int, default=0, help="train on the first N images of the split only (0: all)")
     io.add_argument("--max-val-images", type=int, default=0, help="validate on the first N images only (0: all)")
+    io.add_argument("--feature-memory", choices=FEATURE_MEMORY, default="auto",
+                    help="training features: ram holds them in memory (GPU memory on CUDA), mmap reads each batch's "
+                         "rows from the memory-mapped cache; auto: ram when they take at most half the free memory")
     io.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt (same arguments)")
     io.add_argument("--stop-after-epochs", type=int, default=0,
                     help="leave after this many epochs of this invocation without exporting, as if killed (0: run to the end)")
@@ -149,31 +153,33 @@ def load_init_model(init: str) -> tuple[torch.nn.Module, str]:
     return model, name
 
 
-def load_split_features(cache, rows: np.ndarray, model: torch.nn.Module) -> torch.Tensor:
+def load_split_features(cache, rows: np.ndarray, model: torch.nn.Module, device: torch.device | str = "cpu",
+                        memory: str = "auto"):
     """Features of the cache rows ``rows`` as the model takes them: the one place that reads them.
 
     Show-and-Tell: (N, F) float32 pooled vectors. Show-Attend-Tell (or an ensemble holding one): (N, h, w, F) float16 grids
-    (the model casts a batch to its weights' dtype), as ``fit`` keeps them.
+    (the model casts a batch to its weights' dtype), as ``fit`` keeps them. Held on ``device``, or memory-mapped
+    and read per batch when they do not fit (``train.features.training_features``, ``--feature-memory``).
 
     Args:
         cache: the FeatureCache.
         rows: row numbers.
         model: the decoder (its ``feature_dim`` must match the cache's).
+        device: the training device.
+        memory: ``auto``, ``ram`` or ``mmap``.
 
     Raises:
         SystemExit: another feature size, or no grids for an attention model.
     """
-    from train.features import FeatureCacheError
+    from train.features import FeatureCacheError, training_features
 
     if cache.feature_dim != model.feature_dim:
         raise SystemExit(f"scst: the cache has {cache.feature_dim}-d features but the model takes {model.feature_dim}-d")
-    rows = np.asarray(rows)
-    if getattr(model, "has_attention", False):  # Show-Attend-Tell, or an ensemble with an attention member
-        try:
-            return torch.from_numpy(np.array(cache.require_grid()[rows]))  # (N, h, w, F) float16
-        except FeatureCacheError as e:
-            raise SystemExit(f"scst: {e}") from None
-    return torch.from_numpy(np.asarray(cache.features[rows], dtype=np.float32))  # (N, F)
+    try:
+        return training_features(cache, np.asarray(rows), getattr(model, "has_attention", False), device, memory,
+                                 log=lambda m: print(f"scst: {m}", file=sys.stderr) if memory != "ram" else None)
+    except FeatureCacheError as e:  # an attention model (or an ensemble with one) given a pooled-only cache
+        raise SystemExit(f"scst: {e}") from None
 
 
 def check_vocabulary(vocab: Vocabulary, references: list[list[str]], where: str) -> None:
@@ -460,7 +466,7 @@ class ScstData:
         val_rows: validation image rows (``--max-val-images`` applied).
         train_refs: raw references of the training images (the reward's document frequencies).
         val_refs: raw references of the validation images.
-        train_feats: (N_train, ...) their features on the training device.
+        train_feats: (N_train, ...) their features on the training device (or a ``train.features.MappedRows``).
         val_feats: (N_val, ...) validation features on the training device.
     """
 
@@ -502,8 +508,8 @@ def load_data(args: argparse.Namespace, model: torch.nn.Module, device: torch.de
     if ckpt is not None and ckpt["vocab"] != list(model.vocab.itos):
         raise SystemExit(f"scst: --resume: the vocabulary of {args.init} is not the one {args.out} was trained with")
     return ScstData(cache, train_rows, val_rows, train_refs, [cache.captions[r] for r in val_rows],
-                    load_split_features(cache, train_rows, model).to(device),  # (N_train, ...)
-                    load_split_features(cache, val_rows, model).to(device))  # (N_val, ...)
+                    load_split_features(cache, train_rows, model, device, args.feature_memory),  # (N_train, ...)
+                    load_split_features(cache, val_rows, model, device, "ram"))  # (N_val, ...): small, always held
 
 
 def validation_decoding(args: argparse.Namespace, model: torch.nn.Module) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from storyteller.fileio import write_json_atomic
 
 CHECKPOINT = "checkpoint.pt"
 # Arguments that may differ between a run and its --resume: they change nothing about the result.
-RESUME_MAY_DIFFER = frozenset({"resume", "stop_after_epochs", "export_now", "num_threads", "progress"})
+RESUME_MAY_DIFFER = frozenset({"resume", "stop_after_epochs", "export_now", "num_threads", "progress", "feature_memory"})
 # The RNG seed of (seed, epoch, rank) is seed * SEED_STRIDE + epoch * EPOCH_STRIDE + rank: primes far
 # apart, so different (seed, epoch, rank) get different seeds while rank < EPOCH_STRIDE and epochs are
 # fewer than SEED_STRIDE / EPOCH_STRIDE (~990). Checkpointed runs depend on these values: never change them.
