@@ -186,7 +186,7 @@ def reward_task(features: Path, samples: int = 1000) -> None:
     """The ``reward`` stage: CIDEr-D document frequencies over the training split's references, as ``scst`` builds
     them, then ``samples`` captions (other photos' references) scored against random photos."""
     from train.features import FeatureCache
-    from train.reward import CaptionReward
+    from storyteller.cider import CaptionReward
 
     cache = FeatureCache.open(features)
     refs = [cache.captions[r] for r in cache.split("train")]
