@@ -355,22 +355,63 @@ def test_a_full_disk_is_one_line_and_the_finished_batches_stay(model_dir, tmp_pa
     opened = RecordFile.open
 
     class Full:
+        """The real file, but every write finds the disk full (closing it is real too)."""
+
+        def __init__(self, f):
+            self.f = f
+
         def write(self, data):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        def flush(self):
-            pass
-
-        def close(self):
-            pass
+        def __getattr__(self, name):
+            return getattr(self.f, name)
 
     def open_full(self):
         opened(self)
-        self._file.close()
-        self._file = Full()
+        self._file = Full(self._file)
         return self
 
     monkeypatch.setattr(RecordFile, "open", open_full)
     assert main(["caption", str(lib), "--out", str(tmp_path / "alt.jsonl"), "--model", str(model_dir), *FAST]) == 2
     err = capsys.readouterr().err
     assert "No space left on device" in err and "rerun the same command" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE and SIGXFSZ as Linux has them")
+def test_a_real_size_limit_is_one_line_exit_2_and_the_finished_batches_stay(model_dir, tmp_path):
+    """A real file at a real size limit (RLIMIT_FSIZE, as a full disk): the write that crosses it fails, and
+    closing the file afterwards must not raise a second time (a traceback and exit 1)."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    for i in range(3):
+        photo_like(size=(64, 48), seed=i).save(lib / f"p{i}.jpg", format="JPEG")
+    full = tmp_path / "full.jsonl"
+    args = ["caption", str(lib), "--model", str(model_dir), *FAST, "--batch-size", "1", "--workers", "0"]
+    assert main([*args, "--out", str(full)]) == 0
+    first = full.read_bytes().split(b"\n")[0] + b"\n"
+    limit = len(first) + 20  # the first batch fits, the second crosses the limit halfway through a record
+    child = ("import resource, runpy, signal, sys\n"
+             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of a kill\n"
+             f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.RLIM_INFINITY))\n"
+             "sys.argv = ['storyteller', *sys.argv[1:]]\n"
+             "runpy.run_module('storyteller', run_name='__main__')\n")
+    out = tmp_path / "c.jsonl"
+    run = subprocess.run([sys.executable, "-c", child, *args, "--threads", "1", "--out", str(out)], cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    err = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and len(err) == 1 and err[0].startswith("error: cannot write"), run.stderr[-2000:]
+    assert "rerun the same command" in err[0]
+    assert out.read_bytes() == first  # the finished batch stays, whole; nothing of the failed one
+    rerun = main([*args, "--out", str(out)])
+    assert rerun == 0 and out.read_bytes() == full.read_bytes()
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_each_batch_is_in_the_file_when_write_returns(tmp_path, suffix):
+    """A kill after a batch keeps it: its records are readable before the file is closed (no buffer holds them)."""
+    out = tmp_path / f"c{suffix}"
+    batches = [[{"image": "a.jpg", "error": "e"}], [{"image": "b.jpg", "error": "f"}, {"image": "c.jpg", "error": "g"}]]
+    with RecordFile(out) as rf:
+        for n, batch in enumerate(batches, 1):
+            rf.write(batch)
+            assert read_records(out) == [r for b in batches[:n] for r in b]
