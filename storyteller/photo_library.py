@@ -378,6 +378,38 @@ def _parse_csv(text: str, path: Path) -> list[dict[str, Any]]:
     return [_csv_record(row) for row in rows[1:]]
 
 
+def _csv_complete(data: bytes, start: int) -> int:
+    """How many bytes of a CSV hold complete rows: the end of the last row whose line end was written.
+
+    A quoted cell (a file name) may hold newlines, so the csv module's own parsing finds where rows end. A
+    file whose parsing fails before its end is not cut short but not ours: it is counted whole, so that
+    parsing it refuses it.
+
+    Args:
+        data: the file's bytes.
+        start: where the rows begin (after a byte-order mark).
+    """
+    text = data[start:].decode("utf-8", errors="surrogateescape")  # a cut may split a character
+    read = {"bytes": start, "line": "", "all": False}
+
+    def lines() -> Iterator[str]:
+        for line in io.StringIO(text, newline=""):  # the lines csv.reader reads, line ends kept
+            read["bytes"] += len(line.encode("utf-8", errors="surrogateescape"))
+            read["line"] = line
+            yield line
+        read["all"] = True
+
+    keep = 0
+    try:
+        for _ in csv.reader(lines(), strict=True):  # a row comes back once its last line has been read
+            if read["line"].endswith("\n"):  # not cut before (or inside) its line end
+                keep = read["bytes"]
+    except csv.Error:
+        if not read["all"]:  # a prefix of our rows only fails at its end (a quoted cell left open)
+            return len(data)
+    return keep
+
+
 class RecordFile:
     """A file of caption records, JSONL or CSV by its extension, that a rerun resumes.
 
@@ -400,8 +432,9 @@ class RecordFile:
         self.path, self.overwrite = Path(path), overwrite
         self.format = _record_format(self.path)
         data = self._read()
-        self._keep = data.rfind(b"\n") + 1  # bytes of complete lines; what follows was cut short
         bom = len(_UTF8_BOM) if self.format == "csv" and data.startswith(_UTF8_BOM) else 0
+        # bytes of complete records; what follows was cut short (a JSONL record is one line, a CSV one is not)
+        self._keep = _csv_complete(data, bom) if self.format == "csv" else data.rfind(b"\n") + 1
         try:
             text = data[bom:self._keep].decode("utf-8")
         except UnicodeDecodeError:

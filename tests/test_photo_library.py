@@ -253,7 +253,10 @@ def test_overwrite_starts_over(tmp_path, capsys, caption_out):
                                            ("data.jsonl", b'{"id": 1}\n'),
                                            ("one.jsonl", b"hello"),
                                            ("sheet.csv", b"name,amount\r\nrent,900\r\n"),
-                                           ("latin1.csv", "caf\xe9".encode("latin-1"))])
+                                           ("latin1.csv", "caf\xe9".encode("latin-1")),
+                                           # our header, then a row no cut of ours leaves ("x" after a closing quote)
+                                           ("broken.csv", (",".join(RECORD_FIELDS) + '\r\n"a.jpg"x,,,,,,,e\r\n'
+                                                           'b.jpg,,,,,,,e\r\n').encode())])
 def test_a_file_that_is_not_ours_is_refused_and_left_alone(tmp_path, capsys, caption_out, name, content):
     root = make_library(tmp_path / "lib", n=1, bad=False)
     out = tmp_path / name
@@ -415,3 +418,48 @@ def test_each_batch_is_in_the_file_when_write_returns(tmp_path, suffix):
         for n, batch in enumerate(batches, 1):
             rf.write(batch)
             assert read_records(out) == [r for b in batches[:n] for r in b]
+
+
+def test_a_csv_cut_inside_a_name_with_a_newline_resumes_at_every_offset(tmp_path):
+    """A file name may hold a newline (Linux allows it); the CSV quotes it, so the last complete record ends at
+    the last newline outside quotes, not at the last newline: a cut anywhere resumes, and --overwrite works."""
+    records = [{"image": "a.jpg", "error": "e"},
+               {"image": "new\nline \"q\"\r\n.jpg", "greedy": "a dog", "beam": "a dog runs", "beam_log_prob": -1.5,
+                "confidence": None, "needs_review": False, "warnings": ["small"]},
+               {"image": "c.jpg", "error": "f"}]
+    full = tmp_path / "full.csv"
+    ends = []  # the file's size after each record
+    with RecordFile(full) as rf:
+        for r in records:
+            rf.write([r])
+            ends.append(full.stat().st_size)
+    data = full.read_bytes()
+    assert read_records(full) == records and data.count(b"\n") == 6  # header, 3 records, 2 newlines in the name
+    out = tmp_path / "c.csv"
+    for cut in range(len(data)):
+        out.write_bytes(data[:cut])
+        rf = RecordFile(out)
+        assert rf.records == records[:sum(cut >= e for e in ends)], cut
+        with rf:
+            rf.write([r for r in records if r["image"] not in rf.done])
+        assert read_records(out) == records, cut  # resumed: each record once, in order
+        out.write_bytes(data[:cut])
+        with RecordFile(out, overwrite=True) as rf:
+            rf.write(records)
+        assert out.read_bytes() == data, cut
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a file name with a newline")
+def test_caption_resumes_a_csv_cut_inside_a_name_with_a_newline(model_dir, tmp_path):
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    for name in ("a.jpg", "new\nline.jpg", "z.jpg"):
+        photo_like(size=(64, 48)).save(lib / name, format="JPEG")
+    out = tmp_path / "c.csv"
+    args = ["caption", str(lib), "--out", str(out), "--model", str(model_dir), *FAST, "--batch-size", "1"]
+    assert main(args) == 0
+    full, data = read_records(out), out.read_bytes()
+    out.write_bytes(data[:data.index(b"line.jpg") + 2])  # cut just after the name's newline
+    assert main(args) == 0
+    assert sorted(r["image"] for r in read_records(out)) == sorted(r["image"] for r in full)
+    assert same_records(sorted(read_records(out), key=lambda r: r["image"]), sorted(full, key=lambda r: r["image"]))
