@@ -15,7 +15,7 @@ Conventions shared by both:
   reaches ``max_len`` without ``<end>`` is cut there and still returned (``finished=False``), so a
   caption always comes back, also from a model that never emits ``<end>``.
 - the token rules of ``storyteller.token_rules``: ``<pad>`` and ``<start>`` are never emitted; ``<unk>`` is
-  suppressed unless ``suppress_unk=False``; ``<end>`` is allowed only after ``min_len`` words (default 1), so
+  suppressed unless ``suppress_unk=False`` (then it is kept, shown as "<unk>" in the text); ``<end>`` is allowed only after ``min_len`` words (default 1), so
   an empty caption never comes back.
 - ``no_repeat_ngram_size=n`` forbids any n-gram from appearing twice in one caption (3 = the usual
   trigram blocking; 0 disables).
@@ -53,8 +53,8 @@ LIVE_SHARE = 0.5
 class Caption:
     """One decoded caption."""
 
-    text: str  # words joined by spaces, no special tokens
-    tokens: list[int]  # the word ids of ``text`` (no special tokens)
+    text: str  # words joined by spaces; no special tokens but an emitted "<unk>" (only with suppress_unk=False)
+    tokens: list[int]  # the word ids of ``text`` (no <start>, <end> or <pad>)
     log_prob: float  # sum of log-probabilities of the emitted tokens
     score: float  # log_prob after length normalisation (equal to log_prob when alpha = 0)
     finished: bool  # True when the decoder emitted <end>; False when cut at max_len
@@ -258,22 +258,24 @@ def _length_penalty(max_len: int, alpha: float) -> np.ndarray:
 
 def _to_caption(vocab: Vocabulary, ids: list[int], log_prob: float, score: float,
                 attention: torch.Tensor | None = None, grid: tuple[int, int] | None = None) -> Caption:
-    """Emitted ids (maybe ending in <end> then <pad>s) -> Caption with special tokens removed.
+    """Emitted ids (maybe ending in <end> then <pad>s) -> Caption without <end> and <pad>.
 
-    ``attention`` (steps, R): the weights of every step; the rows of the kept words are returned,
-    shaped (words, h, w) when ``grid`` is known.
+    An emitted ``<unk>`` (only with ``suppress_unk=False``) stays, in ``tokens`` and as the visible word
+    "<unk>" in ``text``: dropping it would make "a man is eating a <unk>" read "a man is eating a", and its
+    tokens would no longer score to its ``log_prob``. ``attention`` (steps, R): the weights of every step;
+    the rows of the kept words are returned, shaped (words, h, w) when ``grid`` is known.
     """
     finished = Vocabulary.end_id in ids
     if finished:
         ids = ids[: ids.index(Vocabulary.end_id)]
-    keep = [j for j, i in enumerate(ids) if i > Vocabulary.unk_id]
+    keep = [j for j, i in enumerate(ids) if i >= Vocabulary.unk_id]  # <pad>, <start> never before <end>
     words = [ids[j] for j in keep]
     att = None
     if attention is not None:
         att = attention[keep].float().cpu()  # (words, R)
         if grid is not None:
             att = att.view(len(keep), *grid)
-    return Caption(text=vocab.decode(words), tokens=words, log_prob=log_prob, score=score, finished=finished,
+    return Caption(text=" ".join(vocab.itos[i] for i in words), tokens=words, log_prob=log_prob, score=score, finished=finished,
                    attention=att)
 
 
