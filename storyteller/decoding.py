@@ -15,8 +15,8 @@ Conventions shared by both:
   reaches ``max_len`` without ``<end>`` is cut there and still returned (``finished=False``), so a
   caption always comes back, also from a model that never emits ``<end>``.
 - the token rules of ``storyteller.token_rules``: ``<pad>`` and ``<start>`` are never emitted; ``<unk>`` is
-  suppressed unless ``suppress_unk=False`` (then it is kept, shown as "<unk>" in the text); ``<end>`` is allowed only after ``min_len`` words (default 1), so
-  an empty caption never comes back.
+  suppressed unless ``suppress_unk=False`` (then it is kept, shown as "<unk>" in the text); ``<end>`` is
+  allowed only after ``min_len`` words (default 1), so an empty caption never comes back.
 - ``no_repeat_ngram_size=n`` forbids any n-gram from appearing twice in one caption (3 = the usual
   trigram blocking; 0 disables).
 - ``bad_endings``: words a caption may not end on (``<end>`` is forbidden right after them), e.g. the
