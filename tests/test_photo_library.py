@@ -18,7 +18,7 @@ import pytest
 from storyteller.__main__ import main
 from storyteller.images import ImageError
 from storyteller.photo_library import (RECORD_FIELDS, LibraryError, RecordFile, caption_folder, find_images, read_records,
-                                 walk_inputs)
+                                       to_record, walk_inputs)
 from storyteller.vocab import SPECIAL_TOKENS
 from tests.helpers_images import photo_like, write_bad_inputs
 from tests.helpers_models import save_test_model
@@ -463,3 +463,15 @@ def test_caption_resumes_a_csv_cut_inside_a_name_with_a_newline(model_dir, tmp_p
     assert main(args) == 0
     assert sorted(r["image"] for r in read_records(out)) == sorted(r["image"] for r in full)
     assert same_records(sorted(read_records(out), key=lambda r: r["image"]), sorted(full, key=lambda r: r["image"]))
+
+
+def test_the_record_holds_the_beam_captions_log_prob_not_its_score(tmp_path, captioner):
+    """With alpha != 0 the beam caption's score (length-normalised) is not its log-probability: the record
+    keeps the log-probability, as its name says."""
+    root = make_library(tmp_path / "lib", n=2, bad=False)
+    results = dict(caption_folder(root, captioner, workers=0, alpha=0.9, max_len=6))
+    assert len(results) == 2
+    for name, result in results.items():
+        best = result.beam[0]
+        assert abs(best.score - best.log_prob) > 1e-3  # the two differ here
+        assert to_record(name, result)["beam_log_prob"] == round(best.log_prob, 4)
