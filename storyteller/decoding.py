@@ -1,6 +1,6 @@
-"""Batched greedy and beam search for any decoder with ``init_state`` and ``step``: the pooled
-Show-and-Tell decoder and the Show-Attend-Tell decoder alike (``storyteller.decoders.base`` describes the
-protocol; a decoder with ``has_attention`` also returns where it looked for every word). A decoder's step
+"""Batched greedy and beam search for any decoder that speaks the decoding protocol: the pooled
+Show-and-Tell decoder, the Show-Attend-Tell decoder and their ensembles alike (``storyteller.decoders.base``
+describes the protocol; a decoder with ``has_attention`` also returns where it looked for every word). A decoder's step
 products (``model.products()``, in its precision) are made once per search.
 
 Both searches run one decoder call per time step for all sequences of all images at once (beam
@@ -96,10 +96,9 @@ def _check(model, features: torch.Tensor, max_len: int, min_len: int, no_repeat_
 
 
 class DecoderCalls:
-    """How a search (or any loop of decoder steps: ``storyteller.scoring``) calls its decoder:
-    ``model.products()`` made once for the whole loop where the decoder has them (``storyteller.decoders``),
-    else the bare protocol (``init_state``, ``step``, maybe ``select_state`` / ``scatter_state``; a state of
-    (layers, batch, hidden) tensors otherwise).
+    """How a search (or any loop of decoder steps: ``storyteller.scoring``) calls its decoder, through the
+    decoding protocol of ``storyteller.decoders.base``: ``model.products()`` made once for the whole loop,
+    ``initial_state``, ``step(tokens, state, products=...)``, ``select_state`` and ``scatter_state``.
 
     Args:
         model: the decoder.
@@ -108,33 +107,23 @@ class DecoderCalls:
 
     def __init__(self, model, attention: bool):
         self.model, self.attention = model, attention
-        self.products = model.products() if hasattr(model, "products") else None
+        self.products = model.products()
 
     def init(self, features: torch.Tensor):
-        if self.products is not None:
-            return self.model.initial_state(features, self.products)
-        return self.model.init_state(features)
+        return self.model.initial_state(features, self.products)
 
     def step(self, tokens: torch.Tensor, state):
         """tokens (N,) -> (log_probs (N, V), state, attention weights (N, R) or None)."""
-        kw = {} if self.products is None else {"products": self.products}
         if self.attention:
-            return self.model.step(tokens, state, return_attention=True, **kw)
-        logp, state = self.model.step(tokens, state, **kw)
+            return self.model.step(tokens, state, products=self.products, return_attention=True)
+        logp, state = self.model.step(tokens, state, products=self.products)
         return logp, state, None
 
     def select(self, state, rows: torch.Tensor):
-        if hasattr(self.model, "select_state"):
-            return self.model.select_state(state, rows)
-        return tuple(s[:, rows] for s in state)
+        return self.model.select_state(state, rows)
 
     def scatter(self, state, rows: torch.Tensor, sub):
-        if hasattr(self.model, "scatter_state"):
-            return self.model.scatter_state(state, rows, sub)
-        out = tuple(s.clone() for s in state)
-        for s, new in zip(out, sub):
-            s[:, rows] = new
-        return out
+        return self.model.scatter_state(state, rows, sub)
 
 
 def _mask_dead(logp: torch.Tensor, alpha: torch.Tensor | None, live: torch.Tensor):
@@ -498,7 +487,7 @@ def greedy_search(model, features: torch.Tensor, vocab: Vocabulary | None = None
     """Caption a batch by taking the most likely token at every step.
 
     Args:
-        model: a decoder with ``init_state(features)`` and ``step(tokens, state)``.
+        model: a decoder (the protocol of ``storyteller.decoders.base``).
         features: (B, F) pooled features, or (B, h, w, D) grids for an attention decoder.
         vocab: maps ids to words; defaults to ``model.vocab``.
         max_len: most decoder steps per caption (``<end>`` included).
@@ -527,7 +516,7 @@ def beam_search(model, features: torch.Tensor, vocab: Vocabulary | None = None, 
     exhaustive search.
 
     Args:
-        model: a decoder with ``init_state(features)`` and ``step(tokens, state)``.
+        model: a decoder (the protocol of ``storyteller.decoders.base``).
         features: (B, F) pooled features, or (B, h, w, D) grids for an attention decoder.
         vocab: maps ids to words; defaults to ``model.vocab``.
         beam_size: hypotheses kept per image (1 gives exactly greedy search).
