@@ -501,7 +501,11 @@ class RecordFile:
         if self.overwrite:
             self.records = []
         if self.format == "csv" and f.tell() == 0:
-            self._append(_UTF8_BOM + self._header())
+            try:
+                self._append(_UTF8_BOM + self._header())
+            except LibraryError:
+                self.close()  # __exit__ does not run when __enter__ raises
+                raise
         return self
 
     def _append(self, data: bytes) -> None:
