@@ -1,6 +1,6 @@
-"""Batched greedy and beam search for any decoder with ``init_state`` and ``step``: the pooled
-Show-and-Tell decoder and the Show-Attend-Tell decoder alike (``storyteller.decoders.base`` describes the
-protocol; a decoder with ``has_attention`` also returns where it looked for every word). A decoder's step
+"""Batched greedy and beam search for any decoder that speaks the decoding protocol: the pooled
+Show-and-Tell decoder, the Show-Attend-Tell decoder and their ensembles alike (``storyteller.decoders.base``
+describes the protocol; a decoder with ``has_attention`` also returns where it looked for every word). A decoder's step
 products (``model.products()``, in its precision) are made once per search.
 
 Both searches run one decoder call per time step for all sequences of all images at once (beam
@@ -15,8 +15,8 @@ Conventions shared by both:
   reaches ``max_len`` without ``<end>`` is cut there and still returned (``finished=False``), so a
   caption always comes back, also from a model that never emits ``<end>``.
 - the token rules of ``storyteller.token_rules``: ``<pad>`` and ``<start>`` are never emitted; ``<unk>`` is
-  suppressed unless ``suppress_unk=False``; ``<end>`` is allowed only after ``min_len`` words (default 1), so
-  an empty caption never comes back.
+  suppressed unless ``suppress_unk=False`` (then it is kept, shown as "<unk>" in the text); ``<end>`` is
+  allowed only after ``min_len`` words (default 1), so an empty caption never comes back.
 - ``no_repeat_ngram_size=n`` forbids any n-gram from appearing twice in one caption (3 = the usual
   trigram blocking; 0 disables).
 - ``bad_endings``: words a caption may not end on (``<end>`` is forbidden right after them), e.g. the
@@ -53,8 +53,8 @@ LIVE_SHARE = 0.5
 class Caption:
     """One decoded caption."""
 
-    text: str  # words joined by spaces, no special tokens
-    tokens: list[int]  # the word ids of ``text`` (no special tokens)
+    text: str  # words joined by spaces; no special tokens but an emitted "<unk>" (only with suppress_unk=False)
+    tokens: list[int]  # the word ids of ``text`` (no <start>, <end> or <pad>)
     log_prob: float  # sum of log-probabilities of the emitted tokens
     score: float  # log_prob after length normalisation (equal to log_prob when alpha = 0)
     finished: bool  # True when the decoder emitted <end>; False when cut at max_len
@@ -96,10 +96,9 @@ def _check(model, features: torch.Tensor, max_len: int, min_len: int, no_repeat_
 
 
 class DecoderCalls:
-    """How a search (or any loop of decoder steps: ``storyteller.scoring``) calls its decoder:
-    ``model.products()`` made once for the whole loop where the decoder has them (``storyteller.decoders``),
-    else the bare protocol (``init_state``, ``step``, maybe ``select_state`` / ``scatter_state``; a state of
-    (layers, batch, hidden) tensors otherwise).
+    """How a search (or any loop of decoder steps: ``storyteller.scoring``) calls its decoder, through the
+    decoding protocol of ``storyteller.decoders.base``: ``model.products()`` made once for the whole loop,
+    ``initial_state``, ``step(tokens, state, products=...)``, ``select_state`` and ``scatter_state``.
 
     Args:
         model: the decoder.
@@ -108,33 +107,23 @@ class DecoderCalls:
 
     def __init__(self, model, attention: bool):
         self.model, self.attention = model, attention
-        self.products = model.products() if hasattr(model, "products") else None
+        self.products = model.products()
 
     def init(self, features: torch.Tensor):
-        if self.products is not None:
-            return self.model.initial_state(features, self.products)
-        return self.model.init_state(features)
+        return self.model.initial_state(features, self.products)
 
     def step(self, tokens: torch.Tensor, state):
         """tokens (N,) -> (log_probs (N, V), state, attention weights (N, R) or None)."""
-        kw = {} if self.products is None else {"products": self.products}
         if self.attention:
-            return self.model.step(tokens, state, return_attention=True, **kw)
-        logp, state = self.model.step(tokens, state, **kw)
+            return self.model.step(tokens, state, products=self.products, return_attention=True)
+        logp, state = self.model.step(tokens, state, products=self.products)
         return logp, state, None
 
     def select(self, state, rows: torch.Tensor):
-        if hasattr(self.model, "select_state"):
-            return self.model.select_state(state, rows)
-        return tuple(s[:, rows] for s in state)
+        return self.model.select_state(state, rows)
 
     def scatter(self, state, rows: torch.Tensor, sub):
-        if hasattr(self.model, "scatter_state"):
-            return self.model.scatter_state(state, rows, sub)
-        out = tuple(s.clone() for s in state)
-        for s, new in zip(out, sub):
-            s[:, rows] = new
-        return out
+        return self.model.scatter_state(state, rows, sub)
 
 
 def _mask_dead(logp: torch.Tensor, alpha: torch.Tensor | None, live: torch.Tensor):
@@ -258,22 +247,24 @@ def _length_penalty(max_len: int, alpha: float) -> np.ndarray:
 
 def _to_caption(vocab: Vocabulary, ids: list[int], log_prob: float, score: float,
                 attention: torch.Tensor | None = None, grid: tuple[int, int] | None = None) -> Caption:
-    """Emitted ids (maybe ending in <end> then <pad>s) -> Caption with special tokens removed.
+    """Emitted ids (maybe ending in <end> then <pad>s) -> Caption without <end> and <pad>.
 
-    ``attention`` (steps, R): the weights of every step; the rows of the kept words are returned,
-    shaped (words, h, w) when ``grid`` is known.
+    An emitted ``<unk>`` (only with ``suppress_unk=False``) stays, in ``tokens`` and as the visible word
+    "<unk>" in ``text``: dropping it would make "a man is eating a <unk>" read "a man is eating a", and its
+    tokens would no longer score to its ``log_prob``. ``attention`` (steps, R): the weights of every step;
+    the rows of the kept words are returned, shaped (words, h, w) when ``grid`` is known.
     """
     finished = Vocabulary.end_id in ids
     if finished:
         ids = ids[: ids.index(Vocabulary.end_id)]
-    keep = [j for j, i in enumerate(ids) if i > Vocabulary.unk_id]
+    keep = [j for j, i in enumerate(ids) if i >= Vocabulary.unk_id]  # <pad>, <start> never before <end>
     words = [ids[j] for j in keep]
     att = None
     if attention is not None:
         att = attention[keep].float().cpu()  # (words, R)
         if grid is not None:
             att = att.view(len(keep), *grid)
-    return Caption(text=vocab.decode(words), tokens=words, log_prob=log_prob, score=score, finished=finished,
+    return Caption(text=" ".join(vocab.itos[i] for i in words), tokens=words, log_prob=log_prob, score=score, finished=finished,
                    attention=att)
 
 
@@ -496,7 +487,7 @@ def greedy_search(model, features: torch.Tensor, vocab: Vocabulary | None = None
     """Caption a batch by taking the most likely token at every step.
 
     Args:
-        model: a decoder with ``init_state(features)`` and ``step(tokens, state)``.
+        model: a decoder (the protocol of ``storyteller.decoders.base``).
         features: (B, F) pooled features, or (B, h, w, D) grids for an attention decoder.
         vocab: maps ids to words; defaults to ``model.vocab``.
         max_len: most decoder steps per caption (``<end>`` included).
@@ -525,7 +516,7 @@ def beam_search(model, features: torch.Tensor, vocab: Vocabulary | None = None, 
     exhaustive search.
 
     Args:
-        model: a decoder with ``init_state(features)`` and ``step(tokens, state)``.
+        model: a decoder (the protocol of ``storyteller.decoders.base``).
         features: (B, F) pooled features, or (B, h, w, D) grids for an attention decoder.
         vocab: maps ids to words; defaults to ``model.vocab``.
         beam_size: hypotheses kept per image (1 gives exactly greedy search).

@@ -10,7 +10,7 @@
             print(name, result.best.text)                 # a CaptionResult: greedy, beam, warnings
 
 The command line (``python -m storyteller caption DIR... --out captions.jsonl``) runs the same pipeline
-and writes one record per photo to a :class:`RecordFile` (JSONL or CSV), flushed after every batch, so a
+and writes one record per photo to a :class:`RecordFile` (JSONL or CSV), in the file after every batch, so a
 killed run resumes where it stopped.
 
 Pipeline: DataLoader workers decode each photo (``storyteller.images.load_image`` with JPEG draft decoding,
@@ -378,13 +378,46 @@ def _parse_csv(text: str, path: Path) -> list[dict[str, Any]]:
     return [_csv_record(row) for row in rows[1:]]
 
 
+def _csv_complete(data: bytes, start: int) -> int:
+    """How many bytes of a CSV hold complete rows: the end of the last row whose line end was written.
+
+    A quoted cell (a file name) may hold newlines, so the csv module's own parsing finds where rows end. A
+    file whose parsing fails before its end is not cut short but not ours: it is counted whole, so that
+    parsing it refuses it.
+
+    Args:
+        data: the file's bytes.
+        start: where the rows begin (after a byte-order mark).
+    """
+    text = data[start:].decode("utf-8", errors="surrogateescape")  # a cut may split a character
+    read = {"bytes": start, "line": "", "all": False}
+
+    def lines() -> Iterator[str]:
+        for line in io.StringIO(text, newline=""):  # the lines csv.reader reads, line ends kept
+            read["bytes"] += len(line.encode("utf-8", errors="surrogateescape"))
+            read["line"] = line
+            yield line
+        read["all"] = True
+
+    keep = 0
+    try:
+        for _ in csv.reader(lines(), strict=True):  # a row comes back once its last line has been read
+            if read["line"].endswith("\n"):  # not cut before (or inside) its line end
+                keep = read["bytes"]
+    except csv.Error:
+        if not read["all"]:  # a prefix of our rows only fails at its end (a quoted cell left open)
+            return len(data)
+    return keep
+
+
 class RecordFile:
     """A file of caption records, JSONL or CSV by its extension, that a rerun resumes.
 
     Constructing it only reads: :attr:`records` are the complete records the file holds, :attr:`done`
     maps each recorded name to its record. A last line without its newline (a run killed mid-write) is
     not counted; :meth:`open` cuts it off (and with ``overwrite`` every record), then :meth:`write` appends
-    a batch of records at a time with one write and a flush, so a kill loses at most the batch being written.
+    a batch of records at a time with one unbuffered write, so a kill loses at most the batch being written,
+    and a write that fails (a full disk) raises :class:`LibraryError` with the file holding the batches before.
 
     Args:
         path: the file; it and its folder are created when missing.
@@ -399,8 +432,9 @@ class RecordFile:
         self.path, self.overwrite = Path(path), overwrite
         self.format = _record_format(self.path)
         data = self._read()
-        self._keep = data.rfind(b"\n") + 1  # bytes of complete lines; what follows was cut short
         bom = len(_UTF8_BOM) if self.format == "csv" and data.startswith(_UTF8_BOM) else 0
+        # bytes of complete records; what follows was cut short (a JSONL record is one line, a CSV one is not)
+        self._keep = _csv_complete(data, bom) if self.format == "csv" else data.rfind(b"\n") + 1
         try:
             text = data[bom:self._keep].decode("utf-8")
         except UnicodeDecodeError:
@@ -409,7 +443,7 @@ class RecordFile:
         parse = _parse_csv if self.format == "csv" else _parse_jsonl
         self.records: list[dict[str, Any]] = parse(text, self.path) if text else []
         self.done: dict[str, dict[str, Any]] = {} if overwrite else {r["image"]: r for r in self.records}
-        self._file: io.BufferedRandom | None = None
+        self._file: io.FileIO | None = None
 
     def as_read(self, name: str) -> str:
         """``name`` as this file gives it back: a CSV stores a file name that is not valid UTF-8 with \\x escapes."""
@@ -448,24 +482,51 @@ class RecordFile:
         return (",".join(RECORD_FIELDS) + _CSV_LINE_END).encode("utf-8")
 
     def open(self) -> RecordFile:
-        """Open for appending: cut off a half-written last line (everything with ``overwrite``)."""
+        """Open for appending: cut off a half-written last line (everything with ``overwrite``).
+
+        The file is unbuffered: a write that fails (a full disk) leaves no bytes behind in a buffer that
+        closing the file would try to write again."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            f = open(self.path, "r+b" if self.path.exists() else "w+b")
+            f = open(self.path, "r+b" if self.path.exists() else "w+b", buffering=0)
         except OSError as e:
             raise LibraryError(f"--out {self.path}: cannot write it ({e.strerror or e})") from None
-        f.truncate(0 if self.overwrite else self._keep)
+        self._file = f
+        try:
+            f.truncate(0 if self.overwrite else self._keep)
+            f.seek(0, os.SEEK_END)
+        except OSError as e:
+            self.close()
+            raise LibraryError(f"--out {self.path}: cannot write it ({e.strerror or e})") from None
         if self.overwrite:
             self.records = []
-        f.seek(0, os.SEEK_END)
         if self.format == "csv" and f.tell() == 0:
-            f.write(_UTF8_BOM + self._header())
-        f.flush()
-        self._file = f
+            try:
+                self._append(_UTF8_BOM + self._header())
+            except LibraryError:
+                self.close()  # __exit__ does not run when __enter__ raises
+                raise
         return self
 
+    def _append(self, data: bytes) -> None:
+        """Write all of ``data`` at the end, or (a full disk) cut off what got written and raise LibraryError."""
+        f = self._file
+        start = f.tell()
+        try:
+            view = memoryview(data)
+            while view:  # an unbuffered write may take only part (the last bytes before a size limit)
+                view = view[f.write(view):]
+        except OSError as e:  # a full disk, a removed drive: every finished batch is in the file already
+            try:
+                f.truncate(start)  # no half record left behind; a rerun would cut it off anyway
+                f.seek(start)
+            except OSError:
+                pass
+            raise LibraryError(f"cannot write {self.path} ({e.strerror or e}); it holds every batch finished before "
+                               "this one: make room and rerun the same command to go on") from None
+
     def write(self, records: Sequence[dict[str, Any]]) -> None:
-        """Append records (one write, then a flush) and count them as done."""
+        """Append records (one unbuffered write: in the file when this returns) and count them as done."""
         if self._file is None:
             raise RuntimeError("RecordFile.write before open()")
         if self.format == "csv":
@@ -475,20 +536,20 @@ class RecordFile:
             data = buf.getvalue().encode("utf-8", errors="backslashreplace")
         else:
             data = "".join(_json_line(r) for r in records).encode("utf-8")
-        try:
-            self._file.write(data)
-            self._file.flush()
-        except OSError as e:  # a full disk, a removed drive: every finished batch is in the file already
-            raise LibraryError(f"cannot write {self.path} ({e.strerror or e}); it holds every batch finished before "
-                               "this one: make room and rerun the same command to go on") from None
+        self._append(data)  # one write: a kill between batches leaves whole records
         for r in records:
             self.records.append(r)
             self.done[self.as_read(r["image"])] = r
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        """Close the file; nothing is buffered, so this writes nothing (and cannot fail for a full disk)."""
+        f, self._file = self._file, None
+        if f is not None:
+            try:
+                f.close()
+            except OSError as e:  # e.g. a network drive reporting a delayed error
+                raise LibraryError(f"cannot close {self.path} ({e.strerror or e}); rerun the same command to go on "
+                                   "from its last complete record") from None
 
     def __enter__(self) -> RecordFile:
         return self.open()

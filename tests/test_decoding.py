@@ -151,6 +151,28 @@ def test_special_tokens_never_reach_the_text(kind):
             assert Vocabulary.unk_id not in c.tokens and "<" not in c.text
 
 
+def test_unk_allowed_is_shown_in_the_text_and_scores_back(kind):
+    """With suppress_unk=False an emitted <unk> stays in tokens and shows as "<unk>" in the text, never silently
+    dropped (a caption reading "... is eating a"), and scoring its tokens gives back its log_prob."""
+    from storyteller.scoring import score_captions
+
+    model = make_model(kind)
+    with torch.no_grad():
+        model.head.bias[Vocabulary.unk_id] = 3.0  # <unk> likely, but not everywhere
+    feats = rand_feats(kind, 4)
+    greedy = greedy_search(model, feats, max_len=6, suppress_unk=False)
+    beams = beam_search(model, feats, beam_size=3, max_len=6, n_best=3, suppress_unk=False)
+    caps = [(b, c) for b, c in enumerate(greedy)] + [(b, c) for b, cs in enumerate(beams) for c in cs]
+    assert sum(Vocabulary.unk_id in c.tokens for _, c in caps) >= 3
+    for _, c in caps:
+        assert c.text.split() == [model.vocab.itos[i] for i in c.tokens]
+        assert c.text.split().count("<unk>") == c.tokens.count(Vocabulary.unk_id)
+    scored = score_captions(model, feats, [c.tokens for _, c in caps], [c.finished for _, c in caps],
+                            images=[b for b, _ in caps], top_k=0)
+    for (_, c), s in zip(caps, scored):
+        assert s.log_prob == pytest.approx(c.log_prob, abs=1e-4)
+
+
 def test_repeated_ngram_blocking(kind):
     model = make_model(kind)
     with torch.no_grad():

@@ -20,19 +20,35 @@ PAD, START, END, UNK = 0, 1, 2, 3
 
 
 class MarkovDecoder(torch.nn.Module):
-    """``init_state``/``step`` over a fixed (V, V) table of next-word log-probabilities."""
+    """The decoding protocol (``storyteller.decoders.base``) over a fixed (V, V) table of next-word
+    log-probabilities: the table is the step's one product, and a row's state is its photo (never read: the
+    next word depends on the last word only)."""
 
     def __init__(self, table: torch.Tensor):
         super().__init__()
         self.table = torch.nn.Parameter(table, requires_grad=False)
         self.vocab = Vocabulary(WORDS)
 
-    def init_state(self, features: torch.Tensor):
-        zeros = torch.zeros(1, features.shape[0], 1)
-        return zeros, zeros.clone()
+    def products(self) -> torch.Tensor:
+        return self.table
 
-    def step(self, tokens: torch.Tensor, state):
-        return self.table[tokens], state
+    def initial_state(self, features: torch.Tensor, products: torch.Tensor) -> torch.Tensor:
+        return torch.arange(features.shape[0])
+
+    def init_state(self, features: torch.Tensor) -> torch.Tensor:
+        return self.initial_state(features, self.products())
+
+    def step(self, tokens: torch.Tensor, state: torch.Tensor, products: torch.Tensor | None = None):
+        table = self.products() if products is None else products
+        return table[tokens], state
+
+    def select_state(self, state: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return state[rows]
+
+    def scatter_state(self, state: torch.Tensor, rows: torch.Tensor, sub: torch.Tensor) -> torch.Tensor:
+        out = state.clone()
+        out[rows] = sub
+        return out
 
 
 def random_table(seed: int) -> torch.Tensor:
@@ -102,7 +118,7 @@ class StridedMarkovDecoder(MarkovDecoder):
         super().__init__(table)
         self.columns = table.t().contiguous()  # (V, V): next word x last word
 
-    def step(self, tokens: torch.Tensor, state):
+    def step(self, tokens: torch.Tensor, state, products=None):
         return self.columns[:, tokens].t(), state
 
 
@@ -142,7 +158,7 @@ def test_a_decoder_with_bfloat16_log_probabilities_is_searched():
     table = random_table(5).to(torch.bfloat16)
 
     class Bf16Decoder(MarkovDecoder):
-        def step(self, tokens, state):
+        def step(self, tokens, state, products=None):
             return self.table[tokens].to(torch.bfloat16), state
 
     kw = dict(beam_size=3, max_len=6, alpha=0.5, n_best=2, no_repeat_ngram_size=2)

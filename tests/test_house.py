@@ -1,6 +1,7 @@
 """The house rules, checked on the code itself (issue 21): the project's modules import each other without a
 circle (imports inside functions count), no function in storyteller/, train/, app.py or hub_upload.py runs over
-MAX_FUNCTION_LINES lines, and no module uses another module's ``_private`` names.
+MAX_FUNCTION_LINES lines, no module uses another module's ``_private`` names, and (issue 31) every module of the
+runtime package storyteller/ is one the runtime imports: none that only train/, bench/ or the tests use.
 
 The checks read the source with ``ast``; each has a test on a small made-up package, so that it can fail.
 """
@@ -14,6 +15,10 @@ PACKAGES = ("storyteller", "train", "bench")  # the project's packages; app.py a
 TOP_MODULES = ("app", "hub_upload")
 LONG_FUNCTION_PLACES = ("storyteller", "train", "app.py", "hub_upload.py")
 MAX_FUNCTION_LINES = 100
+RUNTIME_PACKAGE = "storyteller"  # what the Space uploads and the CLI imports
+# where the runtime starts: the app, the Hub upload, the CLI and the package itself
+RUNTIME_ROOTS = ("app", "hub_upload", "storyteller.__main__", "storyteller")
+NOT_RUNTIME = ("train", "bench")  # packages whose imports do not make a module runtime
 
 
 def project_modules(root: Path = REPO, packages=PACKAGES, top=TOP_MODULES) -> dict[str, Path]:
@@ -130,6 +135,22 @@ def private_uses(modules: dict[str, Path]) -> list[str]:
     return sorted(set(out))
 
 
+def not_runtime(modules: dict[str, Path], roots=RUNTIME_ROOTS, package: str = RUNTIME_PACKAGE,
+                outside=NOT_RUNTIME) -> list[str]:
+    """The modules of ``package`` that no import chain from ``roots`` reaches without passing through
+    ``outside`` (training or benchmarks): what only train/, bench/ or the tests use."""
+    graph = import_graph(modules)
+    seen, todo = set(), [r for r in roots if r in modules]
+    while todo:
+        m = todo.pop()
+        if m in seen or m.split(".")[0] in outside:
+            continue
+        seen.add(m)
+        parts = m.split(".")
+        todo += [*graph[m], *(".".join(parts[:i]) for i in range(1, len(parts)))]  # a submodule imports its package
+    return sorted(m for m in modules if m.split(".")[0] == package and m not in seen)
+
+
 # -- the rules on the project -------------------------------------------------------------------------
 
 def test_the_project_has_no_import_circles():
@@ -144,6 +165,11 @@ def test_no_function_is_longer_than_the_limit():
 
 def test_no_module_uses_another_modules_private_names():
     assert private_uses(project_modules()) == []
+
+
+def test_the_runtime_package_holds_only_what_the_runtime_imports():
+    """Training-only code lives in train/, bench-only code in bench/ (the Space uploads storyteller/)."""
+    assert not_runtime(project_modules()) == []
 
 
 # -- the checks can fail -------------------------------------------------------------------------------
@@ -170,3 +196,27 @@ def test_the_checks_find_a_circle_through_a_function_import_a_private_name_and_a
     assert any("pkg.c uses pkg.b._y" in f for f in found), found
     assert [f for f in long_functions([tmp_path / "pkg" / "d.py"]) if "long (102 lines)" in f]
     assert long_functions([tmp_path / "pkg" / "a.py"]) == []
+
+
+def test_the_runtime_check_finds_modules_only_training_benchmarks_or_tests_use(tmp_path):
+    for rel, text in {
+        "app.py": "from storyteller.core import run\n",
+        "storyteller/__init__.py": "",
+        "storyteller/__main__.py": "def main():\n    from . import cli  # a function-level import counts\n",
+        "storyteller/cli.py": "from .core import run\n",
+        "storyteller/core.py": "from .sub import helpers\n",
+        "storyteller/sub/__init__.py": "",
+        "storyteller/sub/helpers.py": "",
+        "storyteller/dataset.py": "from .core import run\n",  # imports runtime code, but only training imports it
+        "storyteller/only_tests.py": "",
+        "storyteller/via_train.py": "",
+        "train/fit.py": "from storyteller.dataset import Data\nfrom storyteller import via_train\n",
+        "bench/b.py": "from storyteller import core\n",
+    }.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    modules = project_modules(tmp_path, packages=("storyteller", "train", "bench"), top=("app",))
+    assert not_runtime(modules) == ["storyteller.dataset", "storyteller.only_tests", "storyteller.via_train"]
+    (tmp_path / "storyteller" / "cli.py").write_text("from .core import run\nfrom . import dataset, only_tests\n")
+    assert not_runtime(project_modules(tmp_path, packages=("storyteller", "train", "bench"), top=("app",))) == \
+        ["storyteller.via_train"]

@@ -18,7 +18,7 @@ import pytest
 from storyteller.__main__ import main
 from storyteller.images import ImageError
 from storyteller.photo_library import (RECORD_FIELDS, LibraryError, RecordFile, caption_folder, find_images, read_records,
-                                 walk_inputs)
+                                       to_record, walk_inputs)
 from storyteller.vocab import SPECIAL_TOKENS
 from tests.helpers_images import photo_like, write_bad_inputs
 from tests.helpers_models import save_test_model
@@ -253,7 +253,10 @@ def test_overwrite_starts_over(tmp_path, capsys, caption_out):
                                            ("data.jsonl", b'{"id": 1}\n'),
                                            ("one.jsonl", b"hello"),
                                            ("sheet.csv", b"name,amount\r\nrent,900\r\n"),
-                                           ("latin1.csv", "caf\xe9".encode("latin-1"))])
+                                           ("latin1.csv", "caf\xe9".encode("latin-1")),
+                                           # our header, then a row no cut of ours leaves ("x" after a closing quote)
+                                           ("broken.csv", (",".join(RECORD_FIELDS) + '\r\n"a.jpg"x,,,,,,,e\r\n'
+                                                           'b.jpg,,,,,,,e\r\n').encode())])
 def test_a_file_that_is_not_ours_is_refused_and_left_alone(tmp_path, capsys, caption_out, name, content):
     root = make_library(tmp_path / "lib", n=1, bad=False)
     out = tmp_path / name
@@ -355,22 +358,120 @@ def test_a_full_disk_is_one_line_and_the_finished_batches_stay(model_dir, tmp_pa
     opened = RecordFile.open
 
     class Full:
+        """The real file, but every write finds the disk full (closing it is real too)."""
+
+        def __init__(self, f):
+            self.f = f
+
         def write(self, data):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        def flush(self):
-            pass
-
-        def close(self):
-            pass
+        def __getattr__(self, name):
+            return getattr(self.f, name)
 
     def open_full(self):
         opened(self)
-        self._file.close()
-        self._file = Full()
+        self._file = Full(self._file)
         return self
 
     monkeypatch.setattr(RecordFile, "open", open_full)
     assert main(["caption", str(lib), "--out", str(tmp_path / "alt.jsonl"), "--model", str(model_dir), *FAST]) == 2
     err = capsys.readouterr().err
     assert "No space left on device" in err and "rerun the same command" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE and SIGXFSZ as Linux has them")
+def test_a_real_size_limit_is_one_line_exit_2_and_the_finished_batches_stay(model_dir, tmp_path):
+    """A real file at a real size limit (RLIMIT_FSIZE, as a full disk): the write that crosses it fails, and
+    closing the file afterwards must not raise a second time (a traceback and exit 1)."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    for i in range(3):
+        photo_like(size=(64, 48), seed=i).save(lib / f"p{i}.jpg", format="JPEG")
+    full = tmp_path / "full.jsonl"
+    args = ["caption", str(lib), "--model", str(model_dir), *FAST, "--batch-size", "1", "--workers", "0"]
+    assert main([*args, "--out", str(full)]) == 0
+    first = full.read_bytes().split(b"\n")[0] + b"\n"
+    limit = len(first) + 20  # the first batch fits, the second crosses the limit halfway through a record
+    child = ("import resource, runpy, signal, sys\n"
+             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of a kill\n"
+             f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.RLIM_INFINITY))\n"
+             "sys.argv = ['storyteller', *sys.argv[1:]]\n"
+             "runpy.run_module('storyteller', run_name='__main__')\n")
+    out = tmp_path / "c.jsonl"
+    run = subprocess.run([sys.executable, "-c", child, *args, "--threads", "1", "--out", str(out)], cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    err = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and len(err) == 1 and err[0].startswith("error: cannot write"), run.stderr[-2000:]
+    assert "rerun the same command" in err[0]
+    assert out.read_bytes() == first  # the finished batch stays, whole; nothing of the failed one
+    rerun = main([*args, "--out", str(out)])
+    assert rerun == 0 and out.read_bytes() == full.read_bytes()
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_each_batch_is_in_the_file_when_write_returns(tmp_path, suffix):
+    """A kill after a batch keeps it: its records are readable before the file is closed (no buffer holds them)."""
+    out = tmp_path / f"c{suffix}"
+    batches = [[{"image": "a.jpg", "error": "e"}], [{"image": "b.jpg", "error": "f"}, {"image": "c.jpg", "error": "g"}]]
+    with RecordFile(out) as rf:
+        for n, batch in enumerate(batches, 1):
+            rf.write(batch)
+            assert read_records(out) == [r for b in batches[:n] for r in b]
+
+
+def test_a_csv_cut_inside_a_name_with_a_newline_resumes_at_every_offset(tmp_path):
+    """A file name may hold a newline (Linux allows it); the CSV quotes it, so the last complete record ends at
+    the last newline outside quotes, not at the last newline: a cut anywhere resumes, and --overwrite works."""
+    records = [{"image": "a.jpg", "error": "e"},
+               {"image": "new\nline \"q\"\r\n.jpg", "greedy": "a dog", "beam": "a dog runs", "beam_log_prob": -1.5,
+                "confidence": None, "needs_review": False, "warnings": ["small"]},
+               {"image": "c.jpg", "error": "f"}]
+    full = tmp_path / "full.csv"
+    ends = []  # the file's size after each record
+    with RecordFile(full) as rf:
+        for r in records:
+            rf.write([r])
+            ends.append(full.stat().st_size)
+    data = full.read_bytes()
+    assert read_records(full) == records and data.count(b"\n") == 6  # header, 3 records, 2 newlines in the name
+    out = tmp_path / "c.csv"
+    for cut in range(len(data)):
+        out.write_bytes(data[:cut])
+        rf = RecordFile(out)
+        assert rf.records == records[:sum(cut >= e for e in ends)], cut
+        with rf:
+            rf.write([r for r in records if r["image"] not in rf.done])
+        assert read_records(out) == records, cut  # resumed: each record once, in order
+        out.write_bytes(data[:cut])
+        with RecordFile(out, overwrite=True) as rf:
+            rf.write(records)
+        assert out.read_bytes() == data, cut
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a file name with a newline")
+def test_caption_resumes_a_csv_cut_inside_a_name_with_a_newline(model_dir, tmp_path):
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    for name in ("a.jpg", "new\nline.jpg", "z.jpg"):
+        photo_like(size=(64, 48)).save(lib / name, format="JPEG")
+    out = tmp_path / "c.csv"
+    args = ["caption", str(lib), "--out", str(out), "--model", str(model_dir), *FAST, "--batch-size", "1"]
+    assert main(args) == 0
+    full, data = read_records(out), out.read_bytes()
+    out.write_bytes(data[:data.index(b"line.jpg") + 2])  # cut just after the name's newline
+    assert main(args) == 0
+    assert sorted(r["image"] for r in read_records(out)) == sorted(r["image"] for r in full)
+    assert same_records(sorted(read_records(out), key=lambda r: r["image"]), sorted(full, key=lambda r: r["image"]))
+
+
+def test_the_record_holds_the_beam_captions_log_prob_not_its_score(tmp_path, captioner):
+    """With alpha != 0 the beam caption's score (length-normalised) is not its log-probability: the record
+    keeps the log-probability, as its name says."""
+    root = make_library(tmp_path / "lib", n=2, bad=False)
+    results = dict(caption_folder(root, captioner, workers=0, alpha=0.9, max_len=6))
+    assert len(results) == 2
+    for name, result in results.items():
+        best = result.beam[0]
+        assert abs(best.score - best.log_prob) > 1e-3  # the two differ here
+        assert to_record(name, result)["beam_log_prob"] == round(best.log_prob, 4)

@@ -92,6 +92,21 @@ def test_int8_rows_do_not_depend_on_the_other_rows_of_their_batch():
     assert torch.equal(lin(rows[None]), alone[None])  # (1, rows, in) inputs keep their shape
 
 
+@INT8
+def test_int8_all_zero_inputs_give_the_bias_and_an_all_zero_grid_captions():
+    """A row of zeros (a black photo's grid, a cleared state) has no range of its own to quantise with: it must
+    give the bias, not NaN, and a search on an all-zero grid in int8 must return captions."""
+    torch.manual_seed(0)
+    w, b = torch.randn(24, 16), torch.randn(24)
+    lin = P._Int8Linear(w, b)
+    zeros = torch.zeros(3, 16)
+    assert torch.equal(lin(zeros), b.expand(3, -1))
+    _, (att, feats) = decoders()
+    att.precision = "int8"
+    caps = greedy_search(att, torch.zeros_like(feats[:2]), max_len=4)
+    assert len(caps) == 2 and all(c.text and torch.isfinite(torch.tensor(c.log_prob)) for c in caps)
+
+
 def test_packed_gates_give_the_lstm_cell():
     """Gate rows reordered i, f, o, 2g and one sigmoid (tanh(g) = 2 sigmoid(2g) - 1) are the LSTM cell."""
     from storyteller.decoders import lstm_update, packed_gates

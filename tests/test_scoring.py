@@ -97,6 +97,17 @@ def test_top_words_are_the_models_best_allowed_tokens():
     assert all(t not in (Vocabulary.pad_id, Vocabulary.start_id, Vocabulary.unk_id) for step in s.top for t, _ in step)
 
 
+def test_end_is_offered_from_min_len_words_on_not_before():
+    """The top words offer <end> once min_len words are written (as the searches allow it), never earlier."""
+    model = random_decoder(False, end_bias=30.0)  # <end> the likeliest token wherever it is allowed
+    feats = features(False, B=1)
+    for min_len in (0, 1, 2, 3):
+        (s,) = score_captions(model, feats, [[5, 6, 7]], [True], top_k=3, min_len=min_len)
+        firsts = [step[0][0] for step in s.top]
+        assert firsts == [Vocabulary.end_id if t >= min_len else firsts[t] for t in range(4)]
+        assert all(Vocabulary.end_id not in [tok for tok, _ in s.top[t]] for t in range(min_len))
+
+
 def test_parting_step():
     def cap(tokens, ended=True):
         return ScoredCaption(tokens, [-1.0] * len(tokens), -0.5 if ended else None, [])
@@ -104,6 +115,8 @@ def test_parting_step():
     assert parting_step(cap([4, 5, 6]), cap([4, 5, 6])) is None
     assert parting_step(cap([4, 5, 6]), cap([4, 7, 6])) == 1
     assert parting_step(cap([4, 5]), cap([4, 5, 6])) == 2  # one ends where the other goes on
+    assert parting_step(cap([4, 5]), cap([4, 5], ended=False)) == 2  # one ended, one was cut: not the same
+    assert parting_step(cap([], ended=False), cap([])) == 0
     assert cap([4, 5]).token_at(2) == Vocabulary.end_id and cap([4, 5], ended=False).token_at(2) is None
 
 
