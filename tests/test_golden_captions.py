@@ -28,12 +28,25 @@ def pin_name(precision: str) -> str:
     return "int8@avx2" if precision == "int8" and avx2_only else precision
 
 
+PIN_THREADS = 1  # the app's setting; see caption_examples
+
+
 def caption_examples(model: str, precision: str) -> dict[str, dict]:
-    """The pinned fields of every example photo's captions by ``model`` in ``precision``."""
+    """The pinned fields of every example photo's captions by ``model`` in ``precision``, at ``PIN_THREADS`` torch
+    threads: the backbone's convolutions round by how the work is split between threads (features 2.4e-5 apart
+    between 1 and 2 threads, measured 2026-12-07), which an int8 attention step magnifies to 3e-3 in a
+    log-probability; the decoder itself gives the same numbers at any thread count and batch size."""
+    import torch
+
     from storyteller.captioner import load
 
     captioner = load(str(REPO / model), precision=precision)
-    results = captioner.caption([str(p) for p in PHOTOS], n_best=captioner.decoding["beam_size"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(PIN_THREADS)
+    try:
+        results = captioner.caption([str(p) for p in PHOTOS], n_best=captioner.decoding["beam_size"])
+    finally:
+        torch.set_num_threads(threads)
     return {p.name: {"greedy": r.greedy.text, "greedy_log_prob": round(r.greedy.log_prob, 5),
                      "beam": [c.text for c in r.beam], "beam_log_prob": [round(c.log_prob, 5) for c in r.beam]}
             for p, r in zip(PHOTOS, results)}
