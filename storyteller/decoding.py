@@ -25,7 +25,10 @@ Conventions shared by both:
   vocabulary with n-gram blocking, say), it may end there with ``<end>``.
 - ``log_prob`` is the sum of the emitted tokens' log-probabilities (``<end>`` included when emitted);
   ``score`` is ``log_prob / ((5 + length) / 6) ** alpha`` (GNMT length normalisation; alpha=0 gives
-  the raw log-probability). Greedy search has no alpha: its score is its log_prob.
+  the raw log-probability). Greedy search has no alpha: its score is its log_prob. Each caption also carries
+  the log-probability of each of its words (``word_log_probs``) and of ``<end>`` (``end_log_prob``), recorded
+  as the search chose them: the parts of that sum, no second pass needed (``storyteller.scoring`` finds the same
+  by teacher forcing, with the alternatives at every step).
 
 Call the decoder in ``eval()`` mode or not: decoding switches dropout off and restores the mode.
 """
