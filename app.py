@@ -11,8 +11,9 @@ the Space downloads that model from the Hub at start-up, through the Hub cache);
 
 The page is phone first: a photo is captioned as soon as it arrives (upload, paste, webcam, example tap)
 and both captions come into view; each word is shaded by the probability the model gave it (the value on
-hover or tap) and, where the model has a calibrator, each caption has a confidence badge. Those come first;
-a chained event then adds one line saying when greedy and beam search agree (with beam search's runner-ups),
+hover or tap; the searches record it as they go) and, where the model has a calibrator, each caption has a
+confidence badge. Those come first; a chained event then scores the two captions word by word (the words the
+model offered instead at every step, on the photo's features kept from the first event) and adds one line saying when greedy and beam search agree (with beam search's runner-ups),
 else a small table of where they part and the words the model offered there, and the attention view. Decoding
 settings sit in a closed "Settings" accordion. A refused input is one notice above cleared outputs and one
 log line. The HTML comes from ``storyteller.render``.
@@ -27,7 +28,8 @@ API (gradio_client), beside the page's:
   ``greedy`` and ``beam`` as ``{text, words, word_log_probs, end_log_prob, log_prob, score, confidence}``, ``n_best``
   (a list of those), ``parting``, ``attention`` (attention models only), ``timings_ms``, ``warnings`` and
   ``model``. Per-word log-probabilities come from scoring each caption with the decoder in teacher-forcing
-  mode (``storyteller.scoring``), on the same weights and precision as the search.
+  mode (``storyteller.scoring``), on the same weights and precision as the search (within float rounding of the
+  search's own ``Caption.word_log_probs``).
 - ``/caption`` (the same four inputs): the page's texts, the n-best table and a small result JSON.
 
 A refusal (no photo, not an image, a setting out of range) is an error for API callers. The raw
@@ -63,7 +65,7 @@ from storyteller.images import MAX_BYTES, ImageError, image_warnings
 from storyteller.render import (CSS, Captioned, attention_html, attention_note, changed_html, model_markdown,
                                 nbest_html, notice_html, parting_record, words_html)
 from storyteller.scoring import ScoredCaption
-from storyteller.serving import Batcher, caption_batch
+from storyteller.serving import Batcher, caption_batch, score_shown
 from storyteller.vocab import Vocabulary
 
 try:  # Hugging Face's helper for ZeroGPU Spaces (in the ZeroGPU Space's requirements; absent elsewhere)
@@ -191,15 +193,15 @@ def _gpu_seconds(*args: Any, **kwargs: Any) -> int:
 
 def caption_on_device(captioner: Captioner, photos: list, beam_size: int, max_len: int, alpha: float,
                       score_all: list[bool], warnings: list[list[str]]) -> list:
-    """The work that needs the model's device: backbone, both searches and the scoring, for a batch of decoded
-    photos (``storyteller.serving.caption_batch``). On ZeroGPU this is the ``@spaces.GPU`` function: a GPU is
-    attached while it runs. Results come back on the CPU (tensors moved), as ZeroGPU wants."""
+    """The work that needs the model's device: backbone, both searches and the scoring asked for, for a batch of
+    decoded photos (``storyteller.serving.caption_batch``). On ZeroGPU this is the ``@spaces.GPU`` function: a GPU
+    is attached while it runs. Results come back on the CPU (tensors moved), as ZeroGPU wants."""
     out = caption_batch(captioner, photos, beam_size, max_len, alpha, score_all, warnings)
-    for result, _ in out:
+    for result, _, _ in out:
         for c in [result.greedy, *result.beam]:
             if c is not None and c.attention is not None:
                 c.attention = c.attention.cpu()
-    return out
+    return [(result, scored, features.cpu()) for result, scored, features in out]
 
 
 if spaces is not None:  # on a Space (ZeroGPU or not): Hugging Face's decorator; it has no effect off ZeroGPU
@@ -210,6 +212,10 @@ class Route:
     """How the events reach :func:`caption_on_device`: straight from the request's thread (ZeroGPU bills the
     visitor whose request it is; or ``max_batch`` 1), or through a ``Batcher`` that captions the photos of
     concurrent requests together (a CPU server).
+
+    ``page_scoring``: what the page's first event scores (``caption_batch``'s ``score_all``): nothing on a CPU
+    (the chained event scores the two captions shown); greedy's and the best on ZeroGPU, in the same GPU call
+    (a few ms there, where a second call would queue for a GPU again).
 
     Args:
         captioner: the model.
@@ -222,18 +228,19 @@ class Route:
             # the module's function looked up at call time: the events call whatever caption_on_device is
             self.batcher = Batcher(captioner, max_batch, work=lambda *a: caption_on_device(*a))
         self.captioner = captioner
+        self.page_scoring: bool | None = False if ZERO_GPU else None
 
-    def __call__(self, photo: Any, beam_size: int, max_len: int, alpha: float, score_all: bool,
-                 warnings: list[str]) -> tuple[CaptionResult, list[ScoredCaption]]:
+    def __call__(self, photo: Any, beam_size: int, max_len: int, alpha: float, score_all: bool | None,
+                 warnings: list[str]) -> tuple[CaptionResult, list[ScoredCaption], torch.Tensor]:
         if self.batcher is not None:
             return self.batcher.submit(photo, beam_size, max_len, alpha, score_all, warnings)
         return caption_on_device(self.captioner, [photo], beam_size, max_len, alpha, [score_all], [warnings])[0]
 
 
 def caption_and_score(captioner: Captioner, image: Any, beam_size: Any, max_len: Any, alpha: Any,
-                      score_all: bool = True, route: Route | None = None) -> Captioned:
+                      score_all: bool | None = True, route: Route | None = None) -> Captioned:
     """Check the inputs, decode the photo once, caption it (greedy and beam search, all ``beam_size`` beam
-    hypotheses kept) and score its captions word by word on the same features.
+    hypotheses kept) and score its captions word by word on the same features where asked.
 
     Args:
         captioner: the loaded model.
@@ -241,7 +248,8 @@ def caption_and_score(captioner: Captioner, image: Any, beam_size: Any, max_len:
         beam_size: beam width (BEAM_RANGE, a whole number).
         max_len: most decoder steps, ``<end>`` included (MAX_LEN_RANGE, a whole number).
         alpha: length-normalisation exponent (ALPHA_RANGE).
-        score_all: score every beam hypothesis (the JSON API), else greedy's and the best (what the page shows).
+        score_all: score every beam hypothesis (True: the JSON API), greedy's and the best (False), or none (None:
+            the page's first event; :func:`scored_for_page` scores them after).
         route: how to reach the model (default: straight, no batching).
 
     Raises:
@@ -258,11 +266,20 @@ def caption_and_score(captioner: Captioner, image: Any, beam_size: Any, max_len:
         message = str(e)
         raise refuse(message[:1].upper() + message[1:], "Not a usable image") from None
     decode_ms = (time.perf_counter() - t0) * 1e3
-    result, scored = (route or Route(captioner))(photo, k, n, a, score_all, image_warnings(photo))
+    result, scored, features = (route or Route(captioner))(photo, k, n, a, score_all, image_warnings(photo))
     t = result.timings_ms
     t["preprocess"] = t.get("preprocess", 0.0) + decode_ms  # our decode, plus the resize and normalise
-    t["total"] = t["preprocess"] + t["backbone"] + t["search"] + t["scoring"]
-    return Captioned(photo, result, scored, k, n, a)
+    t["total"] = t["preprocess"] + t["backbone"] + t["search"] + t.get("scoring", 0.0)
+    return Captioned(photo, result, scored, k, n, a, features)
+
+
+def scored_for_page(captioner: Captioner, c: Captioned) -> list[ScoredCaption]:
+    """Greedy's caption and the best scored word by word (for the words offered at each step and where they
+    part): those of the first event where it scored them (ZeroGPU), else scored now on the photo's kept features
+    (a CPU server: the model is here)."""
+    if len(c.scored) < 2:
+        c.scored = score_shown(captioner, c.features.to(captioner.device), [c.result], [False], c.max_len)[0]
+    return c.scored
 
 
 # -- what the API returns ---------------------------------------------------------------------------
@@ -316,8 +333,8 @@ def model_summary(captioner: Captioner, info: dict[str, Any]) -> dict[str, Any]:
 
 
 # The outputs by name. /caption returns API_OUTPUTS (no attention view for a pooled model: it has none to
-# show). The page shows FIRST_OUTPUTS as soon as the search and scoring are done, then LATER_OUTPUTS in a
-# chained event. Cleared: what every output shows before a caption.
+# show). The page shows FIRST_OUTPUTS as soon as the search is done, then LATER_OUTPUTS in a chained event
+# (which scores the captions for "what beam search changed"). Cleared: what every output shows before a caption.
 API_OUTPUTS = ("greedy caption", "greedy figures", "beam caption", "beam figures", "n-best list", "timings",
                "notice", "result", "attention")
 PAGE_OUTPUTS = ("greedy words", "beam words", "what beam search changed")
@@ -339,10 +356,10 @@ def caption_values(captioner: Captioner, c: Captioned) -> dict[str, Any]:
     search_ms = t["preprocess"] + t["backbone"] + t["search"]
     best = r.beam[0]
     shared = f" (shared by {t['batch']:.0f} photos captioned together)" if t.get("batch", 1) > 1 else ""
+    scoring = f"; word-by-word scoring **{t['scoring']:.0f} ms**" if "scoring" in t else ""
     timing = (f"Image encoding, shared by both: preprocessing **{t['preprocess']:.0f} ms** + backbone "
               f"`{captioner.backbone.spec.get('name')}` **{t['backbone']:.0f} ms**; greedy and beam search ({c.beam_size} beams) "
-              f"in one pass **{t['search']:.0f} ms**; word-by-word scoring **{t['scoring']:.0f} ms**; "
-              f"total **{t['total']:.0f} ms**{shared}.")
+              f"in one pass **{t['search']:.0f} ms**{scoring}; total **{t['total']:.0f} ms**{shared}.")
     result = {"greedy": {"caption": r.greedy.text, "log_prob": round(r.greedy.log_prob, 4), "ms": round(search_ms, 1),
                          "confidence": _confidence(r.greedy)},
               "beam": [{"caption": b.text, "log_prob": round(b.log_prob, 4), "score": round(b.score, 4),
@@ -356,27 +373,34 @@ def caption_values(captioner: Captioner, c: Captioned) -> dict[str, Any]:
             "n-best list": nbest_html(r.beam), "timings": timing,
             "notice": notice_html("warning", "Odd photo.", " ".join(r.warnings)) if r.warnings else "",
             "result": result,
-            "greedy words": words_html(vocab, c.scored[0], "Greedy", r.greedy),
-            "beam words": words_html(vocab, c.scored[1], "Beam search", best)}
+            # shaded by the log-probabilities the searches recorded: no scoring on the captions' path
+            "greedy words": words_html(vocab, r.greedy, "Greedy", r.greedy),
+            "beam words": words_html(vocab, best, "Beam search", best)}
 
 
-def later_values(captioner: Captioner, c: Captioned | None) -> dict[str, Any]:
-    """The outputs that follow the captions (LATER_OUTPUTS): where greedy and beam part, and where the model
-    looked (None: nothing captioned, both cleared)."""
+def later_values(captioner: Captioner, c: Captioned | None, names: tuple[str, ...] = LATER_OUTPUTS) -> dict[str, Any]:
+    """The outputs that follow the captions (LATER_OUTPUTS, those of ``names``): where greedy and beam part (the
+    captions scored word by word, here if not yet), and where the model looked (None: nothing captioned, cleared)."""
     if c is None:
-        return {n: CLEARED[n] for n in LATER_OUTPUTS}
+        return {n: CLEARED[n] for n in names}
+    out: dict[str, Any] = {}
+    if "what beam search changed" in names:
+        scored_for_page(captioner, c)
+        out["what beam search changed"] = changed_html(captioner.model.vocab, c)
     best = c.result.beam[0]
-    view = ""
-    if best.attention is not None:
-        words = [captioner.model.vocab.itos[tok] for tok in best.tokens]
-        view = attention_html(c.photo, words, best.attention, captioner.backbone.spec["preprocessing"],
-                              attention_note(captioner.info))
-    return {"what beam search changed": changed_html(captioner.model.vocab, c), "attention": view}
+    if "attention" in names:
+        out["attention"] = ""
+        if best.attention is not None:
+            words = [captioner.model.vocab.itos[tok] for tok in best.tokens]
+            out["attention"] = attention_html(c.photo, words, best.attention, captioner.backbone.spec["preprocessing"],
+                                              attention_note(captioner.info))
+    return out
 
 
-def page_values(captioner: Captioner, c: Captioned) -> dict[str, Any]:
-    """Every output's value for one captioned photo, by name (API_OUTPUTS + PAGE_OUTPUTS)."""
-    return {**caption_values(captioner, c), **later_values(captioner, c)}
+def page_values(captioner: Captioner, c: Captioned, names: tuple[str, ...] = API_OUTPUTS + PAGE_OUTPUTS
+                ) -> dict[str, Any]:
+    """The outputs ``names`` for one captioned photo, by name (default: every one, API_OUTPUTS + PAGE_OUTPUTS)."""
+    return {**caption_values(captioner, c), **later_values(captioner, c, tuple(n for n in LATER_OUTPUTS if n in names))}
 
 
 def caption_photo(captioner: Captioner, names: tuple[str, ...], *inputs: Any, route: Route | None = None) -> tuple:
@@ -391,7 +415,9 @@ def caption_photo(captioner: Captioner, names: tuple[str, ...], *inputs: Any, ro
     Raises:
         gr.Error: no photo, not a usable image, or a setting out of range (logged in one line).
     """
-    values = page_values(captioner, caption_and_score(captioner, *inputs, score_all=False, route=route))
+    # the captions' own word log-probabilities make the shading; scoring only for "what beam search changed"
+    score = False if "what beam search changed" in names else None
+    values = page_values(captioner, caption_and_score(captioner, *inputs, score_all=score, route=route), names)
     return tuple(values[n] for n in names)
 
 
@@ -408,7 +434,7 @@ def caption_for_page(captioner: Captioner, names: tuple[str, ...], *inputs: Any,
         route: how to reach the model (default: straight).
     """
     try:
-        c = caption_and_score(captioner, *inputs, score_all=False, route=route)
+        c = caption_and_score(captioner, *inputs, score_all=(route or Route(captioner)).page_scoring, route=route)
         values = caption_values(captioner, c)
         return tuple(values[n] for n in names), c
     except gr.Error as e:

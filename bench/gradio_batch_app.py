@@ -45,15 +45,15 @@ def main() -> None:
         done: dict[int, tuple] = {}
         for key in dict.fromkeys(j[0] for j in jobs):
             idx = [i for i, j in enumerate(jobs) if j[0] == key]
-            out = caption_batch(captioner, [jobs[i][1] for i in idx], *key, [False] * len(idx),
+            out = caption_batch(captioner, [jobs[i][1] for i in idx], *key, [None] * len(idx),
                                 [app.image_warnings(jobs[i][1]) for i in idx])
             done.update(zip(idx, out))
         cols: list[list] = [[] for _ in names]
         for i, ((k, n, a), photo) in enumerate(jobs):
-            result, scored = done[i]
+            result, scored, features = done[i]
             t = result.timings_ms
-            t["total"] = t["preprocess"] + t["backbone"] + t["search"] + t["scoring"]
-            values = app.page_values(captioner, app.Captioned(photo, result, scored, k, n, a))
+            t["total"] = t["preprocess"] + t["backbone"] + t["search"] + t.get("scoring", 0.0)
+            values = app.page_values(captioner, app.Captioned(photo, result, scored, k, n, a, features), names)
             for col, name in zip(cols, names):
                 col.append(values[name])
         return cols

@@ -25,7 +25,10 @@ Conventions shared by both:
   vocabulary with n-gram blocking, say), it may end there with ``<end>``.
 - ``log_prob`` is the sum of the emitted tokens' log-probabilities (``<end>`` included when emitted);
   ``score`` is ``log_prob / ((5 + length) / 6) ** alpha`` (GNMT length normalisation; alpha=0 gives
-  the raw log-probability). Greedy search has no alpha: its score is its log_prob.
+  the raw log-probability). Greedy search has no alpha: its score is its log_prob. Each caption also carries
+  the log-probability of each of its words (``word_log_probs``) and of ``<end>`` (``end_log_prob``), recorded
+  as the search chose them: the parts of that sum, no second pass needed (``storyteller.scoring`` finds the same
+  by teacher forcing, with the alternatives at every step).
 
 Call the decoder in ``eval()`` mode or not: decoding switches dropout off and restores the mode.
 """
@@ -64,6 +67,10 @@ class Caption:
     # the estimated probability that the caption is good (storyteller.confidence: the model's calibrator applied
     # to what the search saw); None when the model has no calibrator: never a made-up number
     confidence: float | None = None
+    # the log-probability the search gave each word of ``tokens`` as it chose it (what ``storyteller.scoring``
+    # finds by teacher forcing, without another pass): sum(word_log_probs) + (end_log_prob or 0) == log_prob
+    word_log_probs: list[float] | None = None
+    end_log_prob: float | None = None  # <end>'s log-probability; None when the caption was cut at max_len
 
 
 @contextlib.contextmanager
@@ -246,17 +253,21 @@ def _length_penalty(max_len: int, alpha: float) -> np.ndarray:
 
 
 def _to_caption(vocab: Vocabulary, ids: list[int], log_prob: float, score: float,
-                attention: torch.Tensor | None = None, grid: tuple[int, int] | None = None) -> Caption:
+                attention: torch.Tensor | None = None, grid: tuple[int, int] | None = None,
+                step_log_probs: list[float] | None = None) -> Caption:
     """Emitted ids (maybe ending in <end> then <pad>s) -> Caption without <end> and <pad>.
 
     An emitted ``<unk>`` (only with ``suppress_unk=False``) stays, in ``tokens`` and as the visible word
     "<unk>" in ``text``: dropping it would make "a man is eating a <unk>" read "a man is eating a", and its
     tokens would no longer score to its ``log_prob``. ``attention`` (steps, R): the weights of every step;
-    the rows of the kept words are returned, shaped (words, h, w) when ``grid`` is known.
+    the rows of the kept words are returned, shaped (words, h, w) when ``grid`` is known. ``step_log_probs``
+    (steps,): each emitted token's log-probability; those of the kept words and of <end> are returned.
     """
     finished = Vocabulary.end_id in ids
+    end_lp = None
     if finished:
-        ids = ids[: ids.index(Vocabulary.end_id)]
+        end = ids.index(Vocabulary.end_id)
+        ids, end_lp = ids[:end], None if step_log_probs is None else step_log_probs[end]
     keep = [j for j, i in enumerate(ids) if i >= Vocabulary.unk_id]  # <pad>, <start> never before <end>
     words = [ids[j] for j in keep]
     att = None
@@ -264,8 +275,9 @@ def _to_caption(vocab: Vocabulary, ids: list[int], log_prob: float, score: float
         att = attention[keep].float().cpu()  # (words, R)
         if grid is not None:
             att = att.view(len(keep), *grid)
-    return Caption(text=" ".join(vocab.itos[i] for i in words), tokens=words, log_prob=log_prob, score=score, finished=finished,
-                   attention=att)
+    word_lps = None if step_log_probs is None else [step_log_probs[j] for j in keep]
+    return Caption(text=" ".join(vocab.itos[i] for i in words), tokens=words, log_prob=log_prob, score=score,
+                   finished=finished, attention=att, word_log_probs=word_lps, end_log_prob=end_lp)
 
 
 def _grid_of(features: torch.Tensor) -> tuple[int, int] | None:
@@ -278,7 +290,9 @@ class _Beams:
     A greedy search is the width-1 case that takes the argmax of each step (``greedy=True``), exactly
     what greedy decoding does; a beam search ranks all K x V extensions of each image by their
     length-normalised score. Finished hypotheses stay in their slot, continuing with ``<pad>`` at zero cost.
-    ``history`` (B*K, max_len) is this search's part of the preallocated token history of ``_search``;
+    ``history`` (B*K, max_len) is this search's part of the preallocated token history of ``_search``, and
+    ``step_lp`` beside it each emitted token's log-probability (reordered with it), so a caption's per-word
+    log-probabilities come with it (they add up to its score: the same float32 sums);
     ``open`` marks the hypotheses still growing (not finished, finite score, image not done).
 
     The bookkeeping is small ((B, K) numbers per step) and lives in NumPy: a NumPy operation on a few
@@ -301,6 +315,7 @@ class _Beams:
         self.finished = np.zeros((B, K), dtype=bool)
         self.open = np.isfinite(self.scores)
         self.history = np.empty((B * K, 0), dtype=np.int64)  # set by _search
+        self.step_lp = np.empty((B * K, 0), dtype=np.float32)  # set by _search
         self.steps = 0  # tokens emitted so far (columns of ``history`` in use)
         self.att = None  # (B, K, t, R) attention weights of each hypothesis's steps (a tensor on the model's device)
         self.image = np.arange(B, dtype=np.int64)[:, None]  # (B, 1) each image's index, to pick entries of (B, .) arrays
@@ -321,7 +336,8 @@ class _Beams:
         lp, ids (B*K, k): each row's k best masked log-probabilities (rows not live: -inf) and their
         tokens, best first (k = ``_width``: 1 for greedy, else min(K, V)); alpha_t (B*K, R) or None -> (the
         rows, within this search, the new hypotheses continue (B*K,), or None where every row continues itself
-        (greedy); their tokens (B*K,)). The caller writes the tokens into ``history`` at column ``steps - 1``."""
+        (greedy); their tokens (B*K,)). The caller writes the tokens into ``history`` at column ``steps - 1``;
+        their log-probabilities go into ``step_lp`` here."""
         B, K, t = self.B, self.K, self.steps
         self.steps += 1
         if self.greedy:  # width 1: the argmax, as greedy decoding always did
@@ -331,6 +347,7 @@ class _Beams:
             self.lengths += ~self.finished
             self.finished = self.finished | (tok == Vocabulary.end_id)[:, None]
             self.scores += best[:, None]
+            self.step_lp[:, t] = best
             self.open = ~self.finished & (self.scores > -np.inf)
             if alpha_t is not None:
                 step = alpha_t.view(B, 1, 1, alpha_t.shape[-1])
@@ -352,6 +369,7 @@ class _Beams:
         top = np.argsort(-ranked, axis=1, kind="stable")[:, :K]
         image = self.image
         beam, tok = top // k, ids.reshape(B, K * k)[image, top]
+        chosen = lp.reshape(B, K * k)[image, top]  # (B, K) each new hypothesis's token's log-probability
         self.scores = cand[image, top]
         self.lengths = cand_len[image, beam]
         self.finished = self.finished[image, beam] | (tok == Vocabulary.end_id)
@@ -360,6 +378,8 @@ class _Beams:
             self._stop_done_images(lp)
         rows = (beam + self.offsets).reshape(-1)  # (B*K,) the row each new hypothesis continues
         self.history[:, :t] = self.history[rows, :t]  # in place: a view of _search's buffer
+        self.step_lp[:, :t] = self.step_lp[rows, :t]
+        self.step_lp[:, t] = chosen.reshape(-1)
         if alpha_t is not None:
             R = alpha_t.shape[-1]
             step_att = alpha_t.view(B, K, 1, R)
@@ -393,6 +413,7 @@ class _Beams:
         final = self.scores if self.greedy else self.scores / self.penalty[self.lengths]
         order = np.argsort(-final, axis=1, kind="stable").tolist()  # best first; equal scores keep their order
         history = self.history[:, :self.steps].reshape(self.B, self.K, self.steps).tolist()
+        step_lp = self.step_lp[:, :self.steps].reshape(self.B, self.K, self.steps).tolist()
         scores, final = self.scores.tolist(), final.tolist()  # one conversion each, not a few per caption
         results = []
         for b in range(self.B):
@@ -402,7 +423,7 @@ class _Beams:
                     break
                 if math.isfinite(scores[b][k]):
                     caps.append(_to_caption(vocab, history[b][k], scores[b][k], final[b][k],
-                                            None if self.att is None else self.att[b, k], grid))
+                                            None if self.att is None else self.att[b, k], grid, step_lp[b][k]))
             results.append(caps)
         return results
 
@@ -444,8 +465,10 @@ def _search(model, features: torch.Tensor, searches: list[tuple[int, bool, float
         groups = [_Beams(B, K, greedy, alpha, max_len, n_best) for K, greedy, alpha, n_best in searches]
         starts = np.cumsum([0] + [g.rows for g in groups]).tolist()  # each search's first row; the last: N
         history = np.zeros((starts[-1], max_len), dtype=np.int64)  # (N, max_len) emitted ids
+        step_lp = np.zeros((starts[-1], max_len), dtype=np.float32)  # (N, max_len) their log-probabilities
         for g, s0 in zip(groups, starts):
             g.history = history[s0:s0 + g.rows]  # a view: each search reorders its own rows in place
+            g.step_lp = step_lp[s0:s0 + g.rows]
         live = np.concatenate([g.open.reshape(-1) for g in groups])  # (N,) rows still growing
 
         # the first step is the same for every row of an image (one state, <start>): run it once per image,

@@ -1,7 +1,7 @@
 """What the app shows, as plain HTML / Markdown strings: word shading, confidence badges, tables, the
 attention view, notices and the Model panel. No Gradio here: tests call these without a server.
 
-    words_html(vocab, scored, "Greedy")     # a caption's words shaded by probability
+    words_html(vocab, caption, "Greedy", caption)   # a caption's words shaded by probability, its badge
     confidence_html(caption)                # its plain-words badge ("" when the model has no calibrator)
     attention_html(photo, words, maps, preprocessing, note)   # the photo once, a heat layer per word
 
@@ -29,14 +29,16 @@ HEAT_WIDTH = 48  # px width of each word's heat layer; the browser scales it smo
 
 @dataclass
 class Captioned:
-    """One photo's captions: the searches' result, the captions scored word by word, and the settings."""
+    """One photo's captions: the searches' result, the captions scored word by word (maybe later, on ``features``),
+    and the settings."""
 
     photo: Any  # the decoded photo (PIL), drawn on by the attention view
     result: Any  # storyteller.captioner.CaptionResult
-    scored: list[ScoredCaption]  # [greedy, beam 1, ..., beam n] (the page may score only greedy and beam 1)
+    scored: list[ScoredCaption]  # [greedy, beam 1, ..., beam n] (greedy and beam 1 only, or none yet: the page)
     beam_size: int
     max_len: int
     alpha: float
+    features: Any = None  # the photo's features (1, ...), kept to score its captions after they are shown
 
     @property
     def timings(self) -> dict[str, float]:
@@ -89,13 +91,14 @@ def confidence_html(caption: Any) -> str:
             f'<span class="conf-detail"><strong>{number}</strong>: {html.escape(MEANING)}</span></details>')
 
 
-def words_html(vocab: Vocabulary, s: ScoredCaption, label: str, caption: Any = None) -> str:
+def words_html(vocab: Vocabulary, s: Any, label: str, caption: Any = None) -> str:
     """A caption's confidence badge (if any), then its words, each shaded by the probability the model gave
     it, then <end>'s (or "cut").
 
     Args:
         vocab: the model's vocabulary.
-        s: the caption scored word by word.
+        s: the caption's words and their log-probabilities: a ``Caption`` (from its search) or a
+            ``ScoredCaption`` (``tokens``, ``word_log_probs``, ``end_log_prob``).
         label: the search's name, for screen readers.
         caption: the ``Caption`` itself, for its confidence (None: no badge).
     """

@@ -11,8 +11,9 @@ log-probability of the next word at every step. It runs on the model object the 
 same weights and precision), so a caption's parts add up to the ``log_prob`` its search reported (to
 float rounding: the rows share a batch differently). It uses only the decoding protocol every decoder
 follows (through ``storyteller.decoding.DecoderCalls``, as the searches call it: ``init_state``,
-``select_state``, ``step`` with the products made once), and never looks inside a state; the searches are
-not changed.
+``select_state``, ``step`` with the products made once), and never looks inside a state. The searches record
+each word's log-probability themselves (``Caption.word_log_probs``): scoring gives the ``top`` alternatives,
+and scores captions that did not come from a search.
 All captions are scored in one batch, one decoder call per step (the first step once per photo, as the
 searches run it).
 

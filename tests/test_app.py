@@ -513,15 +513,21 @@ def test_attention_model_view_json_maps_and_api(app_module, tmp_path):
 
 
 def test_the_page_shows_captions_first_and_the_extras_in_a_chained_event(app_module):
-    """The first event's outputs hold the captions, words and badges but no attention view and no parting; the
-    chained event fills those from the photo the first one kept."""
+    """The first event's outputs hold the captions, words and badges but no attention view and no parting, and
+    score nothing (the words are shaded by what the search recorded); the chained event scores the two captions
+    shown on the features the first one kept and fills those in."""
     photo = {"path": str(EXAMPLES[0]), "url": None}
     values, c = app_module.caption_for_page(app_module.captioner, app_module.FIRST_OUTPUTS, photo, 3, 10, 0.0)
     named = dict(zip(app_module.FIRST_OUTPUTS, values))
-    assert named["beam caption"] == c.result.beam[0].text and 'class="words"' in named["beam words"]
+    best = c.result.beam[0]
+    assert named["beam caption"] == best.text and 'class="words"' in named["beam words"]
+    assert f"(log-probability {best.word_log_probs[0]:.3f})" in named["beam words"]
     assert "attention" not in app_module.FIRST_OUTPUTS and "what beam search changed" not in app_module.FIRST_OUTPUTS
-    assert len(c.scored) == 2  # the page scores greedy's caption and the best, not every hypothesis
+    assert c.scored == [] and "scoring" not in c.timings  # nothing scored on the captions' path
     later = app_module.later_values(app_module.captioner, c)
+    assert len(c.scored) == 2  # then greedy's caption and the best, not every hypothesis
+    for cap, s in zip([c.result.greedy, best], c.scored):
+        assert cap.word_log_probs == pytest.approx(s.word_log_probs, abs=1e-4)
     assert later["what beam search changed"] and later["attention"] == ""  # a pooled model: no view
     assert app_module.later_values(app_module.captioner, None) == {"what beam search changed": "", "attention": ""}
     fns = {f.api_name: f for f in app_module.demo.fns.values()}

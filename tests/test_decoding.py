@@ -414,3 +414,53 @@ def test_decoding_restores_every_modules_own_mode_and_refuses_negative_ngrams(ki
     with pytest.raises(ValueError, match="no_repeat_ngram_size"):
         greedy_search(model, rand_feats(kind, 2), max_len=3, no_repeat_ngram_size=-1)
 
+
+
+@pytest.mark.parametrize("kind", ["pooled", "attention", "ensemble"])
+def test_captions_carry_per_word_log_probs_that_add_up_and_match_teacher_forced_scoring(kind, tmp_path):
+    """Each caption's per-word log-probabilities, recorded by the search as it goes (beams reordered), add up to
+    its log_prob and equal what teacher-forced scoring finds, for finished and cut captions."""
+    import numpy as np
+
+    from helpers_models import save_test_model
+    from storyteller.decoders import load_decoder
+    from storyteller.decoding import greedy_and_beam_search
+    from storyteller.scoring import score_captions
+    from train import ensemble as ensemble_cmd
+
+    pooled = save_test_model(tmp_path / "p", seed=1, pretrained_backbone=False)
+    attention = save_test_model(tmp_path / "a", seed=2, pretrained_backbone=False, attention=True)
+    folders = {"pooled": [pooled], "attention": [attention], "ensemble": [attention, pooled]}[kind]
+    members = [load_decoder(f) for f in folders]
+    with torch.no_grad():
+        for m in members:  # <end> likely once allowed: min_len 3 words, so max_len 3 cuts every caption, 12 ends them
+            m.head.bias[END] += 5.0
+    if kind == "ensemble":
+        model = ensemble_cmd.build_ensemble(members, [str(f) for f in folders], [2, 1])
+    else:
+        (model,) = members
+    model.eval()
+    g = torch.Generator().manual_seed(3)
+    feats = torch.rand((4, 7, 7, 1280) if kind != "pooled" else (4, 1280), generator=g)
+    seen_cut = seen_finished = False
+    for max_len in (3, 12):
+        greedy, beams = greedy_and_beam_search(model, feats, beam_size=3, n_best=3, max_len=max_len, alpha=0.7,
+                                               no_repeat_ngram_size=2, min_len=3)
+        caps, images = [], []
+        for b, (gc, bs) in enumerate(zip(greedy, beams)):
+            caps += [gc, *bs]
+            images += [b] * (1 + len(bs))
+        scored = score_captions(model, feats, [c.tokens for c in caps], [c.finished for c in caps], images=images,
+                                min_len=3)
+        for c, s in zip(caps, scored):
+            assert len(c.word_log_probs) == len(c.tokens)
+            assert (c.end_log_prob is None) == (not c.finished)
+            seen_cut |= not c.finished
+            seen_finished |= c.finished
+            parts = np.float32(0.0)
+            for lp in c.word_log_probs + ([c.end_log_prob] if c.finished else []):
+                parts = np.float32(parts + np.float32(lp))  # the search's own float32 sum
+            assert parts == np.float32(c.log_prob), (c.text, c.word_log_probs, c.end_log_prob, c.log_prob)
+            assert c.word_log_probs == pytest.approx(s.word_log_probs, abs=1e-4)
+            assert (c.end_log_prob is None and s.end_log_prob is None) or c.end_log_prob == pytest.approx(s.end_log_prob, abs=1e-4)
+    assert seen_cut and seen_finished
