@@ -68,6 +68,17 @@ class CalibrationError(ValueError):
     """A model's calibration files are unreadable or do not fit the model."""
 
 
+def pooled(features: torch.Tensor) -> torch.Tensor:
+    """(B, D) pooled features, or (B, h, w, D) grids -> (B, D): a grid's mean is the pooled feature."""
+    return features if features.dim() == 2 else features.flatten(1, -2).float().mean(1)
+
+
+def signal_rows(signals: Sequence[str], captions: Sequence[Any], consensus: Sequence[float]) -> np.ndarray:
+    """(S, len(signals)): each caption's named signals (``SIGNALS``), given its consensus."""
+    return np.array([[SIGNALS[s](c, x) for s in signals] for c, x in zip(captions, consensus)],
+                    dtype=np.float64).reshape(len(captions), len(signals))
+
+
 def length_penalty_1(tokens: int) -> float:
     """GNMT's length penalty at alpha 1: ((5 + tokens) / 6)."""
     return (5.0 + tokens) / 6.0
@@ -190,11 +201,6 @@ class Calibrator:
         logit = self.intercept + z @ np.asarray(self.weights, dtype=np.float64)
         return 1.0 / (1.0 + np.exp(-np.clip(logit, -60.0, 60.0)))
 
-    def signal_rows(self, captions: Sequence[Any], consensus: Sequence[float]) -> np.ndarray:
-        """(S, len(signals)): each caption's signals."""
-        return np.array([[SIGNALS[s](c, x) for s in self.signals] for c, x in zip(captions, consensus)],
-                        dtype=np.float64).reshape(len(captions), len(self.signals))
-
     def annotate(self, features: torch.Tensor, results: Sequence[Any]) -> None:
         """Set ``confidence`` on every caption (greedy and each beam entry) of ``results``, in place.
 
@@ -211,9 +217,8 @@ class Calibrator:
             return
         consensus = np.zeros(len(captions))
         if self.neighbours is not None:
-            pooled = features if features.dim() == 2 else features.flatten(1, -2).float().mean(1)
-            consensus = self.neighbours.consensus(pooled, [c.text for c in captions], photo)
-        for c, p in zip(captions, self.probability(self.signal_rows(captions, consensus))):
+            consensus = self.neighbours.consensus(pooled(features), [c.text for c in captions], photo)
+        for c, p in zip(captions, self.probability(signal_rows(self.signals, captions, consensus))):
             c.confidence = round(float(p), 4)
 
     # -- files -------------------------------------------------------------------------------

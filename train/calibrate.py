@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from storyteller.cider import CaptionReward
-from storyteller.confidence import SIGNALS, Calibrator, Neighbours, badge, BADGES
+from storyteller.confidence import BADGES, SIGNALS, Calibrator, Neighbours, badge, pooled, signal_rows
 from storyteller.vocab import tokenize
 
 # Words that carry no claim about the photo: a caption is judged on the rest.
@@ -147,9 +147,9 @@ def risk_coverage(p: np.ndarray, good: np.ndarray, cider: np.ndarray) -> list[di
 
 
 # -- the data ---------------------------------------------------------------------------------------
-def build_neighbours(pooled: np.ndarray, captions: list[list[str]], dim: int, k: int) -> Neighbours:
+def build_neighbours(features: np.ndarray, captions: list[list[str]], dim: int, k: int) -> Neighbours:
     """The training photos as ``Neighbours``: a PCA of their pooled features to ``dim`` and their captions."""
-    x = torch.as_tensor(pooled, dtype=torch.float64)
+    x = torch.as_tensor(features, dtype=torch.float64)
     mean = x.mean(0)
     _, _, v = torch.linalg.svd(x - mean, full_matrices=False)
     projection = v[:dim].T  # (D, dim): the first principal directions
@@ -176,7 +176,7 @@ def training_features(captioner, dataset: str, split: str, cache: str | None, ba
     feats = []
     for s in range(0, len(images), batch):
         f = captioner.features([images.load_image(i) for i in range(s, min(s + batch, len(images)))])
-        feats.append((f if f.dim() == 2 else f.flatten(1, -2).float().mean(1)).float().numpy())
+        feats.append(pooled(f).float().numpy())
         print(f"  training features {min(s + batch, len(images))}/{len(images)}", file=sys.stderr, flush=True)
     return np.concatenate(feats), [r.captions for r in images.records]
 
@@ -187,17 +187,17 @@ def caption_split(captioner, dataset: str, split: str, batch: int, limit: int | 
 
     images = open_captioned_images(dataset, split=split, limit_per_split=limit)
     beam = captioner.decoding["beam_size"]
-    results, pooled = [], []
+    results, rows = [], []
     for s in range(0, len(images), batch):
         pils = [images.load_image(i) for i in range(s, min(s + batch, len(images)))]
         features = captioner.features(pils)
         results += captioner.caption_features(features, n_best=beam)
-        pooled.append(features if features.dim() == 2 else features.flatten(1, -2).float().mean(1))
+        rows.append(pooled(features))
         print(f"  captioned {len(results)}/{len(images)}", file=sys.stderr, flush=True)
-    return results, [r.captions for r in images.records], torch.cat(pooled)
+    return results, [r.captions for r in images.records], torch.cat(rows)
 
 
-def collect(calibrator_signals: list[str], neighbours: Neighbours, results, references, pooled):
+def collect(signals: list[str], neighbours: Neighbours, results, references, features):
     """Per caption (greedy and each beam entry of every photo): its photo, kind, signals, criterion and CIDEr-D."""
     captions, photo, kind = [], [], []
     for b, r in enumerate(results):
@@ -206,8 +206,8 @@ def collect(calibrator_signals: list[str], neighbours: Neighbours, results, refe
             photo.append(b)
             kind.append(j)  # 0 greedy, 1.. the beam's n-best
     texts = [c.text for c in captions]
-    consensus = neighbours.consensus(pooled, texts, photo)
-    rows = np.array([[SIGNALS[s](c, x) for s in calibrator_signals] for c, x in zip(captions, consensus)])
+    consensus = neighbours.consensus(features, texts, photo)
+    rows = signal_rows(signals, captions, consensus)
     refs = [references[b] for b in photo]
     cider = neighbours.reward.score([neighbours.reward.encode(t) for t in texts], np.arange(len(texts)),
                                     neighbours.reward.encode_references(refs))[0]
@@ -238,6 +238,7 @@ def judge(p: np.ndarray, data: dict[str, Any]) -> dict[str, Any]:
     m = data["kind"] == 1
     pb, good, cider = p[m], data["good"][m], data["cider"][m]
     table, ece = reliability(pb, good)
+    coverage = risk_coverage(pb, good, cider)
     by_badge = {}
     for _, label, key in BADGES:
         sel = np.array([badge(x)[1] == key for x in pb])
@@ -245,8 +246,8 @@ def judge(p: np.ndarray, data: dict[str, Any]) -> dict[str, Any]:
     return {"photos": int(m.sum()), "good_rate": round(float(good.mean()), 4),
             "mean_confidence": round(float(pb.mean()), 4), "auroc_criterion": round(auroc(pb, good), 4),
             "auroc_cider_above_median": round(auroc(pb, cider > np.median(cider)), 4),
-            "ece": round(ece, 4), "reliability": table, "risk_coverage": risk_coverage(pb, good, cider),
-            "top_quarter_cider_ratio": (round(float(risk_coverage(pb, good, cider)[0]["cider_d"] / cider.mean()), 4)
+            "ece": round(ece, 4), "reliability": table, "risk_coverage": coverage,
+            "top_quarter_cider_ratio": (round(float(coverage[0]["cider_d"] / cider.mean()), 4)
                                         if cider.mean() > 0 else None),
             "badges": by_badge}
 
@@ -352,11 +353,11 @@ def main(argv: list[str] | None = None) -> None:
 
     captioner = load(args.model, precision=args.precision)
     captioner.calibrator = None  # the signals of the model's own captions, not an older calibration's output
-    pooled_train, train_captions = training_features(captioner, args.dataset, args.train_split, args.features,
+    train_features, train_captions = training_features(captioner, args.dataset, args.train_split, args.features,
                                                      args.batch_size)
-    neighbours = build_neighbours(pooled_train, train_captions, args.dim, args.k)
-    results, references, pooled = caption_split(captioner, args.dataset, args.split, args.batch_size, args.limit)
-    data = collect(args.signals, neighbours, results, references, pooled)
+    neighbours = build_neighbours(train_features, train_captions, args.dim, args.k)
+    results, references, features = caption_split(captioner, args.dataset, args.split, args.batch_size, args.limit)
+    data = collect(args.signals, neighbours, results, references, features)
     cols = list(range(len(args.signals)))
     p = cross_validate(data, cols, args.seed)
     figures = judge(p, data)
