@@ -1,7 +1,7 @@
 """Neural Storyteller web app (Gradio): upload, paste or snap a photo, get greedy and beam-search captions.
 
     python app.py [--model M] [--revision R] [--host 127.0.0.1] [--port 7860] [--concurrency N] [--batch B]
-                  [--threads T]
+                  [--threads T] [--sessions S]
     STORYTELLER_MODEL=user/model gradio app.py      # reload mode; the env var picks the model
 
 Which model, first match wins: ``--model`` (with ``--revision``); ``$STORYTELLER_MODEL``; the Space's model
@@ -90,6 +90,11 @@ DEFAULT_CONCURRENCY = int(os.environ.get("STORYTELLER_CONCURRENCY", "8"))
 # Requests waiting beyond those being captioned: at ~0.3 s a photo, 64 is ~10 s of work on 2 cores; a
 # longer queue would only keep visitors waiting past what a browser tab sits through.
 QUEUE_SIZE = 64
+# Browser sessions whose last inputs and outputs Gradio keeps in memory (its default is 10,000). Each keeps its
+# page's outputs, the attention view's images among them (about 0.3 MB a session here), until newer sessions push
+# it out: 10,000 of them grew the server by 0.3 MB a request without end (bench/bench_app.py --soak 3000,
+# 2026-12-07). Our own state only has to live from a photo's captions to its chained event, a few seconds.
+DEFAULT_SESSIONS = int(os.environ.get("STORYTELLER_SESSIONS", "500"))
 # The largest upload Gradio accepts: the image loader's own limit (a 200 MP phone JPEG is 30-60 MB).
 UPLOAD_LIMIT = f"{MAX_BYTES // 2**20}mb"
 # The Space's model reference: one line, "user/model@commit" (or a folder inside the Space), written by
@@ -643,6 +648,9 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--upload-max-age", type=int, default=upload_max_age(),
                    help="seconds an uploaded photo is kept before it is deleted (default 600, or "
                         "$STORYTELLER_UPLOAD_MAX_AGE)")
+    p.add_argument("--sessions", type=int, default=DEFAULT_SESSIONS,
+                   help="browser sessions whose last page Gradio keeps in memory, the most recent (default 500, or "
+                        "$STORYTELLER_SESSIONS; about 0.3 MB each)")
     p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "int8"],
                    help="how the decoder computes on a CPU (default: $STORYTELLER_PRECISION, else auto: a fixed "
                         "rule by what the CPU supports, the same as the CLI's)")
@@ -654,12 +662,21 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
         p.error("--concurrency must be >= 1")
     if args.batch < 1:
         p.error("--batch must be >= 1")
+    if args.sessions < 1:
+        p.error("--sessions must be >= 1")
     # one batch worker runs the model: it gets every core but one, which is left to the server (uploads, decoding,
     # rendering; on 2 cores one thread also runs the tiny decoder steps faster than two: docs/benchmarks.md);
     # without it, concurrent requests share the cores
     args.threads = args.threads if args.threads > 0 else (
         max(1, CPUS - 1) if args.batch > 1 else max(1, CPUS // args.concurrency))
     return args
+
+
+def launch_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``demo.launch`` arguments from the command line: address, upload limit, page style and how many browser
+    sessions' pages Gradio keeps (``--sessions``, DEFAULT_SESSIONS)."""
+    return {"server_name": args.host, "server_port": args.port, "max_file_size": UPLOAD_LIMIT, "css": CSS,
+            "state_session_capacity": args.sessions}
 
 
 def space_model(folder: Path = HERE) -> tuple[str, str | None] | None:
@@ -731,4 +748,4 @@ captioner = _load_or_exit(ARGS.model, ARGS.revision, ARGS.precision)
 demo = build_demo(captioner, concurrency=ARGS.concurrency, max_age=ARGS.upload_max_age, max_batch=ARGS.batch)
 
 if __name__ == "__main__":
-    demo.launch(server_name=ARGS.host, server_port=ARGS.port, max_file_size=UPLOAD_LIMIT, css=CSS)
+    demo.launch(**launch_options(ARGS))

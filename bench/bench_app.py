@@ -470,6 +470,8 @@ def bench_soak(url: str, pid: int, paths: list[Path], clients: int, total: int, 
           f"{total / wall:.2f} requests/s")
     print(f"  server RSS after warm-up ({warm_at} requests) {warm:.0f} MB, peak after {rss['peak']:.0f} MB "
           f"({rss['peak'] / warm:.2f}x), at the end {end:.0f} MB ({end / warm:.2f}x); target <= {limit}x")
+    tenths = [rss["samples"][min(len(rss["samples"]) - 1, k * len(rss["samples"]) // 10)] for k in range(1, 11)]
+    print("  server RSS at each tenth of the run (MB): " + " ".join(f"{mb:.0f}" for mb in tenths))
     return not failures and rss["peak"] <= limit * warm
 
 

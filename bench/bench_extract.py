@@ -10,6 +10,11 @@ cost; the goal is >= 0.8. Random weights for both backbones (speed does not depe
 It also times the forward with and without BatchNorm folded into the convolutions (``fold_batchnorm``,
 the default), interleaved: at the batch size above, and at batch 1 (each of the first 32 images alone, as
 the app runs a photo).
+
+``--chunks 1,2,4,8,16`` times only the forward on a CPU with the trunk run that many photos at a time
+(``storyteller.backbones.CPU_CHUNK``, which the app, the CLI and the extractor use), interleaved, in ms a photo:
+
+    python bench/bench_extract.py --dataset ../shared/data/flickr8k --images 64 --threads 1 --chunks 1,2,4,8,16
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from storyteller import backbones  # noqa: E402
 from storyteller.backbones import create_backbone  # noqa: E402
 from train.data import open_captioned_images  # noqa: E402
 from train.extract import extract  # noqa: E402
@@ -83,6 +89,26 @@ def fold_comparison(backbone, batches: list[torch.Tensor], device: str, repeats:
              statistics.median(one[k]) / base_ms) for k in nets]
 
 
+def chunk_comparison(backbone, batches: list[torch.Tensor], chunks: list[int], repeats: int) -> dict[int, float]:
+    """Median ms a photo of the forward over ``batches`` with ``CPU_CHUNK`` set to each of ``chunks`` in turn,
+    interleaved ``repeats`` times (the order reversed every other round)."""
+    times: dict[int, list[float]] = {c: [] for c in chunks}
+    keep = backbones.CPU_CHUNK
+    try:
+        with torch.inference_mode():
+            backbone(batches[0][:4])  # warm-up
+            for r in range(repeats):
+                for c in (chunks if r % 2 == 0 else chunks[::-1]):
+                    backbones.CPU_CHUNK = c
+                    for x in batches:
+                        t = time.perf_counter()
+                        backbone(x)
+                        times[c].append((time.perf_counter() - t) * 1e3 / len(x))
+    finally:
+        backbones.CPU_CHUNK = keep
+    return {c: statistics.median(v) for c, v in times.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k"))
@@ -94,9 +120,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats; the best of each is kept")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, = cores)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--chunks", default=None, help="only the CPU chunk comparison: comma-separated CPU_CHUNK values")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.chunks:
+        chunks = [int(c) for c in args.chunks.split(",")]
+        images = Subset(open_captioned_images(args.dataset, args.split), args.images)
+        print(f"{len(images)} images, batch {args.batch_size}, CPU, torch threads {torch.get_num_threads()}, "
+              f"{max(args.repeats, 3)} interleaved rounds; the default CPU_CHUNK is {backbones.CPU_CHUNK}")
+        print("\n| backbone | " + " | ".join(f"{c} at a time" for c in chunks) + " |\n|---|" + "---:|" * len(chunks))
+        for name in args.backbones.split(","):
+            backbone = create_backbone(name, pretrained=False, device="cpu")
+            pixels = [backbone.transform(images.load_image(i)) for i in range(len(images))]
+            batches = [torch.stack(pixels[i:i + args.batch_size]) for i in range(0, len(pixels), args.batch_size)]
+            ms = chunk_comparison(backbone, batches, chunks, max(args.repeats, 3))
+            print(f"| {name} | " + " | ".join(f"{ms[c]:.1f} ms" for c in chunks) + " |", flush=True)
+        return
 
     images = Subset(open_captioned_images(args.dataset, args.split), args.images)
     print(f"{len(images)} images from {args.dataset} [{args.split}], batch {args.batch_size}, device {args.device}, "

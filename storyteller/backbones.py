@@ -52,6 +52,13 @@ RESNET50_WEIGHTS = "torchvision:ResNet50_Weights.IMAGENET1K_V2"
 _INTERPOLATIONS = {"nearest": InterpolationMode.NEAREST, "bilinear": InterpolationMode.BILINEAR,
                    "bicubic": InterpolationMode.BICUBIC}
 _RANDOM_INIT_SEED = 0  # pretrained=False weights are seeded so two processes build the same network
+# On a CPU the trunk runs a batch this many photos at a time: a few photos' activations stay in the core's caches,
+# many do not. Median ms a photo by photos per forward (bench/bench_extract.py --chunks 1,2,4,8,16, random weights,
+# 2026-12-07, an AMX CPU with 2 MB of L2 a core), 1 thread: Lite0 11.8 / 11.1 / 12.2 / 14.4 / 13.6, Lite1 16.8 /
+# 15.8 / 16.6 / 18.7 / 21.0, Lite2 24.1 / 24.5 / 22.7 / 26.6 / 26.1, ResNet50 64.5 / 57.9 / 53.6 / 54.9 / 53.7; 2
+# threads: Lite0 8.6 / 6.9 / 6.3 / 7.9 / 8.8, ResNet50 37.4 / 32.7 / 27.6 / 28.6 / 30.3. Four is near the best of
+# every backbone (tests/test_backbones.py checks the chunks, and that a photo's features match its own alone).
+CPU_CHUNK = 4
 
 
 def _resnet50_preprocessing() -> dict[str, Any]:
@@ -191,8 +198,13 @@ class Backbone(nn.Module):
         amp = _autocast_dtype(pixels.device)
         pixels = pixels.contiguous(memory_format=torch.channels_last)
         with torch.autocast(pixels.device.type, dtype=amp, enabled=amp is not None):
-            feats = self.trunk(pixels)
+            feats = torch.cat([self.trunk(p) for p in self._chunks(pixels)])
         return feats.float()
+
+    @staticmethod
+    def _chunks(pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """A CPU batch in pieces of ``CPU_CHUNK`` photos (views; see CPU_CHUNK); a GPU batch whole."""
+        return pixels.split(CPU_CHUNK) if pixels.device.type == "cpu" else (pixels,)
 
     def feature_map(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised pixels -> (B, D, h, w) last feature map (before global pooling)."""
@@ -213,7 +225,7 @@ class Backbone(nn.Module):
         amp = _autocast_dtype(pixels.device)
         pixels = pixels.contiguous(memory_format=torch.channels_last)
         with torch.autocast(pixels.device.type, dtype=amp, enabled=amp is not None):
-            fmap = self.feature_map(pixels)  # (B, D, h, w)
+            fmap = torch.cat([self.feature_map(p) for p in self._chunks(pixels)])  # (B, D, h, w)
         fmap = fmap.float()
         return fmap.mean((2, 3)), fmap.permute(0, 2, 3, 1).contiguous()
 

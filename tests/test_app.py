@@ -580,3 +580,36 @@ def test_concurrent_requests_are_captioned_together_with_the_same_captions(app_m
         assert c.result.greedy.text == want.result.greedy.text and c.result.beam[0].text == want.result.beam[0].text
         assert [round(x, 3) for x in c.scored[1].word_log_probs] == [round(x, 3) for x in want.scored[1].word_log_probs]
     assert max(c.timings["batch"] for c in got) > 1  # some were captioned together
+
+
+def test_gradio_keeps_the_pages_of_at_most_sessions_browser_sessions(app_module):
+    """Gradio keeps every session's last inputs and outputs (the attention view's images among them) until newer
+    sessions push it out; ``--sessions`` bounds that memory (a soak grew by 0.3 MB a request with Gradio's 10,000).
+    The real launch options, on the real server, with 6 visitors: the 3 most recent are kept."""
+    import uuid
+
+    import httpx
+
+    from tests.helpers_server import free_port
+
+    args = app_module._parse_args(["--sessions", "3", "--port", str(free_port())])
+    demo = app_module.demo
+    demo.launch(**app_module.launch_options(args), prevent_thread_lock=True, quiet=True)
+    try:
+        api = f"http://127.0.0.1:{args.port}/gradio_api/"
+        fn = next(d["id"] for d in httpx.get(api.replace("gradio_api/", "config")).json()["dependencies"]
+                  if d.get("api_name") == "caption")
+        with httpx.Client(timeout=60) as http:
+            for _ in range(6):
+                with open(EXAMPLES[0], "rb") as f:
+                    path = http.post(api + "upload", files=[("files", (EXAMPLES[0].name, f))]).json()[0]
+                session = uuid.uuid4().hex
+                photo = {"path": path, "orig_name": EXAMPLES[0].name, "meta": {"_type": "gradio.FileData"}}
+                http.post(api + "queue/join", json={"data": [photo, 2, 12, 0.0], "fn_index": fn,
+                                                    "session_hash": session}).raise_for_status()
+                with http.stream("GET", api + "queue/data", params={"session_hash": session}) as stream:
+                    done = [json.loads(line[5:]) for line in stream.iter_lines() if '"process_completed"' in line]
+                assert done and done[0]["success"], done
+        assert len(demo.state_holder.session_data) == 3
+    finally:
+        demo.close()

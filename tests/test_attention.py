@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from storyteller.decoders import ShowAttendTell, attention_penalty
-from storyteller.decoding import greedy_search
+from storyteller.decoding import beam_search, greedy_search
 from train.features import ChunkedCacheWriter, FeatureCache, FeatureCacheError, write_feature_cache
 from storyteller.decoders import ShowAndTell, load_decoder
 from storyteller.vocab import Vocabulary
@@ -344,3 +344,42 @@ def test_a_photo_alone_steps_bit_exactly_as_in_a_batch_of_80(precision):
             else:
                 assert torch.equal(alpha_b[mine], alpha_1) and torch.equal(logp_b[mine], logp_1)
             tokens = logp_b.argmax(-1)
+
+
+def test_a_search_gathers_each_rows_regions_once_and_keeps_them_while_rows_keep_their_photos():
+    """The step gathers each row's regions (N, R, D) and their projection from the photos' (B, ...) once and
+    passes them on (``DecoderState.row_photos``); a reordering within photos (a beam's) keeps them, a row that
+    moves to another photo drops them, and a step on the kept copy gives the very bits of a fresh gather."""
+    from storyteller.decoders import DecoderState
+
+    model = tiny_model()
+    with torch.inference_mode():
+        state = model.select_state(model.init_state(torch.randn(2, *GRID, DIM).relu()), torch.tensor([0, 0, 1, 1]))
+        assert state.row_photos == ()  # nothing gathered before a step reads the regions
+        tokens = torch.tensor([4, 5, 6, 7])
+        _, stepped = model.step(tokens, state)
+        V, enc = stepped.row_photos
+        assert V.shape == (4, GRID[0] * GRID[1], DIM) and torch.equal(V[2], stepped.photos[0][1])
+        within = stepped.select(torch.tensor([1, 0, 3, 3]))  # rows stay with their photos
+        assert within.row_photos[0] is V and within.row_photos[1] is enc
+        assert stepped.select(torch.tensor([0, 0, 0, 3])).row_photos == ()  # row 2 moved to photo 0
+        assert stepped.scatter(torch.tensor([1]), stepped.select(torch.tensor([1]))).row_photos[0] is V
+        fresh = DecoderState(within.h, within.c, within.carry, within.photos, within.image)  # nothing kept
+        logp_kept, _ = model.step(tokens, within)
+        logp_fresh, _ = model.step(tokens, fresh)
+        assert torch.equal(logp_kept, logp_fresh)
+        # a search: beams reorder within the photo, so the regions are gathered on the first steps only
+        gathered = []
+        real = DecoderState.per_row
+
+        def counting(self):
+            if self.image is not None and not self.row_photos:
+                gathered.append(1)
+            return real(self)
+
+        DecoderState.per_row = counting
+        try:
+            beam_search(model, torch.randn(1, *GRID, DIM).relu(), beam_size=3, max_len=12, min_len=12)
+        finally:
+            DecoderState.per_row = real
+        assert 1 <= len(gathered) <= 2, f"gathered {len(gathered)} times in 12 steps"

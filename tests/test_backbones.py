@@ -194,3 +194,22 @@ def test_folding_batchnorm_keeps_the_features(name):
     for got, want in pairs:
         assert (got - want).abs().max() <= 1e-4 * want.abs().max(), float((got - want).abs().max() / want.abs().max())
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in create_backbone(spec, pretrained=False).modules())
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet50"])
+def test_a_cpu_batch_runs_in_chunks_and_each_photo_gets_its_features_alone(name):
+    """On a CPU the trunk sees at most CPU_CHUNK photos at a time (faster: bench/bench_extract.py --chunks), and
+    every photo's pooled features and grid are what it gets alone (up to float rounding: a convolution's kernel
+    may depend on the batch size)."""
+    b = create_backbone({**backbone_spec(name), "preprocessing": TINY}, pretrained=False)
+    seen = []
+    hook = b.trunk.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
+    pixels = torch.randn(2 * backbones.CPU_CHUNK + 1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        pooled = b(pixels)
+        hook.remove()
+        _, grid = b.forward_grid(pixels)
+        alone = [(b(pixels[i:i + 1]), b.forward_grid(pixels[i:i + 1])[1]) for i in range(len(pixels))]
+    assert seen == [backbones.CPU_CHUNK, backbones.CPU_CHUNK, 1]
+    for got, want in ((pooled, torch.cat([p for p, _ in alone])), (grid, torch.cat([g for _, g in alone]))):
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max(), float((got - want).abs().max() / want.abs().max())

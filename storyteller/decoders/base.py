@@ -47,6 +47,9 @@ class DecoderState:
             hidden state is multiplied once; see each decoder's ``step``).
         photos: per-photo tensors (B, ...), e.g. an attention decoder's regions and their projection.
         image: (N,) the photo of each row, or None.
+        row_photos: ``photos`` gathered by ``image`` (N, ...), made by the step that first needed them and kept
+            while every row keeps its photo (beam search reorders rows within their photo), so a search gathers
+            them once, not at every step; () when not made yet or no longer valid.
     """
 
     h: tuple[torch.Tensor, ...]
@@ -54,12 +57,24 @@ class DecoderState:
     carry: tuple[torch.Tensor, ...]
     photos: tuple[torch.Tensor, ...] = ()
     image: torch.Tensor | None = None
+    row_photos: tuple[torch.Tensor, ...] = ()
+
+    def per_row(self) -> tuple[torch.Tensor, ...]:
+        """Each row's photo tensors (N, ...): ``photos`` themselves when row i is photo i, else ``row_photos``,
+        gathered now if not kept. A step passes them on to its new state (``with_rows``)."""
+        if self.image is None:
+            return self.photos
+        return self.row_photos or tuple(p.index_select(0, self.image) for p in self.photos)
 
     def select(self, rows: torch.Tensor) -> DecoderState:
         """The state of rows ``rows`` (N',) (rows may repeat: beam search copies hypotheses)."""
         pick = lambda ts: tuple(t.index_select(0, rows) for t in ts)  # noqa: E731
         image = rows if self.image is None else self.image.index_select(0, rows)
-        return DecoderState(pick(self.h), pick(self.c), pick(self.carry), self.photos, image)
+        # rows that read the same photos as before (a beam's reordering within each photo): the gathered copies hold
+        # the same values row for row, so they stay; otherwise the next step gathers again
+        same = bool(self.row_photos) and self.image is not None and torch.equal(image, self.image)
+        return DecoderState(pick(self.h), pick(self.c), pick(self.carry), self.photos, image,
+                            self.row_photos if same else ())
 
     def scatter(self, rows: torch.Tensor, sub: DecoderState) -> DecoderState:
         """This state with rows ``rows`` replaced by ``sub``'s (a new state; this one is unchanged). Rows never
@@ -72,7 +87,8 @@ class DecoderState:
                 out.append(t)
             return tuple(out)
 
-        return DecoderState(put(self.h, sub.h), put(self.c, sub.c), put(self.carry, sub.carry), self.photos, self.image)
+        return DecoderState(put(self.h, sub.h), put(self.c, sub.c), put(self.carry, sub.carry), self.photos, self.image,
+                            self.row_photos)
 
     def own_photos(self) -> DecoderState:
         """The same rows, each with its own copy of its photo's tensors (no gather at every step: training's

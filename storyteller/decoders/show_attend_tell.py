@@ -17,7 +17,9 @@ which asks the model to look at every region over the whole caption rather than 
 Decoding state: h, c (N, H); ``carry``: the products of h the next step needs (query W h, gate W_beta h,
 recurrent gates W_hh h + b_hh), made by the step that made h, together with its logits; ``photos``: the
 regions V (B, R, D) and their projection enc (B, R, A), shared by the rows of a photo (beam search copies
-rows, never photos, so a grid is projected once per photo).
+rows, never photos, so a grid is projected once per photo); ``row_photos``: those gathered per row (N, R, .),
+made by the first step that reads them and kept while the rows keep their photos (a beam reorders rows within
+each photo), so a search copies them once, not at every step.
 """
 from __future__ import annotations
 
@@ -108,19 +110,18 @@ class ShowAttendTell(
         mean = self.feature_dropout(V.mean(1))  # (B, D)
         return torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean)), V, self.att_enc(V)
 
-    def attend(self, q: torch.Tensor, beta: torch.Tensor, image: torch.Tensor | None, V: torch.Tensor,
-               enc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend(self, q: torch.Tensor, beta: torch.Tensor, V: torch.Tensor, enc: torch.Tensor, rowwise: bool
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """The gated context (N, D) and the attention weights alpha (N, R) of rows whose hidden state gave the
-        query ``q`` = W h (N, A) and the gate's logits ``beta`` = W_beta h + b (N, D); row i reads photo
-        ``image[i]`` of V (B, R, D) and enc (B, R, A) (None: photo i)."""
-        t = torch.tanh((enc if image is None else enc[image]) + q[:, None, :])  # (N, R, A)
-        if image is None:  # teacher forcing (training): every row its own photo; att_out as trained, under autocast
+        query ``q`` = W h (N, A) and the gate's logits ``beta`` = W_beta h + b (N, D), each row over its photo's
+        regions V (N, R, D) and their projection enc (N, R, A). ``rowwise``: the decoding step's reduction."""
+        t = torch.tanh(enc + q[:, None, :])  # (N, R, A)
+        if not rowwise:  # teacher forcing (training): att_out as trained, under autocast
             e = self.att_out(t).squeeze(-1)  # (N, R)
-        else:  # the decoding step: rows -> their photo's regions, each row reduced alone in the same order whatever
-            # the batch (a matrix product over N x R rows picks its kernel by N; a photo alone must equal it in a
-            # batch). Training keeps the Linear: the same maths, but a fit with this reduction under bf16 autocast
-            # learned visibly less focused maps (tests/test_e2e.py: 2.0x chance against 2.7x, measured 2026-12-07).
-            V = V[image]  # (N, R, D)
+        else:  # the decoding step: each row reduced alone in the same order whatever the batch (a matrix product
+            # over N x R rows picks its kernel by N; a photo alone must equal it in a batch). Training keeps the
+            # Linear: the same maths, but a fit with this reduction under bf16 autocast learned visibly less
+            # focused maps (tests/test_e2e.py: 2.0x chance against 2.7x, measured 2026-12-07).
             e = (t * self.att_out.weight[0]).sum(-1) + self.att_out.bias  # (N, R)
         alpha = torch.softmax(e.float(), dim=-1).to(V.dtype)
         context = torch.bmm(alpha[:, None, :], V).squeeze(1)  # (N, D)
@@ -159,10 +160,11 @@ class ShowAttendTell(
         P = products if products is not None else self.products()
         A, D = self.attention_dim, self.feature_dim
         q, beta, rec = state.carry[0].split([A, D, 4 * self.hidden_dim], 1)  # made with h by the last step
-        context, alpha = self.attend(q, beta, state.image, *state.photos)  # (N, D), (N, R)
+        rows = state.per_row()  # (N, R, D), (N, R, A): gathered once per search, not at every step
+        context, alpha = self.attend(q, beta, *rows, rowwise=state.image is not None)  # (N, D), (N, R)
         h, c = lstm_update(P["word"](tokens) + P["context"](context) + rec, state.c[0])  # (N, H) each
         logits, carry = P["hidden"](h)  # (N, V), (N, A + D + 4H)
-        new = DecoderState((h,), (c,), (carry,), state.photos, state.image)
+        new = DecoderState((h,), (c,), (carry,), state.photos, state.image, rows if state.image is not None else ())
         logp = torch.log_softmax(logits.float(), dim=-1)
         return (logp, new, alpha) if return_attention else (logp, new)
 
@@ -182,7 +184,7 @@ class ShowAttendTell(
         emb = self.embed_dropout(self.embed(inputs))  # (S, T, E)
         hs, alphas = [], []
         for t in range(inputs.shape[1]):
-            context, alpha = self.attend(self.att_hid(h), self.gate(h), None, V, enc)
+            context, alpha = self.attend(self.att_hid(h), self.gate(h), V, enc, rowwise=False)
             h, c = self.cell(torch.cat([emb[:, t], context], dim=-1), (h, c))
             hs.append(h)
             alphas.append(alpha)
