@@ -61,6 +61,12 @@ _RANDOM_INIT_SEED = 0  # pretrained=False weights are seeded so two processes bu
 CPU_CHUNK = 4
 
 
+def pooled(features: torch.Tensor) -> torch.Tensor:
+    """(B, D) pooled features, or (B, h, w, D) grids or (B, R, D) regions -> (B, D) float32: a grid's mean is the
+    pooled feature (``Backbone.forward_grid``)."""
+    return features if features.dim() == 2 else features.flatten(1, -2).float().mean(1)
+
+
 def _resnet50_preprocessing() -> dict[str, Any]:
     # Read from the weights' own transforms (no download needed) so the numbers cannot drift.
     from torchvision.models import ResNet50_Weights
@@ -198,13 +204,16 @@ class Backbone(nn.Module):
         amp = _autocast_dtype(pixels.device)
         pixels = pixels.contiguous(memory_format=torch.channels_last)
         with torch.autocast(pixels.device.type, dtype=amp, enabled=amp is not None):
-            feats = torch.cat([self.trunk(p) for p in self._chunks(pixels)])
+            feats = self._in_chunks(self.trunk, pixels)
         return feats.float()
 
     @staticmethod
-    def _chunks(pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """A CPU batch in pieces of ``CPU_CHUNK`` photos (views; see CPU_CHUNK); a GPU batch whole."""
-        return pixels.split(CPU_CHUNK) if pixels.device.type == "cpu" else (pixels,)
+    def _in_chunks(fn: Any, pixels: torch.Tensor) -> torch.Tensor:
+        """``fn(pixels)`` on a CPU batch ``CPU_CHUNK`` photos at a time (see CPU_CHUNK); a GPU batch, or one of
+        at most CPU_CHUNK photos, in one call."""
+        if pixels.device.type != "cpu" or pixels.shape[0] <= CPU_CHUNK:
+            return fn(pixels)
+        return torch.cat([fn(p) for p in pixels.split(CPU_CHUNK)])
 
     def feature_map(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised pixels -> (B, D, h, w) last feature map (before global pooling)."""
@@ -225,7 +234,7 @@ class Backbone(nn.Module):
         amp = _autocast_dtype(pixels.device)
         pixels = pixels.contiguous(memory_format=torch.channels_last)
         with torch.autocast(pixels.device.type, dtype=amp, enabled=amp is not None):
-            fmap = torch.cat([self.feature_map(p) for p in self._chunks(pixels)])  # (B, D, h, w)
+            fmap = self._in_chunks(self.feature_map, pixels)  # (B, D, h, w)
         fmap = fmap.float()
         return fmap.mean((2, 3)), fmap.permute(0, 2, 3, 1).contiguous()
 

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .metrics import sorted_lookup
 from .vocab import tokenize
 
 # An n-gram is one int64 key: its word ids are the digits of a base-BASE number. 55,000 leaves room for
@@ -33,14 +34,6 @@ BASE = 55_000
 UNKNOWN_ID = BASE - 1  # encode_known's id for a word outside the corpus
 CIDER_SCALE = 10.0  # coco-caption reports CIDEr-D x10 (the scale of every CIDEr-D figure in this project)
 _BLEU_TINY, _BLEU_SMALL = 1e-15, 1e-9  # coco-caption's BLEU smoothing (as storyteller.metrics)
-
-
-def _lookup(sorted_keys: np.ndarray, queries: np.ndarray) -> np.ndarray:
-    """Index of each query in ``sorted_keys`` (unique, ascending), or -1 where it is absent."""
-    if sorted_keys.size == 0:
-        return np.full(queries.shape, -1, dtype=np.int64)
-    pos = np.minimum(np.searchsorted(sorted_keys, queries), sorted_keys.size - 1)
-    return np.where(sorted_keys[pos] == queries, pos, -1)
 
 
 def _segments(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -144,7 +137,7 @@ class CaptionReward:
 
     def idf(self, keys: np.ndarray) -> np.ndarray:
         """log(#images) - log(max(1, df)) of each n-gram key (df 0 for n-grams no reference has)."""
-        row = _lookup(self.df_keys, keys)
+        row = sorted_lookup(self.df_keys, keys)
         df = np.where(row >= 0, self.df_counts[np.maximum(row, 0)], 0.0)
         return self.log_images - np.log(np.maximum(df, 1.0))
 
@@ -198,7 +191,7 @@ class CaptionReward:
             reps = pair_count[h_s]
             e_row, e_j = _segments(reps)  # expanded rows: (hyp row, j-th reference of its image)
             e_pair = pair_start[h_s][e_row] + e_j
-            hit = _lookup(r_r * G + r_g, pair_r[e_pair] * G + h_g[e_row])
+            hit = sorted_lookup(r_r * G + r_g, pair_r[e_pair] * G + h_g[e_row])
             e_w_r = np.where(hit >= 0, r_w[np.maximum(hit, 0)] if r_w.size else 0.0, 0.0)
             dot = np.bincount(e_pair, np.minimum(h_w[e_row], e_w_r) * e_w_r, minlength=P)  # clipped dot product
             denom = norm_h[pair_s] * norm_r[pair_r]
@@ -208,7 +201,7 @@ class CaptionReward:
             img_gram, inv = np.unique(ref_img[r_r] * G + r_g, return_inverse=True)
             max_ref = np.zeros(img_gram.size, dtype=np.int64)
             np.maximum.at(max_ref, inv.reshape(-1), r_c)
-            row = _lookup(img_gram, hyp_image[h_s] * G + h_g)
+            row = sorted_lookup(img_gram, hyp_image[h_s] * G + h_g)
             clipped = np.minimum(h_c, np.where(row >= 0, max_ref[np.maximum(row, 0)] if max_ref.size else 0, 0))
             correct = np.bincount(h_s, clipped, minlength=S)
             guess = np.maximum(hyp_len - k, 0)

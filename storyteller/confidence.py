@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from .cider import CaptionReward
+from .backbones import pooled
 
 CALIBRATION_FILE = "calibration.json"
 NEIGHBOURS_FILE = "calibration.safetensors"
@@ -68,9 +69,16 @@ class CalibrationError(ValueError):
     """A model's calibration files are unreadable or do not fit the model."""
 
 
-def pooled(features: torch.Tensor) -> torch.Tensor:
-    """(B, D) pooled features, or (B, h, w, D) grids -> (B, D): a grid's mean is the pooled feature."""
-    return features if features.dim() == 2 else features.flatten(1, -2).float().mean(1)
+def sigmoid(logit: np.ndarray) -> np.ndarray:
+    """1 / (1 + e^-logit), the logit clipped to +-60 (no overflow)."""
+    return 1.0 / (1.0 + np.exp(-np.clip(logit, -60.0, 60.0)))
+
+
+def logistic(rows: np.ndarray, weights: Sequence[float], intercept: float, mean: Sequence[float],
+             scale: Sequence[float]) -> np.ndarray:
+    """A logistic regression on standardised columns: (S, k) values -> (S,) probabilities."""
+    z = (np.asarray(rows, dtype=np.float64) - np.asarray(mean)) / np.asarray(scale)
+    return sigmoid(intercept + z @ np.asarray(weights, dtype=np.float64))
 
 
 def signal_rows(signals: Sequence[str], captions: Sequence[Any], consensus: Sequence[float]) -> np.ndarray:
@@ -184,7 +192,6 @@ class Calibrator:
     criterion: dict[str, str]
     neighbours: Neighbours | None = None
     validation: dict[str, Any] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         unknown = [s for s in self.signals if s not in SIGNALS]
@@ -197,9 +204,7 @@ class Calibrator:
 
     def probability(self, rows: np.ndarray) -> np.ndarray:
         """(S, len(signals)) signal values -> (S,) confidences in [0, 1]."""
-        z = (np.asarray(rows, dtype=np.float64) - np.asarray(self.mean)) / np.asarray(self.scale)
-        logit = self.intercept + z @ np.asarray(self.weights, dtype=np.float64)
-        return 1.0 / (1.0 + np.exp(-np.clip(logit, -60.0, 60.0)))
+        return logistic(rows, self.weights, self.intercept, self.mean, self.scale)
 
     def annotate(self, features: torch.Tensor, results: Sequence[Any]) -> None:
         """Set ``confidence`` on every caption (greedy and each beam entry) of ``results``, in place.
@@ -225,7 +230,7 @@ class Calibrator:
     def to_json(self) -> dict[str, Any]:
         out = {"format": FORMAT, "version": VERSION, "criterion": self.criterion, "signals": self.signals,
                "weights": self.weights, "intercept": self.intercept, "mean": self.mean, "scale": self.scale,
-               "validation": self.validation, **self.extra}
+               "validation": self.validation}
         if self.neighbours is not None:
             words, _, _, images = self.neighbours.reward.tables()
             out["neighbours"] = {"k": self.neighbours.k, "photos": int(self.neighbours.bank.shape[0]),

@@ -56,7 +56,7 @@ class _Corpus:
     orders: list[_Order]
 
 
-def _lookup(sorted_keys: np.ndarray, queries: np.ndarray) -> np.ndarray:
+def sorted_lookup(sorted_keys: np.ndarray, queries: np.ndarray) -> np.ndarray:
     """Index of each query in `sorted_keys` (unique, ascending), or -1 where it is absent."""
     if sorted_keys.size == 0:
         return np.full(queries.shape, -1, dtype=np.int64)
@@ -108,7 +108,7 @@ def _build(hypotheses: Sequence[Tokens], references: Sequence[Sequence[Tokens]],
         h_img, h_gram, h_count = s[is_hyp], g[is_hyp], count[is_hyp]
         r_ref, r_gram, r_count = s[~is_hyp] - n_images, g[~is_hyp], count[~is_hyp]
         # Hypothesis keys (image, gram) come out of np.unique already sorted.
-        h_row = _lookup(h_img * n_grams + h_gram, ref_img[r_ref] * n_grams + r_gram)
+        h_row = sorted_lookup(h_img * n_grams + h_gram, ref_img[r_ref] * n_grams + r_gram)
         h_match = _gather(h_count, h_row)
         orders.append(_Order(n_grams, h_img, h_gram, h_count, r_ref, r_gram, r_count, h_match, h_row))
     return _Corpus(
@@ -135,7 +135,7 @@ def _bleu(c: _Corpus) -> list[float]:
         uniq, inv = np.unique(key, return_inverse=True)
         max_ref = np.zeros(uniq.size, dtype=np.int64)
         np.maximum.at(max_ref, inv, o.r_count)
-        row = _lookup(uniq, o.h_img * o.n_grams + o.h_gram)
+        row = sorted_lookup(uniq, o.h_img * o.n_grams + o.h_gram)
         correct = int(np.minimum(o.h_count, _gather(max_ref, row)).sum())
         guess = int(np.maximum(0, c.hyp_len - k).sum())
         prod *= (correct + _BLEU_TINY) / (guess + _BLEU_SMALL)

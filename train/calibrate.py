@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from storyteller.cider import CaptionReward
-from storyteller.confidence import BADGES, SIGNALS, Calibrator, Neighbours, badge, pooled, signal_rows
+from storyteller.confidence import (BADGES, SIGNALS, Calibrator, Neighbours, badge, logistic, pooled, sigmoid,
+                                    signal_rows)
 from storyteller.vocab import tokenize
 
 # Words that carry no claim about the photo: a caption is judged on the rest.
@@ -113,7 +114,7 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, iterations: int
     w = np.zeros(z.shape[1])
     ridge = l2 * np.diag(np.r_[0.0, np.ones(z.shape[1] - 1)])  # the intercept is not penalised
     for _ in range(iterations):
-        p = 1.0 / (1.0 + np.exp(-np.clip(z @ w, -60, 60)))
+        p = sigmoid(z @ w)
         step = np.linalg.solve((z * (p * (1 - p))[:, None]).T @ z + ridge, z.T @ (p - y) + ridge @ w)
         w -= step
         if np.abs(step).max() < 1e-10:
@@ -208,10 +209,9 @@ def collect(signals: list[str], neighbours: Neighbours, results, references, fea
     texts = [c.text for c in captions]
     consensus = neighbours.consensus(features, texts, photo)
     rows = signal_rows(signals, captions, consensus)
-    refs = [references[b] for b in photo]
-    cider = neighbours.reward.score([neighbours.reward.encode(t) for t in texts], np.arange(len(texts)),
-                                    neighbours.reward.encode_references(refs))[0]
-    good = np.array([is_good(t, r, x) for t, r, x in zip(texts, refs, cider)])
+    cider = neighbours.reward.score([neighbours.reward.encode(t) for t in texts], np.array(photo),
+                                    neighbours.reward.encode_references(references))[0]  # each photo's refs once
+    good = np.array([is_good(t, references[b], x) for t, b, x in zip(texts, photo, cider)])
     return {"texts": texts, "photo": np.array(photo), "kind": np.array(kind), "rows": rows, "good": good,
             "cider": cider}
 
@@ -228,8 +228,7 @@ def cross_validate(data: dict[str, Any], cols: list[int], seed: int) -> np.ndarr
     for train_half in (in_a, ~in_a):
         w, b, mean, scale = fit_logistic(data["rows"][train_half & fit_rows][:, cols],
                                          data["good"][train_half & fit_rows].astype(float))
-        z = (data["rows"][~train_half][:, cols] - mean) / scale
-        out[~train_half] = 1.0 / (1.0 + np.exp(-np.clip(b + z @ w, -60, 60)))
+        out[~train_half] = logistic(data["rows"][~train_half][:, cols], w, b, mean, scale)
     return out
 
 
@@ -283,7 +282,8 @@ def measure(data: dict[str, Any], signals: list[str], seed: int) -> dict[str, An
     """AUROC against the criterion (mean of ``SPLITS`` halvings) of each signal alone and of the set without each
     of its signals: what each adds."""
     def mean_auroc(cols):
-        return round(float(np.mean([judge(cross_validate(data, cols, seed + i), data)["auroc_criterion"]
+        beam = data["kind"] == 1  # what judge()'s auroc_criterion reads, without its tables
+        return round(float(np.mean([round(auroc(cross_validate(data, cols, seed + i)[beam], data["good"][beam]), 4)
                                     for i in range(SPLITS)])), 4)
 
     report = {"alone": {s: mean_auroc([j]) for j, s in enumerate(signals)}, "without": {}}

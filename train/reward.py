@@ -1,10 +1,9 @@
-"""What SCST needs besides the reward itself (``storyteller.cider.CaptionReward``, re-exported here): the share of
-captions ending on a function word, and the ``--reward`` weights."""
+"""What SCST needs besides the reward itself (``storyteller.cider.CaptionReward``): the share of captions ending on
+a function word, and the ``--reward`` weights."""
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from storyteller.cider import CaptionReward  # noqa: F401  (re-exported: SCST's reward)
 from storyteller.decoding_settings import BAD_ENDINGS
 from storyteller.vocab import tokenize
 

@@ -61,7 +61,7 @@ class DecoderState:
 
     def per_row(self) -> tuple[torch.Tensor, ...]:
         """Each row's photo tensors (N, ...): ``photos`` themselves when row i is photo i, else ``row_photos``,
-        gathered now if not kept. A step passes them on to its new state (``with_rows``)."""
+        gathered now if not kept. A step passes them on as its new state's ``row_photos``."""
         if self.image is None:
             return self.photos
         return self.row_photos or tuple(p.index_select(0, self.image) for p in self.photos)

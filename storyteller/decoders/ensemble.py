@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 from huggingface_hub import PyTorchModelHubMixin
 
+from ..backbones import pooled
 from .base import DecoderState, HubDecoder
 
 
@@ -118,9 +119,7 @@ class Ensemble(
     def member_features(self, member: HubDecoder, features: torch.Tensor) -> torch.Tensor:
         """The ensemble's features in ``member``'s shape: grids (B, h, w, D) or regions (B, R, D) stay for an
         attention member; a pooled member gets their mean (B, D), the pooled feature."""
-        if member.has_attention or features.dim() == 2:
-            return features
-        return features.flatten(1, -2).float().mean(1)  # fp32 even from a float16 grid cache
+        return features if member.has_attention else pooled(features)  # fp32 even from a float16 grid cache
 
     def initial_state(self, features: torch.Tensor, products: tuple) -> tuple[DecoderState, ...]:
         """One row per photo: each member's own state."""
