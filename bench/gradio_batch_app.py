@@ -51,8 +51,6 @@ def main() -> None:
         cols: list[list] = [[] for _ in names]
         for i, ((k, n, a), photo) in enumerate(jobs):
             result, scored, features = done[i]
-            t = result.timings_ms
-            t["total"] = t["preprocess"] + t["backbone"] + t["search"] + t.get("scoring", 0.0)
             values = app.page_values(captioner, app.Captioned(photo, result, scored, k, n, a, features), names)
             for col, name in zip(cols, names):
                 col.append(values[name])

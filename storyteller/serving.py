@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .decoding_settings import end_allowed_from
 from .scoring import ScoredCaption, score_captions
 
 __all__ = ["caption_batch", "score_shown", "Batcher"]
@@ -51,7 +52,7 @@ def score_shown(captioner: Any, features: torch.Tensor, results: Sequence[Any], 
             finished.append(c.finished)
     if not caps:
         return [[] for _ in results]
-    min_len = min(captioner.decoding["min_len"], max_len)
+    min_len = end_allowed_from(captioner.decoding["min_len"], max_len)
     scored = score_captions(captioner.model, features, caps, finished, images=rows, min_len=min_len)
     return [[s for s, row in zip(scored, rows) if row == i] for i in range(len(results))]
 
@@ -76,18 +77,19 @@ def caption_batch(captioner: Any, photos: Sequence[Any], beam_size: int, max_len
         photo was scored; ``batch`` photos), its scored captions ``[greedy, beam 1, ...]`` (empty where not
         scored) and its features (1, ...) for scoring later (:func:`score_shown`).
     """
+    t0 = time.perf_counter()
     timings: dict[str, float] = {}
     features = captioner.backbone.encode(list(photos), timings=timings, grid=captioner.has_attention)
-    timings.pop("decode", None)
+    timings["total"] = (time.perf_counter() - t0) * 1e3  # so far; caption_features adds the search and confidence
     results = captioner.caption_features(features, beam_size=beam_size, max_len=max_len, alpha=alpha,
                                          n_best=beam_size, warnings=warnings, timings=timings)
     t = time.perf_counter()
     scored = score_shown(captioner, features, results, score_all, max_len)
-    scoring = (time.perf_counter() - t) * 1e3
+    scoring = (time.perf_counter() - t) * 1e3 if any(scored) else 0.0
     out = []
     for i, r in enumerate(results):
-        r.timings_ms.update(batch=float(len(results)), **({"scoring": scoring} if any(scored) else {}))
-        r.timings_ms.pop("total", None)
+        r.timings_ms.update(batch=float(len(results)), total=r.timings_ms["total"] + scoring,
+                            **({"scoring": scoring} if any(scored) else {}))
         out.append((r, scored[i], features[i:i + 1].clone()))  # its own copy: a state keeps one photo, not the batch
     return out
 

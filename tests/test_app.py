@@ -613,3 +613,25 @@ def test_gradio_keeps_the_pages_of_at_most_sessions_browser_sessions(app_module)
         assert len(demo.state_holder.session_data) == 3
     finally:
         demo.close()
+
+
+def test_the_total_time_counts_every_stage_the_request_paid_for(app_module, monkeypatch):
+    """``total`` is decode + resize, backbone, searches, confidence (where the model is calibrated) and scoring,
+    each counted once: made by the same code as the CLI's, not summed again from some of its parts (a slow
+    stand-in calibrator makes a missing confidence stage show)."""
+    import time
+
+    class SlowCalibrator:
+        def annotate(self, features, results):
+            time.sleep(0.03)
+            for r in results:
+                for c in [r.greedy, *r.beam]:
+                    c.confidence = 0.5
+
+    monkeypatch.setattr(app_module.captioner, "calibrator", SlowCalibrator())
+    photo = {"path": str(EXAMPLES[0]), "url": None}
+    for score_all in (True, None):
+        t = app_module.caption_and_score(app_module.captioner, photo, 3, 10, 0.0, score_all=score_all).timings
+        parts = ("preprocess", "backbone", "search", "confidence", "scoring")
+        assert ("scoring" in t) == (score_all is not None) and t["confidence"] >= 30
+        assert sum(t.get(k, 0.0) for k in parts) <= t["total"] <= sum(t.get(k, 0.0) for k in parts) + 5.0, t

@@ -344,6 +344,18 @@ def test_a_photo_alone_steps_bit_exactly_as_in_a_batch_of_80(precision):
             else:
                 assert torch.equal(alpha_b[mine], alpha_1) and torch.equal(logp_b[mine], logp_1)
             tokens = logp_b.argmax(-1)
+        # greedy search, and every search's first step: one row per photo, no rows selected (image None)
+        grids = torch.randn(80, 7, 7, 320).relu()
+        many, one = model.init_state(grids), model.init_state(grids[photo:photo + 1])
+        tokens = torch.full((80,), vocab.start_id)
+        for _ in range(4):
+            logp_b, many, alpha_b = model.step(tokens, many, return_attention=True)
+            logp_1, one, alpha_1 = model.step(tokens[photo:photo + 1], one, return_attention=True)
+            if precision == "fp32":
+                assert torch.allclose(logp_b[photo:photo + 1], logp_1, atol=1e-5)
+            else:
+                assert torch.equal(alpha_b[photo:photo + 1], alpha_1) and torch.equal(logp_b[photo:photo + 1], logp_1)
+            tokens = logp_b.argmax(-1)
 
 
 def test_a_search_gathers_each_rows_regions_once_and_keeps_them_while_rows_keep_their_photos():

@@ -161,7 +161,7 @@ class ShowAttendTell(
         A, D = self.attention_dim, self.feature_dim
         q, beta, rec = state.carry[0].split([A, D, 4 * self.hidden_dim], 1)  # made with h by the last step
         rows = state.per_row()  # (N, R, D), (N, R, A): gathered once per search, not at every step
-        context, alpha = self.attend(q, beta, *rows, rowwise=state.image is not None)  # (N, D), (N, R)
+        context, alpha = self.attend(q, beta, *rows, rowwise=True)  # (N, D), (N, R); any batch, the same bits
         h, c = lstm_update(P["word"](tokens) + P["context"](context) + rec, state.c[0])  # (N, H) each
         logits, carry = P["hidden"](h)  # (N, V), (N, A + D + 4H)
         new = DecoderState((h,), (c,), (carry,), state.photos, state.image, rows if state.image is not None else ())
