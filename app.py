@@ -383,9 +383,11 @@ def caption_values(captioner: Captioner, c: Captioned) -> dict[str, Any]:
             "beam words": words_html(vocab, best, "Beam search", best)}
 
 
-def later_values(captioner: Captioner, c: Captioned | None, names: tuple[str, ...] = LATER_OUTPUTS) -> dict[str, Any]:
+def later_values(captioner: Captioner, c: Captioned | None, names: tuple[str, ...] = LATER_OUTPUTS,
+                 note: str | None = None) -> dict[str, Any]:
     """The outputs that follow the captions (LATER_OUTPUTS, those of ``names``): where greedy and beam part (the
-    captions scored word by word, here if not yet), and where the model looked (None: nothing captioned, cleared)."""
+    captions scored word by word, here if not yet), and where the model looked (None: nothing captioned, cleared).
+    ``note``: the attention view's ``attention_note`` (the app makes it once; default: made here)."""
     if c is None:
         return {n: CLEARED[n] for n in names}
     out: dict[str, Any] = {}
@@ -398,17 +400,20 @@ def later_values(captioner: Captioner, c: Captioned | None, names: tuple[str, ..
         if best.attention is not None:
             words = [captioner.model.vocab.itos[tok] for tok in best.tokens]
             out["attention"] = attention_html(c.photo, words, best.attention, captioner.backbone.spec["preprocessing"],
-                                              attention_note(captioner.info))
+                                              attention_note(captioner.info) if note is None else note)
     return out
 
 
-def page_values(captioner: Captioner, c: Captioned, names: tuple[str, ...] = API_OUTPUTS + PAGE_OUTPUTS
-                ) -> dict[str, Any]:
-    """The outputs ``names`` for one captioned photo, by name (default: every one, API_OUTPUTS + PAGE_OUTPUTS)."""
-    return {**caption_values(captioner, c), **later_values(captioner, c, tuple(n for n in LATER_OUTPUTS if n in names))}
+def page_values(captioner: Captioner, c: Captioned, names: tuple[str, ...] = API_OUTPUTS + PAGE_OUTPUTS,
+                note: str | None = None) -> dict[str, Any]:
+    """The outputs ``names`` for one captioned photo, by name (default: every one, API_OUTPUTS + PAGE_OUTPUTS);
+    ``note`` as in :func:`later_values`."""
+    return {**caption_values(captioner, c),
+            **later_values(captioner, c, tuple(n for n in LATER_OUTPUTS if n in names), note)}
 
 
-def caption_photo(captioner: Captioner, names: tuple[str, ...], *inputs: Any, route: Route | None = None) -> tuple:
+def caption_photo(captioner: Captioner, names: tuple[str, ...], *inputs: Any, route: Route | None = None,
+                  note: str | None = None) -> tuple:
     """Caption one photo for the API; returns the outputs ``names`` in order.
 
     Args:
@@ -416,13 +421,14 @@ def caption_photo(captioner: Captioner, names: tuple[str, ...], *inputs: Any, ro
         names: output names (API_OUTPUTS and PAGE_OUTPUTS entries).
         inputs: image, beam width, max length, alpha.
         route: how to reach the model (default: straight).
+        note: the attention view's note (default: made here).
 
     Raises:
         gr.Error: no photo, not a usable image, or a setting out of range (logged in one line).
     """
     # the captions' own word log-probabilities make the shading; scoring only for "what beam search changed"
     score = False if "what beam search changed" in names else None
-    values = page_values(captioner, caption_and_score(captioner, *inputs, score_all=score, route=route), names)
+    values = page_values(captioner, caption_and_score(captioner, *inputs, score_all=score, route=route), names, note)
     return tuple(values[n] for n in names)
 
 
@@ -527,6 +533,7 @@ def build_demo(captioner: Captioner, concurrency: int | None = None, max_age: in
     """
     info = {**captioner.info, "hub": not Path(captioner.source).expanduser().exists()}
     model = model_summary(captioner, info)
+    note = attention_note(info)  # the attention view's note: the model's, made once here
     defaults = slider_defaults(captioner.decoding)
     max_age = upload_max_age() if max_age is None else max(1, int(max_age))
     route = Route(captioner, DEFAULT_MAX_BATCH if max_batch is None else max_batch)
@@ -536,7 +543,7 @@ def build_demo(captioner: Captioner, concurrency: int | None = None, max_age: in
 
     def caption(image: Any, beam_size: float, max_len: float, alpha: float) -> tuple:
         """Caption one photo with greedy and beam search: the page's texts, the n-best table and a small JSON."""
-        return caption_photo(captioner, api_names, image, beam_size, max_len, alpha, route=route)
+        return caption_photo(captioner, api_names, image, beam_size, max_len, alpha, route=route, note=note)
 
     def caption_json_api(image: Any, beam_size: float, max_len: float, alpha: float) -> dict[str, Any]:
         """Caption one photo: greedy and beam captions with per-word log-probabilities, as one JSON object."""
@@ -557,7 +564,7 @@ def build_demo(captioner: Captioner, concurrency: int | None = None, max_age: in
 
     def later(c: Captioned | None) -> tuple:
         """What follows the captions: where they part, and where the model looked."""
-        values = later_values(captioner, c)
+        values = later_values(captioner, c, note=note)
         return tuple(values[n] for n in later_names)
 
     with gr.Blocks(title="Neural Storyteller", analytics_enabled=False, delete_cache=(max(1, max_age // 10), max_age)) as demo:

@@ -45,7 +45,7 @@ from storyteller.card import CARD_FILE as CARD
 from storyteller.vocab import SPECIAL_TOKENS
 
 REPO = Path(__file__).resolve().parent
-SPACE_SOURCES = ("app.py", "requirements.txt", "LICENSE")
+SPACE_SOURCES = ("app.py", "LICENSE")  # requirements.txt is written for the hardware (space_requirements)
 # The Space's model reference, read by app.py (app.SPACE_MODEL_FILE): one line, "user/model@commit", or a
 # folder inside the Space with --bundle.
 SPACE_MODEL_FILE = "space_model.txt"
