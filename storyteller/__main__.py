@@ -40,7 +40,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .decoding_settings import MAX_LEN_HELP, check_setting
+from .decoding_settings import MAX_LEN_HELP, check_search_options
 
 __all__ = ["main"]
 
@@ -237,13 +237,10 @@ def _cmd_library(args: argparse.Namespace) -> int:
 
 def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Usage errors (exit 2 through argparse) before anything is loaded."""
-    for option, key in (("--beam", "beam_size"), ("--max-len", "max_len"), ("--alpha", "alpha")):
-        value = getattr(args, option[2:].replace("-", "_"))
-        try:
-            if value is not None:
-                check_setting(key, value, name=option)  # the limits the searches apply, stated once
-        except ValueError as e:
-            p.error(str(e))
+    try:
+        check_search_options(args)  # the limits the searches apply, stated once
+    except ValueError as e:
+        p.error(str(e))
     if args.batch_size < 1:
         p.error("--batch-size must be >= 1")
     if args.n_best < 1 or (args.beam is not None and args.n_best > args.beam):

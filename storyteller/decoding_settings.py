@@ -67,6 +67,23 @@ def check_setting(key: str, value: Any, limits: dict[str, tuple[float, float | N
         raise ValueError(f"{name or key} must be {allowed}, got {value!r}")
 
 
+# A command line's search options: (option, attribute of the parsed arguments, setting)
+SEARCH_OPTIONS = (("--beam", "beam", "beam_size"), ("--max-len", "max_len", "max_len"), ("--alpha", "alpha", "alpha"))
+
+
+def check_search_options(args: Any) -> None:
+    """A command line's ``--beam``, ``--max-len`` and ``--alpha`` (None: the model's) against the limits the
+    searches apply (``caption`` and ``tag`` check them before anything is loaded).
+
+    Raises:
+        ValueError: naming the option, as :func:`check_setting`.
+    """
+    for option, attr, key in SEARCH_OPTIONS:
+        value = getattr(args, attr)
+        if value is not None:
+            check_setting(key, value, name=option)
+
+
 def check_beam(beam_size: int, n_best: int = 1) -> None:
     """Check a beam width and the hypotheses wanted from it.
 

@@ -36,13 +36,11 @@ class Place:
         xmp: its XMP fields.
         others: other description fields with text: label -> text (EXIF ImageDescription, IPTC
             Caption-Abstract, PNG Description).
-        exists: the file exists (a sidecar may not).
     """
 
     where: str
     xmp: xmp.Fields = field(default_factory=xmp.Fields)
     others: dict[str, str] = field(default_factory=dict)
-    exists: bool = True
 
 
 def image_kind(path: str | os.PathLike) -> str | None:
@@ -103,7 +101,7 @@ def read_place(path: str | os.PathLike, sidecar: bool = False) -> Place:
     """
     path = Path(path)
     if sidecar and not path.exists():
-        return Place(path.name, exists=False)
+        return Place(path.name)
     data = path.read_bytes()
     if sidecar:
         return Place(path.name, xmp.read_packet(data))

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from . import xmp
+from .decoding_settings import check_search_options
 from .photo_meta import Place, image_data_digest, image_kind, read_place
 
 __all__ = ["ALT_TEXT_MAX", "TagError", "Caption", "Outcome", "Tagger", "add_arguments", "run_cli",
@@ -515,9 +516,9 @@ def _summary(tagger: Tagger, total: int, seconds: float) -> str:
     return line + f"; {total} files in {seconds:.1f} s" + (" (dry run: nothing was changed)" if tagger.dry_run else "")
 
 
-def _report(bar: Any, name: str, outcome: Outcome) -> None:
-    """One line per photo on stdout: STATUS<TAB>photo<TAB>what happened."""
-    status = "would-write" if outcome.status == "written" and "would write" in outcome.detail else outcome.status
+def _report(bar: Any, name: str, outcome: Outcome, dry_run: bool) -> None:
+    """One line per photo on stdout: STATUS<TAB>photo<TAB>what happened (``would-write`` in a dry run)."""
+    status = "would-write" if outcome.status == "written" and dry_run else outcome.status
     bar.write(f"{status}\t{name}\t{outcome.detail}", file=sys.stdout)
     bar.update(1)
 
@@ -555,8 +556,12 @@ def _check(args: argparse.Namespace) -> bool:
     """True for a records file, False for photos and folders; raises TagError on unusable options."""
     if args.min_confidence is not None and not 0 <= args.min_confidence <= 1:
         raise TagError("--min-confidence must be between 0 and 1")
-    if args.batch_size < 1 or (args.beam is not None and args.beam < 1) or (args.workers or 0) < 0:
-        raise TagError("--batch-size and --beam must be >= 1, --workers >= 0")
+    try:
+        check_search_options(args)  # the limits the searches apply, as caption checks them
+    except ValueError as e:
+        raise TagError(str(e)) from None
+    if args.batch_size < 1 or (args.workers or 0) < 0:
+        raise TagError("--batch-size must be >= 1, --workers >= 0")
     records = [i for i in args.inputs if Path(i).suffix.lower() in RECORD_SUFFIXES and not Path(i).is_dir()]
     if records and len(args.inputs) > 1:
         raise TagError("give one records file (.jsonl/.csv) alone, or photos and folders, not both")
@@ -573,7 +578,7 @@ def _drive(tagger: Tagger, outcomes: Iterator[tuple[str, Outcome]], total: int) 
     with tqdm(total=total, unit="photo", desc="tag", file=sys.stderr, disable=None) as bar:
         try:
             for name, outcome in outcomes:
-                _report(bar, name, outcome)
+                _report(bar, name, outcome, tagger.dry_run)
         except KeyboardInterrupt:
             print("tag: interrupted; every photo is as it was or fully written: rerun the same command to go on",
                   file=sys.stderr)
@@ -624,10 +629,8 @@ def _folder_outcomes(args: argparse.Namespace, photos: list[Any], tagger: Tagger
 
 def _start_exiftool(embed: bool) -> Any:
     """A running ExifTool: required for --embed (TagError without it), used when present otherwise."""
-    from .exiftool import ExifTool, ExifToolMissing, find_exiftool
+    from .exiftool import ExifTool, ExifToolMissing
 
-    if not embed and find_exiftool() is None:
-        return None
     try:
         return ExifTool()
     except ExifToolMissing as e:

@@ -217,6 +217,10 @@ def test_edited_csv_column_and_bad_inputs(tmp_path, capsys):
     assert "reviewed by a person" in capsys.readouterr().out
     assert tag(csv_file, "--root", tmp_path / "p", "--column", "nope") == 2
     assert "has no column 'nope'" in capsys.readouterr().err
+    # search options are checked as caption checks them, before a model is loaded
+    for option, value in (("--max-len", "0"), ("--alpha", "nan"), ("--beam", "0")):
+        assert tag(tmp_path / "p", option, value) == 2
+        assert f"{option} must be" in capsys.readouterr().err
 
 
 def test_foreign_sidecar_is_kept(tmp_path, capsys, monkeypatch):
