@@ -58,7 +58,8 @@ from typing import Any
 import gradio as gr
 import torch
 
-from storyteller.captioner import DECODING_DEFAULTS, Captioner, CaptionResult, ModelLoadError, load, looks_like_path
+from storyteller.captioner import DECODING_DEFAULTS, Captioner, CaptionResult, ModelLoadError, load
+from storyteller.loading import is_hub_id
 from storyteller.card import ensemble_summary
 from storyteller.decoding_settings import SLIDER_RANGES
 from storyteller.images import MAX_BYTES, ImageError, image_warnings
@@ -721,7 +722,7 @@ def _load_or_exit(name: str | None, revision: str | None, precision: str | None 
     name, revision = model_to_serve(name, revision)
     at = f" at revision {revision}" if revision else ""
     # a repo id, not a folder here (a path written as one, e.g. ./missing, is a folder that is not there)
-    hub = name is not None and not Path(name).expanduser().exists() and not looks_like_path(name)
+    hub = name is not None and is_hub_id(name)
     startup_log.info("loading the model %s%s%s ...", name or "(the default)", at,
                      " (from the Hub cache, downloaded first if needed)" if hub else "")
     t = time.perf_counter()

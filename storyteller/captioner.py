@@ -37,7 +37,7 @@ from .images import ImageSource, image_warnings, load_image
 from .decoders import HubDecoder, load_decoder
 # Loading lives in storyteller.loading; these names stay importable from here, where users found them.
 from .loading import (DEFAULT_MODEL_DIR, MODEL_ENV_VAR, MODEL_EXAMPLES_GLOB, MODEL_FILES, OPTIONAL_MODEL_FILES,
-                      ModelLoadError, check_model_folder, check_weights_file, default_model, looks_like_path,
+                      ModelLoadError, check_model_folder, check_weights_file, default_model,
                       model_label, resolve_model_dir)
 
 __all__ = ["Captioner", "CaptionResult", "ModelLoadError", "load", "default_model", "DEFAULT_MODEL_DIR",

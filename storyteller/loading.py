@@ -80,9 +80,9 @@ def model_label(source: str) -> str:
     Args:
         source: what ``load`` was given (a folder or a repo id).
     """
+    if is_hub_id(source):
+        return source
     path = Path(source).expanduser()
-    if not path.exists() and not _looks_like_path(source):
-        return source  # a Hub repo id
     try:
         if path.resolve() == PACKAGED_MODEL_DIR:  # the installed package's copy of the default: named as in a checkout
             return f"models/{PACKAGED_MODEL_DIR.name}"
@@ -137,13 +137,14 @@ def _hub_offline() -> bool:
 
 
 def looks_like_path(name: str) -> bool:
-    """Whether ``name`` is written as a local path (``./x``, ``/x``, ``~/x``, ``x/y/z``...) rather than a Hub id."""
-    return _looks_like_path(name)
-
-
-def _looks_like_path(name: str) -> bool:
-    """True for names that cannot be Hub repo ids (``user/model``), so they must have meant a folder."""
+    """Whether ``name`` is written as a local path (``./x``, ``/x``, ``~/x``, ``x/y/z``...): it cannot be a Hub repo
+    id (``user/model``), so it must have meant a folder."""
     return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or name.endswith("/")
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether ``load(name)`` goes to the Hub: no such folder here, and not written as a path."""
+    return not Path(name).expanduser().exists() and not looks_like_path(name)
 
 
 def resolve_model_dir(name_or_path: str, revision: str | None = None) -> Path:
@@ -165,7 +166,7 @@ def resolve_model_dir(name_or_path: str, revision: str | None = None) -> Path:
         return local
     if local.exists():
         raise ModelLoadError(f"{local} is a file; pass the model folder that holds {', '.join(MODEL_FILES)}")
-    if _looks_like_path(name_or_path):
+    if looks_like_path(name_or_path):
         raise ModelLoadError(f"no model folder at {local.resolve()} (and it is not a Hub repo id like 'user/model')")
 
     from huggingface_hub import snapshot_download
