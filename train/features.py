@@ -291,12 +291,17 @@ def write_feature_cache(path: str | os.PathLike, features: np.ndarray, ids: list
     os.replace(tmp, path / FEATURES)
     if grid is not None:
         _save_npy_atomic(path / GRID, grid)
+    _write_index(path, ids, splits, captions)
+    _finish(path, features.shape[0], features.shape[1], backbone, dataset,
+            None if grid is None else (grid.shape[1], grid.shape[2]))
+
+
+def _write_index(path: Path, ids: list[str], splits: list[str], captions: list[list[str]]) -> None:
+    """index.jsonl (one row per line) through a temporary file and a rename."""
     tmp = path / (INDEX + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(_index_line(i, s, c) for i, s, c in zip(ids, splits, captions))
     os.replace(tmp, path / INDEX)
-    _finish(path, features.shape[0], features.shape[1], backbone, dataset,
-            None if grid is None else (grid.shape[1], grid.shape[2]))
 
 
 def finish_in_place(path: str | os.PathLike, ids: list[str], splits: list[str], captions: list[list[str]],
@@ -318,10 +323,7 @@ def finish_in_place(path: str | os.PathLike, ids: list[str], splits: list[str], 
     if not (len(ids) == len(splits) == len(captions) == len(features)):
         raise ValueError(f"{FEATURES} has {len(features)} rows but ids/splits/captions have "
                          f"{len(ids)}/{len(splits)}/{len(captions)}")
-    tmp = path / (INDEX + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(_index_line(i, s, c) for i, s, c in zip(ids, splits, captions))
-    os.replace(tmp, path / INDEX)
+    _write_index(path, ids, splits, captions)
     _finish(path, len(features), int(features.shape[1]), backbone, dataset,
             None if grid is None else (int(grid.shape[1]), int(grid.shape[2])))
     return FeatureCache.open(path)
